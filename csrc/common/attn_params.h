@@ -1,0 +1,74 @@
+// Torch-free parameter blocks shared by the CPU and CUDA attention kernels.
+//
+// Tensors are passed as raw pointers plus element strides for the (batch, head, seq) dims; the
+// last (feature) dim is always contiguous (stride 1). Stride 0 is allowed (expanded inputs).
+//
+// Visibility contract (see README): with i' = i + Nk - Nq, query i sees key j iff
+//   key_padding[b][j] != 0 (or no mask), and
+//   (i' - left <= j <= i' + right  ||  j is a landmark  ||  i' is a landmark), and
+//   (!causal || j <= i').
+// window_left/right < 0 means unlimited on that side. A query that sees no key outputs zeros and
+// lse = -inf.
+#pragma once
+#include <cstdint>
+
+namespace hk {
+
+enum class DType : int32_t { F32 = 0, BF16 = 1, F16 = 2 };
+
+struct AttnParams {
+  // Shapes: q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), o (B, Hq, Nq, Dv).
+  int64_t B = 0, Hq = 0, Hk = 0, Nq = 0, Nk = 0, D = 0, Dv = 0;
+  // Element strides of the (batch, head, seq) dims.
+  int64_t q_stride[3] = {0, 0, 0};
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  int64_t o_stride[3] = {0, 0, 0};
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;           // written in `dtype`
+  float* lse = nullptr;        // (B, Hq, Nq) contiguous fp32, natural log; -inf for empty rows
+  DType dtype = DType::F32;    // dtype of q, k, v, o
+  float scale = 1.0f;          // softmax scale applied to q.k
+  int64_t window_left = -1;    // < 0: unlimited
+  int64_t window_right = -1;   // < 0: unlimited
+  bool causal = false;
+  // Landmarks: sorted, unique key positions in [0, Nk); (B, G) with batch stride, or shared
+  // across the batch with landmarks_batch_stride = 0. G = 0 / nullptr: none.
+  const int32_t* landmarks = nullptr;
+  int64_t num_landmarks = 0;
+  int64_t landmarks_batch_stride = 0;
+  // The same set as per-position flags (B, Nk) uint8, 1 = key position j is a landmark; shared
+  // across the batch when landmark_flags_batch_stride = 0. nullptr iff no landmarks.
+  const uint8_t* landmark_flags = nullptr;
+  int64_t landmark_flags_batch_stride = 0;
+  // Key padding (B, Nk) uint8 contiguous, 1 = real token; nullptr = no padding.
+  const uint8_t* key_padding = nullptr;
+  int num_threads = 0;         // <= 0: OpenMP default
+};
+
+// Backward: reads q, k, v, o, lse (from AttnParams) and dout; writes fp32 gradients.
+struct AttnBwdParams {
+  AttnParams fwd;              // o and lse are inputs here (from the forward)
+  const void* dout = nullptr;  // (B, Hq, Nq, Dv) in fwd.dtype
+  int64_t dout_stride[3] = {0, 0, 0};
+  float* dq = nullptr;         // (B, Hq, Nq, D) contiguous fp32, fully written by the kernel
+  float* dk = nullptr;         // (B, Hk, Nk, D) contiguous fp32, fully written by the kernel
+  float* dv = nullptr;         // (B, Hk, Nk, Dv) contiguous fp32, fully written by the kernel
+};
+
+// INT8 forward (SageAttention-style): q/k pre-quantized per block by the caller.
+// S_ij = (sum_d q8[i,d] * k8[j,d]) * q_scale[i / q_block] * k_scale[j / k_block] * scale.
+// fwd.q / fwd.k are ignored; fwd.v / fwd.o use fwd.dtype (PV in fp32 on CPU).
+struct AttnInt8Params {
+  AttnParams fwd;
+  const int8_t* q8 = nullptr;  // (B, Hq, Nq, D) contiguous
+  const int8_t* k8 = nullptr;  // (B, Hk, Nk, D) contiguous
+  const float* q_scale = nullptr;  // (B, Hq, ceil(Nq / q_block)) contiguous
+  const float* k_scale = nullptr;  // (B, Hk, ceil(Nk / k_block)) contiguous
+  int64_t q_block = 64;
+  int64_t k_block = 64;
+};
+
+}  // namespace hk

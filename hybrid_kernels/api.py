@@ -1,0 +1,123 @@
+"""The public entry point: :func:`attention`."""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers the custom ops)
+from .dispatch import Problem, select_backend
+from .pattern import (Pattern, normalize_key_padding_mask, normalize_landmarks, normalize_scale,
+                      normalize_window)
+
+__all__ = ["attention", "plan"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N, D); got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16; got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got q {q.device}, k {k.device}, v {v.device}")
+    (B, Hq, _, D), (Bk, Hk, Nk, Dk), (Bv, Hv, Nv, _) = q.shape, k.shape, v.shape
+    if not (B == Bk == Bv):
+        raise ValueError(f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Hk != Hv or Nk != Nv:
+        raise ValueError(f"k (B, Hk, Nk, D) and v (B, Hk, Nk, Dv) must agree on Hk and Nk; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if D != Dk:
+        raise ValueError(f"q and k must have the same head dim D; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if Hk == 0 or Hq % Hk != 0:
+        raise ValueError(f"the number of query heads Hq={Hq} must be a positive multiple of the "
+                         f"number of key/value heads Hk={Hk} (MHA/GQA/MQA)")
+
+
+def plan(q: Tensor, k: Tensor, v: Tensor, *, window=None, landmarks=None, causal: bool = False,
+         key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None,
+         quant: Optional[str] = None) -> Tuple[Pattern, Optional[str]]:
+    """Validate the arguments of :func:`attention` and return (Pattern, quant)."""
+    _check_qkv(q, k, v)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+    if quant not in (None, "int8"):
+        raise ValueError(f"quant must be None or 'int8'; got {quant!r}")
+    B, Nk = q.shape[0], k.shape[2]
+    left, right = normalize_window(window)
+    return Pattern(
+        window_left=left, window_right=right, causal=causal,
+        landmarks=normalize_landmarks(landmarks, B, Nk, q.device),
+        key_padding_mask=normalize_key_padding_mask(key_padding_mask, B, Nk, q.device),
+        scale=normalize_scale(scale, q.shape[-1]),
+    ), quant
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window: Union[None, int, Tuple[int, int]] = None,
+    landmarks: Union[None, int, Tensor] = None,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    quant: Optional[str] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Sliding-window + landmark sparse attention (optionally INT8), forward and backward.
+
+    Args:
+        q: (B, Hq, Nq, D); k: (B, Hk, Nk, D); v: (B, Hk, Nk, Dv); Hq % Hk == 0 (MHA/GQA/MQA).
+            float32, bfloat16 or float16, one device. Any strides (expanded inputs work).
+        window: None (unlimited), an int w (= (w, w)), or (left, right) with -1 = unlimited.
+        landmarks: None, an int stride s (key positions 0, s, 2s, ...), or a LongTensor (G,) or
+            (B, G) of sorted unique key positions. Landmarks see every key and every query
+            sees them.
+        causal: mask keys j > r, where r = i + Nk - Nq (bottom-right alignment).
+        key_padding_mask: bool (B, Nk), True = real token.
+        scale: softmax scale, default 1/sqrt(D).
+        quant: None or "int8" (INT8 QK^T with int32 accumulation; backward is exact).
+        return_lse: also return the log-sum-exp (B, Hq, Nq) float32 (-inf for empty rows).
+        backend: "auto" | "cpu" | "triton" | "cuda" | "reference".
+
+    Returns:
+        out (B, Hq, Nq, Dv) in q's dtype, and lse if ``return_lse``. A query that sees no key
+        gets zeros (and zero gradient).
+    """
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}; got {backend!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool; got {type(return_lse).__name__}")
+    pattern, quant = plan(q, k, v, window=window, landmarks=landmarks, causal=causal,
+                          key_padding_mask=key_padding_mask, scale=scale, quant=quant)
+    B, Hq, Nq, _ = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    if B == 0 or Nq == 0 or Nk == 0 or Dv == 0:
+        return _empty_result(q, k, v, return_lse)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    impl = select_backend(Problem.from_inputs(q, v, pattern, quant, needs_grad), backend)
+    out, lse = torch.ops.hybrid_kernels.attention_fwd(
+        q, k, v, pattern.landmarks, pattern.key_padding_mask, pattern.window_left,
+        pattern.window_right, pattern.causal, pattern.scale, quant or "", impl.name)
+    return (out, lse) if return_lse else out
+
+
+def _empty_result(q: Tensor, k: Tensor, v: Tensor, return_lse: bool):
+    """No keys (or no queries): zeros and lse = -inf, still connected to the autograd graph."""
+    B, Hq, Nq, _ = q.shape
+    out = q.new_zeros((B, Hq, Nq, v.shape[3]))
+    if q.requires_grad or k.requires_grad or v.requires_grad:
+        out = out + 0 * (q.sum() + k.sum() + v.sum())
+    lse = torch.full((B, Hq, Nq), float("-inf"), dtype=torch.float32, device=q.device)
+    return (out, lse) if return_lse else out

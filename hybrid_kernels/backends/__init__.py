@@ -1,0 +1,12 @@
+"""Backends, in the order ``backend="auto"`` tries them."""
+
+
+def register_default_backends() -> None:
+    from ..dispatch import register_backend
+    from .cpu import CpuBackend
+    from .cuda import CudaBackend
+    from .reference import ReferenceBackend
+    from .triton import TritonBackend
+
+    for backend in (CudaBackend(), TritonBackend(), CpuBackend(), ReferenceBackend()):
+        register_backend(backend)
