@@ -1,6 +1,433 @@
-// PLACEHOLDER: replaced by the real kernel; do not ship.
+// CPU INT8 forward (SageAttention-style): INT8 QK^T with int32 accumulation, online softmax and
+// PV in fp32. Same tile visiting as the fp32 forward: per query block of kTile rows, the window
+// band (tiles of kTile keys) plus the landmark keys outside it (gathered, pre-packed per kv head);
+// landmark query rows are recomputed afterwards over their full key range. Only edge tiles are
+// masked per element. The pattern logic lives here; the per-tile math is in int8_kernels_*.cpp.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/pattern.h"
 #include "cpu/attention_cpu.h"
-namespace hk { namespace cpu {
-void attention_forward_int8(const AttnInt8Params&) { throw std::runtime_error("attention_forward_int8: not built yet"); }
-}}
+#include "cpu/int8_kernels.h"
+#include "cpu/int8_support.h"
+
+namespace hk {
+namespace cpu {
+namespace {
+
+using int8::kChunk;
+using int8::kTile;
+using int8::Kernels;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int64_t kMaxHeadDim = 8192;  // keeps (q + 128) * k * D inside int32
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+[[noreturn]] void fail(const std::string& field, const std::string& why) {
+  throw std::invalid_argument("attention_forward_int8: " + field + " " + why);
+}
+
+void validate(const AttnInt8Params& p) {
+  const AttnParams& f = p.fwd;
+  if (f.B < 0) fail("B", "must be >= 0");
+  if (f.Hq < 1) fail("Hq", "must be >= 1");
+  if (f.Hk < 1) fail("Hk", "must be >= 1");
+  if (f.Hq % f.Hk != 0) fail("Hq", "must be a multiple of Hk");
+  if (f.Nq < 0) fail("Nq", "must be >= 0");
+  if (f.Nk < 0 || f.Nk >= (int64_t(1) << 31) - kTile) fail("Nk", "must be in [0, 2^31 - 64)");
+  if (f.D < 1 || f.D > kMaxHeadDim) fail("D", "must be in [1, 8192]");
+  if (f.Dv < 1) fail("Dv", "must be >= 1");
+  if (f.dtype != DType::F32 && f.dtype != DType::BF16 && f.dtype != DType::F16)
+    fail("dtype", "must be F32, BF16 or F16");
+  if (!std::isfinite(f.scale)) fail("scale", "must be finite");
+  if (p.q_block < 1) fail("q_block", "must be >= 1");
+  if (p.k_block < 1) fail("k_block", "must be >= 1");
+  if (f.num_landmarks < 0) fail("num_landmarks", "must be >= 0");
+  if (f.landmarks_batch_stride < 0) fail("landmarks_batch_stride", "must be >= 0");
+  if (f.landmark_flags_batch_stride < 0) fail("landmark_flags_batch_stride", "must be >= 0");
+  if (f.B == 0 || f.Nq == 0) return;
+  if (!p.q8) fail("q8", "is null");
+  if (!p.q_scale) fail("q_scale", "is null");
+  if (!f.o) fail("o", "is null");
+  if (!f.lse) fail("lse", "is null");
+  if (f.Nk == 0) return;
+  if (!p.k8) fail("k8", "is null");
+  if (!p.k_scale) fail("k_scale", "is null");
+  if (!f.v) fail("v", "is null");
+  if (f.num_landmarks > 0) {
+    if (!f.landmarks) fail("landmarks", "is null but num_landmarks > 0");
+    if (!f.landmark_flags) fail("landmark_flags", "is null but num_landmarks > 0");
+    const int64_t nb = f.landmarks_batch_stride == 0 ? 1 : f.B;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int32_t* lm = f.landmarks + b * f.landmarks_batch_stride;
+      for (int64_t g = 0; g < f.num_landmarks; ++g) {
+        if (lm[g] < 0 || lm[g] >= f.Nk) fail("landmarks", "holds a position outside [0, Nk)");
+        if (g > 0 && lm[g] <= lm[g - 1]) fail("landmarks", "must be sorted and unique");
+      }
+    }
+  }
+}
+
+// Per (b, kv head): K packed for vpdpbusd, the +128 correction, per-key scales; the landmark keys
+// packed the same way with their V rows in fp32; V in fp32 when the input is bf16/fp16.
+struct KvPack {
+  int8::AlignedBuf<int8_t> k;          // ceil(Nk / 16) chunks of 16 * Dp bytes
+  int8::AlignedBuf<int32_t> colcorr;   // -128 * sum_d k[j][d]
+  int8::AlignedBuf<float> kscale;      // k_scale of key j's block (0 for padded keys)
+  int8::AlignedBuf<int8_t> lk;         // landmark keys, same layout
+  int8::AlignedBuf<int32_t> lcolcorr;
+  int8::AlignedBuf<float> lkscale;
+  int8::AlignedBuf<float> lv;          // (G, Dv) fp32, row stride ldv_lm
+  int8::AlignedBuf<float> v;           // (Nk, Dv) fp32 when dtype != F32
+};
+
+void pack_keys(const int8_t* k8, int64_t D, int64_t Dp, const int32_t* idx, int64_t n,
+               int64_t n_padded, const float* kscale_blocks, int64_t k_block, int8_t* out,
+               int32_t* colcorr, float* kscale) {
+  std::memset(out, 0, size_t(n_padded * Dp));
+  for (int64_t j = 0; j < n_padded; ++j) {
+    if (j >= n) {
+      colcorr[j] = 0;
+      kscale[j] = 0.f;
+      continue;
+    }
+    const int64_t src = idx ? idx[j] : j;
+    const int8_t* row = k8 + src * D;
+    int8_t* chunk = out + (j / kChunk) * kChunk * Dp + (j % kChunk) * 4;
+    int32_t sum = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      chunk[(d / 4) * kChunk * 4 + d % 4] = row[d];
+      sum += row[d];
+    }
+    colcorr[j] = -128 * sum;
+    kscale[j] = kscale_blocks[src / k_block];
+  }
+}
+
+struct Ctx {
+  const AttnInt8Params* p;
+  const Kernels* kern;
+  int64_t Dp, Dvp, nqb, nkb, groups, offset, G;
+  std::vector<KvPack>* packs;
+  const std::vector<int32_t>* real_prefix;  // (B, Nk + 1) count of real keys, empty: no padding
+};
+
+const int32_t* landmarks_of(const AttnParams& f, int64_t b) {
+  return f.landmarks + b * f.landmarks_batch_stride;
+}
+const uint8_t* landmark_flags_of(const AttnParams& f, int64_t b) {
+  return f.landmark_flags + b * f.landmark_flags_batch_stride;
+}
+
+bool all_real(const Ctx& c, int64_t b, int64_t j0, int64_t j1) {
+  if (c.real_prefix->empty()) return true;
+  const int32_t* pre = c.real_prefix->data() + b * (c.p->fwd.Nk + 1);
+  return pre[j1] - pre[j0] == j1 - j0;
+}
+
+void pack_one(const Ctx& c, int64_t b, int64_t hk) {
+  const AttnInt8Params& p = *c.p;
+  const AttnParams& f = p.fwd;
+  KvPack& kv = (*c.packs)[b * f.Hk + hk];
+  const int8_t* k8 = p.k8 + (b * f.Hk + hk) * f.Nk * f.D;
+  const float* ks = p.k_scale + (b * f.Hk + hk) * c.nkb;
+  const int64_t nk16 = round_up(f.Nk, kChunk);
+  kv.k.alloc(nk16 * c.Dp);
+  kv.colcorr.alloc(nk16);
+  kv.kscale.alloc(nk16);
+  pack_keys(k8, f.D, c.Dp, nullptr, f.Nk, nk16, ks, p.k_block, kv.k.p, kv.colcorr.p,
+            kv.kscale.p);
+  const char* vbase = static_cast<const char*>(f.v);
+  const size_t esz = f.dtype == DType::F32 ? 4 : 2;
+  const int64_t voff = b * f.v_stride[0] + hk * f.v_stride[1];
+  if (f.dtype != DType::F32) {
+    kv.v.alloc(f.Nk * f.Dv);
+    for (int64_t j = 0; j < f.Nk; ++j)
+      int8::to_float(vbase + (voff + j * f.v_stride[2]) * esz, f.dtype, f.Dv,
+                     kv.v.p + j * f.Dv);
+  }
+  if (c.G > 0) {
+    const int64_t g16 = round_up(c.G, kChunk);
+    kv.lk.alloc(g16 * c.Dp);
+    kv.lcolcorr.alloc(g16);
+    kv.lkscale.alloc(g16);
+    pack_keys(k8, f.D, c.Dp, landmarks_of(f, b), c.G, g16, ks, p.k_block, kv.lk.p,
+              kv.lcolcorr.p, kv.lkscale.p);
+    kv.lv.alloc(c.G * c.Dvp);
+    const int32_t* lm = landmarks_of(f, b);
+    for (int64_t g = 0; g < c.G; ++g)
+      int8::to_float(vbase + (voff + int64_t(lm[g]) * f.v_stride[2]) * esz, f.dtype, f.Dv,
+                     kv.lv.p + g * c.Dvp);
+  }
+}
+
+// Per-thread buffers for one block of up to kTile query rows.
+struct Scratch {
+  int8::AlignedBuf<uint8_t> q;
+  int8::AlignedBuf<float> S, O;
+  float rs[kTile], m[kTile], l[kTile], alpha[kTile];
+  int64_t wlo[kTile], whi[kTile], clim[kTile];
+  int32_t first[kTile], last[kTile], kidx[kTile];
+  uint8_t kflags[kTile];
+  explicit Scratch(const Ctx& c) {
+    q.alloc(kTile * c.Dp);
+    S.alloc(kTile * kTile);
+    O.alloc(kTile * c.Dvp);
+  }
+};
+
+// Loads query rows `rows_i` of head (b, h) into the scratch and resets the softmax state.
+void begin_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, const int64_t* rows_i,
+                 int rows) {
+  const AttnInt8Params& p = *c.p;
+  const AttnParams& f = p.fwd;
+  const int64_t bh = b * f.Hq + h;
+  const float base = f.scale * kLog2e;
+  for (int r = 0; r < rows; ++r) {
+    const int8_t* src = p.q8 + (bh * f.Nq + rows_i[r]) * f.D;
+    uint8_t* dst = s.q.p + r * c.Dp;
+    for (int64_t d = 0; d < f.D; ++d) dst[d] = uint8_t(src[d]) ^ 0x80u;
+    for (int64_t d = f.D; d < c.Dp; ++d) dst[d] = 0x80u;
+    s.rs[r] = p.q_scale[bh * c.nqb + rows_i[r] / p.q_block] * base;
+    s.m[r] = -std::numeric_limits<float>::infinity();
+    s.l[r] = 0.f;
+  }
+  std::memset(s.O.p, 0, sizeof(float) * size_t(rows * c.Dvp));
+}
+
+// One tile: scores, optional mask, online softmax, PV.
+void run_tile(const Ctx& c, Scratch& s, int rows, int cols, const int8_t* k,
+              const int32_t* colcorr, const float* kscale, bool masked, const float* V,
+              int64_t ldv) {
+  const Kernels& K = *c.kern;
+  K.qk(s.q.p, c.Dp, rows, k, int(ceil_div(cols, kChunk)), colcorr, kscale, s.rs, s.S.p);
+  if (masked)
+    K.mask(s.S.p, rows, cols, s.kidx, s.kflags, s.wlo, s.whi, s.clim, s.first, s.last);
+  K.softmax(s.S.p, rows, cols, s.m, s.l, s.alpha);
+  K.pv(s.O.p, c.Dvp, s.S.p, rows, cols, masked ? s.first : nullptr, masked ? s.last : nullptr,
+       s.alpha, V, ldv, c.p->fwd.Dv);
+}
+
+void end_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, const int64_t* rows_i,
+               int rows) {
+  const AttnParams& f = c.p->fwd;
+  const size_t esz = f.dtype == DType::F32 ? 4 : 2;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t i = rows_i[r];
+    char* dst = static_cast<char*>(f.o) +
+                (b * f.o_stride[0] + h * f.o_stride[1] + i * f.o_stride[2]) * esz;
+    float* o = s.O.p + r * c.Dvp;
+    const bool any = s.l[r] > 0.f;
+    const float inv = any ? 1.f / s.l[r] : 0.f;
+    for (int64_t d = 0; d < f.Dv; ++d) o[d] = any ? o[d] * inv : 0.f;
+    int8::from_float(o, f.dtype, f.Dv, dst);
+    f.lse[(b * f.Hq + h) * f.Nq + i] =
+        any ? (s.m[r] + std::log2(s.l[r])) * kLn2 : -std::numeric_limits<float>::infinity();
+  }
+}
+
+const float* v_rows(const Ctx& c, int64_t b, int64_t hk, int64_t j0, int64_t* ldv) {
+  const AttnParams& f = c.p->fwd;
+  const KvPack& kv = (*c.packs)[b * f.Hk + hk];
+  if (f.dtype != DType::F32) {
+    *ldv = f.Dv;
+    return kv.v.p + j0 * f.Dv;
+  }
+  *ldv = f.v_stride[2];
+  return static_cast<const float*>(f.v) + b * f.v_stride[0] + hk * f.v_stride[1] +
+         j0 * f.v_stride[2];
+}
+
+// Key tiles [t0, t0 + kTile) over [lo, hi) (lo a multiple of kChunk) from the packed K.
+void visit_range(const Ctx& c, Scratch& s, int64_t b, int64_t hk, int rows, int64_t lo,
+                 int64_t hi, int64_t full_lo, int64_t r_min, int64_t r_max) {
+  const AttnParams& f = c.p->fwd;
+  const KvPack& kv = (*c.packs)[b * f.Hk + hk];
+  const uint8_t* lmf = f.landmark_flags ? landmark_flags_of(f, b) : nullptr;
+  const uint8_t* pad = f.key_padding ? f.key_padding + b * f.Nk : nullptr;
+  for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
+    const int cols = int(std::min<int64_t>(kTile, hi - t0));
+    const int64_t t1 = t0 + cols - 1;  // last key of the tile
+    // Full tile: every key real and inside every row's window (and causal limit).
+    const bool full = t0 >= full_lo && all_real(c, b, t0, t0 + cols) &&
+                      (f.window_left < 0 || t0 >= r_max - f.window_left) &&
+                      (f.window_right < 0 || t1 <= r_min + f.window_right) &&
+                      (!f.causal || t1 <= r_min);
+    if (!full) {
+      for (int cc = 0; cc < cols; ++cc) {
+        const int64_t j = t0 + cc;
+        s.kidx[cc] = int32_t(j);
+        s.kflags[cc] = uint8_t((pad ? (pad[j] != 0) : 1) | (lmf && lmf[j] ? 2 : 0));
+      }
+    }
+    int64_t ldv;
+    const float* V = v_rows(c, b, hk, t0, &ldv);
+    run_tile(c, s, rows, cols, kv.k.p + t0 * c.Dp, kv.colcorr.p + t0, kv.kscale.p + t0, !full,
+             V, ldv);
+  }
+}
+
+void band_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, int64_t qb) {
+  const AttnParams& f = c.p->fwd;
+  const int64_t hk = h / c.groups;
+  const int64_t i0 = qb * kTile, i1 = std::min(i0 + kTile, f.Nq);
+  const int rows = int(i1 - i0);
+  int64_t rows_i[kTile];
+  for (int r = 0; r < rows; ++r) rows_i[r] = i0 + r;
+  begin_block(c, s, b, h, rows_i, rows);
+  const int64_t r0 = i0 + c.offset, r1 = i1 + c.offset;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t rr = r0 + r;
+    int64_t hi = f.window_right < 0 ? f.Nk - 1 : rr + f.window_right;
+    if (f.causal) hi = std::min(hi, rr);
+    s.wlo[r] = f.window_left < 0 ? 0 : rr - f.window_left;
+    s.whi[r] = hi;
+    s.clim[r] = f.causal ? rr : f.Nk - 1;
+  }
+  const KeyRange band = window_band(r0, r1, f.Nk, f.window_left, f.window_right, f.causal);
+  const int64_t blo = band.hi > band.lo ? band.lo / kChunk * kChunk : 0;
+  const int64_t bhi = band.hi > band.lo ? band.hi : 0;
+  visit_range(c, s, b, hk, rows, blo, bhi, band.lo, r0, r1 - 1);
+  if (c.G > 0) {
+    // Landmark keys outside the visited band, in tiles of the pre-packed landmark list.
+    const KvPack& kv = (*c.packs)[b * f.Hk + hk];
+    const int32_t* lm = landmarks_of(f, b);
+    const uint8_t* pad = f.key_padding ? f.key_padding + b * f.Nk : nullptr;
+    for (int64_t g0 = 0; g0 < c.G; g0 += kTile) {
+      const int cols = int(std::min<int64_t>(kTile, c.G - g0));
+      bool any = false;
+      for (int cc = 0; cc < cols; ++cc) {
+        const int64_t j = lm[g0 + cc];
+        const bool take = (j < blo || j >= bhi) && (!f.causal || j < r1) &&
+                          (!pad || pad[j] != 0);
+        s.kidx[cc] = int32_t(j);
+        s.kflags[cc] = uint8_t(take ? 3 : 2);
+        any |= take;
+      }
+      if (!any) continue;
+      run_tile(c, s, rows, cols, kv.lk.p + g0 * c.Dp, kv.lcolcorr.p + g0, kv.lkscale.p + g0,
+               true, kv.lv.p + g0 * c.Dvp, c.Dvp);
+    }
+  }
+  end_block(c, s, b, h, rows_i, rows);
+}
+
+// Landmark query rows (they see every key up to the causal limit), chunk `ci` of batch b's list.
+void landmark_rows_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, int64_t ci) {
+  const AttnParams& f = c.p->fwd;
+  const int64_t hk = h / c.groups;
+  const int32_t* lm = landmarks_of(f, b);
+  // Landmark positions r with query row i = r - offset in [0, Nq).
+  int64_t rows_i[kTile];
+  int rows = 0;
+  int64_t seen = 0;
+  for (int64_t g = 0; g < c.G && rows < kTile; ++g) {
+    const int64_t i = lm[g] - c.offset;
+    if (i < 0 || i >= f.Nq) continue;
+    if (seen++ < ci * kTile) continue;
+    rows_i[rows++] = i;
+  }
+  if (rows == 0) return;
+  begin_block(c, s, b, h, rows_i, rows);
+  int64_t r_min = f.Nk, hi = 0;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t rr = rows_i[r] + c.offset;
+    const KeyRange kr = landmark_row_range(rr, f.Nk, f.causal);
+    s.wlo[r] = 0;
+    s.whi[r] = kr.hi - 1;
+    s.clim[r] = kr.hi - 1;
+    r_min = std::min(r_min, rr);
+    hi = std::max(hi, kr.hi);
+  }
+  // These rows see every key of their range: only padding and causality need masks.
+  {
+    const KvPack& kv = (*c.packs)[b * f.Hk + hk];
+    const uint8_t* pad = f.key_padding ? f.key_padding + b * f.Nk : nullptr;
+    for (int64_t t0 = 0; t0 < hi; t0 += kTile) {
+      const int cols = int(std::min<int64_t>(kTile, hi - t0));
+      const int64_t t1 = t0 + cols - 1;
+      const bool full = all_real(c, b, t0, t0 + cols) && (!f.causal || t1 <= r_min);
+      if (!full) {
+        for (int cc = 0; cc < cols; ++cc) {
+          s.kidx[cc] = int32_t(t0 + cc);
+          s.kflags[cc] = uint8_t(pad ? (pad[t0 + cc] != 0) : 1);
+        }
+      }
+      int64_t ldv;
+      const float* V = v_rows(c, b, hk, t0, &ldv);
+      run_tile(c, s, rows, cols, kv.k.p + t0 * c.Dp, kv.colcorr.p + t0, kv.kscale.p + t0, !full,
+               V, ldv);
+    }
+  }
+  end_block(c, s, b, h, rows_i, rows);
+}
+
+}  // namespace
+
+void attention_forward_int8(const AttnInt8Params& p) {
+  validate(p);
+  const AttnParams& f = p.fwd;
+  if (f.B == 0 || f.Nq == 0) return;
+  Ctx c;
+  c.p = &p;
+  c.kern = int8::select_kernels(selected_isa());
+  c.Dp = round_up(f.D, 4);
+  c.Dvp = round_up(f.Dv, 16);
+  c.nqb = ceil_div(f.Nq, p.q_block);
+  c.nkb = ceil_div(f.Nk, p.k_block);
+  c.groups = f.Hq / f.Hk;
+  c.offset = f.Nk - f.Nq;
+  c.G = f.Nk > 0 ? f.num_landmarks : 0;
+  const int nthreads = f.num_threads > 0 ? f.num_threads : int8::default_threads();
+
+  std::vector<int32_t> real_prefix;
+  if (f.key_padding && f.Nk > 0) {
+    real_prefix.assign(size_t(f.B * (f.Nk + 1)), 0);
+    for (int64_t b = 0; b < f.B; ++b) {
+      int32_t* pre = real_prefix.data() + b * (f.Nk + 1);
+      for (int64_t j = 0; j < f.Nk; ++j) pre[j + 1] = pre[j] + (f.key_padding[b * f.Nk + j] != 0);
+    }
+  }
+  c.real_prefix = &real_prefix;
+  std::vector<KvPack> packs(size_t(f.B * f.Hk));
+  c.packs = &packs;
+
+  const int64_t n_kv = f.Nk > 0 ? f.B * f.Hk : 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t t = 0; t < n_kv; ++t) pack_one(c, t / f.Hk, t % f.Hk);
+
+  const int64_t nblocks = ceil_div(f.Nq, kTile);
+  const int64_t n_band = f.B * f.Hq * nblocks;
+#pragma omp parallel num_threads(nthreads)
+  {
+    Scratch s(c);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_band; ++t)
+      band_block(c, s, t / (f.Hq * nblocks), (t / nblocks) % f.Hq, t % nblocks);
+  }
+
+  if (c.G > 0) {
+    // Landmark query rows overwrite what the band pass wrote for them.
+    const int64_t nchunks = ceil_div(c.G, kTile);
+    const int64_t n_lm = f.B * f.Hq * nchunks;
+#pragma omp parallel num_threads(nthreads)
+    {
+      Scratch s(c);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < n_lm; ++t)
+        landmark_rows_block(c, s, t / (f.Hq * nchunks), (t / nchunks) % f.Hq, t % nchunks);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace hk

@@ -5,7 +5,6 @@ here when it is not). Outputs are allocated here; the kernels write every elemen
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -20,19 +19,31 @@ _DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F1
 MAX_HEAD_DIM = 512
 
 
-@functools.lru_cache(maxsize=None)
+_MODULE = None
+_MODULE_ERROR: Optional[str] = None
+
+
+def _import_module() -> None:
+    global _MODULE, _MODULE_ERROR
+    if _MODULE is None and _MODULE_ERROR is None:
+        try:
+            from .. import _C_cpu  # built by CMake; see README
+            _MODULE = _C_cpu
+        except ImportError as exc:  # not built, or built for another Python
+            _MODULE_ERROR = f"native CPU module not importable ({exc})"
+
+
 def load_module():
     """The compiled CPU module, or raise ImportError with the reason."""
-    from .. import _C_cpu  # noqa: F401  (built by CMake; see README)
-    return _C_cpu
+    _import_module()
+    if _MODULE is None:
+        raise ImportError(_MODULE_ERROR)
+    return _MODULE
 
 
 def _module_error() -> Optional[str]:
-    try:
-        load_module()
-        return None
-    except ImportError as exc:  # not built, or built for another Python
-        return f"native CPU module not importable ({exc})"
+    _import_module()
+    return _MODULE_ERROR
 
 
 def num_threads() -> int:

@@ -1,0 +1,569 @@
+// The CPU attention backward (FlashAttention-2 style recomputation), written once and compiled
+// per instruction set. Include this file INSIDE a per-ISA namespace (hk::cpu::bwd_<isa>) after
+// defining `struct Vec` there, and after including <cstdint>, <cstring>, <cstdlib>, <cmath>,
+// <new>, <omp.h> (if _OPENMP), "common/attn_params.h" and "common/pattern.h". Keeping every
+// helper in that namespace stops the linker from merging code built for different ISAs.
+//
+// Vec provides: W (lanes), MR / NVMAX (register tile: MR rows x NVMAX vectors), type R and
+//   zero, load, store, set1, fma(a, b, c) = a*b + c, sub, mul, exp, maskz(lane_bits, v).
+//
+// Algorithm, per work item (b, kv head) owned by one thread (so dK/dV need no reduction and the
+// result is bit-identical for any thread count):
+//   for each block of 64 query rows (non-landmark rows; landmark rows are masked out here):
+//     for each 64-key tile of the window band (tiles aligned to multiples of 64, packed once per
+//     item into a ring buffer that slides with the band) and each gathered tile of landmark keys
+//     outside the band, for each q head of the GQA group:
+//       S = Q K^T, dP = dO V^T, P = exp(scale*S - lse) on visible pairs, dS = scale*P*(dP - Delta)
+//       dV_tile += P^T dO, dK_tile += dS^T Q, dQ_block += dS K
+//   then landmark query rows (which see every key) in batches of up to 64 rows over all tiles.
+// Visibility inside a tile is exact: one 64-bit key mask per query row built from pattern.h's
+// rules, so every visible (query, key) pair is visited exactly once.
+
+constexpr int64_t kRows = 64;  // query rows per block
+constexpr int64_t kKeys = 64;  // keys per tile (one bit each in a uint64_t row mask)
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ------------------------------------------------------------------------- dtype conversion
+static inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0) {  // zero or subnormal: m * 2^-24
+    float v = static_cast<float>(m) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  uint32_t u = e == 31 ? (sign | 0x7f800000u | (m << 13)) : (sign | ((e + 112u) << 23) | (m << 13));
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Reads n elements of a `dtype` tensor starting at element offset `off` as fp32.
+static inline void load_row(const void* base, DType dtype, int64_t off, int64_t n, float* dst) {
+  if (dtype == DType::F32) {
+    std::memcpy(dst, static_cast<const float*>(base) + off, n * sizeof(float));
+  } else if (dtype == DType::BF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(base) + off;
+    for (int64_t d = 0; d < n; ++d) dst[d] = bf16_to_float(s[d]);
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(base) + off;
+    for (int64_t d = 0; d < n; ++d) dst[d] = half_to_float(s[d]);
+  }
+}
+
+// ------------------------------------------------------------------------- GEMM micro-kernels
+// C (M x N, row-major, ldc) (+)= A (M x T, element (r, t) at A[r*ars + t*ats]) * B (T x N, ldb).
+// N is a multiple of Vec::W. The strided A lets one kernel serve Q K^T, P^T dO, dS^T Q and dS K.
+using MicroFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
+                         int64_t);
+
+template <bool ACC, int MR, int NV>
+static void micro(const float* A, int64_t ars, int64_t ats, const float* B, int64_t ldb, float* C,
+                  int64_t ldc, int64_t T) {
+  typename Vec::R acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = ACC ? Vec::load(C + r * ldc + v * Vec::W) : Vec::zero();
+  for (int64_t t = 0; t < T; ++t) {
+    typename Vec::R b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Vec::load(B + t * ldb + v * Vec::W);
+    const float* a = A + t * ats;
+    for (int r = 0; r < MR; ++r) {
+      typename Vec::R ar = Vec::set1(a[r * ars]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = Vec::fma(ar, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) Vec::store(C + r * ldc + v * Vec::W, acc[r][v]);
+}
+
+template <bool ACC, int MR, int NV>
+static MicroFn pick_nv(int nv) {
+  if constexpr (NV == 0) {
+    return nullptr;
+  } else {
+    return nv == NV ? &micro<ACC, MR, NV> : pick_nv<ACC, MR, NV - 1>(nv);
+  }
+}
+
+template <bool ACC, int MR>
+static MicroFn pick(int mr, int nv) {
+  if constexpr (MR == 0) {
+    return nullptr;
+  } else {
+    return mr == MR ? pick_nv<ACC, MR, Vec::NVMAX>(nv) : pick<ACC, MR - 1>(mr, nv);
+  }
+}
+
+template <bool ACC>
+static void gemm(int64_t M, int64_t N, int64_t T, const float* A, int64_t ars, int64_t ats,
+                 const float* B, int64_t ldb, float* C, int64_t ldc) {
+  constexpr int64_t CW = int64_t(Vec::NVMAX) * Vec::W;
+  for (int64_t c0 = 0; c0 < N; c0 += CW) {
+    const int nv = static_cast<int>(imin(Vec::NVMAX, (N - c0) / Vec::W));
+    const MicroFn full = pick<ACC, Vec::MR>(Vec::MR, nv);
+    for (int64_t r0 = 0; r0 < M; r0 += Vec::MR) {
+      const int mr = static_cast<int>(imin(Vec::MR, M - r0));
+      MicroFn fn = mr == Vec::MR ? full : pick<ACC, Vec::MR>(mr, nv);
+      fn(A + r0 * ars, ars, ats, B + c0, ldb, C + r0 * ldc + c0, ldc, T);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------- visibility masks
+// Bits a..b (inclusive) of a 64-bit mask, clipped to [0, 63].
+static inline uint64_t bit_range(int64_t a, int64_t b) {
+  if (a < 0) a = 0;
+  if (b > 63) b = 63;
+  if (a > b) return 0;
+  const uint64_t upto_b = b == 63 ? ~uint64_t(0) : ((uint64_t(1) << (b + 1)) - 1);
+  return upto_b & ~((uint64_t(1) << a) - 1);
+}
+
+// A packed tile of up to 64 keys: either contiguous [j0, j0 + nt) or gathered (sorted) positions.
+struct Tile {
+  float* K;      // nt x Dp, row-major (rows of k in fp32, zero-padded columns)
+  float* Kt;     // D x 64 (k transposed)
+  float* Vt;     // Dv x 64 (v transposed)
+  float* dK;     // 64 x Dp accumulated gradient, flushed into dk
+  float* dV;     // 64 x Dvp
+  int64_t* keys; // 64 key positions
+  int64_t tile = -1;   // ring tag: aligned tile index, -1 = empty
+  int64_t nt = 0;
+  bool gathered = false;
+  uint64_t lm_bits = 0;    // keys that are landmarks
+  uint64_t real_bits = 0;  // keys that exist and are not padding
+};
+
+enum class RowMode { kRegular, kLandmark };
+
+// The static description of one work item's problem, shared by the helpers below.
+struct Ctx {
+  const AttnBwdParams* p;
+  int64_t b, hk, group, off, D, Dv, Dp, Dvp;
+  const int32_t* lm;        // landmarks of batch b (G entries) or nullptr
+  int64_t G;
+  const uint8_t* lm_flags;  // (Nk) for batch b or nullptr
+  const uint8_t* pad;       // (Nk) for batch b or nullptr
+};
+
+static inline bool row_is_landmark(const Ctx& c, int64_t r) {
+  return c.lm_flags != nullptr && r >= 0 && r < c.p->fwd.Nk && c.lm_flags[r] != 0;
+}
+
+// Visible keys of the tile for aligned query row r.
+static inline uint64_t row_mask(const Ctx& c, const Tile& t, int64_t r, RowMode mode) {
+  const AttnParams& f = c.p->fwd;
+  uint64_t vis;
+  if (mode == RowMode::kLandmark) {
+    vis = ~uint64_t(0);
+  } else if (t.gathered) {
+    vis = t.lm_bits;  // gathered keys are landmarks outside the band: never in the window
+  } else {
+    const int64_t j0 = t.keys[0];
+    const int64_t lo = f.window_left < 0 ? 0 : r - f.window_left - j0;
+    const int64_t hi = f.window_right < 0 ? 63 : r + f.window_right - j0;
+    vis = bit_range(lo, hi) | t.lm_bits;
+  }
+  if (f.causal) {
+    if (t.gathered) {
+      int64_t n = 0;  // keys are sorted: those <= r form a prefix
+      while (n < t.nt && t.keys[n] <= r) ++n;
+      vis &= bit_range(0, n - 1);
+    } else {
+      vis &= bit_range(0, r - t.keys[0]);
+    }
+  }
+  return vis & t.real_bits;
+}
+
+// ------------------------------------------------------------------------- packing
+static void pack_keys(const Ctx& c, Tile& t) {
+  const AttnParams& f = c.p->fwd;
+  const int64_t kb = c.b * f.k_stride[0] + c.hk * f.k_stride[1];
+  const int64_t vb = c.b * f.v_stride[0] + c.hk * f.v_stride[1];
+  float vrow[1024];
+  t.lm_bits = 0;
+  t.real_bits = 0;
+  for (int64_t jj = 0; jj < t.nt; ++jj) {
+    const int64_t j = t.keys[jj];
+    float* krow = t.K + jj * c.Dp;
+    load_row(f.k, f.dtype, kb + j * f.k_stride[2], c.D, krow);
+    for (int64_t d = 0; d < c.D; ++d) t.Kt[d * kKeys + jj] = krow[d];
+    for (int64_t d0 = 0; d0 < c.Dv; d0 += 1024) {
+      const int64_t n = imin(1024, c.Dv - d0);
+      load_row(f.v, f.dtype, vb + j * f.v_stride[2] + d0, n, vrow);
+      for (int64_t d = 0; d < n; ++d) t.Vt[(d0 + d) * kKeys + jj] = vrow[d];
+    }
+    if (c.lm_flags != nullptr && c.lm_flags[j]) t.lm_bits |= uint64_t(1) << jj;
+    if (c.pad == nullptr || c.pad[j]) t.real_bits |= uint64_t(1) << jj;
+  }
+  for (int64_t jj = t.nt; jj < kKeys; ++jj) {  // keep the unused columns finite
+    for (int64_t d = 0; d < c.D; ++d) t.Kt[d * kKeys + jj] = 0.f;
+    for (int64_t d = 0; d < c.Dv; ++d) t.Vt[d * kKeys + jj] = 0.f;
+  }
+  std::memset(t.dK, 0, sizeof(float) * kKeys * c.Dp);
+  std::memset(t.dV, 0, sizeof(float) * kKeys * c.Dvp);
+}
+
+static void pack_contiguous(const Ctx& c, Tile& t, int64_t tile_index) {
+  const int64_t j0 = tile_index * kKeys;
+  t.tile = tile_index;
+  t.gathered = false;
+  t.nt = imin(kKeys, c.p->fwd.Nk - j0);
+  for (int64_t jj = 0; jj < t.nt; ++jj) t.keys[jj] = j0 + jj;
+  pack_keys(c, t);
+}
+
+// Adds the tile's accumulated dK / dV into the (fp32, contiguous) outputs.
+static void flush(const Ctx& c, Tile& t) {
+  const AttnBwdParams& p = *c.p;
+  const int64_t Nk = p.fwd.Nk;
+  float* dk = p.dk + (c.b * p.fwd.Hk + c.hk) * Nk * c.D;
+  float* dv = p.dv + (c.b * p.fwd.Hk + c.hk) * Nk * c.Dv;
+  for (int64_t jj = 0; jj < t.nt; ++jj) {
+    const int64_t j = t.keys[jj];
+    const float* sk = t.dK + jj * c.Dp;
+    const float* sv = t.dV + jj * c.Dvp;
+    float* ok = dk + j * c.D;
+    float* ov = dv + j * c.Dv;
+    for (int64_t d = 0; d < c.D; ++d) ok[d] += sk[d];
+    for (int64_t d = 0; d < c.Dv; ++d) ov[d] += sv[d];
+  }
+  t.tile = -1;
+}
+
+// ------------------------------------------------------------------------- query side
+// Per q head of the group: the current block's rows in fp32 plus their dQ accumulator.
+struct HeadBlock {
+  float* Q;      // 64 x Dp
+  float* dO;     // 64 x Dvp
+  float* dQ;     // 64 x Dp
+  float* lse;    // 64
+  float* delta;  // 64, rowsum(dO * O)
+  uint8_t* valid;  // 64: row takes part (finite lse; regular mode: not a landmark row)
+  bool any;
+};
+
+struct Rows {
+  int64_t n = 0;
+  int64_t i[kRows];  // query indices
+  int64_t r[kRows];  // aligned positions i + Nk - Nq
+};
+
+static void load_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode mode,
+                            HeadBlock& hb, float* scratch /* Dvp floats */) {
+  const AttnBwdParams& p = *c.p;
+  const AttnParams& f = p.fwd;
+  const int64_t qb = c.b * f.q_stride[0] + h * f.q_stride[1];
+  const int64_t ob = c.b * f.o_stride[0] + h * f.o_stride[1];
+  const int64_t gb = c.b * p.dout_stride[0] + h * p.dout_stride[1];
+  const float* lse = f.lse + (c.b * f.Hq + h) * f.Nq;
+  hb.any = false;
+  for (int64_t x = 0; x < rows.n; ++x) {
+    const int64_t i = rows.i[x];
+    float* dO = hb.dO + x * c.Dvp;
+    load_row(f.q, f.dtype, qb + i * f.q_stride[2], c.D, hb.Q + x * c.Dp);
+    load_row(p.dout, f.dtype, gb + i * p.dout_stride[2], c.Dv, dO);
+    load_row(f.o, f.dtype, ob + i * f.o_stride[2], c.Dv, scratch);
+    float delta = 0.f;
+    for (int64_t d = 0; d < c.Dv; ++d) delta += dO[d] * scratch[d];
+    hb.delta[x] = delta;
+    hb.lse[x] = lse[i];
+    bool ok = lse[i] > -INFINITY && lse[i] < INFINITY;  // false for -inf (row saw nothing), NaN
+    if (mode == RowMode::kRegular && row_is_landmark(c, rows.r[x])) ok = false;
+    hb.valid[x] = ok;
+    hb.any |= ok;
+  }
+  std::memset(hb.dQ, 0, sizeof(float) * kRows * c.Dp);
+}
+
+static void store_head_block(const Ctx& c, int64_t h, const Rows& rows, const HeadBlock& hb) {
+  const AttnBwdParams& p = *c.p;
+  float* dq = p.dq + (c.b * p.fwd.Hq + h) * p.fwd.Nq * c.D;
+  for (int64_t x = 0; x < rows.n; ++x)
+    std::memcpy(dq + rows.i[x] * c.D, hb.dQ + x * c.Dp, sizeof(float) * c.D);
+}
+
+// ------------------------------------------------------------------------- the tile step
+struct Scratch {
+  float* S;        // 64 x 64: scores, then P
+  float* dP;       // 64 x 64: dO V^T, then dS (scale folded in)
+  uint64_t* mask;  // 64 row masks
+};
+
+static void process_tile(const Ctx& c, Tile& t, const Rows& rows, RowMode mode, HeadBlock* heads,
+                         Scratch& s) {
+  const float scale = c.p->fwd.scale;
+  const int64_t mq = rows.n, nt = t.nt, ncols = round_up(nt, Vec::W);
+  const int64_t lanes = Vec::W;
+  const uint64_t lane_all = lanes == 64 ? ~uint64_t(0) : ((uint64_t(1) << lanes) - 1);
+  const typename Vec::R vscale = Vec::set1(scale);
+  for (int64_t g = 0; g < c.group; ++g) {
+    HeadBlock& hb = heads[g];
+    if (!hb.any) continue;
+    uint64_t any = 0;
+    for (int64_t x = 0; x < mq; ++x) {
+      s.mask[x] = hb.valid[x] ? row_mask(c, t, rows.r[x], mode) : 0;
+      any |= s.mask[x];
+    }
+    if (any == 0) continue;
+    gemm<false>(mq, ncols, c.D, hb.Q, c.Dp, 1, t.Kt, kKeys, s.S, kKeys);
+    gemm<false>(mq, ncols, c.Dv, hb.dO, c.Dvp, 1, t.Vt, kKeys, s.dP, kKeys);
+    for (int64_t x = 0; x < mq; ++x) {
+      float* Srow = s.S + x * kKeys;
+      float* dProw = s.dP + x * kKeys;
+      const uint64_t m = s.mask[x];
+      if (m == 0) {
+        std::memset(Srow, 0, sizeof(float) * ncols);
+        std::memset(dProw, 0, sizeof(float) * ncols);
+        continue;
+      }
+      const typename Vec::R neg_lse = Vec::set1(-hb.lse[x]);
+      const typename Vec::R delta = Vec::set1(hb.delta[x]);
+      for (int64_t j = 0; j < ncols; j += lanes) {
+        const unsigned bits = static_cast<unsigned>((m >> j) & lane_all);
+        typename Vec::R pv = Vec::maskz(bits, Vec::exp(Vec::fma(Vec::load(Srow + j), vscale, neg_lse)));
+        typename Vec::R ds = Vec::mul(Vec::mul(pv, Vec::sub(Vec::load(dProw + j), delta)), vscale);
+        Vec::store(Srow + j, pv);
+        Vec::store(dProw + j, Vec::maskz(bits, ds));
+      }
+    }
+    gemm<true>(nt, c.Dvp, mq, s.S, 1, kKeys, hb.dO, c.Dvp, t.dV, c.Dvp);   // dV += P^T dO
+    gemm<true>(nt, c.Dp, mq, s.dP, 1, kKeys, hb.Q, c.Dp, t.dK, c.Dp);      // dK += dS^T Q
+    gemm<true>(mq, c.Dp, nt, s.dP, kKeys, 1, t.K, c.Dp, hb.dQ, c.Dp);      // dQ += dS K
+  }
+}
+
+// ------------------------------------------------------------------------- workspace
+struct Layout {
+  int64_t ring = 0;  // ring slots
+  int64_t tile_floats = 0, head_floats = 0, floats = 0, bytes = 0;
+};
+
+static int64_t ring_slots(const AttnParams& f) {
+  int64_t ring = 1;
+  const int64_t off = f.Nk - f.Nq;
+  for (int64_t i0 = 0; i0 < f.Nq; i0 += kRows) {
+    const int64_t r0 = i0 + off, r1 = imin(i0 + kRows, f.Nq) + off;
+    const KeyRange band = window_band(r0, r1, f.Nk, f.window_left, f.window_right, f.causal);
+    if (band.hi > band.lo) ring = imax(ring, (band.hi - 1) / kKeys + 1 - band.lo / kKeys);
+  }
+  return ring;
+}
+
+static Layout make_layout(const AttnParams& f, int64_t Dp, int64_t Dvp) {
+  Layout L;
+  L.ring = ring_slots(f);
+  const int64_t a = 16;  // keep every array 64-byte aligned
+  L.tile_floats = round_up(kKeys * Dp, a) * 2 + round_up(f.D * kKeys, a) +
+                  round_up(f.Dv * kKeys, a) + round_up(kKeys * Dvp, a) + 2 * kKeys /* keys */;
+  L.head_floats = round_up(kRows * Dp, a) * 2 + round_up(kRows * Dvp, a) + 3 * kRows;
+  const int64_t group = f.Hq / f.Hk;
+  L.floats = (L.ring + 1) * L.tile_floats + group * L.head_floats + 2 * kRows * kKeys +
+             2 * kRows /* masks */ + round_up(Dvp, a);
+  L.bytes = round_up(L.floats * 4, 64);
+  return L;
+}
+
+struct Arena {
+  float* cur;
+  float* take(int64_t n) {
+    float* r = cur;
+    cur += round_up(n, 16);
+    return r;
+  }
+};
+
+static Tile carve_tile(Arena& a, int64_t D, int64_t Dv, int64_t Dp, int64_t Dvp) {
+  Tile t;
+  t.K = a.take(kKeys * Dp);
+  t.dK = a.take(kKeys * Dp);
+  t.Kt = a.take(D * kKeys);
+  t.Vt = a.take(Dv * kKeys);
+  t.dV = a.take(kKeys * Dvp);
+  t.keys = reinterpret_cast<int64_t*>(a.take(2 * kKeys));
+  return t;
+}
+
+// ------------------------------------------------------------------------- one work item
+static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, const Layout& L, float* mem,
+                     Tile* ring) {
+  const AttnParams& f = p.fwd;
+  Ctx c;
+  c.p = &p;
+  c.b = b;
+  c.hk = hk;
+  c.group = f.Hq / f.Hk;
+  c.off = f.Nk - f.Nq;
+  c.D = f.D;
+  c.Dv = f.Dv;
+  c.Dp = round_up(f.D, 16);
+  c.Dvp = round_up(f.Dv, 16);
+  c.G = f.landmarks != nullptr ? f.num_landmarks : 0;
+  c.lm = c.G > 0 ? f.landmarks + b * f.landmarks_batch_stride : nullptr;
+  c.lm_flags = c.G > 0 ? f.landmark_flags + b * f.landmark_flags_batch_stride : nullptr;
+  c.pad = f.key_padding != nullptr ? f.key_padding + b * f.Nk : nullptr;
+
+  Arena a{mem};
+  for (int64_t s = 0; s < L.ring; ++s) {
+    new (&ring[s]) Tile(carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp));
+  }
+  Tile gather = carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp);
+  HeadBlock heads[64];  // group <= 64 is not assumed: see the chunk loop below
+  Scratch sc;
+  sc.S = a.take(kRows * kKeys);
+  sc.dP = a.take(kRows * kKeys);
+  sc.mask = reinterpret_cast<uint64_t*>(a.take(2 * kRows));
+  float* orow = a.take(c.Dvp);
+  float* head_mem = a.cur;
+
+  std::memset(p.dk + (b * f.Hk + hk) * f.Nk * c.D, 0, sizeof(float) * f.Nk * c.D);
+  std::memset(p.dv + (b * f.Hk + hk) * f.Nk * c.Dv, 0, sizeof(float) * f.Nk * c.Dv);
+
+  // Heads of the group are processed in chunks of up to 64 so `heads` stays a fixed array.
+  for (int64_t g0 = 0; g0 < c.group; g0 += 64) {
+    const int64_t ng = imin(64, c.group - g0);
+    Ctx cg = c;
+    cg.group = ng;
+    Arena ha{head_mem};
+    for (int64_t g = 0; g < ng; ++g) {
+      HeadBlock& hb = heads[g];
+      hb.Q = ha.take(kRows * c.Dp);
+      hb.dQ = ha.take(kRows * c.Dp);
+      hb.dO = ha.take(kRows * c.Dvp);
+      hb.lse = ha.take(kRows);
+      hb.delta = ha.take(kRows);
+      hb.valid = reinterpret_cast<uint8_t*>(ha.take(kRows));
+    }
+    const int64_t h0 = hk * c.group + g0;
+
+    // Regular rows, block by block; the window band slides through the ring.
+    Rows rows;
+    for (int64_t i0 = 0; i0 < f.Nq; i0 += kRows) {
+      rows.n = imin(kRows, f.Nq - i0);
+      for (int64_t x = 0; x < rows.n; ++x) {
+        rows.i[x] = i0 + x;
+        rows.r[x] = i0 + x + c.off;
+      }
+      bool any = false;
+      for (int64_t g = 0; g < ng; ++g) {
+        load_head_block(cg, h0 + g, rows, RowMode::kRegular, heads[g], orow);
+        any |= heads[g].any;
+      }
+      if (any) {
+        const int64_t r0 = rows.r[0], r1 = rows.r[rows.n - 1] + 1;
+        const KeyRange band = window_band(r0, r1, f.Nk, f.window_left, f.window_right, f.causal);
+        int64_t a_lo = 0, a_hi = 0;  // the band widened to whole tiles
+        if (band.hi > band.lo) {
+          const int64_t t_lo = band.lo / kKeys, t_hi = (band.hi - 1) / kKeys + 1;
+          a_lo = t_lo * kKeys;
+          a_hi = imin(t_hi * kKeys, f.Nk);
+          for (int64_t t = t_lo; t < t_hi; ++t) {
+            Tile& slot = ring[t % L.ring];
+            if (slot.tile != t) {
+              if (slot.tile >= 0) flush(cg, slot);
+              pack_contiguous(cg, slot, t);
+            }
+            process_tile(cg, slot, rows, RowMode::kRegular, heads, sc);
+          }
+        }
+        // Landmark keys outside the widened band, gathered 64 at a time.
+        gather.gathered = true;
+        gather.nt = 0;
+        for (int64_t x = 0; x < c.G; ++x) {
+          const int64_t j = c.lm[x];
+          if (f.causal && j >= r1) break;  // sorted: the rest are in every row's future
+          if (j >= a_lo && j < a_hi) continue;
+          if (c.pad != nullptr && !c.pad[j]) continue;
+          gather.keys[gather.nt++] = j;
+          if (gather.nt == kKeys) {
+            pack_keys(cg, gather);
+            process_tile(cg, gather, rows, RowMode::kRegular, heads, sc);
+            flush(cg, gather);
+            gather.nt = 0;
+          }
+        }
+        if (gather.nt > 0) {
+          pack_keys(cg, gather);
+          process_tile(cg, gather, rows, RowMode::kRegular, heads, sc);
+          flush(cg, gather);
+        }
+      }
+      for (int64_t g = 0; g < ng; ++g) store_head_block(cg, h0 + g, rows, heads[g]);
+    }
+    for (int64_t s = 0; s < L.ring; ++s)
+      if (ring[s].tile >= 0) flush(cg, ring[s]);
+
+    // Landmark query rows see every key (up to r if causal): batches of 64 rows, all tiles.
+    int64_t x = 0;
+    while (x < c.G) {
+      rows.n = 0;
+      int64_t hi = 0;
+      for (; x < c.G && rows.n < kRows; ++x) {
+        const int64_t i = c.lm[x] - c.off;
+        if (i < 0 || i >= f.Nq) continue;
+        rows.i[rows.n] = i;
+        rows.r[rows.n] = c.lm[x];
+        hi = imax(hi, landmark_row_range(c.lm[x], f.Nk, f.causal).hi);
+        ++rows.n;
+      }
+      if (rows.n == 0) continue;
+      bool any = false;
+      for (int64_t g = 0; g < ng; ++g) {
+        load_head_block(cg, h0 + g, rows, RowMode::kLandmark, heads[g], orow);
+        any |= heads[g].any;
+      }
+      if (any) {
+        for (int64_t t = 0; t * kKeys < hi; ++t) {
+          pack_contiguous(cg, gather, t);
+          process_tile(cg, gather, rows, RowMode::kLandmark, heads, sc);
+          flush(cg, gather);
+        }
+      }
+      for (int64_t g = 0; g < ng; ++g) store_head_block(cg, h0 + g, rows, heads[g]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------- entry
+static void run(const AttnBwdParams& p, int num_threads) {
+  const AttnParams& f = p.fwd;
+  const int64_t items = f.B * f.Hk;
+  if (items == 0) return;
+  const int64_t Dp = round_up(f.D, 16), Dvp = round_up(f.Dv, 16);
+  const Layout L = make_layout(f, Dp, Dvp);
+  const int nth = static_cast<int>(imax(1, imin(num_threads, items)));
+  const int64_t ring_bytes = round_up(L.ring * int64_t(sizeof(Tile)), 64);
+  const int64_t per_thread = L.bytes + ring_bytes;
+  void* mem = std::aligned_alloc(64, static_cast<size_t>(per_thread * nth));
+  if (mem == nullptr) throw std::bad_alloc();
+  std::memset(mem, 0, static_cast<size_t>(per_thread * nth));
+  char* base = static_cast<char*>(mem);
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(nth)
+#endif
+  {
+#if defined(_OPENMP)
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    float* ws = reinterpret_cast<float*>(base + tid * per_thread);
+    Tile* ring = reinterpret_cast<Tile*>(base + tid * per_thread + L.bytes);
+#if defined(_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t it = 0; it < items; ++it) run_item(p, it / f.Hk, it % f.Hk, L, ws, ring);
+  }
+  std::free(mem);
+}

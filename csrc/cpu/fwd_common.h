@@ -1,0 +1,48 @@
+// Internal interface of the CPU forward kernel: one entry point per instruction set (each in its
+// own translation unit, compiled with that ISA's flags) and a few ISA-free helpers.
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+#include <new>
+
+#include "common/attn_params.h"
+
+namespace hk {
+namespace cpu {
+
+// Called by attention_forward() after validation and ISA selection.
+void attention_forward_avx512(const AttnParams& p);
+void attention_forward_avx2(const AttnParams& p);
+void attention_forward_scalar(const AttnParams& p);
+
+namespace {
+
+// 64-byte aligned scratch buffer (no std::vector: see simd_common.h on ISA-specific inlines).
+template <class T>
+class AlignedBuf {
+ public:
+  AlignedBuf() = default;
+  explicit AlignedBuf(int64_t n) { reset(n); }
+  ~AlignedBuf() { std::free(ptr_); }
+  AlignedBuf(const AlignedBuf&) = delete;
+  AlignedBuf& operator=(const AlignedBuf&) = delete;
+  void reset(int64_t n) {
+    std::free(ptr_);
+    ptr_ = nullptr;
+    if (n <= 0) return;
+    size_t bytes = (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64;
+    ptr_ = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (!ptr_) throw std::bad_alloc();
+  }
+  T* get() const { return ptr_; }
+  T& operator[](int64_t i) const { return ptr_[i]; }
+
+ private:
+  T* ptr_ = nullptr;
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+}  // namespace cpu
+}  // namespace hk

@@ -1,0 +1,188 @@
+// fp32 compute core of the forward driver (fwd_driver.h), generic over a vector trait V.
+// fp32 inputs are read in place; bf16/fp16 K and V are converted once to contiguous fp32 copies.
+//
+// Microkernels (rows of the query block in lanes, QV vectors):
+//   qk: acc[j][v] += Qt[d][v] * bcast(K[j][d])   register tile JB keys x QV vectors
+//   pv: acc[e][v] += P[j][v]  * bcast(V[j][e])   register tile EB features x QV vectors
+// DC / DVC != 0 fix D / Dv (and the K / V row strides) at compile time for the common head sizes.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cpu/fwd_common.h"
+#include "cpu/simd_common.h"
+
+namespace hk {
+namespace cpu {
+namespace {
+
+struct KVF32 {
+  const float* k;  // row j at k + j * ks
+  int64_t ks;
+  const float* v;  // row j at v + j * vs
+  int64_t vs;
+};
+
+inline float load_as_f32(const void* base, int64_t i, DType dt) {
+  if (dt == DType::F32) return static_cast<const float*>(base)[i];
+  const uint16_t h = static_cast<const uint16_t*>(base)[i];
+  return dt == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+// Per call: fp32 views of K and V per (b, kv head) and the gathered landmark rows.
+template <class V>
+class PrepF32 {
+ public:
+  explicit PrepF32(const AttnParams& p) : p_(p), G_(p.num_landmarks) {
+    const int64_t BH = p.B * p.Hk;
+    const int nt = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+    if (p.dtype != DType::F32) {
+      kc_.reset(BH * p.Nk * p.D);
+      vc_.reset(BH * p.Nk * p.Dv);
+#pragma omp parallel for schedule(static) num_threads(nt)
+      for (int64_t bhj = 0; bhj < BH * p.Nk; ++bhj) {
+        const int64_t j = bhj % p.Nk, bh = bhj / p.Nk, b = bh / p.Hk, h = bh % p.Hk;
+        convert_row(kc_.get() + bhj * p.D, p.k, b * p.k_stride[0] + h * p.k_stride[1] + j * p.k_stride[2], p.D);
+        convert_row(vc_.get() + bhj * p.Dv, p.v, b * p.v_stride[0] + h * p.v_stride[1] + j * p.v_stride[2], p.Dv);
+      }
+    }
+    if (G_ > 0) {
+      klm_.reset(BH * G_ * p.D);
+      vlm_.reset(BH * G_ * p.Dv);
+      for (int64_t bh = 0; bh < BH; ++bh) {
+        const KVF32 src = band(bh / p.Hk, bh % p.Hk);
+        const int32_t* lm = p.landmarks + (bh / p.Hk) * p.landmarks_batch_stride;
+        for (int64_t g = 0; g < G_; ++g) {
+          std::memcpy(klm_.get() + (bh * G_ + g) * p.D, src.k + lm[g] * src.ks, sizeof(float) * p.D);
+          std::memcpy(vlm_.get() + (bh * G_ + g) * p.Dv, src.v + lm[g] * src.vs, sizeof(float) * p.Dv);
+        }
+      }
+    }
+  }
+
+  KVF32 band(int64_t b, int64_t h) const {
+    if (p_.dtype != DType::F32) {
+      const int64_t bh = b * p_.Hk + h;
+      return {kc_.get() + bh * p_.Nk * p_.D, p_.D, vc_.get() + bh * p_.Nk * p_.Dv, p_.Dv};
+    }
+    return {static_cast<const float*>(p_.k) + b * p_.k_stride[0] + h * p_.k_stride[1], p_.k_stride[2],
+            static_cast<const float*>(p_.v) + b * p_.v_stride[0] + h * p_.v_stride[1], p_.v_stride[2]};
+  }
+
+  KVF32 landmarks(int64_t b, int64_t h) const {
+    const int64_t bh = b * p_.Hk + h;
+    return {klm_.get() + bh * G_ * p_.D, p_.D, vlm_.get() + bh * G_ * p_.Dv, p_.Dv};
+  }
+
+ private:
+  void convert_row(float* dst, const void* base, int64_t off, int64_t n) const {
+    const uint16_t* src = static_cast<const uint16_t*>(base) + off;
+    if (p_.dtype == DType::F16) {
+      V::f16_to_f32_row(dst, src, n);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+    }
+  }
+
+  const AttnParams& p_;
+  int64_t G_;
+  AlignedBuf<float> kc_, vc_, klm_, vlm_;
+};
+
+template <class Vt, int QVt, int JB, int EB, int DC, int DVC>
+struct CoreF32 {
+  using V = Vt;
+  using R = typename V::R;
+  using KV = KVF32;
+  using Prep = PrepF32<V>;
+  static constexpr int W = V::W;
+  static constexpr int QV = QVt;
+  static constexpr int BQ = QV * W;
+  static constexpr int JT = 32;
+  static constexpr bool kPairKeys = false;
+
+  struct Work {
+    explicit Work(const AttnParams& p) : Qt(p.D * BQ), D(p.D), Dv(p.Dv) {}
+    AlignedBuf<float> Qt;  // Qt[d * BQ + lane] = q[lane][d] * scale * log2(e)
+    int64_t D, Dv;
+  };
+
+  static void pack_q(Work& w, const AttnParams& p, const void* const* rows, int nr) {
+    const float c = p.scale * kLog2e;
+    float* Qt = w.Qt.get();
+    for (int i = 0; i < BQ; ++i) {
+      if (i < nr) {
+        for (int64_t d = 0; d < w.D; ++d) Qt[d * BQ + i] = load_as_f32(rows[i], d, p.dtype) * c;
+      } else {
+        for (int64_t d = 0; d < w.D; ++d) Qt[d * BQ + i] = 0.f;
+      }
+    }
+  }
+
+  template <int J>
+  static void qk_block(const float* Qt, const float* kp, int64_t ks, int64_t D, float* S) {
+    R acc[J][QV];
+    for (int j = 0; j < J; ++j)
+      for (int v = 0; v < QV; ++v) acc[j][v] = V::zero();
+    for (int64_t d = 0; d < D; ++d) {
+      R q[QV];
+      for (int v = 0; v < QV; ++v) q[v] = V::load(Qt + d * BQ + v * W);
+      for (int j = 0; j < J; ++j) {
+        const R kb = V::bcast(kp + j * ks + d);
+        for (int v = 0; v < QV; ++v) acc[j][v] = V::fma(q[v], kb, acc[j][v]);
+      }
+    }
+    for (int j = 0; j < J; ++j)
+      for (int v = 0; v < QV; ++v) V::store(S + j * BQ + v * W, acc[j][v]);
+  }
+
+  static void qk(Work& w, const KV& kv, int64_t j0, int n, float* S) {
+    const int64_t D = DC ? DC : w.D;
+    const int64_t ks = DC ? DC : kv.ks;
+    const float* kp = kv.k + j0 * ks;
+    const float* Qt = w.Qt.get();
+    int j = 0;
+    for (; j + JB <= n; j += JB) qk_block<JB>(Qt, kp + j * ks, ks, D, S + j * BQ);
+    if (JB > 4)
+      for (; j + 4 <= n; j += 4) qk_block<4>(Qt, kp + j * ks, ks, D, S + j * BQ);
+    for (; j < n; ++j) qk_block<1>(Qt, kp + j * ks, ks, D, S + j * BQ);
+  }
+
+  template <int E>
+  static void pv_block(const float* P, int n, const float* vp, int64_t vs, const R* alpha, float* Ot) {
+    R acc[E][QV];
+    for (int e = 0; e < E; ++e)
+      for (int v = 0; v < QV; ++v) acc[e][v] = V::mul(V::load(Ot + e * BQ + v * W), alpha[v]);
+    for (int j = 0; j < n; ++j) {
+      R pj[QV];
+      for (int v = 0; v < QV; ++v) pj[v] = V::load(P + j * BQ + v * W);
+      for (int e = 0; e < E; ++e) {
+        const R vb = V::bcast(vp + j * vs + e);
+        for (int v = 0; v < QV; ++v) acc[e][v] = V::fma(pj[v], vb, acc[e][v]);
+      }
+    }
+    for (int e = 0; e < E; ++e)
+      for (int v = 0; v < QV; ++v) V::store(Ot + e * BQ + v * W, acc[e][v]);
+  }
+
+  static void pv(Work& w, const KV& kv, int64_t j0, int n, const float* P, const R* alpha, float* Ot) {
+    const int64_t Dv = DVC ? DVC : w.Dv;
+    const int64_t vs = DVC ? DVC : kv.vs;
+    const float* vp = kv.v + j0 * vs;
+    int64_t e = 0;
+    for (; e + EB <= Dv; e += EB) pv_block<EB>(P, n, vp + e, vs, alpha, Ot + e * BQ);
+    if (EB > 4)
+      for (; e + 4 <= Dv; e += 4) pv_block<4>(P, n, vp + e, vs, alpha, Ot + e * BQ);
+    for (; e < Dv; ++e) pv_block<1>(P, n, vp + e, vs, alpha, Ot + e * BQ);
+  }
+};
+
+// Runs the driver with a compile-time head size when the K/V rows are contiguous fp32 of that size.
+template <template <int, int> class CoreT>
+void run_with_head_dims(const AttnParams& p, bool rows_contiguous);
+
+}  // namespace
+}  // namespace cpu
+}  // namespace hk

@@ -1,0 +1,51 @@
+// Tile kernels of the CPU INT8 forward (SageAttention-style), one set per instruction set.
+//
+// The driver (attention_int8.cpp, baseline flags) owns the pattern logic and calls these through
+// function pointers, so no ISA-specific code is ever reached without a cpuid check and no inline
+// function is shared between translation units built with different flags.
+//
+// Packed K layout (all ISAs): keys in chunks of kChunk = 16; a chunk holds
+// [Dp / 4][16 keys][4 bytes] int8, Dp = D rounded up to 4, padded dims (and padded keys) zero.
+// This is exactly the operand of vpdpbusd for 16 keys (AVX-512) or 2 x 8 keys (AVX2).
+// Q rows are packed as u8 (q + 128, i.e. q ^ 0x80), row stride Dp, padded dims 128 (q = 0); the
+// +128 bias is removed by starting each accumulator at colcorr[j] = -128 * sum_d k[j][d].
+#pragma once
+#include <cstdint>
+
+namespace hk {
+namespace cpu {
+namespace int8 {
+
+constexpr int kChunk = 16;  // keys per packed chunk
+constexpr int kTile = 64;   // keys per tile (4 chunks) and query rows per block; S/P row stride
+
+struct Kernels {
+  const char* name;
+  // S[r][c] = float(colcorr[c] + sum_d qu8[r][d] * k[c][d]) * key_scale[c] * row_scale[r],
+  // r < rows, c < 16 * nchunks (nchunks in 1..4; chunks contiguous at k). S has row stride kTile.
+  void (*qk)(const uint8_t* qu8, int64_t Dp, int rows, const int8_t* k, int nchunks,
+             const int32_t* colcorr, const float* key_scale, const float* row_scale, float* S);
+  // Per-element visibility on an edge tile: column c is key kidx[c] with flags kflags[c]
+  // (bit 0: real, bit 1: landmark). Row r sees it iff real && ((wlo[r] <= j <= whi[r]) ||
+  // (landmark && j <= clim[r])). Invisible entries become -inf. first[r] / last[r] receive the
+  // first / last visible column (first > last when none).
+  void (*mask)(float* S, int rows, int cols, const int32_t* kidx, const uint8_t* kflags,
+               const int64_t* wlo, const int64_t* whi, const int64_t* clim, int32_t* first,
+               int32_t* last);
+  // Online softmax step in base 2: per row, m_new = max(m, max_c S), S <- exp2(S - m_new),
+  // l <- l * alpha + sum, alpha = exp2(m - m_new) (1 when nothing changes; rows whose m_new is
+  // -inf get P = 0 and alpha = 1).
+  void (*softmax)(float* S, int rows, int cols, float* m, float* l, float* alpha);
+  // O[r][:Dv] = O[r][:Dv] * alpha[r] + sum_{c in [first, last]} P[r][c] * V[c][:Dv] with the
+  // union range over each group of rows (first/last nullptr: all cols). O row stride ldo.
+  void (*pv)(float* O, int64_t ldo, const float* P, int rows, int cols, const int32_t* first,
+             const int32_t* last, const float* alpha, const float* V, int64_t ldv, int64_t Dv);
+};
+
+const Kernels* kernels_scalar();
+const Kernels* kernels_avx2(bool avx_vnni);  // vpdpbusd (VEX) when avx_vnni, else vpmaddwd
+const Kernels* kernels_avx512();             // AVX-512 F/BW/VL + VNNI
+
+}  // namespace int8
+}  // namespace cpu
+}  // namespace hk

@@ -1,0 +1,237 @@
+// AVX-512 (F/BW/VL + VNNI) tile kernels of the INT8 forward: QK^T with vpdpbusd (u8 x s8 ->
+// int32), masking with compare masks, base-2 online softmax, PV with fp32 FMAs.
+// Everything here has internal linkage (see int8_kernels.h) and runs only after a cpuid check.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "cpu/int8_kernels.h"
+
+namespace hk {
+namespace cpu {
+namespace int8 {
+namespace {
+
+inline int32_t load_i32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+inline __mmask16 tail_mask(int n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+
+// 2^x for x <= 0 (x = -inf gives exactly 0); Cephes exp2f polynomial on [-0.5, 0.5].
+inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-151.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <int R, int C>
+inline void qk_block(const uint8_t* q, int64_t Dp, const int8_t* k, const int32_t* colcorr,
+                     const float* key_scale, const float* row_scale, float* S) {
+  __m512i acc[R][C];
+  for (int c = 0; c < C; ++c) {
+    const __m512i init = _mm512_loadu_si512(colcorr + 16 * c);
+    for (int r = 0; r < R; ++r) acc[r][c] = init;
+  }
+  const int64_t cstride = int64_t(kChunk) * Dp;
+  for (int64_t g = 0; g < Dp / 4; ++g) {
+    __m512i kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_si512(k + c * cstride + g * 64);
+    for (int r = 0; r < R; ++r) {
+      const __m512i qb = _mm512_set1_epi32(load_i32(q + r * Dp + 4 * g));
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], qb, kv[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 rs = _mm512_set1_ps(row_scale[r]);
+    for (int c = 0; c < C; ++c) {
+      const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(key_scale + 16 * c), rs);
+      _mm512_storeu_ps(S + r * kTile + 16 * c, _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][c]), sc));
+    }
+  }
+}
+
+template <int C>
+void qk_rows(const uint8_t* q, int64_t Dp, int rows, const int8_t* k, const int32_t* colcorr,
+             const float* key_scale, const float* row_scale, float* S) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4)
+    qk_block<4, C>(q + r * Dp, Dp, k, colcorr, key_scale, row_scale + r, S + r * kTile);
+  switch (rows - r) {
+    case 3: qk_block<3, C>(q + r * Dp, Dp, k, colcorr, key_scale, row_scale + r, S + r * kTile); break;
+    case 2: qk_block<2, C>(q + r * Dp, Dp, k, colcorr, key_scale, row_scale + r, S + r * kTile); break;
+    case 1: qk_block<1, C>(q + r * Dp, Dp, k, colcorr, key_scale, row_scale + r, S + r * kTile); break;
+    default: break;
+  }
+}
+
+void qk_avx512(const uint8_t* qu8, int64_t Dp, int rows, const int8_t* k, int nchunks,
+               const int32_t* colcorr, const float* key_scale, const float* row_scale,
+               float* S) {
+  switch (nchunks) {
+    case 1: qk_rows<1>(qu8, Dp, rows, k, colcorr, key_scale, row_scale, S); break;
+    case 2: qk_rows<2>(qu8, Dp, rows, k, colcorr, key_scale, row_scale, S); break;
+    case 3: qk_rows<3>(qu8, Dp, rows, k, colcorr, key_scale, row_scale, S); break;
+    default: qk_rows<4>(qu8, Dp, rows, k, colcorr, key_scale, row_scale, S); break;
+  }
+}
+
+inline int32_t clamp_i32(int64_t x) {
+  return x < -1 ? -1 : (x > 0x7fffffff ? 0x7fffffff : int32_t(x));
+}
+
+void mask_avx512(float* S, int rows, int cols, const int32_t* kidx, const uint8_t* kflags,
+                 const int64_t* wlo, const int64_t* whi, const int64_t* clim, int32_t* first,
+                 int32_t* last) {
+  const __m512 ninf = _mm512_set1_ps(-__builtin_inff());
+  const int nvec = (cols + 15) / 16;
+  __m512i j[4];
+  __mmask16 real[4], lm[4];
+  for (int v = 0; v < nvec; ++v) {
+    const __mmask16 t = tail_mask(cols - 16 * v);
+    j[v] = _mm512_maskz_loadu_epi32(t, kidx + 16 * v);
+    const __m512i fl = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(t, kflags + 16 * v));
+    real[v] = _mm512_mask_test_epi32_mask(t, fl, _mm512_set1_epi32(1));
+    lm[v] = _mm512_mask_test_epi32_mask(t, fl, _mm512_set1_epi32(2));
+  }
+  for (int r = 0; r < rows; ++r) {
+    const __m512i lo = _mm512_set1_epi32(clamp_i32(wlo[r]));
+    const __m512i hi = _mm512_set1_epi32(clamp_i32(whi[r]));
+    const __m512i cl = _mm512_set1_epi32(clamp_i32(clim[r]));
+    uint64_t bits = 0;
+    for (int v = 0; v < nvec; ++v) {
+      const __mmask16 in = _mm512_mask_cmple_epi32_mask(_mm512_cmpge_epi32_mask(j[v], lo), j[v], hi);
+      const __mmask16 lmok = _mm512_mask_cmple_epi32_mask(lm[v], j[v], cl);
+      const __mmask16 vis = real[v] & (in | lmok);
+      float* s = S + r * kTile + 16 * v;
+      _mm512_storeu_ps(s, _mm512_mask_blend_ps(vis, ninf, _mm512_loadu_ps(s)));
+      bits |= uint64_t(vis) << (16 * v);
+    }
+    first[r] = bits ? __builtin_ctzll(bits) : cols;
+    last[r] = bits ? 63 - __builtin_clzll(bits) : -1;
+  }
+}
+
+void softmax_avx512(float* S, int rows, int cols, float* m, float* l, float* alpha) {
+  const float ninf = -__builtin_inff();
+  const int nvec = (cols + 15) / 16;
+  float mnew[kTile];
+  for (int r = 0; r < rows; ++r) {
+    const float* s = S + r * kTile;
+    __m512 mx = _mm512_set1_ps(m[r]);
+    for (int v = 0; v < nvec; ++v)
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(ninf), tail_mask(cols - 16 * v), s + 16 * v));
+    mnew[r] = _mm512_reduce_max_ps(mx);
+  }
+  // alpha = exp2(m_old - m_new), 1 where the max does not move (incl. rows still at -inf).
+  for (int r0 = 0; r0 < rows; r0 += 16) {
+    const __mmask16 t = tail_mask(rows - r0);
+    const __m512 mo = _mm512_maskz_loadu_ps(t, m + r0), mn = _mm512_maskz_loadu_ps(t, mnew + r0);
+    const __mmask16 same = _mm512_cmp_ps_mask(mo, mn, _CMP_EQ_OQ) | _mm512_cmp_ps_mask(mn, _mm512_set1_ps(ninf), _CMP_EQ_OQ);
+    const __m512 a = _mm512_mask_blend_ps(same, exp2_ps(_mm512_sub_ps(mo, mn)), _mm512_set1_ps(1.f));
+    _mm512_mask_storeu_ps(alpha + r0, t, a);
+  }
+  for (int r = 0; r < rows; ++r) {
+    float* s = S + r * kTile;
+    const float mr = mnew[r];
+    if (mr == ninf) {
+      for (int v = 0; v < nvec; ++v) _mm512_storeu_ps(s + 16 * v, _mm512_setzero_ps());
+      continue;
+    }
+    const __m512 mv = _mm512_set1_ps(mr);
+    __m512 sum = _mm512_setzero_ps();
+    for (int v = 0; v < nvec; ++v) {
+      const __mmask16 t = tail_mask(cols - 16 * v);
+      const __m512 e = _mm512_maskz_mov_ps(t, exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * v), mv)));
+      _mm512_storeu_ps(s + 16 * v, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+    m[r] = mr;
+  }
+}
+
+template <int R, int C>
+inline void pv_block(float* O, int64_t ldo, const float* P, int c0, int c1, const float* alpha,
+                     const float* V, int64_t ldv, const __mmask16* dm) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(O + r * ldo + 16 * c), a);
+  }
+  for (int j = c0; j < c1; ++j) {
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = _mm512_maskz_loadu_ps(dm[c], V + j * ldv + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 pb = _mm512_set1_ps(P[r * kTile + j]);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(O + r * ldo + 16 * c, acc[r][c]);
+}
+
+template <int C>
+void pv_rows(float* O, int64_t ldo, const float* P, int rows, int cols, const int32_t* first,
+             const int32_t* last, const float* alpha, const float* V, int64_t ldv,
+             const __mmask16* dm) {
+  constexpr int R = 6;
+  for (int r = 0; r < rows; r += R) {
+    const int n = rows - r < R ? rows - r : R;
+    int c0 = 0, c1 = cols;
+    if (first) {
+      c0 = cols;
+      c1 = 0;
+      for (int i = r; i < r + n; ++i) {
+        c0 = first[i] < c0 ? first[i] : c0;
+        c1 = last[i] + 1 > c1 ? last[i] + 1 : c1;
+      }
+    }
+    float* o = O + r * ldo;
+    const float* p = P + r * kTile;
+    switch (n) {
+      case 6: pv_block<6, C>(o, ldo, p, c0, c1, alpha + r, V, ldv, dm); break;
+      case 5: pv_block<5, C>(o, ldo, p, c0, c1, alpha + r, V, ldv, dm); break;
+      case 4: pv_block<4, C>(o, ldo, p, c0, c1, alpha + r, V, ldv, dm); break;
+      case 3: pv_block<3, C>(o, ldo, p, c0, c1, alpha + r, V, ldv, dm); break;
+      case 2: pv_block<2, C>(o, ldo, p, c0, c1, alpha + r, V, ldv, dm); break;
+      default: pv_block<1, C>(o, ldo, p, c0, c1, alpha + r, V, ldv, dm); break;
+    }
+  }
+}
+
+void pv_avx512(float* O, int64_t ldo, const float* P, int rows, int cols, const int32_t* first,
+               const int32_t* last, const float* alpha, const float* V, int64_t ldv,
+               int64_t Dv) {
+  for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+    const int nd = Dv - d0 < 64 ? int(Dv - d0) : 64;
+    __mmask16 dm[4];
+    for (int c = 0; c < 4; ++c) dm[c] = tail_mask(nd - 16 * c > 0 ? nd - 16 * c : 0);
+    switch ((nd + 15) / 16) {
+      case 1: pv_rows<1>(O + d0, ldo, P, rows, cols, first, last, alpha, V + d0, ldv, dm); break;
+      case 2: pv_rows<2>(O + d0, ldo, P, rows, cols, first, last, alpha, V + d0, ldv, dm); break;
+      case 3: pv_rows<3>(O + d0, ldo, P, rows, cols, first, last, alpha, V + d0, ldv, dm); break;
+      default: pv_rows<4>(O + d0, ldo, P, rows, cols, first, last, alpha, V + d0, ldv, dm); break;
+    }
+  }
+}
+
+const Kernels kAvx512 = {"avx512", qk_avx512, mask_avx512, softmax_avx512, pv_avx512};
+
+}  // namespace
+
+const Kernels* kernels_avx512() { return &kAvx512; }
+
+}  // namespace int8
+}  // namespace cpu
+}  // namespace hk

@@ -1,0 +1,204 @@
+// Small SIMD vector traits shared by the CPU kernels: VecScalar (portable), VecAvx2 (AVX2+FMA+F16C,
+// only when compiled with -mavx2), VecAvx512 (only with -mavx512f). Each trait wraps one register
+// type R of W fp32 lanes.
+//
+// Everything lives in an anonymous namespace on purpose: this header is compiled with different ISA
+// flags in different translation units, and internal linkage keeps the linker from merging an
+// AVX-512 copy of an inline function into the portable path.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace hk {
+namespace cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// 2^f on |f| <= 0.5 (Cephes exp2f minimax polynomial, ~1 ulp in fp32).
+constexpr float kExp2C6 = 1.535336188319500e-4f;
+constexpr float kExp2C5 = 1.339887440266574e-3f;
+constexpr float kExp2C4 = 9.618437357674640e-3f;
+constexpr float kExp2C3 = 5.550332471162809e-2f;
+constexpr float kExp2C2 = 2.402264791363012e-1f;
+constexpr float kExp2C1 = 6.931472028550421e-1f;
+
+// ---------------------------------------------------------------- portable scalar conversions
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal half: renormalize
+    int e = -1;
+    do { man <<= 1; ++e; } while ((man & 0x400u) == 0);
+    u = sign | static_cast<uint32_t>(112 - e) << 23 | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_f16(float f) {  // round to nearest even, overflow -> inf
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (a < 0x38800000u) {  // below the smallest normal half: subnormal or zero
+    if (a < 0x33000000u) return static_cast<uint16_t>(sign);  // < 2^-25: rounds to 0
+    uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t shift = 126 - e;  // 14 + (113 - e) - 1
+    uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) ++r;
+    return static_cast<uint16_t>(sign | r);
+  }
+  uint32_t r = a - 0x38000000u;  // rebias 127 -> 15
+  r += 0xfffu + ((r >> 13) & 1u);
+  return static_cast<uint16_t>(sign | (r >> 13));
+}
+
+// ---------------------------------------------------------------- portable "vector" of 1 lane
+struct VecScalar {
+  using R = float;
+  static constexpr int W = 1;
+  static R zero() { return 0.f; }
+  static R set1(float x) { return x; }
+  static R load(const float* p) { return *p; }
+  static void store(float* p, R x) { *p = x; }
+  static R bcast(const float* p) { return *p; }
+  static R add(R a, R b) { return a + b; }
+  static R sub(R a, R b) { return a - b; }
+  static R mul(R a, R b) { return a * b; }
+  static R max(R a, R b) { return a > b ? a : b; }
+  static R fma(R a, R b, R c) { return a * b + c; }
+  // 2^x for x <= 0; exactly 0 for x = -inf.
+  static R exp2(R x) { return std::exp2(x); }
+  static R neg_inf_to_zero(R m) { return m == kNegInf ? 0.f : m; }
+  // s where lo <= pos <= hi, else -inf.
+  static R mask_range(R s, R pos, R lo, R hi) { return (pos >= lo && pos <= hi) ? s : kNegInf; }
+  static void f16_to_f32_row(float* dst, const uint16_t* src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(src[i]);
+  }
+};
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+struct VecAvx2 {
+  using R = __m256;
+  static constexpr int W = 8;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float x) { return _mm256_set1_ps(x); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R x) { _mm256_storeu_ps(p, x); }
+  static R bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R exp2(R x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-127.f));  // also maps -inf (and NaN) to -127
+    R n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    R f = _mm256_sub_ps(x, n);
+    R y = _mm256_set1_ps(kExp2C6);
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2C5));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2C4));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2C3));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2C2));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2C1));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
+    // 2^n by building the exponent; n = -127 gives the bit pattern 0, i.e. exactly 0.
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  }
+  static R neg_inf_to_zero(R m) {
+    R is_inf = _mm256_cmp_ps(m, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
+    return _mm256_andnot_ps(is_inf, m);
+  }
+  static R mask_range(R s, R pos, R lo, R hi) {
+    R ok = _mm256_and_ps(_mm256_cmp_ps(pos, lo, _CMP_GE_OQ), _mm256_cmp_ps(pos, hi, _CMP_LE_OQ));
+    return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), s, ok);
+  }
+  static void f16_to_f32_row(float* dst, const uint16_t* src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+  }
+};
+#endif
+
+#if defined(__AVX512F__)
+struct VecAvx512 {
+  using R = __m512;
+  static constexpr int W = 16;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float x) { return _mm512_set1_ps(x); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R x) { _mm512_storeu_ps(p, x); }
+  static R bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R exp2(R x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));  // -inf (and NaN) -> -200 -> scalef gives 0
+    R n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    R f = _mm512_sub_ps(x, n);
+    R y = _mm512_set1_ps(kExp2C6);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2C5));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2C4));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2C3));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2C2));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2C1));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(y, n);
+  }
+  static R neg_inf_to_zero(R m) {
+    __mmask16 k = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
+    return _mm512_mask_mov_ps(m, k, _mm512_setzero_ps());
+  }
+  static R mask_range(R s, R pos, R lo, R hi) {
+    __mmask16 k = _mm512_cmp_ps_mask(pos, lo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(pos, hi, _CMP_LE_OQ);
+    return _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), k, s);
+  }
+  static void f16_to_f32_row(float* dst, const uint16_t* src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+  }
+};
+#endif
+
+}  // namespace
+}  // namespace cpu
+}  // namespace hk

@@ -1,0 +1,49 @@
+"""Tile configurations for the Triton kernels.
+
+On a GPU each kernel is autotuned over a small set keyed on the head dims, the dtypes (added by
+``triton.autotune`` itself) and the pattern kind (causal, landmarks, which pass). Under
+``TRITON_INTERPRET=1`` there is a single small config so the interpreter stays fast.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+# Autotune keys shared by the attention kernels (constexpr arguments of every kernel).
+PATTERN_KEYS = ["BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_LM", "HAS_PAD", "LM_MODE"]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def forward_configs():
+    if interpreting():
+        return [_cfg(16, 16, 1, 1)]
+    return [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3),
+            _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)]
+
+
+def backward_configs():
+    if interpreting():
+        return [_cfg(16, 16, 1, 1)]
+    return [_cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2),
+            _cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2)]
+
+
+def quantize_block_sizes():
+    """Rows per INT8 scale block for Q and for K (independent of the attention tiles)."""
+    return (32, 16) if interpreting() else (128, 64)
+
+
+SUPPORTED_MAX_HEAD_DIM = 256
+
+
+def padded_head_dim(d: int) -> int:
+    """Head dims are padded (masked) up to a power of two >= 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(d))

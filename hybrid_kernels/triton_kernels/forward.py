@@ -1,0 +1,147 @@
+"""Fused forward: one online softmax per query tile over the window band plus gathered landmarks.
+
+Two launches of one kernel:
+* regular mode: a contiguous query tile walks the key tiles of its window band and then the
+  landmark keys outside the band (gathered by index, never scanned);
+* LM_MODE: tiles of landmark query rows (gathered) walk every key (up to the causal limit).
+  It runs second and overwrites those rows, whatever the first launch wrote there.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import PATTERN_KEYS, forward_configs, padded_head_dim
+from .masking import dot, landmark_visible, query_rows, visible, window_band
+from .pattern_args import pattern_args
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, q, k, v, vis, scale_log2, IEEE: tl.constexpr):
+    """Fold one key block into the running (acc, max, sum); scores in base 2."""
+    s = dot(q, tl.trans(k), IEEE) * scale_log2
+    s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i
+
+
+@triton.autotune(configs=forward_configs(), key=PATTERN_KEYS)
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
+                sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
+                lm_sb, fl_sb, pad_sb,
+                Hq, Nq, Nk, D, DV, G, left, right, scale_log2,
+                GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr,
+                LM_MODE: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUPS
+    off = Nk - Nq
+    i, row_ok = query_rows(pid_m, b, LM, lm_sb, G, Nq, off, BLOCK_M, LM_MODE)
+    r = i + off
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
+    k_base = K + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+    v_base = V + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h
+    q = tl.load(q_base + i[:, None].to(tl.int64) * sq_n + d[None, :],
+                mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    no_row_lm = tl.zeros([BLOCK_M], dtype=tl.int8)
+
+    if LM_MODE:
+        lo = 0
+        hi = Nk
+        if CAUSAL:
+            hi = tl.minimum(tl.max(tl.where(row_ok, r, -1), 0) + 1, Nk)
+        start = 0
+    else:
+        r0 = pid_m * BLOCK_M + off
+        r1 = tl.minimum(r0 + BLOCK_M, Nq + off)
+        lo, hi = window_band(r0, r1, Nk, left, right, CAUSAL)
+        start = (lo // BLOCK_N) * BLOCK_N
+    for n0 in range(start, hi, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        col_ok = (j >= lo) & (j < hi)
+        real = tl.load(PAD + b * pad_sb + j, mask=col_ok, other=0) if HAS_PAD else col_ok
+        if LM_MODE:
+            vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
+        else:
+            key_lm = tl.load(FLAGS + b * fl_sb + j, mask=col_ok, other=0) if HAS_LM else col_ok
+            vis = visible(r, j, row_ok, col_ok, left, right, key_lm, no_row_lm, real,
+                          CAUSAL, HAS_LM, HAS_PAD)
+        k = tl.load(k_base + j[:, None].to(tl.int64) * sk_n + d[None, :],
+                    mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+        v = tl.load(v_base + j[:, None].to(tl.int64) * sv_n + dv[None, :],
+                    mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, vis, scale_log2, IEEE)
+
+    if HAS_LM and not LM_MODE:
+        # Landmark keys outside the band, gathered by position.
+        for g0 in range(0, G, BLOCK_N):
+            g = g0 + tl.arange(0, BLOCK_N)
+            j = tl.load(LM + b * lm_sb + g, mask=g < G, other=0)
+            col_ok = (g < G) & ((j < lo) | (j >= hi))
+            real = tl.load(PAD + b * pad_sb + j, mask=col_ok, other=0) if HAS_PAD else col_ok
+            vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
+            k = tl.load(k_base + j[:, None] * sk_n + d[None, :],
+                        mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+            v = tl.load(v_base + j[:, None] * sv_n + dv[None, :],
+                        mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
+            acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, vis, scale_log2, IEEE)
+
+    has_any = l_i > 0.0
+    l_safe = tl.where(has_any, l_i, 1.0)
+    out = tl.where(has_any[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(has_any, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+    o_base = O + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
+    tl.store(o_base + i[:, None].to(tl.int64) * so_n + dv[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + bh.to(tl.int64) * Nq + i, lse, mask=row_ok)
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def launch_forward(kernel, q, k, v, out, lse, pattern, extra_args=(), extra_meta=None):
+    """Launch ``kernel`` (regular mode, then LM_MODE when there are landmarks)."""
+    B, Hq, Nq, D = q.shape
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    pa = pattern_args(pattern, Nq, Nk, q.device)
+    args = (q, k, v, out, lse, pa.landmarks, pa.flags, pa.padding,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            pa.lm_sb, pa.flags_sb, pa.padding_sb,
+            Hq, Nq, Nk, D, Dv, pa.num_landmarks, pa.left, pa.right, pa.scale * LOG2E,
+            *extra_args)
+    meta = dict(GROUPS=Hq // Hk, BLOCK_D=padded_head_dim(D), BLOCK_DV=padded_head_dim(Dv),
+                CAUSAL=pa.causal, HAS_LM=pa.has_landmarks, HAS_PAD=pa.has_padding,
+                IEEE=q.dtype == torch.float32, **(extra_meta or {}))
+    kernel[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)](*args, LM_MODE=False, **meta)
+    if pa.has_landmarks:
+        G = pa.num_landmarks
+        kernel[lambda m: (triton.cdiv(G, m["BLOCK_M"]), B * Hq)](*args, LM_MODE=True, **meta)
+
+
+def attention_forward(q, k, v, pattern, out, lse):
+    """Fill ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq) fp32 contiguous."""
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    launch_forward(_fwd_kernel, q, k, v, out, lse, pattern)
+    return out, lse

@@ -1,0 +1,80 @@
+"""The visibility pattern inside the kernels (mirror of csrc/common/pattern.h).
+
+Window sides arrive already resolved: an unlimited side is passed as Nq + Nk, which covers every
+pair, so no branch on "unlimited" is needed. r = i + Nk - Nq is the aligned query position.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def window_band(r0, r1, Nk, left, right, CAUSAL: tl.constexpr):
+    """Key range [lo, hi) of the window band of aligned rows [r0, r1) (hi <= lo: empty)."""
+    lo = tl.maximum(r0 - left, 0)
+    hi = tl.minimum(r1 + right, Nk)
+    if CAUSAL:
+        hi = tl.minimum(hi, r1)
+    return lo, hi
+
+
+@triton.jit
+def query_band(n0, n1, off, Nq, left, right, CAUSAL: tl.constexpr):
+    """Query range [lo, hi) whose window band can contain keys [n0, n1) (inverse of window_band)."""
+    lo = n0 - right
+    if CAUSAL:
+        lo = tl.maximum(lo, n0)
+    lo = tl.maximum(lo - off, 0)
+    hi = tl.minimum(n1 + left - off, Nq)
+    return lo, hi
+
+
+@triton.jit
+def visible(r, j, row_ok, col_ok, left, right, key_lm, row_lm, key_real,
+            CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr):
+    """(rows, cols) visibility: r (M,), j (N,), flags per row / per column."""
+    rr = r[:, None]
+    jj = j[None, :]
+    vis = (jj >= rr - left) & (jj <= rr + right)
+    if HAS_LM:
+        vis = vis | (key_lm[None, :] != 0) | (row_lm[:, None] != 0)
+    if CAUSAL:
+        vis = vis & (jj <= rr)
+    if HAS_PAD:
+        vis = vis & (key_real[None, :] != 0)
+    return vis & row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def landmark_visible(r, j, row_ok, col_ok, key_real, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Visibility when the row or the key is a landmark: only causality and padding remain."""
+    vis = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        vis = vis & (j[None, :] <= r[:, None])
+    if HAS_PAD:
+        vis = vis & (key_real[None, :] != 0)
+    return vis
+
+
+@triton.jit
+def query_rows(pid_m, b, LM, lm_sb, G, Nq, off, BLOCK_M: tl.constexpr, LM_MODE: tl.constexpr):
+    """Query rows of one program: a contiguous tile, or (LM_MODE) a tile of landmark rows
+    gathered from the landmark positions. Returns (i, row_ok)."""
+    if LM_MODE:
+        g = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pos = tl.load(LM + b * lm_sb + g, mask=g < G, other=-1)
+        i = (pos - off).to(tl.int32)
+        row_ok = (g < G) & (i >= 0) & (i < Nq)
+    else:
+        i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = i < Nq
+    return i, row_ok
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """tl.dot; fp32 inputs use exact IEEE products instead of TF32."""
+    if IEEE:
+        res = tl.dot(a, b, input_precision="ieee")
+    else:
+        res = tl.dot(a, b)
+    return res

@@ -1,0 +1,75 @@
+"""Shapes and patterns every backend is checked on (DEVELOPERS.md: odd sizes, GQA, padding,
+causal, windows wider and narrower than N, Nq != Nk)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    B: int = 1
+    Hq: int = 2
+    Hk: int = 2
+    Nq: int = 97
+    Nk: int = 97
+    D: int = 32
+    Dv: Optional[int] = None
+    window: Optional[Tuple[int, int]] = None
+    landmarks: object = None          # None | int stride | "per_batch" | "shared"
+    G: int = 5
+    causal: bool = False
+    padding: bool = False
+    empty_rows: bool = False          # a batch row whose keys are all padding
+
+    def make(self, dtype: torch.dtype, device="cpu", requires_grad=False):
+        g = torch.Generator().manual_seed(hash(self.id) % (2**31))
+        Dv = self.Dv or self.D
+        q = torch.randn(self.B, self.Hq, self.Nq, self.D, generator=g).to(dtype)
+        k = torch.randn(self.B, self.Hk, self.Nk, self.D, generator=g).to(dtype)
+        v = torch.randn(self.B, self.Hk, self.Nk, Dv, generator=g).to(dtype)
+        if requires_grad:
+            q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+        if self.landmarks == "per_batch":
+            lm = torch.stack([torch.randperm(self.Nk, generator=g)[: self.G].sort().values
+                              for _ in range(self.B)])
+        elif self.landmarks == "shared":
+            lm = torch.randperm(self.Nk, generator=g)[: self.G].sort().values
+        else:
+            lm = self.landmarks
+        kpm = None
+        if self.padding or self.empty_rows:
+            kpm = torch.rand(self.B, self.Nk, generator=g) > 0.25
+            if self.empty_rows:
+                kpm[-1] = False
+        return q, k, v, dict(window=self.window, landmarks=lm, causal=self.causal,
+                             key_padding_mask=kpm)
+
+
+CASES = [
+    Case("odd_D59_gqa_window_lm_pad", B=2, Hq=4, Hk=2, D=59, window=(8, 5), landmarks="per_batch", padding=True),
+    Case("causal_window_stride", window=(16, 0), landmarks=10, causal=True),
+    Case("decode_like_nq_lt_nk", Nq=50, Nk=97, window=(10, -1), landmarks="shared", causal=True),
+    Case("nq_gt_nk_negative_rows", B=2, Nq=97, Nk=40, window=(3, 3), landmarks="per_batch", padding=True),
+    Case("n1025_d64_causal_pad", Hq=2, Hk=1, Nq=1025, Nk=1025, D=64, window=(64, 64), landmarks=128, causal=True, padding=True),
+    Case("window_wider_than_n", window=(2000, 2000), landmarks="shared"),
+    Case("full_mqa_d128", Hq=4, Hk=1, Nq=65, Nk=65, D=128),
+    Case("left_only_unlimited_right", window=(-1, 4), landmarks=None, Dv=48),
+    Case("single_query", Nq=1, Nk=97, window=(20, 0), landmarks=16, causal=True),
+    Case("empty_rows", B=2, window=(0, 0), landmarks=None, empty_rows=True),
+]
+
+# A lighter subset for the slower precisions and for backward.
+FAST_CASES = [c for c in CASES if c.id in {
+    "odd_D59_gqa_window_lm_pad", "decode_like_nq_lt_nk", "nq_gt_nk_negative_rows",
+    "window_wider_than_n", "empty_rows", "causal_window_stride"}]
+
+
+def ref_kwargs(pattern: dict, q: torch.Tensor, k: torch.Tensor) -> dict:
+    """Turn hk.attention's pattern keywords into dense_reference keywords."""
+    from hybrid_kernels.api import plan
+    p, _ = plan(q, k, k, **pattern)
+    return p.reference_kwargs()
