@@ -4,6 +4,7 @@ The kernels live in hybrid_kernels/triton_kernels/ and are imported on first use
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional
@@ -65,7 +66,7 @@ class TritonBackend(Backend):
         B, Hq, Nq, _ = q.shape
         out = new_output((B, Hq, Nq, v.shape[3]), q.dtype, q.device)
         lse = new_output((B, Hq, Nq), torch.float32, q.device)
-        with torch.device(q.device) if q.is_cuda else _nullcontext():
+        with _on_device(q):
             if quant == "int8":
                 kern.int8.attention_forward_int8(q, k, v, pattern, out, lse)
             else:
@@ -81,14 +82,11 @@ class TritonBackend(Backend):
         dq = new_output(q.shape, q.dtype, q.device)
         dk = new_output(k.shape, k.dtype, q.device)
         dv = new_output(v.shape, v.dtype, q.device)
-        with torch.device(q.device) if q.is_cuda else _nullcontext():
+        with _on_device(q):
             kern.backward.attention_backward(dout, q, k, v, out, lse, pattern, dq, dk, dv)
         return dq, dk, dv
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def _on_device(t: Tensor):
+    """Launch on the tensor's GPU (Triton uses the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
