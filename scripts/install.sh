@@ -15,4 +15,4 @@ python -m pip install -q --upgrade pip
 # torch first, pinned to the CPU wheel: a bare `torch` would pull a multi-GB CUDA build.
 python -m pip install -q -r requirements/cpu.txt
 python -m pip install -q ".[${EXTRAS}]"
-python -c "import hybrid_kernels as hk, hybrid_kernels._C_cpu as c; print('hybrid_kernels', hk.__version__, 'CPU ISA:', c.selected_isa())"
+(cd / && python -c "import hybrid_kernels as hk, hybrid_kernels._C_cpu as c; print('hybrid_kernels', hk.__version__, 'CPU ISA:', c.selected_isa())")

@@ -7,15 +7,17 @@
 // Vec provides: W (lanes), MR / NVMAX (register tile: MR rows x NVMAX vectors), type R and
 //   zero, load, store, set1, fma(a, b, c) = a*b + c, sub, mul, exp, maskz(lane_bits, v).
 //
-// Algorithm, per work item (b, kv head) owned by one thread (so dK/dV need no reduction and the
-// result is bit-identical for any thread count):
-//   for each block of 64 query rows (non-landmark rows; landmark rows are masked out here):
-//     for each 64-key tile of the window band (tiles aligned to multiples of 64, packed once per
-//     item into a ring buffer that slides with the band) and each gathered tile of landmark keys
-//     outside the band, for each q head of the GQA group:
+// Algorithm, per work item (b, kv head), run by one thread so dK/dV need no locks:
+//   for each block of 64 query rows (landmark query rows are masked out here):
+//     for each 64-key tile of the window band (tiles aligned to multiples of 64, packed into a
+//     ring buffer that slides with the band, see kRingBytes) and each gathered tile of landmark
+//     keys outside the band, for each q head of the GQA group:
 //       S = Q K^T, dP = dO V^T, P = exp(scale*S - lse) on visible pairs, dS = scale*P*(dP - Delta)
 //       dV_tile += P^T dO, dK_tile += dS^T Q, dQ_block += dS K
 //   then landmark query rows (which see every key) in batches of up to 64 rows over all tiles.
+// With fewer items than threads, an item's query blocks are split into ranges with private
+// dK/dV partials summed in a fixed order. Every summation order depends only on the shapes and
+// the thread count, so two runs are bit-identical.
 // Visibility inside a tile is exact: one 64-bit key mask per query row built from pattern.h's
 // rules, so every visible (query, key) pair is visited exactly once.
 
@@ -154,6 +156,8 @@ struct Ctx {
   int64_t G;
   const uint8_t* lm_flags;  // (Nk) for batch b or nullptr
   const uint8_t* pad;       // (Nk) for batch b or nullptr
+  float* dk;                // (Nk, D) gradient accumulator of this item (output or a partial)
+  float* dv;                // (Nk, Dv)
 };
 
 static inline bool row_is_landmark(const Ctx& c, int64_t r) {
@@ -226,10 +230,8 @@ static void pack_contiguous(const Ctx& c, Tile& t, int64_t tile_index) {
 
 // Adds the tile's accumulated dK / dV into the (fp32, contiguous) outputs.
 static void flush(const Ctx& c, Tile& t) {
-  const AttnBwdParams& p = *c.p;
-  const int64_t Nk = p.fwd.Nk;
-  float* dk = p.dk + (c.b * p.fwd.Hk + c.hk) * Nk * c.D;
-  float* dv = p.dv + (c.b * p.fwd.Hk + c.hk) * Nk * c.Dv;
+  float* dk = c.dk;
+  float* dv = c.dv;
   for (int64_t jj = 0; jj < t.nt; ++jj) {
     const int64_t j = t.keys[jj];
     const float* sk = t.dK + jj * c.Dp;
@@ -361,12 +363,17 @@ static int64_t ring_slots(const AttnParams& f) {
   return ring;
 }
 
+// A ring smaller than the band stays correct (an evicted tile is flushed and, if needed again,
+// repacked with fresh accumulators); it only costs repacking. Wide / unlimited windows are capped
+// at this many bytes per thread instead of holding every key.
+constexpr int64_t kRingBytes = int64_t(16) << 20;
+
 static Layout make_layout(const AttnParams& f, int64_t Dp, int64_t Dvp) {
   Layout L;
-  L.ring = ring_slots(f);
   const int64_t a = 16;  // keep every array 64-byte aligned
   L.tile_floats = round_up(kKeys * Dp, a) * 2 + round_up(f.D * kKeys, a) +
                   round_up(f.Dv * kKeys, a) + round_up(kKeys * Dvp, a) + 2 * kKeys /* keys */;
+  L.ring = imin(ring_slots(f), imax(2, kRingBytes / (L.tile_floats * 4)));
   L.head_floats = round_up(kRows * Dp, a) * 2 + round_up(kRows * Dvp, a) + 3 * kRows;
   const int64_t group = f.Hq / f.Hk;
   L.floats = (L.ring + 1) * L.tile_floats + group * L.head_floats + 2 * kRows * kKeys +
@@ -396,7 +403,10 @@ static Tile carve_tile(Arena& a, int64_t D, int64_t Dv, int64_t Dp, int64_t Dvp)
 }
 
 // ------------------------------------------------------------------------- one work item
-static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, const Layout& L, float* mem,
+// One unit of work: query blocks [blk0, blk1) of item (b, kv head hk), plus the landmark query
+// rows if `landmark_rows`; dK / dV go to dk / dv ((Nk, D) / (Nk, Dv), zeroed here).
+static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0, int64_t blk1,
+                     bool landmark_rows, float* dk, float* dv, const Layout& L, float* mem,
                      Tile* ring) {
   const AttnParams& f = p.fwd;
   Ctx c;
@@ -413,6 +423,8 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, const Layout
   c.lm = c.G > 0 ? f.landmarks + b * f.landmarks_batch_stride : nullptr;
   c.lm_flags = c.G > 0 ? f.landmark_flags + b * f.landmark_flags_batch_stride : nullptr;
   c.pad = f.key_padding != nullptr ? f.key_padding + b * f.Nk : nullptr;
+  c.dk = dk;
+  c.dv = dv;
 
   Arena a{mem};
   for (int64_t s = 0; s < L.ring; ++s) {
@@ -427,8 +439,8 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, const Layout
   float* orow = a.take(c.Dvp);
   float* head_mem = a.cur;
 
-  std::memset(p.dk + (b * f.Hk + hk) * f.Nk * c.D, 0, sizeof(float) * f.Nk * c.D);
-  std::memset(p.dv + (b * f.Hk + hk) * f.Nk * c.Dv, 0, sizeof(float) * f.Nk * c.Dv);
+  std::memset(dk, 0, sizeof(float) * f.Nk * c.D);
+  std::memset(dv, 0, sizeof(float) * f.Nk * c.Dv);
 
   // Heads of the group are processed in chunks of up to 64 so `heads` stays a fixed array.
   for (int64_t g0 = 0; g0 < c.group; g0 += 64) {
@@ -449,7 +461,7 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, const Layout
 
     // Regular rows, block by block; the window band slides through the ring.
     Rows rows;
-    for (int64_t i0 = 0; i0 < f.Nq; i0 += kRows) {
+    for (int64_t i0 = blk0 * kRows; i0 < imin(blk1 * kRows, f.Nq); i0 += kRows) {
       rows.n = imin(kRows, f.Nq - i0);
       for (int64_t x = 0; x < rows.n; ++x) {
         rows.i[x] = i0 + x;
@@ -505,7 +517,7 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, const Layout
       if (ring[s].tile >= 0) flush(cg, ring[s]);
 
     // Landmark query rows see every key (up to r if causal): batches of 64 rows, all tiles.
-    int64_t x = 0;
+    int64_t x = landmark_rows ? 0 : c.G;
     while (x < c.G) {
       rows.n = 0;
       int64_t hi = 0;
@@ -542,13 +554,23 @@ static void run(const AttnBwdParams& p, int num_threads) {
   if (items == 0) return;
   const int64_t Dp = round_up(f.D, 16), Dvp = round_up(f.Dv, 16);
   const Layout L = make_layout(f, Dp, Dvp);
-  const int nth = static_cast<int>(imax(1, imin(num_threads, items)));
+  // Fewer (batch, kv head) items than threads: split each item's query blocks into `parts`
+  // ranges with private dK / dV partials, summed afterwards in a fixed order.
+  const int64_t blocks = (f.Nq + kRows - 1) / kRows;
+  const int64_t parts =
+      items >= num_threads ? 1 : imax(1, imin((num_threads + items - 1) / items, blocks));
+  const int64_t units = items * parts;
+  const int nth = static_cast<int>(imax(1, imin(num_threads, units)));
   const int64_t ring_bytes = round_up(L.ring * int64_t(sizeof(Tile)), 64);
   const int64_t per_thread = L.bytes + ring_bytes;
-  void* mem = std::aligned_alloc(64, static_cast<size_t>(per_thread * nth));
+  const int64_t kv_floats = f.Nk * (f.D + f.Dv);  // one item's dK and dV
+  const int64_t partial_bytes = parts > 1 ? units * kv_floats * int64_t(sizeof(float)) : 0;
+  const int64_t total = per_thread * nth + round_up(partial_bytes, 64);
+  void* mem = std::aligned_alloc(64, static_cast<size_t>(total));
   if (mem == nullptr) throw std::bad_alloc();
   std::memset(mem, 0, static_cast<size_t>(per_thread * nth));
   char* base = static_cast<char*>(mem);
+  float* partial = reinterpret_cast<float*>(base + per_thread * nth);
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nth)
 #endif
@@ -563,7 +585,33 @@ static void run(const AttnBwdParams& p, int num_threads) {
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t it = 0; it < items; ++it) run_item(p, it / f.Hk, it % f.Hk, L, ws, ring);
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t it = u / parts, part = u % parts;
+      float* dk = parts > 1 ? partial + u * kv_floats : p.dk + it * f.Nk * f.D;
+      float* dv = parts > 1 ? dk + f.Nk * f.D : p.dv + it * f.Nk * f.Dv;
+      run_item(p, it / f.Hk, it % f.Hk, part * blocks / parts, (part + 1) * blocks / parts,
+               part == 0, dk, dv, L, ws, ring);
+    }
+    if (parts > 1) {
+      // dk[it] = sum over parts in part order (deterministic), split over rows of keys.
+      const int64_t chunk = 256;
+      const int64_t row_chunks = (f.Nk + chunk - 1) / chunk;
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+      for (int64_t w = 0; w < items * row_chunks; ++w) {
+        const int64_t it = w / row_chunks, j0 = (w % row_chunks) * chunk;
+        const int64_t j1 = imin(j0 + chunk, f.Nk);
+        float* dk = p.dk + it * f.Nk * f.D;
+        float* dv = p.dv + it * f.Nk * f.Dv;
+        for (int64_t part = 0; part < parts; ++part) {
+          const float* sk = partial + (it * parts + part) * kv_floats;
+          const float* sv = sk + f.Nk * f.D;
+          for (int64_t e = j0 * f.D; e < j1 * f.D; ++e) dk[e] = part == 0 ? sk[e] : dk[e] + sk[e];
+          for (int64_t e = j0 * f.Dv; e < j1 * f.Dv; ++e) dv[e] = part == 0 ? sv[e] : dv[e] + sv[e];
+        }
+      }
+    }
   }
   std::free(mem);
 }

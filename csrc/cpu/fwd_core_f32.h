@@ -171,17 +171,14 @@ struct CoreF32 {
     const int64_t Dv = DVC ? DVC : w.Dv;
     const int64_t vs = DVC ? DVC : kv.vs;
     const float* vp = kv.v + j0 * vs;
-    int64_t e = 0;
-    for (; e + EB <= Dv; e += EB) pv_block<EB>(P, n, vp + e, vs, alpha, Ot + e * BQ);
+    const int nv = int(Dv);
+    int e = 0;
+    for (; e + EB <= nv; e += EB) pv_block<EB>(P, n, vp + e, vs, alpha, Ot + e * BQ);
     if (EB > 4)
-      for (; e + 4 <= Dv; e += 4) pv_block<4>(P, n, vp + e, vs, alpha, Ot + e * BQ);
-    for (; e < Dv; ++e) pv_block<1>(P, n, vp + e, vs, alpha, Ot + e * BQ);
+      for (; e + 4 <= nv; e += 4) pv_block<4>(P, n, vp + e, vs, alpha, Ot + e * BQ);
+    for (float* ot = Ot + e * BQ; e < nv; ++e, ot += BQ) pv_block<1>(P, n, vp + e, vs, alpha, ot);
   }
 };
-
-// Runs the driver with a compile-time head size when the K/V rows are contiguous fp32 of that size.
-template <template <int, int> class CoreT>
-void run_with_head_dims(const AttnParams& p, bool rows_contiguous);
 
 }  // namespace
 }  // namespace cpu

@@ -276,6 +276,21 @@ class ForwardDriver {
   }
 };
 
+// Runs the driver with a compile-time head size (32, 64, 128 with D == Dv) when the core's K/V rows
+// are contiguous; otherwise with runtime sizes and strides.
+template <template <int, int> class CoreT>
+void run_with_head_dims(const AttnParams& p, bool rows_contiguous) {
+  if (rows_contiguous && p.D == p.Dv) {
+    switch (p.D) {
+      case 32: ForwardDriver<CoreT<32, 32>>::run(p); return;
+      case 64: ForwardDriver<CoreT<64, 64>>::run(p); return;
+      case 128: ForwardDriver<CoreT<128, 128>>::run(p); return;
+      default: break;
+    }
+  }
+  ForwardDriver<CoreT<0, 0>>::run(p);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace hk

@@ -60,45 +60,48 @@ inline void store_scores(__m256i acc, const float* key_scale, float rs, float* S
 }
 
 // ---- AVX-VNNI: 2 rows x 32 keys per block (8 accumulators).
-template <int R>
+template <int R, int NV>
 __attribute__((target("avxvnni"))) inline void qk_vnni_block(
-    const uint8_t* q, int64_t Dp, const int8_t* k, int nvec, const int32_t* colcorr,
+    const uint8_t* q, int64_t Dp, const int8_t* k, const int32_t* colcorr,
     const float* key_scale, const float* row_scale, float* S) {
-  __m256i acc[R][4];
-  for (int v = 0; v < 4; ++v) {
+  __m256i acc[R][NV];
+  for (int v = 0; v < NV; ++v) {
     const __m256i init = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colcorr + 8 * v));
     for (int r = 0; r < R; ++r) acc[r][v] = init;
   }
   const int64_t cstride = int64_t(kChunk) * Dp;
   for (int64_t g = 0; g < Dp / 4; ++g) {
-    __m256i kv[4];
-    for (int v = 0; v < 4; ++v)
+    __m256i kv[NV];
+    for (int v = 0; v < NV; ++v)
       kv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + (v / 2) * cstride + g * 64 + (v % 2) * 32));
     for (int r = 0; r < R; ++r) {
       const __m256i qb = _mm256_set1_epi32(load_i32(q + r * Dp + 4 * g));
-      for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_dpbusd_avx_epi32(acc[r][v], qb, kv[v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_dpbusd_avx_epi32(acc[r][v], qb, kv[v]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < nvec; ++v)
+    for (int v = 0; v < NV; ++v)
       store_scores(acc[r][v], key_scale + 8 * v, row_scale[r], S + r * kTile + 8 * v);
 }
 
 __attribute__((target("avxvnni"))) void qk_avx2_vnni(
     const uint8_t* qu8, int64_t Dp, int rows, const int8_t* k, int nchunks,
     const int32_t* colcorr, const float* key_scale, const float* row_scale, float* S) {
-  // Key halves of 32 (2 chunks); a trailing single chunk reads one chunk past: only when it
-  // exists, otherwise the 2-chunk block is clipped by nvec and reads stay inside the tile.
+  // Halves of 32 keys (2 chunks); an odd last chunk is done alone so no read leaves the tile.
   for (int h = 0; h < nchunks; h += 2) {
-    const int nvec = nchunks - h >= 2 ? 4 : 2;
-    const int8_t* kh = k + int64_t(h) * kChunk * (Dp);
-    for (int r = 0; r < rows; r += 2) {
-      if (rows - r >= 2)
-        qk_vnni_block<2>(qu8 + r * Dp, Dp, kh, nvec, colcorr + h * kChunk, key_scale + h * kChunk,
-                         row_scale + r, S + r * kTile + h * kChunk);
-      else
-        qk_vnni_block<1>(qu8 + r * Dp, Dp, kh, nvec, colcorr + h * kChunk, key_scale + h * kChunk,
-                         row_scale + r, S + r * kTile + h * kChunk);
+    const int8_t* kh = k + int64_t(h) * kChunk * Dp;
+    const int32_t* cc = colcorr + h * kChunk;
+    const float* ks = key_scale + h * kChunk;
+    float* Sh = S + h * kChunk;
+    const bool two = nchunks - h >= 2;
+    int r = 0;
+    for (; r + 2 <= rows; r += 2) {
+      if (two) qk_vnni_block<2, 4>(qu8 + r * Dp, Dp, kh, cc, ks, row_scale + r, Sh + r * kTile);
+      else qk_vnni_block<2, 2>(qu8 + r * Dp, Dp, kh, cc, ks, row_scale + r, Sh + r * kTile);
+    }
+    if (r < rows) {
+      if (two) qk_vnni_block<1, 4>(qu8 + r * Dp, Dp, kh, cc, ks, row_scale + r, Sh + r * kTile);
+      else qk_vnni_block<1, 2>(qu8 + r * Dp, Dp, kh, cc, ks, row_scale + r, Sh + r * kTile);
     }
   }
 }
@@ -130,8 +133,9 @@ void qk_avx2_madd(const uint8_t* qu8, int64_t Dp, int rows, const int8_t* k, int
   }
 }
 
+// Clamped so that +-1 below cannot overflow (key indices are in [0, 2^31 - 64)).
 inline int32_t clamp_i32(int64_t x) {
-  return x < -1 ? -1 : (x > 0x7fffffff ? 0x7fffffff : int32_t(x));
+  return x < -1 ? -1 : (x > 0x7ffffffe ? 0x7ffffffe : int32_t(x));
 }
 
 void mask_avx2(float* S, int rows, int cols, const int32_t* kidx, const uint8_t* kflags,
@@ -151,7 +155,7 @@ void mask_avx2(float* S, int rows, int cols, const int32_t* kidx, const uint8_t*
   }
   for (int r = 0; r < rows; ++r) {
     const __m256i lo1 = _mm256_set1_epi32(clamp_i32(wlo[r]) - 1);  // j > lo - 1
-    const __m256i hi1 = _mm256_set1_epi32(clamp_i32(whi[r]) + 1);  // j < hi + 1 (hi <= 2^31-1 - ...)
+    const __m256i hi1 = _mm256_set1_epi32(clamp_i32(whi[r]) + 1);  // j < hi + 1
     const __m256i cl1 = _mm256_set1_epi32(clamp_i32(clim[r]) + 1);
     uint64_t bits = 0;
     for (int v = 0; v < nvec; ++v) {

@@ -14,10 +14,9 @@ from torch import Tensor
 from ..dispatch import Backend
 from ..pattern import Pattern
 from ._alloc import new_output
+from ._params import QUANT_BLOCK, Keep, fill_params, last_dim_contiguous, strides3
 
-_DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 MAX_HEAD_DIM = 512
-
 
 _MODULE = None
 _MODULE_ERROR: Optional[str] = None
@@ -52,54 +51,6 @@ def num_threads() -> int:
     return int(env) if env else torch.get_num_threads()
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-def _strides3(t: Tensor):
-    return [t.stride(0), t.stride(1), t.stride(2)]
-
-
-class _Keep:
-    """Holds the temporaries whose pointers a params struct refers to."""
-    def __init__(self):
-        self.items = []
-
-    def __call__(self, t: Tensor) -> int:
-        self.items.append(t)
-        return t.data_ptr()
-
-
-def fill_params(mod, params, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                pattern: Pattern, keep: _Keep) -> None:
-    """Fill an ``AttnParams`` from tensors (q/k/v/out last-dim contiguous)."""
-    B, Hq, Nq, D = q.shape
-    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    params.B, params.Hq, params.Hk, params.Nq, params.Nk, params.D, params.Dv = B, Hq, Hk, Nq, Nk, D, Dv
-    params.q_stride, params.k_stride = _strides3(q), _strides3(k)
-    params.v_stride, params.o_stride = _strides3(v), _strides3(out)
-    params.q, params.k, params.v = keep(q), keep(k), keep(v)
-    params.o, params.lse = keep(out), keep(lse)
-    params.dtype = getattr(mod.DType, _DTYPE_CODES[q.dtype])
-    params.scale = pattern.scale
-    params.window_left, params.window_right = pattern.window_left, pattern.window_right
-    params.causal = pattern.causal
-    lm = pattern.landmarks
-    if lm is not None:
-        shared = lm.shape[0] == 1 or lm.stride(0) == 0
-        rows = lm[:1] if shared else lm
-        positions = rows.to(torch.int32).contiguous()
-        flags = torch.zeros(rows.shape[0], Nk, dtype=torch.uint8)
-        flags.scatter_(1, rows, 1)
-        params.landmarks, params.num_landmarks = keep(positions), lm.shape[1]
-        params.landmarks_batch_stride = 0 if shared else positions.stride(0)
-        params.landmark_flags = keep(flags)
-        params.landmark_flags_batch_stride = 0 if shared else Nk
-    if pattern.key_padding_mask is not None:
-        params.key_padding = keep(pattern.key_padding_mask.to(torch.uint8).contiguous())
-    params.num_threads = num_threads()
-
-
 class CpuBackend(Backend):
     name = "cpu"
     device_types = frozenset({"cpu"})
@@ -116,38 +67,41 @@ class CpuBackend(Backend):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, quant: Optional[str]):
         mod = load_module()
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
         B, Hq, Nq, _ = q.shape
         out = new_output((B, Hq, Nq, v.shape[3]), q.dtype, q.device)
         lse = new_output((B, Hq, Nq), torch.float32, q.device)
-        keep = _Keep()
+        keep = Keep()
         if quant == "int8":
             from ..quant import quantize_qk
             params = mod.AttnInt8Params()
-            q8, q_scale, k8, k_scale = quantize_qk(q, k, key_padding_mask=pattern.key_padding_mask)
+            q8, q_scale, k8, k_scale = quantize_qk(q, k, q_block=QUANT_BLOCK, k_block=QUANT_BLOCK,
+                                                   key_padding_mask=pattern.key_padding_mask)
             fwd = params.fwd
             fill_params(mod, fwd, q, k, v, out, lse, pattern, keep)
+            fwd.num_threads = num_threads()
             params.fwd = fwd
             params.q8, params.k8 = keep(q8), keep(k8)
             params.q_scale, params.k_scale = keep(q_scale), keep(k_scale)
-            params.q_block = -(-Nq // q_scale.shape[-1]) if q_scale.shape[-1] else 1
-            params.k_block = -(-k.shape[2] // k_scale.shape[-1]) if k_scale.shape[-1] else 1
+            params.q_block, params.k_block = QUANT_BLOCK, QUANT_BLOCK
             mod.attention_forward_int8(params)
         else:
             params = mod.AttnParams()
             fill_params(mod, params, q, k, v, out, lse, pattern, keep)
+            params.num_threads = num_threads()
             mod.attention_forward(params)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, pattern: Pattern, dlse: Optional[Tensor] = None):
+    def backward(self, dout, q, k, v, out, lse, pattern: Pattern):
         mod = load_module()
-        q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
-        keep = _Keep()
+        q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
+        keep = Keep()
         params = mod.AttnBwdParams()
         fwd = params.fwd
         fill_params(mod, fwd, q, k, v, out, lse.contiguous(), pattern, keep)
+        fwd.num_threads = num_threads()
         params.fwd = fwd
-        params.dout, params.dout_stride = keep(dout), _strides3(dout)
+        params.dout, params.dout_stride = keep(dout), strides3(dout)
         dq = new_output(q.shape, torch.float32, q.device)
         dk = new_output(k.shape, torch.float32, q.device)
         dv = new_output(v.shape, torch.float32, q.device)

@@ -1,14 +1,125 @@
-"""CUDA C++ backend (csrc/cuda through the lazily imported module hybrid_kernels._C_cuda)."""
+"""CUDA C++ backend (csrc/cuda) through ``hybrid_kernels._C_cuda``, imported lazily so a
+CPU-only install never touches CUDA.
+
+Forward only (the Triton backend provides the backward, and ``auto`` routes training there):
+* the fused window + landmark kernel, fp16/bf16, D = Dv in {64, 128};
+* ``quant="int8"``: the split-K INT8 kernel (any Nq; built for decode), D % 4 == 0, Dv in
+  {64, 128}. :class:`hybrid_kernels.int8_cache.Int8KVCache` feeds it a pre-quantized K cache.
+"""
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
+from torch import Tensor
+
 from ..dispatch import Backend
+from ..pattern import Pattern
+from ._alloc import new_output
+from ._params import QUANT_BLOCK, Keep, fill_params
+
+_MODULE = None
+_MODULE_ERROR: Optional[str] = None
+
+
+def load_module():
+    """The compiled CUDA module; raises ImportError with the reason when it cannot load."""
+    global _MODULE, _MODULE_ERROR
+    if _MODULE is None and _MODULE_ERROR is None:
+        try:
+            from .. import _C_cuda
+            _MODULE = _C_cuda
+        except ImportError as exc:
+            _MODULE_ERROR = (f"CUDA module not built or not loadable ({exc}); it is built when "
+                             "CMake finds a CUDA toolkit")
+    if _MODULE is None:
+        raise ImportError(_MODULE_ERROR)
+    return _MODULE
+
+
+def _aligned(t: Tensor) -> Tensor:
+    """16-byte aligned rows with strides that are multiples of 8 elements, as the kernels need."""
+    ok = (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+          and all(s % 8 == 0 for s in t.stride()[:3]))
+    return t if ok else t.contiguous()
+
+
+def num_splits_for(batch_heads: int, nk: int, sm_count: int) -> int:
+    """Enough key splits to give every SM about two CTAs, each split at least 256 keys."""
+    want = max(1, (2 * sm_count + batch_heads - 1) // max(batch_heads, 1))
+    return max(1, min(want, nk // 256 if nk >= 256 else 1, 128))
 
 
 class CudaBackend(Backend):
     name = "cuda"
     device_types = frozenset({"cuda"})
+    dtypes = frozenset({torch.float16, torch.bfloat16})
+    quants = frozenset({None, "int8"})
+    supports_backward = False
 
     def unavailable_reason(self) -> Optional[str]:
-        return "CUDA kernels are not built into this version yet"
+        if not torch.cuda.is_available():
+            return "no CUDA device available to torch"
+        try:
+            load_module()
+        except ImportError as exc:
+            return str(exc)
+        return None
+
+    def head_dim_reason(self, head_dim, head_dim_v):
+        if head_dim_v not in (64, 128):
+            return f"head dims: Dv={head_dim_v} not in (64, 128)"
+        return None
+
+    def rejection_reasons(self, problem):
+        reasons = super().rejection_reasons(problem)
+        if not reasons and problem.quant is None and problem.head_dim != problem.head_dim_v:
+            reasons.append(f"head dims: the fused kernel needs D == Dv (got {problem.head_dim}, "
+                           f"{problem.head_dim_v})")
+        if not reasons and problem.quant == "int8" and (problem.head_dim % 4 or problem.head_dim > 256):
+            reasons.append(f"head dims: the int8 kernel needs D % 4 == 0 and D <= 256 (got {problem.head_dim})")
+        return reasons
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, quant: Optional[str]):
+        mod = load_module()
+        B, Hq, Nq, _ = q.shape
+        out = new_output((B, Hq, Nq, v.shape[3]), q.dtype, q.device)
+        lse = new_output((B, Hq, Nq), torch.float32, q.device)
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        keep = Keep()
+        if quant == "int8":
+            from ..quant import quantize_qk
+            q8, q_scale, k8, k_scale = quantize_qk(q, k, q_block=QUANT_BLOCK, k_block=QUANT_BLOCK,
+                                                   key_padding_mask=pattern.key_padding_mask)
+            self.forward_int8_quantized(q8, q_scale, k8, k_scale, v, out, lse, pattern, q, keep)
+            return out, lse
+        q, k, v = _aligned(q), _aligned(k), _aligned(v)
+        params = mod.AttnParams()
+        fill_params(mod, params, q, k, v, out, lse, pattern, keep)
+        mod.attention_forward(params, stream)
+        return out, lse
+
+    def forward_int8_quantized(self, q8, q_scale, k8, k_scale, v, out, lse, pattern: Pattern,
+                               q_like: Tensor, keep: Keep, q_block: int = QUANT_BLOCK,
+                               k_block: int = QUANT_BLOCK) -> None:
+        """Run the split-K INT8 kernel on pre-quantized Q/K (e.g. from an Int8KVCache)."""
+        mod = load_module()
+        B, Hq, Nq = out.shape[:3]
+        Nk, Dv = v.shape[2], v.shape[3]
+        sms = torch.cuda.get_device_properties(v.device).multi_processor_count
+        splits = num_splits_for(B * Hq * max(1, (Nq + 15) // 16), Nk, sms)
+        partial_o = torch.empty((splits, B * Hq, Nq, Dv), dtype=torch.float32, device=v.device)
+        partial_ml = torch.empty((splits, B * Hq, Nq, 2), dtype=torch.float32, device=v.device)
+        sp = mod.Int8SplitParams()
+        attn = sp.attn
+        fwd = attn.fwd
+        # Shapes come from q and k8; the int8 kernel reads q8/k8 only, never fwd.q / fwd.k.
+        fill_params(mod, fwd, q_like, k8, v, out, lse, pattern, keep)
+        attn.fwd = fwd
+        attn.q8, attn.k8 = keep(q8.contiguous()), keep(k8.contiguous())
+        attn.q_scale, attn.k_scale = keep(q_scale.contiguous()), keep(k_scale.contiguous())
+        attn.q_block, attn.k_block = q_block, k_block
+        sp.attn = attn
+        sp.num_splits = splits
+        sp.partial_o, sp.partial_ml = keep(partial_o), keep(partial_ml)
+        mod.attention_forward_int8(sp, torch.cuda.current_stream(v.device).cuda_stream)

@@ -1,0 +1,246 @@
+"""Backward (dQ, dK, dV) by recomputation from the saved LSE; deterministic (no atomics).
+
+* dQ: query-tile-major, the same key sets as the forward (window band + gathered landmark keys;
+  landmark query rows in a second LM_MODE launch over every key, overwriting those rows).
+* dK/dV: key-tile-major. A regular key tile walks the query tiles whose window band reaches it
+  (the inverse band) and then the landmark query rows outside that range, gathered; GQA sums the
+  query heads of a group inside the program, in a fixed order. Landmark keys are seen by every
+  query, so a second LM_MODE launch over tiles of gathered landmark keys walks all query rows
+  and overwrites those keys' rows.
+delta = rowsum(dO * O) is precomputed in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import PATTERN_KEYS, backward_configs, dot_precision, padded_head_dim
+from .forward import LOG2E, last_dim_contiguous
+from .masking import dot, landmark_visible, query_band, query_rows, visible, window_band
+from .pattern_args import pattern_args
+
+
+@triton.jit
+def load_query_side(q_base, do_base, LSE, DELTA, row_base, i, row_ok, d, dv, sq_n, sdo_n, D, DV):
+    """q, dO, lse (base 2, 0 for empty rows) and delta of query rows i."""
+    i64 = i[:, None].to(tl.int64)
+    q = tl.load(q_base + i64 * sq_n + d[None, :], mask=row_ok[:, None] & (d[None, :] < D),
+                other=0.0)
+    do = tl.load(do_base + i64 * sdo_n + dv[None, :], mask=row_ok[:, None] & (dv[None, :] < DV),
+                 other=0.0)
+    lse = tl.load(LSE + row_base + i, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    delta = tl.load(DELTA + row_base + i, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def probabilities(q, k, lse2, vis, scale_log2, IEEE: tl.constexpr):
+    s = dot(q, tl.trans(k), IEEE) * scale_log2
+    return tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+
+
+@triton.jit
+def dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, IEEE: tl.constexpr):
+    p = probabilities(q, k, lse2, vis, scale_log2, IEEE)
+    dp = dot(do, tl.trans(v), IEEE)
+    ds = p * (dp - delta[:, None])
+    return dq + dot(ds.to(k.dtype), k, IEEE)
+
+
+@triton.jit
+def dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE: tl.constexpr):
+    p = probabilities(q, k, lse2, vis, scale_log2, IEEE)
+    dv = dv + dot(tl.trans(p.to(do.dtype)), do, IEEE)
+    dp = dot(do, tl.trans(v), IEEE)
+    ds = p * (dp - delta[:, None])
+    dk = dk + dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    return dk, dv
+
+
+@triton.autotune(configs=backward_configs(), key=PATTERN_KEYS)
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
+                   sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                   sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n,
+                   lm_sb, fl_sb, pad_sb,
+                   Hq, Nq, Nk, D, DV, G, left, right, scale, scale_log2,
+                   GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr,
+                   LM_MODE: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUPS
+    off = Nk - Nq
+    i, row_ok = query_rows(pid_m, b, LM, lm_sb, G, Nq, off, BLOCK_M, LM_MODE)
+    r = i + off
+    d = tl.arange(0, BLOCK_D)
+    dvr = tl.arange(0, BLOCK_DV)
+    k_base = K + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+    v_base = V + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h
+    q, do, lse2, delta = load_query_side(
+        Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h,
+        DO + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h,
+        LSE, DELTA, bh.to(tl.int64) * Nq, i, row_ok, d, dvr, sq_n, sdo_n, D, DV)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    no_row_lm = tl.zeros([BLOCK_M], dtype=tl.int8)
+
+    if LM_MODE:
+        lo = 0
+        hi = Nk
+        if CAUSAL:
+            hi = tl.minimum(tl.max(tl.where(row_ok, r, -1), 0) + 1, Nk)
+        start = 0
+    else:
+        r0 = pid_m * BLOCK_M + off
+        r1 = tl.minimum(r0 + BLOCK_M, Nq + off)
+        lo, hi = window_band(r0, r1, Nk, left, right, CAUSAL)
+        start = (lo // BLOCK_N) * BLOCK_N
+    for n0 in range(start, hi, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        col_ok = (j >= lo) & (j < hi)
+        real = tl.load(PAD + b * pad_sb + j, mask=col_ok, other=0) if HAS_PAD else col_ok
+        if LM_MODE:
+            vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
+        else:
+            key_lm = tl.load(FLAGS + b * fl_sb + j, mask=col_ok, other=0) if HAS_LM else col_ok
+            vis = visible(r, j, row_ok, col_ok, left, right, key_lm, no_row_lm, real,
+                          CAUSAL, HAS_LM, HAS_PAD)
+        k = tl.load(k_base + j[:, None].to(tl.int64) * sk_n + d[None, :],
+                    mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+        v = tl.load(v_base + j[:, None].to(tl.int64) * sv_n + dvr[None, :],
+                    mask=col_ok[:, None] & (dvr[None, :] < DV), other=0.0)
+        dq = dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
+
+    if HAS_LM and not LM_MODE:
+        for g0 in range(0, G, BLOCK_N):
+            g = g0 + tl.arange(0, BLOCK_N)
+            j = tl.load(LM + b * lm_sb + g, mask=g < G, other=0)
+            col_ok = (g < G) & ((j < lo) | (j >= hi))
+            real = tl.load(PAD + b * pad_sb + j, mask=col_ok, other=0) if HAS_PAD else col_ok
+            vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
+            k = tl.load(k_base + j[:, None] * sk_n + d[None, :],
+                        mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+            v = tl.load(v_base + j[:, None] * sv_n + dvr[None, :],
+                        mask=col_ok[:, None] & (dvr[None, :] < DV), other=0.0)
+            dq = dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
+
+    dq_base = DQ + b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h
+    tl.store(dq_base + i[:, None].to(tl.int64) * sdq_n + d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
+
+
+@triton.autotune(configs=backward_configs(), key=PATTERN_KEYS)
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD,
+                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                     sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
+                     lm_sb, fl_sb, pad_sb,
+                     Hk, Nq, Nk, D, DV, G, left, right, scale, scale_log2,
+                     GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr,
+                     LM_MODE: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hk
+    hk = bh % Hk
+    off = Nk - Nq
+    Hq = Hk * GROUPS
+    if LM_MODE:
+        g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = tl.load(LM + b * lm_sb + g, mask=g < G, other=0)
+        col_ok = g < G
+        i_lo = 0
+        if CAUSAL:  # rows r >= the first (smallest) landmark of the tile
+            i_lo = tl.maximum(tl.min(tl.where(col_ok, j, Nk), 0) - off, 0).to(tl.int32)
+        i_hi = Nq
+    else:
+        j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = j < Nk
+        n0 = pid_n * BLOCK_N
+        i_lo, i_hi = query_band(n0, tl.minimum(n0 + BLOCK_N, Nk), off, Nq, left, right, CAUSAL)
+    real = tl.load(PAD + b * pad_sb + j, mask=col_ok, other=0) if HAS_PAD else col_ok
+    key_lm = tl.load(FLAGS + b * fl_sb + j, mask=col_ok, other=0) if HAS_LM else col_ok
+    d = tl.arange(0, BLOCK_D)
+    dvr = tl.arange(0, BLOCK_DV)
+    j64 = j[:, None].to(tl.int64)
+    k = tl.load(K + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h + j64 * sk_n + d[None, :],
+                mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h + j64 * sv_n + dvr[None, :],
+                mask=col_ok[:, None] & (dvr[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for hg in range(GROUPS):
+        h = hk * GROUPS + hg
+        q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
+        do_base = DO + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h
+        row_base = (b * Hq + h).to(tl.int64) * Nq
+        for m0 in range((i_lo // BLOCK_M) * BLOCK_M, i_hi, BLOCK_M):
+            i = m0 + tl.arange(0, BLOCK_M)
+            row_ok = (i >= i_lo) & (i < i_hi)
+            r = i + off
+            if LM_MODE:
+                vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
+            else:
+                if HAS_LM:
+                    row_lm = tl.load(FLAGS + b * fl_sb + r, mask=row_ok & (r >= 0) & (r < Nk),
+                                     other=0)
+                else:
+                    row_lm = tl.zeros([BLOCK_M], dtype=tl.int8)
+                vis = visible(r, j, row_ok, col_ok, left, right, key_lm, row_lm, real,
+                              CAUSAL, HAS_LM, HAS_PAD)
+            q, do, lse2, delta = load_query_side(q_base, do_base, LSE, DELTA, row_base, i,
+                                                 row_ok, d, dvr, sq_n, sdo_n, D, DV)
+            dk, dv = dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
+        if HAS_LM and not LM_MODE:
+            # Landmark query rows outside the inverse band see these keys too.
+            for g0 in range(0, G, BLOCK_M):
+                g = g0 + tl.arange(0, BLOCK_M)
+                pos = tl.load(LM + b * lm_sb + g, mask=g < G, other=0)
+                i = (pos - off).to(tl.int32)
+                row_ok = (g < G) & (i >= 0) & (i < Nq) & ((i < i_lo) | (i >= i_hi))
+                vis = landmark_visible(pos, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
+                q, do, lse2, delta = load_query_side(q_base, do_base, LSE, DELTA, row_base, i,
+                                                     row_ok, d, dvr, sq_n, sdo_n, D, DV)
+                dk, dv = dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
+
+    tl.store(DK + b.to(tl.int64) * sdk_b + hk.to(tl.int64) * sdk_h + j64 * sdk_n + d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (d[None, :] < D))
+    tl.store(DVG + b.to(tl.int64) * sdv_b + hk.to(tl.int64) * sdv_h + j64 * sdv_n + dvr[None, :],
+             dv.to(DVG.dtype.element_ty), mask=col_ok[:, None] & (dvr[None, :] < DV))
+
+
+def _s3(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_backward(dout, q, k, v, out, lse, pattern, dq, dk, dv):
+    """Fill dq, dk, dv (same shapes and dtypes as q, k, v; last dim contiguous)."""
+    q, k, v, dout = (last_dim_contiguous(t) for t in (q, k, v, dout))
+    B, Hq, Nq, D = q.shape
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    lse = lse.float().contiguous()
+    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    pa = pattern_args(pattern, Nq, Nk, q.device)
+    meta = dict(GROUPS=Hq // Hk, BLOCK_D=padded_head_dim(D), BLOCK_DV=padded_head_dim(Dv),
+                CAUSAL=pa.causal, HAS_LM=pa.has_landmarks, HAS_PAD=pa.has_padding,
+                IEEE=dot_precision(q.dtype))
+    tail = (pa.lm_sb, pa.flags_sb, pa.padding_sb)
+    common = (Nq, Nk, D, Dv, pa.num_landmarks, pa.left, pa.right, pa.scale, pa.scale * LOG2E)
+    G = pa.num_landmarks
+
+    dq_args = (q, k, v, dout, lse, delta, dq, pa.landmarks, pa.flags, pa.padding,
+               *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dq), *tail, Hq, *common)
+    _bwd_dq_kernel[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)](*dq_args, LM_MODE=False, **meta)
+    kv_args = (q, k, v, dout, lse, delta, dk, dv, pa.landmarks, pa.flags, pa.padding,
+               *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dk), *_s3(dv), *tail, Hk, *common)
+    _bwd_dkdv_kernel[lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * Hk)](*kv_args, LM_MODE=False, **meta)
+    if G > 0:
+        _bwd_dq_kernel[lambda m: (triton.cdiv(G, m["BLOCK_M"]), B * Hq)](*dq_args, LM_MODE=True, **meta)
+        _bwd_dkdv_kernel[lambda m: (triton.cdiv(G, m["BLOCK_N"]), B * Hk)](*kv_args, LM_MODE=True, **meta)
+    return dq, dk, dv

@@ -45,5 +45,15 @@ SUPPORTED_MAX_HEAD_DIM = 256
 
 
 def padded_head_dim(d: int) -> int:
-    """Head dims are padded (masked) up to a power of two >= 16 for tl.dot."""
-    return max(16, triton.next_power_of_2(d))
+    """Head dims are padded (masked) up to a power of two >= 32 for tl.dot (int8 MMA needs K >= 32)."""
+    return max(32, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype) -> int:
+    """The IEEE constexpr of masking.dot for inputs of ``dtype``."""
+    import torch
+    if dtype == torch.float32:
+        return 1
+    if dtype == torch.bfloat16 and interpreting():
+        return 2
+    return 0

@@ -14,17 +14,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import PATTERN_KEYS, forward_configs, padded_head_dim
+from .configs import PATTERN_KEYS, dot_precision, forward_configs, padded_head_dim
 from .masking import dot, landmark_visible, query_rows, visible, window_band
 from .pattern_args import pattern_args
+from .quantize import int8_scores
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def online_softmax_step(acc, m_i, l_i, q, k, v, vis, scale_log2, IEEE: tl.constexpr):
-    """Fold one key block into the running (acc, max, sum); scores in base 2."""
-    s = dot(q, tl.trans(k), IEEE) * scale_log2
+def scores(q, k, qs, KS, ks_base, j, col_ok, k_block, scale_log2, IEEE: tl.constexpr,
+           QUANT: tl.constexpr):
+    """scale * q.k in base 2 for one key block; QUANT: int8 q, k with per-block scales."""
+    if QUANT:
+        ks = tl.load(KS + ks_base + j // k_block, mask=col_ok, other=0.0)
+        s = int8_scores(q, k, qs, ks)
+    else:
+        s = dot(q, tl.trans(k), IEEE)
+    return s * scale_log2
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE: tl.constexpr):
+    """Fold one key block (base-2 scores s) into the running (acc, max, sum)."""
     s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -35,15 +47,16 @@ def online_softmax_step(acc, m_i, l_i, q, k, v, vis, scale_log2, IEEE: tl.conste
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=forward_configs(), key=PATTERN_KEYS)
+@triton.autotune(configs=forward_configs(), key=PATTERN_KEYS + ["QUANT"])
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
                 lm_sb, fl_sb, pad_sb,
                 Hq, Nq, Nk, D, DV, G, left, right, scale_log2,
+                QS, KS, q_block, k_block, n_qblocks, n_kblocks,
                 GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr,
-                LM_MODE: tl.constexpr, IEEE: tl.constexpr,
+                LM_MODE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -60,6 +73,9 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
     v_base = V + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h
     q = tl.load(q_base + i[:, None].to(tl.int64) * sq_n + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    qs = tl.load(QS + bh.to(tl.int64) * n_qblocks + i // q_block, mask=row_ok,
+                 other=0.0) if QUANT else 0.0
+    ks_base = (b * (Hq // GROUPS) + hk).to(tl.int64) * n_kblocks
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -86,11 +102,13 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
             key_lm = tl.load(FLAGS + b * fl_sb + j, mask=col_ok, other=0) if HAS_LM else col_ok
             vis = visible(r, j, row_ok, col_ok, left, right, key_lm, no_row_lm, real,
                           CAUSAL, HAS_LM, HAS_PAD)
+        kv_ok = (col_ok & (real != 0)) if HAS_PAD else col_ok  # padding K/V are never read
         k = tl.load(k_base + j[:, None].to(tl.int64) * sk_n + d[None, :],
-                    mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+                    mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
         v = tl.load(v_base + j[:, None].to(tl.int64) * sv_n + dv[None, :],
-                    mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, vis, scale_log2, IEEE)
+                    mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        s = scores(q, k, qs, KS, ks_base, j, col_ok, k_block, scale_log2, IEEE, QUANT)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE)
 
     if HAS_LM and not LM_MODE:
         # Landmark keys outside the band, gathered by position.
@@ -100,11 +118,13 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
             col_ok = (g < G) & ((j < lo) | (j >= hi))
             real = tl.load(PAD + b * pad_sb + j, mask=col_ok, other=0) if HAS_PAD else col_ok
             vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
+            kv_ok = (col_ok & (real != 0)) if HAS_PAD else col_ok
             k = tl.load(k_base + j[:, None] * sk_n + d[None, :],
-                        mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+                        mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
             v = tl.load(v_base + j[:, None] * sv_n + dv[None, :],
-                        mask=col_ok[:, None] & (dv[None, :] < DV), other=0.0)
-            acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, vis, scale_log2, IEEE)
+                        mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
+            s = scores(q, k, qs, KS, ks_base, j, col_ok, k_block, scale_log2, IEEE, QUANT)
+            acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE)
 
     has_any = l_i > 0.0
     l_safe = tl.where(has_any, l_i, 1.0)
@@ -120,28 +140,37 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def launch_forward(kernel, q, k, v, out, lse, pattern, extra_args=(), extra_meta=None):
-    """Launch ``kernel`` (regular mode, then LM_MODE when there are landmarks)."""
+def launch_forward(q, k, v, out, lse, pattern, quantized=None):
+    """Launch the forward (regular mode, then LM_MODE when there are landmarks).
+
+    ``quantized``: None, or (q8, q_scale, k8, k_scale, q_block, k_block) from quantize.py, in
+    which case q and k are only used for shapes and v stays in its dtype."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     pa = pattern_args(pattern, Nq, Nk, q.device)
+    if quantized is not None:
+        q8, q_scale, k8, k_scale, q_block, k_block = quantized
+        quant_args = (q_scale, k_scale, q_block, k_block, q_scale.shape[-1], k_scale.shape[-1])
+        q, k = q8, k8
+    else:
+        quant_args = (lse, lse, 1, 1, 0, 0)  # unused
     args = (q, k, v, out, lse, pa.landmarks, pa.flags, pa.padding,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             pa.lm_sb, pa.flags_sb, pa.padding_sb,
             Hq, Nq, Nk, D, Dv, pa.num_landmarks, pa.left, pa.right, pa.scale * LOG2E,
-            *extra_args)
+            *quant_args)
     meta = dict(GROUPS=Hq // Hk, BLOCK_D=padded_head_dim(D), BLOCK_DV=padded_head_dim(Dv),
                 CAUSAL=pa.causal, HAS_LM=pa.has_landmarks, HAS_PAD=pa.has_padding,
-                IEEE=q.dtype == torch.float32, **(extra_meta or {}))
-    kernel[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)](*args, LM_MODE=False, **meta)
+                IEEE=dot_precision(v.dtype), QUANT=quantized is not None)
+    _fwd_kernel[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)](*args, LM_MODE=False, **meta)
     if pa.has_landmarks:
         G = pa.num_landmarks
-        kernel[lambda m: (triton.cdiv(G, m["BLOCK_M"]), B * Hq)](*args, LM_MODE=True, **meta)
+        _fwd_kernel[lambda m: (triton.cdiv(G, m["BLOCK_M"]), B * Hq)](*args, LM_MODE=True, **meta)
 
 
 def attention_forward(q, k, v, pattern, out, lse):
     """Fill ``out`` (B, Hq, Nq, Dv) and ``lse`` (B, Hq, Nq) fp32 contiguous."""
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    launch_forward(_fwd_kernel, q, k, v, out, lse, pattern)
+    launch_forward(q, k, v, out, lse, pattern)
     return out, lse

@@ -72,8 +72,11 @@ def query_rows(pid_m, b, LM, lm_sb, G, Nq, off, BLOCK_M: tl.constexpr, LM_MODE: 
 
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
-    """tl.dot; fp32 inputs use exact IEEE products instead of TF32."""
-    if IEEE:
+    """tl.dot. IEEE: 0 = native (fp16/bf16), 1 = fp32 with exact IEEE products instead of TF32,
+    2 = upcast to fp32 first (the interpreter multiplies bf16 as raw uint16 bits)."""
+    if IEEE == 2:
+        res = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE == 1:
         res = tl.dot(a, b, input_precision="ieee")
     else:
         res = tl.dot(a, b)

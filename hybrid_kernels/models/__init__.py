@@ -1,0 +1,16 @@
+"""Models built on hybrid-kernels: :class:`HybridEncoder` and Fusion-in-Decoder :class:`FiDT5`."""
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["HybridEncoder", "HybridEncoderConfig", "FiDT5", "HKCrossAttention", "CrossKV",
+           "format_passage"]
+
+_WHERE = {"HybridEncoder": "encoder", "HybridEncoderConfig": "encoder", "FiDT5": "fid",
+          "HKCrossAttention": "fid", "format_passage": "fid", "CrossKV": "cross_kv"}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'hybrid_kernels.models' has no attribute {name!r}")

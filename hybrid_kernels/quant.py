@@ -1,0 +1,161 @@
+"""INT8 quantization of q and k for the SageAttention-style int8 forward, and its exact oracle.
+
+* :func:`quantize_qk` turns q and k into int8 with one symmetric absmax scale per block of
+  ``q_block`` / ``k_block`` tokens (per batch and head). K is first *smoothed*: its mean over the
+  sequence is subtracted. That shifts every score of a query row by the same amount, so the
+  softmax (and the output) are unchanged while the int8 range is spent on what varies.
+  The softmax scale is not folded in; the kernels multiply by it.
+* :func:`int8_reference` computes exactly what an int8 kernel computes (exact integer dot
+  products, then the scales) in float64 on top of :mod:`hybrid_kernels.reference`. It is the
+  tight oracle for the int8 kernels.
+
+Note on lse: with ``smooth_k`` the lse of the int8 path is that of the smoothed scores, i.e. the
+exact lse minus ``scale * q . mean(k)``. ``quantize_qk(..., return_k_mean=True)`` returns the
+mean so a caller can add it back.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import masked_softmax_lse, visibility_mask
+
+__all__ = ["quantize_qk", "int8_reference", "dequantize"]
+
+
+def _check_block(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    return value
+
+
+def _check_inputs(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor]) -> None:
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (B, H, N, D)")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point; got {t.dtype}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B and D")
+    if q.device != k.device:
+        raise ValueError("q and k must be on the same device")
+    if key_padding_mask is not None:
+        if (not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool
+                or tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2])):
+            raise ValueError(f"key_padding_mask must be a bool tensor of shape "
+                             f"{(k.shape[0], k.shape[2])}")
+
+
+def _quantize_blocks(x: Tensor, block: int) -> Tuple[Tensor, Tensor]:
+    """x float32 (B, H, N, D) -> (int8 (B, H, N, D) contiguous, scales float32 (B, H, nb))."""
+    B, H, N, D = x.shape
+    nb = -(-N // block)
+    xp = F.pad(x, (0, 0, 0, nb * block - N)) if nb * block != N else x
+    xb = xp.reshape(B, H, nb, block * D)
+    absmax = torch.linalg.vector_norm(xb, ord=float("inf"), dim=-1)  # one pass, no |x| copy
+    scale = absmax / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))    # zero block -> exact zeros
+    y = torch.mul(xb, (1.0 / scale).unsqueeze(-1))
+    y.round_()
+    q8 = y.to(torch.int8).reshape(B, H, nb * block, D)
+    if nb * block != N:
+        q8 = q8[:, :, :N]
+    return q8.contiguous(), scale.contiguous()
+
+
+def quantize_qk(
+    q: Tensor,
+    k: Tensor,
+    *,
+    q_block: int = 64,
+    k_block: int = 64,
+    smooth_k: bool = True,
+    key_padding_mask: Optional[Tensor] = None,
+    return_k_mean: bool = False,
+):
+    """Per-block symmetric int8 quantization of q (B, Hq, Nq, D) and k (B, Hk, Nk, D).
+
+    Returns ``(q8, q_scale, k8, k_scale)``: int8 contiguous tensors of the input shapes and
+    float32 scales of shape (B, H, ceil(N / block)) with x ~= x8 * scale (scale = absmax / 127;
+    all-zero blocks get scale 1). With ``smooth_k`` the mean of k over the real tokens (per batch
+    and head) is subtracted first; padded keys are zeroed so they cannot inflate a block's scale.
+    With ``return_k_mean`` the mean (B, Hk, 1, D) float32 (zeros without smoothing) is appended.
+    The inputs are never modified.
+    """
+    _check_inputs(q, k, key_padding_mask)
+    _check_block("q_block", q_block)
+    _check_block("k_block", k_block)
+    kf = k.float()
+    mean = None
+    if smooth_k or key_padding_mask is not None:
+        if key_padding_mask is None:
+            mean = kf.mean(dim=2, keepdim=True)
+        else:
+            real = key_padding_mask[:, None, :, None].to(kf.dtype)
+            count = real.sum(dim=2, keepdim=True).clamp_min(1.0)
+            mean = (kf * real).sum(dim=2, keepdim=True) / count if smooth_k else None
+        # k.float() may alias k (float32 input): these ops are out of place.
+        if mean is not None:
+            kf = kf - mean
+        if key_padding_mask is not None:
+            kf = kf.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+    q8, q_scale = _quantize_blocks(q.float(), q_block)
+    k8, k_scale = _quantize_blocks(kf, k_block)
+    if return_k_mean:
+        if mean is None:
+            mean = kf.new_zeros(k.shape[0], k.shape[1], 1, k.shape[3])
+        return q8, q_scale, k8, k_scale, mean
+    return q8, q_scale, k8, k_scale
+
+
+def dequantize(x8: Tensor, scale: Tensor, block: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """x8 (B, H, N, D) int8 with per-block scales (B, H, nb) -> (B, H, N, D) in ``dtype``."""
+    s = scale.repeat_interleave(block, dim=2)[:, :, : x8.shape[2], None]
+    return x8.to(dtype) * s.to(dtype)
+
+
+def int8_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window_left: int = -1,
+    window_right: int = -1,
+    causal: bool = False,
+    landmarks: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    q_block: int = 64,
+    k_block: int = 64,
+    smooth_k: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """What the int8 kernels compute, exactly: quantize with :func:`quantize_qk`, integer q8.k8
+    (exact in float64), times q_scale * k_scale * scale, masked softmax and PV in float64.
+
+    Returns (out float32 (B, Hq, Nq, Dv), lse float32 (B, Hq, Nq)); lse is that of the smoothed
+    scores (see the module note). Dense: O(Nq * Nk) memory, for tests.
+    """
+    B, Hq, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v {tuple(v.shape)} must be (B, Hk, Nk, Dv) matching k {tuple(k.shape)}")
+    if Hk < 1 or Hq % Hk != 0:
+        raise ValueError(f"Hq ({Hq}) must be a multiple of Hk ({Hk})")
+    scale = D ** -0.5 if scale is None else float(scale)
+    q8, q_scale, k8, k_scale = quantize_qk(q, k, q_block=q_block, k_block=k_block,
+                                           smooth_k=smooth_k, key_padding_mask=key_padding_mask)
+    g = Hq // Hk
+    k8d = k8.double().repeat_interleave(g, dim=1)
+    ksc = k_scale.double().repeat_interleave(g, dim=1).repeat_interleave(k_block, dim=2)[:, :, :Nk]
+    qsc = q_scale.double().repeat_interleave(q_block, dim=2)[:, :, :Nq]
+    dots = torch.matmul(q8.double(), k8d.transpose(-1, -2))  # exact integers
+    scores = dots * qsc[..., :, None] * ksc[..., None, :] * scale
+    mask = visibility_mask(B, Nq, Nk, window_left=window_left, window_right=window_right,
+                           causal=causal, landmarks=landmarks, key_padding_mask=key_padding_mask,
+                           device=q.device)
+    p, lse = masked_softmax_lse(scores, mask)
+    vd = v.double().repeat_interleave(g, dim=1)
+    return torch.matmul(p, vd).float(), lse.float()

@@ -1,0 +1,6 @@
+"""Training utilities: a small :class:`Trainer` and the generated multi-passage QA task."""
+from .qa_task import QAExample, QATask, WordTokenizer, exact_match, normalize_answer
+from .trainer import TrainConfig, Trainer
+
+__all__ = ["Trainer", "TrainConfig", "QATask", "QAExample", "WordTokenizer", "exact_match",
+           "normalize_answer"]
