@@ -65,6 +65,17 @@ void validate(const AttnBwdParams& p) {
         if (g > 0 && lm[g] <= lm[g - 1]) fail("landmarks must be sorted and unique");
       }
     }
+    // The kernel uses both forms: the flags must mark exactly the listed positions.
+    const int64_t nbf = f.landmark_flags_batch_stride == 0 ? 1 : f.B;
+    for (int64_t b = 0; b < (nb > nbf ? nb : nbf); ++b) {
+      const int32_t* lm = f.landmarks + (nb == 1 ? 0 : b) * f.landmarks_batch_stride;
+      const uint8_t* fl = f.landmark_flags + (nbf == 1 ? 0 : b) * f.landmark_flags_batch_stride;
+      int64_t set = 0;
+      for (int64_t j = 0; j < f.Nk; ++j) set += fl[j] != 0;
+      bool ok = set == f.num_landmarks;
+      for (int64_t g = 0; ok && g < f.num_landmarks; ++g) ok = fl[lm[g]] != 0;
+      if (!ok) fail("landmark_flags must mark exactly the positions in landmarks");
+    }
   }
 }
 

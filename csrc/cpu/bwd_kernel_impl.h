@@ -289,11 +289,14 @@ static void load_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode m
   std::memset(hb.dQ, 0, sizeof(float) * kRows * c.Dp);
 }
 
-static void store_head_block(const Ctx& c, int64_t h, const Rows& rows, const HeadBlock& hb) {
+// Landmark query rows are written by the landmark pass only (it may run on another thread).
+static void store_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode mode,
+                             const HeadBlock& hb) {
   const AttnBwdParams& p = *c.p;
   float* dq = p.dq + (c.b * p.fwd.Hq + h) * p.fwd.Nq * c.D;
   for (int64_t x = 0; x < rows.n; ++x)
-    std::memcpy(dq + rows.i[x] * c.D, hb.dQ + x * c.Dp, sizeof(float) * c.D);
+    if (mode == RowMode::kLandmark || !row_is_landmark(c, rows.r[x]))
+      std::memcpy(dq + rows.i[x] * c.D, hb.dQ + x * c.Dp, sizeof(float) * c.D);
 }
 
 // ------------------------------------------------------------------------- the tile step
@@ -334,8 +337,9 @@ static void process_tile(const Ctx& c, Tile& t, const Rows& rows, RowMode mode, 
       const typename Vec::R delta = Vec::set1(hb.delta[x]);
       for (int64_t j = 0; j < ncols; j += lanes) {
         const unsigned bits = static_cast<unsigned>((m >> j) & lane_all);
-        typename Vec::R pv = Vec::maskz(bits, Vec::exp(Vec::fma(Vec::load(Srow + j), vscale, neg_lse)));
-        typename Vec::R ds = Vec::mul(Vec::mul(pv, Vec::sub(Vec::load(dProw + j), delta)), vscale);
+        const typename Vec::R x_ = Vec::fma(Vec::load(Srow + j), vscale, neg_lse);
+        const typename Vec::R pv = Vec::maskz(bits, Vec::exp(x_));
+        const typename Vec::R ds = Vec::mul(Vec::mul(pv, Vec::sub(Vec::load(dProw + j), delta)), vscale);
         Vec::store(Srow + j, pv);
         Vec::store(dProw + j, Vec::maskz(bits, ds));
       }
@@ -511,7 +515,8 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
           flush(cg, gather);
         }
       }
-      for (int64_t g = 0; g < ng; ++g) store_head_block(cg, h0 + g, rows, heads[g]);
+      for (int64_t g = 0; g < ng; ++g)
+        store_head_block(cg, h0 + g, rows, RowMode::kRegular, heads[g]);
     }
     for (int64_t s = 0; s < L.ring; ++s)
       if (ring[s].tile >= 0) flush(cg, ring[s]);
@@ -542,7 +547,8 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
           flush(cg, gather);
         }
       }
-      for (int64_t g = 0; g < ng; ++g) store_head_block(cg, h0 + g, rows, heads[g]);
+      for (int64_t g = 0; g < ng; ++g)
+        store_head_block(cg, h0 + g, rows, RowMode::kLandmark, heads[g]);
     }
   }
 }

@@ -57,3 +57,16 @@ def fill_params(mod, params, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
         params.landmark_flags_batch_stride = 0 if shared else Nk
     if pattern.key_padding_mask is not None:
         params.key_padding = keep(pattern.key_padding_mask.to(torch.uint8).contiguous())
+
+
+def int8_forward_via(backend, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern):
+    """quant="int8" for a native backend: smooth and quantize Q/K per block, run the backend's
+    ``forward_int8_quantized``, and give back the lse of the exact (unsmoothed) scores."""
+    from ..int8_cache import smoothing_lse_offset
+    from ..quant import quantize_qk
+    q8, q_scale, k8, k_scale, k_mean = quantize_qk(
+        q, k, q_block=QUANT_BLOCK, k_block=QUANT_BLOCK,
+        key_padding_mask=pattern.key_padding_mask, return_k_mean=True)
+    out, lse = backend.forward_int8_quantized(q8, q_scale, k8, k_scale, v, q, pattern,
+                                              QUANT_BLOCK, QUANT_BLOCK)
+    return out, lse + smoothing_lse_offset(q, k_mean, pattern.scale)

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..dispatch import Backend
 from ..pattern import Pattern
 from ._alloc import new_output
-from ._params import QUANT_BLOCK, Keep, fill_params, last_dim_contiguous, strides3
+from ._params import Keep, fill_params, int8_forward_via, last_dim_contiguous, strides3
 
 MAX_HEAD_DIM = 512
 
@@ -66,30 +66,39 @@ class CpuBackend(Backend):
         return None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, quant: Optional[str]):
-        mod = load_module()
         q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+        if quant == "int8":
+            return int8_forward_via(self, q, k, v, pattern)
+        mod = load_module()
         B, Hq, Nq, _ = q.shape
         out = new_output((B, Hq, Nq, v.shape[3]), q.dtype, q.device)
         lse = new_output((B, Hq, Nq), torch.float32, q.device)
         keep = Keep()
-        if quant == "int8":
-            from ..quant import quantize_qk
-            params = mod.AttnInt8Params()
-            q8, q_scale, k8, k_scale = quantize_qk(q, k, q_block=QUANT_BLOCK, k_block=QUANT_BLOCK,
-                                                   key_padding_mask=pattern.key_padding_mask)
-            fwd = params.fwd
-            fill_params(mod, fwd, q, k, v, out, lse, pattern, keep)
-            fwd.num_threads = num_threads()
-            params.fwd = fwd
-            params.q8, params.k8 = keep(q8), keep(k8)
-            params.q_scale, params.k_scale = keep(q_scale), keep(k_scale)
-            params.q_block, params.k_block = QUANT_BLOCK, QUANT_BLOCK
-            mod.attention_forward_int8(params)
-        else:
-            params = mod.AttnParams()
-            fill_params(mod, params, q, k, v, out, lse, pattern, keep)
-            params.num_threads = num_threads()
-            mod.attention_forward(params)
+        params = mod.AttnParams()
+        fill_params(mod, params, q, k, v, out, lse, pattern, keep)
+        params.num_threads = num_threads()
+        mod.attention_forward(params)
+        return out, lse
+
+    def forward_int8_quantized(self, q8, q_scale, k8, k_scale, v, q_like, pattern: Pattern,
+                               q_block: int, k_block: int):
+        """The INT8 kernel on pre-quantized Q/K (lse of the smoothed scores)."""
+        mod = load_module()
+        v = last_dim_contiguous(v)
+        B, Hq, Nq, _ = q8.shape
+        out = new_output((B, Hq, Nq, v.shape[3]), q_like.dtype, q_like.device)
+        lse = new_output((B, Hq, Nq), torch.float32, q_like.device)
+        keep = Keep()
+        params = mod.AttnInt8Params()
+        fwd = params.fwd
+        # Shapes and strides come from q_like and k8; the kernel reads q8/k8, never fwd.q/fwd.k.
+        fill_params(mod, fwd, q_like, k8, v, out, lse, pattern, keep)
+        fwd.num_threads = num_threads()
+        params.fwd = fwd
+        params.q8, params.k8 = keep(q8.contiguous()), keep(k8.contiguous())
+        params.q_scale, params.k_scale = keep(q_scale.contiguous()), keep(k_scale.contiguous())
+        params.q_block, params.k_block = q_block, k_block
+        mod.attention_forward_int8(params)
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, pattern: Pattern):

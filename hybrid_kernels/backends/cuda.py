@@ -16,7 +16,7 @@ from torch import Tensor
 from ..dispatch import Backend
 from ..pattern import Pattern
 from ._alloc import new_output
-from ._params import QUANT_BLOCK, Keep, fill_params
+from ._params import Keep, fill_params, int8_forward_via
 
 _MODULE = None
 _MODULE_ERROR: Optional[str] = None
@@ -81,39 +81,37 @@ class CudaBackend(Backend):
         return reasons
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, quant: Optional[str]):
+        if quant == "int8":
+            return int8_forward_via(self, q, k, v, pattern)
         mod = load_module()
         B, Hq, Nq, _ = q.shape
         out = new_output((B, Hq, Nq, v.shape[3]), q.dtype, q.device)
         lse = new_output((B, Hq, Nq), torch.float32, q.device)
-        stream = torch.cuda.current_stream(q.device).cuda_stream
-        keep = Keep()
-        if quant == "int8":
-            from ..quant import quantize_qk
-            q8, q_scale, k8, k_scale = quantize_qk(q, k, q_block=QUANT_BLOCK, k_block=QUANT_BLOCK,
-                                                   key_padding_mask=pattern.key_padding_mask)
-            self.forward_int8_quantized(q8, q_scale, k8, k_scale, v, out, lse, pattern, q, keep)
-            return out, lse
         q, k, v = _aligned(q), _aligned(k), _aligned(v)
+        keep = Keep()
         params = mod.AttnParams()
         fill_params(mod, params, q, k, v, out, lse, pattern, keep)
-        mod.attention_forward(params, stream)
+        mod.attention_forward(params, torch.cuda.current_stream(q.device).cuda_stream)
         return out, lse
 
-    def forward_int8_quantized(self, q8, q_scale, k8, k_scale, v, out, lse, pattern: Pattern,
-                               q_like: Tensor, keep: Keep, q_block: int = QUANT_BLOCK,
-                               k_block: int = QUANT_BLOCK) -> None:
-        """Run the split-K INT8 kernel on pre-quantized Q/K (e.g. from an Int8KVCache)."""
+    def forward_int8_quantized(self, q8, q_scale, k8, k_scale, v, q_like, pattern: Pattern,
+                               q_block: int, k_block: int):
+        """The split-K INT8 kernel on pre-quantized Q/K (lse of the smoothed scores)."""
         mod = load_module()
-        B, Hq, Nq = out.shape[:3]
+        v = _aligned(v)
+        B, Hq, Nq, _ = q8.shape
         Nk, Dv = v.shape[2], v.shape[3]
+        out = new_output((B, Hq, Nq, Dv), q_like.dtype, q_like.device)
+        lse = new_output((B, Hq, Nq), torch.float32, q_like.device)
         sms = torch.cuda.get_device_properties(v.device).multi_processor_count
         splits = num_splits_for(B * Hq * max(1, (Nq + 15) // 16), Nk, sms)
         partial_o = torch.empty((splits, B * Hq, Nq, Dv), dtype=torch.float32, device=v.device)
         partial_ml = torch.empty((splits, B * Hq, Nq, 2), dtype=torch.float32, device=v.device)
+        keep = Keep()
         sp = mod.Int8SplitParams()
         attn = sp.attn
         fwd = attn.fwd
-        # Shapes come from q and k8; the int8 kernel reads q8/k8 only, never fwd.q / fwd.k.
+        # Shapes and strides come from q_like and k8; the kernel reads q8/k8, never fwd.q/fwd.k.
         fill_params(mod, fwd, q_like, k8, v, out, lse, pattern, keep)
         attn.fwd = fwd
         attn.q8, attn.k8 = keep(q8.contiguous()), keep(k8.contiguous())
@@ -123,3 +121,4 @@ class CudaBackend(Backend):
         sp.num_splits = splits
         sp.partial_o, sp.partial_ml = keep(partial_o), keep(partial_ml)
         mod.attention_forward_int8(sp, torch.cuda.current_stream(v.device).cuda_stream)
+        return out, lse

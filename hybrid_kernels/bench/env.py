@@ -74,7 +74,7 @@ def cpu_features() -> Dict[str, object]:
         from ..backends.cpu import load_module
         mod = load_module()
     except Exception as exc:
-        return {"error": f"native CPU module not importable ({exc})"}
+        return {"error": f"native CPU module not built ({exc})"}
     return {"features": dict(mod.cpu_features()), "selected_isa": str(mod.selected_isa())}
 
 

@@ -70,6 +70,8 @@ class HkProvider(Provider):
         if why:
             return why
         dev_type = torch.device(device).type
+        if self.backend == "triton" and dev_type == "cpu":
+            return "Triton on CPU tensors (TRITON_INTERPRET=1) is for testing, not timing"
         if dev_type not in b.device_types_now():
             return f"runs on {sorted(b.device_types_now())}, not {dev_type}"
         return None

@@ -2,9 +2,8 @@
 its result (WRONG / ERROR rows are not timed) and time it."""
 from __future__ import annotations
 
-import gc
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
@@ -135,8 +134,7 @@ def run_case(case: Case, providers: Sequence[Provider], timing: TimingConfig = T
             except Exception as exc:
                 result.status, result.reason = ERROR, _short(exc)
         results.append(result)
-        del timed
-        gc.collect()
+        del timed  # free the provider's buffers before the next one runs
     sdpa = next((r for r in results if r.provider == "sdpa" and r.ms_median), None)
     for r in results:
         if sdpa is not None and r.ms_median:

@@ -24,14 +24,14 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 
 def forward_configs():
     if interpreting():
-        return [_cfg(16, 16, 1, 1)]
+        return [_cfg(32, 32, 1, 1)]
     return [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3),
             _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)]
 
 
 def backward_configs():
     if interpreting():
-        return [_cfg(16, 16, 1, 1)]
+        return [_cfg(32, 32, 1, 1)]
     return [_cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2),
             _cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2)]
 

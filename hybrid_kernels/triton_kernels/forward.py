@@ -126,10 +126,10 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
             s = scores(q, k, qs, KS, ks_base, j, col_ok, k_block, scale_log2, IEEE, QUANT)
             acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE)
 
-    has_any = l_i > 0.0
-    l_safe = tl.where(has_any, l_i, 1.0)
-    out = tl.where(has_any[:, None], acc / l_safe[:, None], 0.0)
-    lse = tl.where(has_any, (m_i + tl.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+    empty = l_i == 0.0  # (a NaN input gives l = NaN, not empty: it propagates like SDPA)
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
     o_base = O + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
     tl.store(o_base + i[:, None].to(tl.int64) * so_n + dv[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (dv[None, :] < DV))

@@ -1,0 +1,86 @@
+"""A pre-quantized INT8 key cache (plus 16-bit values) for repeated decode steps.
+
+Decode steps (FiD cross-attention, streaming) attend a few new queries to a long, fixed K/V.
+Quantizing K once, at cache creation, means every step reads 1 byte per K element instead of 2
+or 4 and never re-quantizes. K is smoothed (its mean over the real tokens subtracted) before
+quantization, which changes no softmax row; the returned lse is corrected back to the exact
+scores' lse.
+
+    cache = Int8KVCache.from_kv(k, v)            # k (B, Hk, Nk, D), v (B, Hk, Nk, Dv)
+    out = cache.attention(q, window=(256, 0), causal=True)   # q (B, Hq, Nq, D)
+
+On CUDA the split-K INT8 kernel runs; on CPU the VNNI kernel; otherwise an exact torch
+emulation of the same int8 arithmetic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends._params import QUANT_BLOCK
+from .quant import dequantize, quantize_qk
+
+__all__ = ["Int8KVCache"]
+
+
+@dataclass
+class Int8KVCache:
+    k8: Tensor                 # (B, Hk, Nk, D) int8, smoothed
+    k_scale: Tensor            # (B, Hk, ceil(Nk / block)) float32
+    k_mean: Tensor             # (B, Hk, 1, D) float32, subtracted before quantization
+    v: Tensor                  # (B, Hk, Nk, Dv)
+    key_padding_mask: Optional[Tensor] = None  # (B, Nk) bool, True = real
+    block: int = QUANT_BLOCK
+
+    @classmethod
+    def from_kv(cls, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
+                block: int = QUANT_BLOCK) -> "Int8KVCache":
+        if k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+            raise ValueError(f"k (B, Hk, Nk, D) and v (B, Hk, Nk, Dv) must agree; got k "
+                             f"{tuple(k.shape)}, v {tuple(v.shape)}")
+        # quantize_qk quantizes a query too; a one-token dummy keeps that cost negligible.
+        dummy_q = k.new_zeros((k.shape[0], 1, 1, k.shape[3]))
+        _, _, k8, k_scale, k_mean = quantize_qk(dummy_q, k, q_block=block, k_block=block,
+                                                key_padding_mask=key_padding_mask,
+                                                return_k_mean=True)
+        return cls(k8=k8, k_scale=k_scale, k_mean=k_mean, v=v.contiguous(),
+                   key_padding_mask=key_padding_mask, block=block)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k8, self.k_scale, self.k_mean, self.v))
+
+    def attention(self, q: Tensor, *, window=None, landmarks=None, causal: bool = False,
+                  scale: Optional[float] = None, return_lse: bool = False):
+        """hk.attention(q, K, V, quant="int8", ...) against the cached K/V (forward only)."""
+        from . import api
+        from .dispatch import Problem, get_backend, select_backend
+
+        fake_k = q.new_empty((1,)).expand(*self.k8.shape)  # shapes only, for validation
+        v = self.v if self.v.dtype == q.dtype else self.v.to(q.dtype)
+        pattern, _ = api.plan(q, fake_k, v, window=window, landmarks=landmarks, causal=causal,
+                              key_padding_mask=self.key_padding_mask, scale=scale, quant="int8")
+        q8, q_scale, _, _ = quantize_qk(q, q[:, :1, :1], q_block=self.block, k_block=self.block,
+                                        smooth_k=False)
+        problem = Problem.from_inputs(q, v, pattern, "int8", needs_grad=False)
+        backend = select_backend(problem, "auto")
+        if hasattr(backend, "forward_int8_quantized"):
+            out, lse = backend.forward_int8_quantized(q8, q_scale, self.k8, self.k_scale, v, q,
+                                                      pattern, self.block, self.block)
+        else:
+            k_deq = dequantize(self.k8, self.k_scale, self.block)
+            q_deq = dequantize(q8, q_scale, self.block)
+            out, lse = get_backend("reference").forward(q_deq, k_deq, v.float(), pattern, None)
+            out = out.to(q.dtype)
+        lse = lse + smoothing_lse_offset(q, self.k_mean, pattern.scale)
+        return (out, lse) if return_lse else out
+
+
+def smoothing_lse_offset(q: Tensor, k_mean: Tensor, scale: float) -> Tensor:
+    """scale * q . mean(k) per query row (B, Hq, Nq): what K smoothing removed from the lse."""
+    groups = q.shape[1] // k_mean.shape[1]
+    mean = k_mean.repeat_interleave(groups, dim=1) if groups > 1 else k_mean
+    return (q.float() @ mean.transpose(-1, -2)).squeeze(-1) * scale
