@@ -27,22 +27,32 @@ from hybrid_kernels.models.fid import FiDT5  # noqa: E402
 from hybrid_kernels.training import QATask, TrainConfig, Trainer, exact_match  # noqa: E402
 
 K_PASSAGES = 10
+D_MODEL = int(os.environ.get('FID_D_MODEL', 64))
 
 
 def small_t5_config(vocab_size: int, quick: bool):
     from transformers import T5Config
-    d = 64 if quick else 128
+    d = 32 if quick else D_MODEL
     return T5Config(vocab_size=vocab_size, d_model=d, d_kv=d // 4, d_ff=2 * d, num_layers=2,
                     num_decoder_layers=2, num_heads=4, dropout_rate=0.0,
                     relative_attention_num_buckets=16, relative_attention_max_distance=64,
                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
-def batches(task: QATask, n: int, batch_size: int, seed: int):
+def batches(task: QATask, n: int, batch_size: int, seed: int, ramp_steps: int = 0):
+    """Training batches. Curriculum (same for every n): during the first ``ramp_steps`` the gold
+    passage is always read and the number of passages grows from 1 to n; afterwards the model
+    reads n random passages of the k, exactly as at evaluation."""
     rng = random.Random(seed)
+    step = 0
     while True:
         exs = [task.example(rng) for _ in range(batch_size)]
-        yield task.batch(exs, n, rng)
+        if step < ramp_steps:
+            m = 1 + (n - 1) * step // ramp_steps
+            yield task.batch(exs, m, rng, include_gold=True)
+        else:
+            yield task.batch(exs, n, rng)
+        step += 1
 
 
 def fid_loss(model, batch):
@@ -71,13 +81,13 @@ def train_one(task, n, args):
                       progress=not args.quiet)
     trainer = Trainer(model, fid_loss, cfg)
     t0 = time.perf_counter()
-    trainer.train(batches(task, n, args.batch_size, seed=n))
+    trainer.train(batches(task, n, args.batch_size, seed=n, ramp_steps=args.ramp_steps))
     seconds = time.perf_counter() - t0
     model.eval()
     em = evaluate(model, task, n, args.eval_questions)
     last_loss = trainer.history[-1]["loss"] if trainer.history else float("nan")
-    return {"n_passages": n, "exact_match": em, "steps": trainer.step, "train_seconds": seconds,
-            "final_loss": last_loss}
+    return model, {"n_passages": n, "exact_match": em, "steps": trainer.step,
+                   "train_seconds": seconds, "final_loss": last_loss}
 
 
 def _time(fn, repeats):
@@ -99,7 +109,7 @@ def decode_speed(passages, layers=6, heads=8, d_kv=64, passage_len=128, beams=1,
     mask.view(1, passages, passage_len)[:, :, passage_len - 16:] = False   # some padding
     kv = [(torch.randn(1, heads, N, d_kv, generator=g), torch.randn(1, heads, N, d_kv, generator=g))
           for _ in range(layers)]
-    q = torch.randn(beams, heads, 1, d_kv, generator=g)
+    q = torch.randn(beams, heads, 1, d_kv, generator=g) * d_kv ** -0.5   # T5 folds 1/sqrt(d) into q
     caches = {name: [CrossKV(k, v, mask, passage_len, quant) for k, v in kv]
               for name, quant in (("fp32", None), ("int8", "int8"))}
     row = {"passages": passages, "keys": N}
@@ -119,7 +129,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny model, few steps")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--ramp-steps", type=int, default=None, help="curriculum length (see batches)")
     ap.add_argument("--seconds-base", type=float, default=None, help="training budget per model: base + per-passage * n")
     ap.add_argument("--seconds-per-passage", type=float, default=None)
     ap.add_argument("--eval-questions", type=int, default=None)
@@ -133,7 +144,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     q = args.quick
     args.steps = args.steps or (30 if q else 3000)
-    args.batch_size = args.batch_size or (8 if q else 32)
+    args.batch_size = args.batch_size or (8 if q else 16)
+    args.ramp_steps = args.ramp_steps if args.ramp_steps is not None else args.steps // 3
     args.seconds_base = args.seconds_base if args.seconds_base is not None else (10 if q else 60)
     args.seconds_per_passage = (args.seconds_per_passage if args.seconds_per_passage is not None
                                 else (1 if q else 45))
@@ -145,8 +157,12 @@ def main(argv=None):
     t_start = time.perf_counter()
     results = []
     for n in args.passages:
-        r = train_one(task, n, args)
+        model, r = train_one(task, n, args)
         results.append(r)
+        if args.save_dir and n == max(args.passages):
+            from hybrid_kernels.rag import save_tokenizer
+            model.save_pretrained(args.save_dir)
+            save_tokenizer(task.tokenizer, args.save_dir)
         print(f"n_passages={n:>2}: EM {100 * r['exact_match']:5.1f}%  ({r['steps']} steps, "
               f"{r['train_seconds']:.0f}s, final loss {r['final_loss']:.3f})", flush=True)
     print("\n| n_passages | exact match | train steps | train time |")

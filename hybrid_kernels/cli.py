@@ -114,9 +114,13 @@ def _info(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "bench":
-        return _bench(args)
+        try:
+            return _bench(args)
+        except ValueError as exc:  # bad option values (pattern, dtype, provider names)
+            parser.error(str(exc))
     return _info(args)
 
 

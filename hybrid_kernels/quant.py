@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .reference import masked_softmax_lse, visibility_mask
@@ -49,21 +48,59 @@ def _check_inputs(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor]) -> N
                              f"{(k.shape[0], k.shape[2])}")
 
 
-def _quantize_blocks(x: Tensor, block: int) -> Tuple[Tensor, Tensor]:
-    """x float32 (B, H, N, D) -> (int8 (B, H, N, D) contiguous, scales float32 (B, H, nb))."""
+# Rounding by adding 1.5 * 2^23: the float32 sum is round-to-nearest-even(y) + MAGIC, and the low
+# byte of its bit pattern is that integer as int8 (|y| <= 127). It fuses rounding and conversion.
+_MAGIC = 12582912.0
+# Elements per chunk of the quantize pass (about 1 MiB of float32): small temporaries are reused
+# from the heap, while whole-tensor temporaries would be fresh mmaps paid for in page faults.
+_CHUNK = 1 << 18
+
+
+def _block_absmax(x: Tensor, block: int, shift: Optional[Tensor]) -> Tensor:
+    """max |x - shift| per block of ``block`` tokens: (B, H, nb) float32. Uses per-block max/min
+    (monotone rounding makes max(x - s) == max(x) - s exactly), so x - shift is never built."""
     B, H, N, D = x.shape
-    nb = -(-N // block)
-    xp = F.pad(x, (0, 0, 0, nb * block - N)) if nb * block != N else x
-    xb = xp.reshape(B, H, nb, block * D)
-    absmax = torch.linalg.vector_norm(xb, ord=float("inf"), dim=-1)  # one pass, no |x| copy
-    scale = absmax / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))    # zero block -> exact zeros
-    y = torch.mul(xb, (1.0 / scale).unsqueeze(-1))
-    y.round_()
-    q8 = y.to(torch.int8).reshape(B, H, nb * block, D)
-    if nb * block != N:
-        q8 = q8[:, :, :N]
-    return q8.contiguous(), scale.contiguous()
+    nfull = N // block
+    parts = [x.new_zeros(B, H, 0)]
+    for lo, hi, nb in ((0, nfull * block, nfull), (nfull * block, N, 1 if N % block else 0)):
+        if nb == 0:
+            continue
+        xb = x[:, :, lo:hi].reshape(B, H, nb, hi - lo, D) if nb == 1 else \
+            x[:, :, lo:hi].reshape(B, H, nb, block, D)
+        mx, mn = torch.amax(xb, dim=3), torch.amin(xb, dim=3)  # (B, H, nb, D)
+        if shift is not None:
+            mx, mn = mx - shift, mn - shift
+        parts.append(torch.maximum(mx.amax(-1), -mn.amin(-1)))
+    return torch.cat(parts, dim=2)
+
+
+def _quantize_blocks(x: Tensor, block: int, shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """x float32 (B, H, N, D), shift (B, H, 1, D) or None -> (int8 of round((x - shift) / scale)
+    (B, H, N, D) contiguous, scale float32 (B, H, ceil(N / block)))."""
+    B, H, N, D = x.shape
+    scale = _block_absmax(x, block, shift) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero block -> exact zeros
+    inv_tok = (1.0 / scale).repeat_interleave(block, dim=2)[:, :, :N].reshape(B * H, N, 1)
+    out = torch.empty(B * H, N, D, dtype=torch.int8, device=x.device)
+    if out.numel() == 0:
+        return out.view(B, H, N, D), scale.contiguous()
+    xf = x.reshape(B * H, N, D)
+    sf = None if shift is None else shift.reshape(B * H, 1, D)
+    heads = max(1, _CHUNK // max(1, N * D))       # heads per chunk when a head is small
+    toks = N if heads > 1 else max(1, _CHUNK // D)  # tokens per chunk otherwise
+    buf = torch.empty(min(heads, B * H), min(toks, N), D, device=x.device)
+    for h0 in range(0, B * H, heads):
+        h1 = min(h0 + heads, B * H)
+        for t0 in range(0, N, toks):
+            t1 = min(t0 + toks, N)
+            y = buf[: h1 - h0, : t1 - t0]
+            xc = xf[h0:h1, t0:t1]
+            if sf is not None:
+                xc = torch.sub(xc, sf[h0:h1], out=y)
+            torch.mul(xc, inv_tok[h0:h1, t0:t1], out=y)  # (addcmul is far slower here)
+            y.add_(_MAGIC)
+            out[h0:h1, t0:t1].copy_(y.view(torch.int32))
+    return out.view(B, H, N, D), scale.contiguous()
 
 
 def quantize_qk(
@@ -88,22 +125,21 @@ def quantize_qk(
     _check_inputs(q, k, key_padding_mask)
     _check_block("q_block", q_block)
     _check_block("k_block", k_block)
-    kf = k.float()
+    kf = k.float()  # may alias k: everything below is out of place
     mean = None
-    if smooth_k or key_padding_mask is not None:
+    if smooth_k:
         if key_padding_mask is None:
             mean = kf.mean(dim=2, keepdim=True)
         else:
-            real = key_padding_mask[:, None, :, None].to(kf.dtype)
-            count = real.sum(dim=2, keepdim=True).clamp_min(1.0)
-            mean = (kf * real).sum(dim=2, keepdim=True) / count if smooth_k else None
-        # k.float() may alias k (float32 input): these ops are out of place.
-        if mean is not None:
-            kf = kf - mean
-        if key_padding_mask is not None:
-            kf = kf.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+            real = key_padding_mask[:, None, None, :].to(kf.dtype)        # (B, 1, 1, Nk)
+            count = real.sum(dim=-1, keepdim=True).clamp_min(1.0)
+            mean = torch.matmul(real, kf) / count                         # (B, Hk, 1, D)
+    if key_padding_mask is not None:
+        # Padded keys are never seen: zero them (after smoothing) so they cannot inflate a scale.
+        fill = torch.zeros((), dtype=kf.dtype) if mean is None else mean
+        kf = torch.where(key_padding_mask[:, None, :, None], kf, fill)
     q8, q_scale = _quantize_blocks(q.float(), q_block)
-    k8, k_scale = _quantize_blocks(kf, k_block)
+    k8, k_scale = _quantize_blocks(kf, k_block, mean)
     if return_k_mean:
         if mean is None:
             mean = kf.new_zeros(k.shape[0], k.shape[1], 1, k.shape[3])

@@ -42,10 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    p.add_argument("--quick", action="store_true", help="tiny setting for tests: 160 tokens, 1 repeat")
+    p.add_argument("--quick", action="store_true", help="tiny setting for tests: 128 tokens, 1 repeat")
     args = p.parse_args(argv)
     if args.quick:
-        args.seq_len, args.repeats, args.window, args.landmarks = 160, 1, (16, 16), 16
+        args.seq_len, args.repeats, args.window, args.landmarks = 128, 1, (16, 16), 16
     return args
 
 
@@ -86,11 +86,51 @@ def extend_positions(model, seq_len: int) -> bool:
 
 def make_inputs(tokenizer, config, batch: int, seq_len: int):
     if tokenizer is not None:
-        ids = tokenizer(TEXT * (seq_len // 20 + 1), add_special_tokens=False)["input_ids"][:seq_len]
+        text = TEXT * (seq_len // 20 + 1)
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:seq_len]
         ids = torch.tensor(ids).expand(batch, -1).clone()
     else:
-        ids = torch.randint(5, config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(5, config.vocab_size, (batch, seq_len), generator=gen)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def kernel_backend(model, seq_len: int, window, landmarks, quant, backend: str) -> str:
+    """Name of the hk backend that runs this model's attention shape (e.g. "cpu", "reference")."""
+    from hybrid_kernels.dispatch import Problem
+
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
+    if not heads or not head_dim:
+        return "unknown"
+    q = torch.empty(1, heads, seq_len, head_dim, dtype=model.dtype, device=model.device)
+    pattern, quant = hk.plan(q, q, q, window=window, landmarks=landmarks, quant=quant)
+    return hk.select_backend(Problem.from_inputs(q, q, pattern, quant, False), backend).name
+
+
+def attention_only(model, seq_len: int, batch: int, window, landmarks, quant, backend: str,
+                   repeats: int):
+    """Median seconds of one attention call at the model's shape: (F.sdpa, hk.attention)."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, dtype=model.dtype, device=model.device)
+               for _ in range(3))
+    calls = {"sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+             "hk": lambda: hk.attention(q, k, v, window=window, landmarks=landmarks, quant=quant,
+                                        backend=backend)}
+    result = {}
+    with torch.inference_mode():
+        for name, fn in calls.items():
+            fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            result[name] = statistics.median(times)
+    return result["sdpa"], result["hk"]
 
 
 def timed(model, inputs, repeats: int):
@@ -118,18 +158,30 @@ def main(argv=None) -> dict:
                                         landmarks=args.landmarks or None, quant=quant,
                                         backend=args.backend)
     out, t_hyb = timed(model, inputs, args.repeats)
+    used = kernel_backend(model, args.seq_len, tuple(args.window), args.landmarks or None, quant,
+                          args.backend)
+
+    try:
+        a_sdpa, a_hk = attention_only(model, args.seq_len, args.batch, tuple(args.window),
+                                      args.landmarks or None, quant, args.backend, args.repeats)
+    except (AttributeError, TypeError):  # config without num_attention_heads / hidden_size
+        a_sdpa = a_hk = float("nan")
 
     cos = torch.nn.functional.cosine_similarity(ref.mean(1), out.mean(1), dim=-1).min().item()
     result = {"model": path, "seq_len": args.seq_len, "batch": args.batch,
               "window": tuple(args.window), "landmarks": args.landmarks, "quant": quant,
-              "positions_extended": extended, "sdpa_s": t_ref, "hybrid_s": t_hyb,
-              "speedup": t_ref / t_hyb, "cosine": cos, "max_abs_diff": (ref - out).abs().max().item()}
+              "positions_extended": extended, "hk_backend": used, "sdpa_s": t_ref,
+              "hybrid_s": t_hyb, "speedup": t_ref / t_hyb, "attention_sdpa_s": a_sdpa,
+              "attention_hk_s": a_hk, "cosine": cos, "max_abs_diff": (ref - out).abs().max().item()}
     print(f"model {path}  ({args.batch} x {args.seq_len} tokens"
           f"{', position embeddings tiled' if extended else ''}, {torch.get_num_threads()} threads)")
     print(f"pattern window={tuple(args.window)} landmarks={args.landmarks or None} quant={quant} "
-          f"backend={args.backend}")
+          f"backend={args.backend} (runs on: {used})")
     print(f"sdpa            {t_ref * 1e3:9.1f} ms")
     print(f"hybrid_kernels  {t_hyb * 1e3:9.1f} ms   speedup x{result['speedup']:.2f}")
+    heads = getattr(model.config, "num_attention_heads", "?")
+    print(f"one attention call ({args.batch} x {heads} heads x {args.seq_len} tokens): "
+          f"sdpa {a_sdpa * 1e3:.1f} ms, hk {a_hk * 1e3:.1f} ms, speedup x{a_sdpa / a_hk:.2f}")
     print(f"mean-pooled embedding cosine to sdpa {cos:.5f}   max |diff| of hidden states "
           f"{result['max_abs_diff']:.4f}")
     return result

@@ -339,7 +339,8 @@ static void process_tile(const Ctx& c, Tile& t, const Rows& rows, RowMode mode, 
         const unsigned bits = static_cast<unsigned>((m >> j) & lane_all);
         const typename Vec::R x_ = Vec::fma(Vec::load(Srow + j), vscale, neg_lse);
         const typename Vec::R pv = Vec::maskz(bits, Vec::exp(x_));
-        const typename Vec::R ds = Vec::mul(Vec::mul(pv, Vec::sub(Vec::load(dProw + j), delta)), vscale);
+        const typename Vec::R dp = Vec::sub(Vec::load(dProw + j), delta);
+        const typename Vec::R ds = Vec::mul(Vec::mul(pv, dp), vscale);
         Vec::store(Srow + j, pv);
         Vec::store(dProw + j, Vec::maskz(bits, ds));
       }
@@ -379,8 +380,8 @@ static Layout make_layout(const AttnParams& f, int64_t Dp, int64_t Dvp) {
                   round_up(f.Dv * kKeys, a) + round_up(kKeys * Dvp, a) + 2 * kKeys /* keys */;
   L.ring = imin(ring_slots(f), imax(2, kRingBytes / (L.tile_floats * 4)));
   L.head_floats = round_up(kRows * Dp, a) * 2 + round_up(kRows * Dvp, a) + 3 * kRows;
-  const int64_t group = f.Hq / f.Hk;
-  L.floats = (L.ring + 1) * L.tile_floats + group * L.head_floats + 2 * kRows * kKeys +
+  const int64_t heads = imin(f.Hq / f.Hk, 64);  // run_item handles the group 64 heads at a time
+  L.floats = (L.ring + 1) * L.tile_floats + heads * L.head_floats + 2 * kRows * kKeys +
              2 * kRows /* masks */ + round_up(Dvp, a);
   L.bytes = round_up(L.floats * 4, 64);
   return L;
@@ -435,7 +436,7 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
     new (&ring[s]) Tile(carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp));
   }
   Tile gather = carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp);
-  HeadBlock heads[64];  // group <= 64 is not assumed: see the chunk loop below
+  HeadBlock heads[64];  // the group is processed 64 heads at a time
   Scratch sc;
   sc.S = a.take(kRows * kKeys);
   sc.dP = a.take(kRows * kKeys);

@@ -25,12 +25,6 @@ struct KVF32 {
   int64_t vs;
 };
 
-inline float load_as_f32(const void* base, int64_t i, DType dt) {
-  if (dt == DType::F32) return static_cast<const float*>(base)[i];
-  const uint16_t h = static_cast<const uint16_t*>(base)[i];
-  return dt == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
-}
-
 // Per call: fp32 views of K and V per (b, kv head) and the gathered landmark rows.
 template <class V>
 class PrepF32 {
@@ -100,12 +94,14 @@ struct CoreF32 {
   static constexpr int W = V::W;
   static constexpr int QV = QVt;
   static constexpr int BQ = QV * W;
-  static constexpr int JT = 32;
+  static constexpr int JT = 64;
   static constexpr bool kPairKeys = false;
+  static R exp2(R x) { return V::exp2(x); }
 
   struct Work {
-    explicit Work(const AttnParams& p) : Qt(p.D * BQ), D(p.D), Dv(p.Dv) {}
+    explicit Work(const AttnParams& p) : Qt(p.D * BQ), row(p.D), D(p.D), Dv(p.Dv) {}
     AlignedBuf<float> Qt;  // Qt[d * BQ + lane] = q[lane][d] * scale * log2(e)
+    AlignedBuf<float> row;
     int64_t D, Dv;
   };
 
@@ -114,7 +110,17 @@ struct CoreF32 {
     float* Qt = w.Qt.get();
     for (int i = 0; i < BQ; ++i) {
       if (i < nr) {
-        for (int64_t d = 0; d < w.D; ++d) Qt[d * BQ + i] = load_as_f32(rows[i], d, p.dtype) * c;
+        const float* q = static_cast<const float*>(rows[i]);
+        if (p.dtype != DType::F32) {
+          const uint16_t* src = static_cast<const uint16_t*>(rows[i]);
+          if (p.dtype == DType::F16) {
+            V::f16_to_f32_row(w.row.get(), src, w.D);
+          } else {
+            for (int64_t d = 0; d < w.D; ++d) w.row[d] = bf16_to_f32(src[d]);
+          }
+          q = w.row.get();
+        }
+        for (int64_t d = 0; d < w.D; ++d) Qt[d * BQ + i] = q[d] * c;
       } else {
         for (int64_t d = 0; d < w.D; ++d) Qt[d * BQ + i] = 0.f;
       }

@@ -11,6 +11,7 @@
 //
 // Core concept (see fwd_core_f32.h, fwd_core_bf16_avx512.h):
 //   using V; QV, BQ = QV * V::W, JT; kPairKeys (band tiles must start at even keys)
+//   static R exp2(R x);  (2^x for x <= 0, exactly 0 for -inf)
 //   struct Prep { explicit Prep(const AttnParams&); KV band(b, h) const; KV landmarks(b, h) const; }
 //   struct Work { explicit Work(const AttnParams&); }
 //   static void pack_q(Work&, const AttnParams&, const void* const* rows, int nr);
@@ -43,9 +44,9 @@ class ForwardDriver {
 
   struct ThreadState {
     explicit ThreadState(const AttnParams& p)
-        : core(p), S(int64_t(JT) * BQ), Ot(p.Dv * BQ), lo(JT), hi(JT) {}
+        : core(p), S(int64_t(JT) * BQ), Ot(p.Dv * BQ), row(p.Dv), lo(JT), hi(JT) {}
     typename Core::Work core;
-    AlignedBuf<float> S, Ot;
+    AlignedBuf<float> S, Ot, row;
     AlignedBuf<int> lo, hi;  // per-key visible lane range [lo, hi] of a masked tile
     R m[QV], l[QV], alpha[QV];
   };
@@ -115,10 +116,10 @@ class ForwardDriver {
       for (int j = 0; j < n; ++j) mt = V::max(mt, V::load(S + j * BQ + v * W));
       const R m_new = V::max(ts.m[v], mt);
       const R m_use = V::neg_inf_to_zero(m_new);  // rows that saw nothing yet keep p = 0
-      ts.alpha[v] = V::exp2(V::sub(ts.m[v], m_use));
+      ts.alpha[v] = Core::exp2(V::sub(ts.m[v], m_use));
       R sum = V::zero();
       for (int j = 0; j < n; ++j) {
-        const R pj = V::exp2(V::sub(V::load(S + j * BQ + v * W), m_use));
+        const R pj = Core::exp2(V::sub(V::load(S + j * BQ + v * W), m_use));
         V::store(S + j * BQ + v * W, pj);
         sum = V::add(sum, pj);
       }
@@ -156,8 +157,9 @@ class ForwardDriver {
         uint16_t* o = static_cast<uint16_t*>(p.o) + o_off;
         for (int64_t e = 0; e < p.Dv; ++e) o[e] = f32_to_bf16(Ot[e * BQ + i] * inv);
       } else {
-        uint16_t* o = static_cast<uint16_t*>(p.o) + o_off;
-        for (int64_t e = 0; e < p.Dv; ++e) o[e] = f32_to_f16(Ot[e * BQ + i] * inv);
+        float* row = ts.row.get();
+        for (int64_t e = 0; e < p.Dv; ++e) row[e] = Ot[e * BQ + i] * inv;
+        V::f32_to_f16_row(static_cast<uint16_t*>(p.o) + o_off, row, p.Dv);
       }
     }
   }

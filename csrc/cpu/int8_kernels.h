@@ -12,6 +12,10 @@
 #pragma once
 #include <cstdint>
 
+// Fully unroll the fixed-size register-tile loops early: GCC 12 at -O3 otherwise keeps the
+// accumulator arrays in memory and stores them on every iteration of the key loop.
+#define HK_INT8_UNROLL _Pragma("GCC unroll 16")
+
 namespace hk {
 namespace cpu {
 namespace int8 {

@@ -65,22 +65,22 @@ __attribute__((target("avxvnni"))) inline void qk_vnni_block(
     const uint8_t* q, int64_t Dp, const int8_t* k, const int32_t* colcorr,
     const float* key_scale, const float* row_scale, float* S) {
   __m256i acc[R][NV];
-  for (int v = 0; v < NV; ++v) {
+  HK_INT8_UNROLL for (int v = 0; v < NV; ++v) {
     const __m256i init = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colcorr + 8 * v));
-    for (int r = 0; r < R; ++r) acc[r][v] = init;
+    HK_INT8_UNROLL for (int r = 0; r < R; ++r) acc[r][v] = init;
   }
   const int64_t cstride = int64_t(kChunk) * Dp;
   for (int64_t g = 0; g < Dp / 4; ++g) {
     __m256i kv[NV];
-    for (int v = 0; v < NV; ++v)
+    HK_INT8_UNROLL for (int v = 0; v < NV; ++v)
       kv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + (v / 2) * cstride + g * 64 + (v % 2) * 32));
-    for (int r = 0; r < R; ++r) {
+    HK_INT8_UNROLL for (int r = 0; r < R; ++r) {
       const __m256i qb = _mm256_set1_epi32(load_i32(q + r * Dp + 4 * g));
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_dpbusd_avx_epi32(acc[r][v], qb, kv[v]);
+      HK_INT8_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_dpbusd_avx_epi32(acc[r][v], qb, kv[v]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v)
+  HK_INT8_UNROLL for (int r = 0; r < R; ++r)
+    HK_INT8_UNROLL for (int v = 0; v < NV; ++v)
       store_scores(acc[r][v], key_scale + 8 * v, row_scale[r], S + r * kTile + 8 * v);
 }
 
@@ -207,20 +207,20 @@ template <int R, int C>
 inline void pv_block(float* O, int64_t ldo, const float* P, int c0, int c1, const float* alpha,
                      const float* V, int64_t ldv, const __m256i* dm) {
   __m256 acc[R][C];
-  for (int r = 0; r < R; ++r) {
+  HK_INT8_UNROLL for (int r = 0; r < R; ++r) {
     const __m256 a = _mm256_set1_ps(alpha[r]);
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_mul_ps(_mm256_loadu_ps(O + r * ldo + 8 * c), a);
+    HK_INT8_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm256_mul_ps(_mm256_loadu_ps(O + r * ldo + 8 * c), a);
   }
   for (int j = c0; j < c1; ++j) {
     __m256 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = _mm256_maskload_ps(V + j * ldv + 8 * c, dm[c]);
-    for (int r = 0; r < R; ++r) {
+    HK_INT8_UNROLL for (int c = 0; c < C; ++c) vv[c] = _mm256_maskload_ps(V + j * ldv + 8 * c, dm[c]);
+    HK_INT8_UNROLL for (int r = 0; r < R; ++r) {
       const __m256 pb = _mm256_broadcast_ss(P + r * kTile + j);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(pb, vv[c], acc[r][c]);
+      HK_INT8_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(pb, vv[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) _mm256_storeu_ps(O + r * ldo + 8 * c, acc[r][c]);
+  HK_INT8_UNROLL for (int r = 0; r < R; ++r)
+    HK_INT8_UNROLL for (int c = 0; c < C; ++c) _mm256_storeu_ps(O + r * ldo + 8 * c, acc[r][c]);
 }
 
 template <int C>

@@ -39,22 +39,22 @@ template <int R, int C>
 inline void qk_block(const uint8_t* q, int64_t Dp, const int8_t* k, const int32_t* colcorr,
                      const float* key_scale, const float* row_scale, float* S) {
   __m512i acc[R][C];
-  for (int c = 0; c < C; ++c) {
+  HK_INT8_UNROLL for (int c = 0; c < C; ++c) {
     const __m512i init = _mm512_loadu_si512(colcorr + 16 * c);
-    for (int r = 0; r < R; ++r) acc[r][c] = init;
+    HK_INT8_UNROLL for (int r = 0; r < R; ++r) acc[r][c] = init;
   }
   const int64_t cstride = int64_t(kChunk) * Dp;
   for (int64_t g = 0; g < Dp / 4; ++g) {
     __m512i kv[C];
-    for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_si512(k + c * cstride + g * 64);
-    for (int r = 0; r < R; ++r) {
+    HK_INT8_UNROLL for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_si512(k + c * cstride + g * 64);
+    HK_INT8_UNROLL for (int r = 0; r < R; ++r) {
       const __m512i qb = _mm512_set1_epi32(load_i32(q + r * Dp + 4 * g));
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], qb, kv[c]);
+      HK_INT8_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], qb, kv[c]);
     }
   }
-  for (int r = 0; r < R; ++r) {
+  HK_INT8_UNROLL for (int r = 0; r < R; ++r) {
     const __m512 rs = _mm512_set1_ps(row_scale[r]);
-    for (int c = 0; c < C; ++c) {
+    HK_INT8_UNROLL for (int c = 0; c < C; ++c) {
       const __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(key_scale + 16 * c), rs);
       _mm512_storeu_ps(S + r * kTile + 16 * c, _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][c]), sc));
     }
@@ -165,20 +165,20 @@ template <int R, int C>
 inline void pv_block(float* O, int64_t ldo, const float* P, int c0, int c1, const float* alpha,
                      const float* V, int64_t ldv, const __mmask16* dm) {
   __m512 acc[R][C];
-  for (int r = 0; r < R; ++r) {
+  HK_INT8_UNROLL for (int r = 0; r < R; ++r) {
     const __m512 a = _mm512_set1_ps(alpha[r]);
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(O + r * ldo + 16 * c), a);
+    HK_INT8_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(O + r * ldo + 16 * c), a);
   }
   for (int j = c0; j < c1; ++j) {
     __m512 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = _mm512_maskz_loadu_ps(dm[c], V + j * ldv + 16 * c);
-    for (int r = 0; r < R; ++r) {
+    HK_INT8_UNROLL for (int c = 0; c < C; ++c) vv[c] = _mm512_maskz_loadu_ps(dm[c], V + j * ldv + 16 * c);
+    HK_INT8_UNROLL for (int r = 0; r < R; ++r) {
       const __m512 pb = _mm512_set1_ps(P[r * kTile + j]);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
+      HK_INT8_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(O + r * ldo + 16 * c, acc[r][c]);
+  HK_INT8_UNROLL for (int r = 0; r < R; ++r)
+    HK_INT8_UNROLL for (int c = 0; c < C; ++c) _mm512_storeu_ps(O + r * ldo + 16 * c, acc[r][c]);
 }
 
 template <int C>

@@ -82,13 +82,10 @@ void from_float(const float* src, DType dtype, int64_t n, void* dst) {
   }
 }
 
-const Kernels* select_kernels(const std::string& isa_name) {
+const Kernels* select_kernels(const std::string& name) {
   static const Isa isa = probe();
-  std::string name = isa_name;
-#ifdef HK_INT8_TEST_ISA_ENV  // developer builds only, while selected_isa() is a stub
-  if (const char* env = std::getenv("HYBRID_KERNELS_CPU_ISA")) name = env;
-  else name = "avx512";
-  if (std::getenv("HK_INT8_NO_AVX_VNNI") && isa.avx2) return kernels_avx2(false);
+#ifdef HK_INT8_TEST_NO_AVX_VNNI  // developer builds: exercise the vpmaddwd path on VNNI machines
+  if (name == "avx2" && isa.avx2 && std::getenv("HK_INT8_NO_AVX_VNNI")) return kernels_avx2(false);
 #endif
   if (name == "avx512" && isa.avx512) return kernels_avx512();
   if ((name == "avx512" || name == "avx2") && isa.avx2) return kernels_avx2(isa.avx_vnni);

@@ -22,9 +22,10 @@ __all__ = ["FlexProvider"]
 
 
 @functools.lru_cache(maxsize=None)
-def _flex():
+def _flex(compiled: bool = True):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    return torch.compile(flex_attention, dynamic=False), create_block_mask
+    return (torch.compile(flex_attention, dynamic=False) if compiled else flex_attention,
+            create_block_mask)
 
 
 def _band(r, j, left: int, right: int, causal: bool):
@@ -40,15 +41,18 @@ class FlexProvider(Provider):
     name = "flex"
     description = "torch FlexAttention, compiled (window as block mask, landmarks in front)"
 
+    def __init__(self, compiled: bool = True):
+        self.compiled = compiled  # eager only for quick correctness tests of the arrangement
+
     def unavailable_reason(self, device: str) -> Optional[str]:
         try:
-            _flex()
-        except Exception as exc:  # old torch or no compiler
+            import torch.nn.attention.flex_attention  # noqa: F401  (compiled on first use)
+        except Exception as exc:  # torch too old
             return f"FlexAttention unavailable ({type(exc).__name__}: {exc})"
         return None
 
     def build(self, case: Case, q, k, v):
-        flex, create_block_mask = _flex()
+        flex, create_block_mask = _flex(self.compiled)
         p = case.pattern
         nq, nk, off = case.n_q, case.n, case.n - case.n_q
         kw = dict(scale=case.head_dim ** -0.5, enable_gqa=case.heads_q != case.heads_kv)

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional
 import torch
 
 __all__ = ["Stats", "TimingConfig", "measure", "set_threads", "current_threads", "synchronize",
-           "peak_rss_increase"]
+           "peak_rss_increase", "synchronized", "rounds_for"]
 
 THREADS_ENV = "HYBRID_KERNELS_NUM_THREADS"
 
@@ -77,6 +77,29 @@ def current_threads() -> int:
 def synchronize(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def synchronized(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """``fn`` followed by a device synchronize (for wall-clock timers such as pytest-benchmark)."""
+    if not str(device).startswith("cuda"):
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
+def rounds_for(fn: Callable[[], object], device: str = "cpu",
+               config: TimingConfig = TimingConfig()) -> int:
+    """How many repeats of ``fn`` fill ``config.target_seconds`` (within min/max repeats)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    once = max(time.perf_counter() - t0, 1e-6)
+    return int(min(config.max_repeats, max(config.min_repeats, config.target_seconds / once)))
 
 
 _L2_FLUSH = {}

@@ -54,7 +54,12 @@ def validate_settings(settings) -> None:
     """Raise ValueError/TypeError naming the bad entry of a ``hybrid_attention`` dict."""
     settings = _as_dict(settings)
     _spec(settings)
-    for idx, override in (settings.get("layers") or {}).items():
+    layers = settings.get("layers") or {}
+    if not isinstance(layers, dict):
+        raise TypeError(f"config.{CONFIG_KEY}['layers'] must be a dict {{layer_idx: settings}}")
+    for idx, override in layers.items():
+        if not str(idx).isdigit():
+            raise ValueError(f"config.{CONFIG_KEY}['layers'] keys must be layer indices; got {idx!r}")
         _spec({**settings, **_as_dict(override)})
 
 

@@ -20,6 +20,8 @@ dtypes) runs transformers' own SDPA function with the pattern added to the mask:
 """
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -55,7 +57,8 @@ def enable(model, *, window=None, landmarks=None, quant: Optional[str] = None,
     if isinstance(window, tuple):
         window = list(window)
     settings = {"window": window, "landmarks": landmarks, "quant": quant, "backend": backend,
-                "cross_attention": cross_attention, "layers": layers or {}}
+                "cross_attention": cross_attention,
+                "layers": {str(k): v for k, v in (layers or {}).items()}}  # JSON-safe keys
     validate_settings(settings)
     seen = set()
     for module in model.modules():
@@ -84,7 +87,8 @@ def hybrid_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
         padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
         if padding is not None:
             padding = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
-        if allow_is_bidirectional_skip and (padding is None or (can_inspect_values() and bool(padding.all()))):
+        all_real = padding is None or (can_inspect_values() and bool(padding.all()))
+        if allow_is_bidirectional_skip and all_real:
             return None
         if padding is None:
             padding = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
@@ -97,9 +101,27 @@ def hybrid_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
                      device=device, **kwargs)
 
 
+# Every layer of one forward gets the same mask object: remember the last one read, so a
+# materialized causal+padding mask is value-checked once per forward, not once per layer.
+_last_read: list = [None, None, None]  # [weakref to mask, (version, batch, nq, nk), result]
+
+
 def read_mask(mask: Tensor, batch: int, nq: int, nk: int) -> Optional[Tuple[Optional[Tensor], bool]]:
     """A 4-D transformers mask -> (key padding mask (B, Nk) True = real or None, causal), or
     None when the kernels cannot express it."""
+    if not can_inspect_values() or not isinstance(mask, Tensor):
+        return _read_mask(mask, batch, nq, nk)
+    version = -1 if mask.is_inference() else mask._version  # inference tensors have none
+    key = (version, batch, nq, nk)
+    ref, last_key, result = _last_read
+    if ref is not None and ref() is mask and last_key == key:
+        return result
+    result = _read_mask(mask, batch, nq, nk)
+    _last_read[:] = [weakref.ref(mask), key, result]
+    return result
+
+
+def _read_mask(mask: Tensor, batch: int, nq: int, nk: int) -> Optional[Tuple[Optional[Tensor], bool]]:
     if not isinstance(mask, Tensor) or mask.dim() != 4 or mask.shape[1] != 1:
         return None
     if mask.shape[0] not in (1, batch) or mask.shape[-1] != nk or mask.shape[-2] not in (1, nq):
@@ -115,7 +137,8 @@ def read_mask(mask: Tensor, batch: int, nq: int, nk: int) -> Optional[Tuple[Opti
         kpm = allowed[:, 0, -1, :]  # the last query sees every real key, causal or not
         if bool((allowed == kpm[:, None, None, :]).all()):
             causal = False
-        elif bool((allowed == (bottom_right_causal(nq, nk, mask.device) & kpm[:, None, None, :])).all()):
+        elif bool((allowed == (bottom_right_causal(nq, nk, mask.device)
+                               & kpm[:, None, None, :])).all()):
             causal = True
         else:
             return None
@@ -133,6 +156,8 @@ def hybrid_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"attn_implementation={NAME!r} does not support {unsupported!r}; "
                              "use 'eager'")
+    if kwargs.get("output_attentions", False):
+        _warn_once("does not return attention weights (output_attentions=True); use 'eager'")
     spec = layer_spec(module)
     if kwargs.get("cache") is not None:  # paged cache (continuous batching): SDPA does it all
         if spec.restricts:
@@ -168,10 +193,20 @@ def hybrid_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor
         return out.transpose(1, 2).contiguous(), None
 
     if spec.restricts:
-        attention_mask = _with_pattern(attention_mask, spec, query, key, causal=bool(is_causal) and Nq > 1)
+        attention_mask = _with_pattern(attention_mask, spec, query, key,
+                                       causal=bool(is_causal) and Nq > 1)
         is_causal = False
     return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                  position_bias, kwargs)
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"attn_implementation={NAME!r} {message}", UserWarning, stacklevel=3)
 
 
 def _with_pattern(mask: Optional[Tensor], spec: PatternSpec, query: Tensor, key: Tensor,

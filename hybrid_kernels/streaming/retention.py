@@ -10,8 +10,11 @@ by :meth:`RetentionStore.search` (``"least_retrieved"``, ties broken by age).
 Vector store protocol (what ``store=`` must provide): ``add(ids: LongTensor (m,), vectors:
 Tensor (m, d))``, ``search(queries: (m, d), k) -> (scores (m, k'), ids (m, k'))`` by cosine
 similarity, best first, k' = min(k, len), ``remove(ids)``, ``__len__``, ``state_dict()``,
-``load_state_dict(state)`` and ``nbytes()``. :class:`TorchCosineStore` is the minimal pure-torch
-implementation used by default (exact search over at most ``capacity`` vectors).
+``load_state_dict(state)`` and ``nbytes()``. By default the store is
+:class:`hybrid_kernels.retrieval.VectorStore` (faiss, exact "flat" index) behind
+:class:`VectorStoreAdapter`; when faiss is not installed it is :class:`TorchCosineStore`, a
+minimal pure-torch exact cosine store with the same protocol. Both are bounded by ``capacity``
+(evicted vectors are really removed from the flat index).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["TorchCosineStore", "RetentionStore"]
+__all__ = ["TorchCosineStore", "VectorStoreAdapter", "default_store", "RetentionStore"]
 
 EVICTION_POLICIES = ("oldest", "least_retrieved")
 
@@ -70,6 +73,66 @@ class TorchCosineStore:
         self.vectors, self.ids = vectors.clone(), ids.clone()
 
 
+class VectorStoreAdapter:
+    """:class:`hybrid_kernels.retrieval.VectorStore` (faiss flat, cosine) behind the protocol.
+
+    The raw vectors are also kept (capacity x dim floats) so that :meth:`state_dict` /
+    :meth:`load_state_dict` rebuild an identical index (bit-exact resume) without touching files.
+    """
+
+    def __init__(self, dim: int):
+        from ..retrieval import VectorStore
+        self.dim = dim
+        self._make = lambda: VectorStore(dim, index="flat", metric="ip", normalize=True, use_gpu=False)
+        self.store = self._make()
+        self.raw = torch.zeros(0, dim)
+        self.ids = torch.zeros(0, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def add(self, ids: Tensor, vectors: Tensor) -> None:
+        vectors = vectors.detach().float().cpu()
+        self.store.add(vectors, ids=ids.tolist())
+        self.raw = torch.cat([self.raw, vectors])
+        self.ids = torch.cat([self.ids, ids.to(torch.int64).cpu()])
+
+    def search(self, queries: Tensor, k: int):
+        scores, ids = self.store.search(queries.detach().float().cpu(), k=min(k, len(self)))
+        return torch.from_numpy(scores), torch.from_numpy(ids)
+
+    def remove(self, ids: Tensor) -> None:
+        self.store.remove(ids.cpu().numpy())
+        keep = ~torch.isin(self.ids, ids.cpu())
+        self.raw, self.ids = self.raw[keep], self.ids[keep]
+
+    def nbytes(self) -> int:
+        # faiss flat index: one float32 vector + one int64 id per entry; plus the raw copies.
+        return len(self) * (self.dim * 4 + 8) + self.raw.nbytes + self.ids.nbytes
+
+    def state_dict(self) -> Dict[str, Tensor]:
+        return {"vectors": self.raw.clone(), "ids": self.ids.clone()}
+
+    def load_state_dict(self, state: Dict[str, Tensor]) -> None:
+        vectors, ids = state["vectors"], state["ids"]
+        if vectors.dim() != 2 or vectors.shape[1] != self.dim or ids.shape != (vectors.shape[0],):
+            raise ValueError(f"store state has vectors {tuple(vectors.shape)} and ids "
+                             f"{tuple(ids.shape)}; expected (m, {self.dim}) and (m,)")
+        store = self._make()
+        if len(ids):
+            store.add(vectors, ids=ids.tolist())
+        self.store, self.raw, self.ids = store, vectors.clone(), ids.clone()
+
+
+def default_store(dim: int):
+    """hybrid_kernels.retrieval.VectorStore (faiss) if faiss is installed, else TorchCosineStore."""
+    try:
+        import faiss  # noqa: F401
+        return VectorStoreAdapter(dim)
+    except ImportError:
+        return TorchCosineStore(dim)
+
+
 class RetentionStore:
     """Segments of a stream's output embeddings, bounded to ``capacity`` entries.
 
@@ -79,7 +142,7 @@ class RetentionStore:
         segment_tokens: tokens per segment (>= 1).
         eviction: "oldest" or "least_retrieved".
         store: a vector store following the protocol in the module docstring; default
-            :class:`TorchCosineStore`.
+            :func:`default_store` (faiss VectorStore, else TorchCosineStore).
     """
 
     def __init__(self, dim: int, *, capacity: int = 1024, segment_tokens: int = 64,
@@ -90,7 +153,7 @@ class RetentionStore:
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction must be one of {EVICTION_POLICIES}; got {eviction!r}")
         self.dim, self.capacity, self.segment_tokens, self.eviction = dim, capacity, segment_tokens, eviction
-        self.store = TorchCosineStore(dim) if store is None else store
+        self.store = default_store(dim) if store is None else store
         self.reset()
 
     def reset(self) -> None:

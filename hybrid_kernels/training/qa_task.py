@@ -138,15 +138,21 @@ class QATask:
         return [self.example(rng) for _ in range(count)]
 
     def batch(self, examples: Sequence[QAExample], n_passages: int, rng: random.Random,
-              with_labels: bool = True) -> Dict[str, Tensor]:
-        """FiD tensors for a model reading ``n_passages`` of the k passages, drawn at random."""
+              with_labels: bool = True, include_gold: bool = False) -> Dict[str, Tensor]:
+        """FiD tensors for a model reading ``n_passages`` of the k passages, drawn at random
+        (``include_gold``: the gold passage is always one of them, for curricula)."""
         from ..models.fid import format_passage
         if not 1 <= n_passages <= self.k:
             raise ValueError(f"n_passages must be in [1, {self.k}]; got {n_passages}")
         tok = self.tokenizer
         rows = []
         for ex in examples:
-            chosen = rng.sample(range(self.k), n_passages)
+            if include_gold:
+                others = rng.sample([i for i in range(self.k) if i != ex.gold_index], n_passages - 1)
+                chosen = others + [ex.gold_index]
+                rng.shuffle(chosen)
+            else:
+                chosen = rng.sample(range(self.k), n_passages)
             rows.append([tok.encode(format_passage(ex.question, *ex.passages[i])) for i in chosen])
         L = max(len(ids) for row in rows for ids in row)
         input_ids = torch.zeros((len(rows), n_passages, L), dtype=torch.long)

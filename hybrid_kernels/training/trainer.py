@@ -82,7 +82,7 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
-            running += float(loss)
+            running += float(loss.detach())
             seen += 1
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 rec = {"step": self.step, "loss": running / seen,

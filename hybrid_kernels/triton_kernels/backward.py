@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .configs import PATTERN_KEYS, backward_configs, dot_precision, padded_head_dim
 from .forward import LOG2E, last_dim_contiguous
-from .masking import dot, landmark_visible, query_band, query_rows, visible, window_band
+from .masking import dot, to_dtype, landmark_visible, query_band, query_rows, visible, window_band
 from .pattern_args import pattern_args
 
 
@@ -46,16 +46,16 @@ def dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, IEEE: tl.constexpr):
     p = probabilities(q, k, lse2, vis, scale_log2, IEEE)
     dp = dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
-    return dq + dot(ds.to(k.dtype), k, IEEE)
+    return dq + dot(to_dtype(ds, k.dtype, IEEE), k, IEEE)
 
 
 @triton.jit
 def dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE: tl.constexpr):
     p = probabilities(q, k, lse2, vis, scale_log2, IEEE)
-    dv = dv + dot(tl.trans(p.to(do.dtype)), do, IEEE)
+    dv = dv + dot(tl.trans(to_dtype(p, do.dtype, IEEE)), do, IEEE)
     dp = dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
-    dk = dk + dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    dk = dk + dot(tl.trans(to_dtype(ds, q.dtype, IEEE)), q, IEEE)
     return dk, dv
 
 
@@ -131,7 +131,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
 
     dq_base = DQ + b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h
     tl.store(dq_base + i[:, None].to(tl.int64) * sdq_n + d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
+             to_dtype(dq * scale, DQ.dtype.element_ty, IEEE), mask=row_ok[:, None] & (d[None, :] < D))
 
 
 @triton.autotune(configs=backward_configs(), key=PATTERN_KEYS)
@@ -210,9 +210,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD,
                 dk, dv = dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
 
     tl.store(DK + b.to(tl.int64) * sdk_b + hk.to(tl.int64) * sdk_h + j64 * sdk_n + d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None] & (d[None, :] < D))
+             to_dtype(dk * scale, DK.dtype.element_ty, IEEE), mask=col_ok[:, None] & (d[None, :] < D))
     tl.store(DVG + b.to(tl.int64) * sdv_b + hk.to(tl.int64) * sdv_h + j64 * sdv_n + dvr[None, :],
-             dv.to(DVG.dtype.element_ty), mask=col_ok[:, None] & (dvr[None, :] < DV))
+             to_dtype(dv, DVG.dtype.element_ty, IEEE), mask=col_ok[:, None] & (dvr[None, :] < DV))
 
 
 def _s3(t):

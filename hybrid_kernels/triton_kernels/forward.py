@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .configs import PATTERN_KEYS, dot_precision, forward_configs, padded_head_dim
-from .masking import dot, landmark_visible, query_rows, visible, window_band
+from .masking import dot, to_dtype, landmark_visible, query_rows, visible, window_band
 from .pattern_args import pattern_args
 from .quantize import int8_scores
 
@@ -43,7 +43,7 @@ def online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE: tl.constexpr):
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
+    acc = acc * alpha[:, None] + dot(to_dtype(p, v.dtype, IEEE), v, IEEE)
     return acc, m_new, l_i
 
 
@@ -131,7 +131,7 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
     o_base = O + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
-    tl.store(o_base + i[:, None].to(tl.int64) * so_n + dv[None, :], out.to(O.dtype.element_ty),
+    tl.store(o_base + i[:, None].to(tl.int64) * so_n + dv[None, :], to_dtype(out, O.dtype.element_ty, IEEE),
              mask=row_ok[:, None] & (dv[None, :] < DV))
     tl.store(LSE + bh.to(tl.int64) * Nq + i, lse, mask=row_ok)
 

@@ -81,3 +81,14 @@ def dot(a, b, IEEE: tl.constexpr):
     else:
         res = tl.dot(a, b)
     return res
+
+
+@triton.jit
+def to_dtype(x, dtype: tl.constexpr, IEEE: tl.constexpr):
+    """x.to(dtype); with IEEE == 2 (interpreter, bf16) round to nearest even first, because the
+    interpreter's fp32 -> bf16 cast truncates (the GPU rounds)."""
+    if IEEE == 2:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

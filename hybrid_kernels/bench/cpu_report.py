@@ -1,0 +1,204 @@
+"""The CPU attention benchmark of issue 2, in one run, with the ratios its targets are stated in.
+
+B=1, Hq=8, D=64, window (256, 256), 16 landmarks, N in {4096, 16384, 65536}, fp32 and bf16:
+hk (cpu), the blocked reference, SDPA with an explicit bool mask (where it fits) and
+FlexAttention compiled in its best arrangement; the torch.mm 4096^2 rate as the anchor; hk's int8
+forward, its backward, and its peak memory at the largest N.
+
+``python bench/cpu_attention_report.py [--sizes 4096,16384,65536]`` prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .cases import Case, parse_pattern
+from .providers import get_providers
+from .runner import Result, run_case
+from .timing import TimingConfig, measure, set_threads
+
+__all__ = ["issue2_case", "mm_gflops", "Issue2", "ratio_rows", "format_issue2", "main",
+           "SIZES", "TARGET_N", "COMPETITORS"]
+
+SIZES = (4096, 16384, 65536)
+TARGET_N = 16384
+COMPETITORS = ("hk-cpu", "reference", "sdpa", "flex")
+PURE_TORCH = ("sdpa", "reference")
+REPORT_TIMING = TimingConfig(warmup=1, min_repeats=3, max_repeats=20, target_seconds=2.0)
+
+
+def issue2_case(n: int, dtype: torch.dtype = torch.float32, mode: str = "fwd",
+                quant: bool = False) -> Case:
+    spec = parse_pattern("int8" if quant else "window+landmarks", (256, 256), 16)
+    return Case(spec, n, dtype, mode, batch=1, heads_q=8, heads_kv=8, head_dim=64, device="cpu")
+
+
+def mm_gflops(dtype: torch.dtype = torch.float32, n: int = 4096,
+              timing: TimingConfig = REPORT_TIMING) -> float:
+    """torch.mm of two n x n matrices, in GFLOP/s (2 n^3 FLOPs)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    stats = measure(lambda: torch.mm(a, b), "cpu", timing)
+    return 2.0 * n ** 3 / (stats.median * 1e6)
+
+
+@dataclass
+class Issue2:
+    """Results of one report run, indexed for the ratios."""
+    mm_fp32: Optional[float] = None
+    mm_bf16: Optional[float] = None
+    results: List[Result] = field(default_factory=list)
+    memory: Dict[int, Dict] = field(default_factory=dict)   # N -> peak_memory_subprocess()
+
+    def get(self, provider: str, n: int, dtype=torch.float32, mode="fwd",
+            quant=False) -> Optional[Result]:
+        for r in self.results:
+            c = r.case
+            if (r.provider == provider and c.n == n and c.dtype == dtype and c.mode == mode
+                    and bool(c.pattern.quant) == quant and r.ms_median):
+                return r
+        return None
+
+    def add(self, results: Sequence[Result]) -> None:
+        self.results.extend(results)
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a and b else None
+
+
+def ratio_rows(rep: Issue2, n: int) -> List[Tuple[str, Optional[float], str, Optional[bool]]]:
+    """(what, value, target, met) for the issue's targets at sequence length ``n``."""
+    f32 = rep.get("hk-cpu", n)
+    gf = lambda r: r.gflops if r else None  # noqa: E731
+    ms = lambda r: r.ms_median if r else None  # noqa: E731
+    flex = rep.get("flex", n)
+    torch_best = min((r for r in (rep.get(p, n) for p in PURE_TORCH) if r),
+                     key=lambda r: r.ms_median, default=None)
+    rows = [
+        ("hk fp32 fwd GF/s / torch.mm fp32 GF/s", _ratio(gf(f32), rep.mm_fp32), ">= 0.65"),
+        ("hk fp32 fwd speedup vs flex (best arrangement)", _ratio(ms(flex), ms(f32)), ">= 1.5"),
+        (f"hk fp32 fwd speedup vs best pure torch "
+         f"({torch_best.provider if torch_best else '-'})", _ratio(ms(torch_best), ms(f32)),
+         ">= 2"),
+        ("hk bf16 fwd speedup vs hk fp32 fwd",
+         _ratio(ms(f32), ms(rep.get("hk-cpu", n, torch.bfloat16))), ">= 2"),
+        ("hk int8 fwd speedup vs hk fp32 fwd",
+         _ratio(ms(f32), ms(rep.get("hk-cpu", n, quant=True))), ">= 2"),
+        ("hk fp32 bwd time / fwd time", _ratio(ms(rep.get("hk-cpu", n, mode="bwd")), ms(f32)),
+         "<= 3"),
+    ]
+    out = []
+    for what, value, target in rows:
+        met = None
+        if value is not None:
+            op, bound = target.split()
+            met = value >= float(bound) if op == ">=" else value <= float(bound)
+        out.append((what, value, target, met))
+    return out
+
+
+def _memory_row(rep: Issue2):
+    for n, mem in sorted(rep.memory.items()):
+        if mem and "peak_bytes" in mem and mem["peak_bytes"] is not None:
+            total = mem["qkv_bytes"] + mem["peak_bytes"]
+            value = total / mem["io_bytes"]
+            return (f"hk fp32 fwd peak memory / (q+k+v+out) at N={n} "
+                    f"({total / 2**20:.0f} / {mem['io_bytes'] / 2**20:.0f} MiB)", value, "<= 2",
+                    value <= 2)
+        if mem:
+            return (f"hk fp32 fwd peak memory at N={n}", None, "<= 2",
+                    None) if "error" not in mem else (
+                        f"hk peak memory at N={n}: {mem['error']}", None, "<= 2", None)
+    return None
+
+
+def format_issue2(rep: Issue2, sizes: Sequence[int], threads: int, env_line: str = "") -> str:
+    lines = ["Issue 2 CPU benchmark: B=1, Hq=8, D=64, window (256, 256), 16 landmarks "
+             f"(evenly spaced), threads={threads}"]
+    if env_line:
+        lines.append(env_line)
+    lines.append(f"anchor: torch.mm 4096^2 fp32 {rep.mm_fp32 or 0:.1f} GF/s, "
+                 f"bf16 {rep.mm_bf16 or 0:.1f} GF/s (visible pairs only: 4*pairs*D FLOPs fwd, "
+                 f"2.5x that bwd)")
+    lines.append("")
+    head = f"{'N':>6} {'dtype':<5} {'mode':<8} {'provider':<10} {'ms median':>10} {'GF/s':>8} " \
+           f"{'% mm fp32':>9} {'max err':>8}  status"
+    lines += [head, "-" * len(head)]
+    for r in sorted(rep.results, key=lambda r: (r.case.n, r.case.dtype != torch.float32,
+                                                 r.case.mode, bool(r.case.pattern.quant))):
+        if not r.available and r.provider not in COMPETITORS:
+            continue
+        c = r.case
+        mode = c.mode + ("/int8" if c.pattern.quant else "")
+        pct = f"{100 * r.gflops / rep.mm_fp32:8.0f}%" if r.gflops and rep.mm_fp32 else "-"
+        status = r.status if r.status == "ok" else f"{r.status}: {r.reason[:70]}"
+        lines.append(f"{c.n:>6} {c.dtype_name:<5} {mode:<8} {r.provider:<10} "
+                     f"{(f'{r.ms_median:10.2f}' if r.ms_median else '-'):>10} "
+                     f"{(f'{r.gflops:8.1f}' if r.gflops else '-'):>8} {pct:>9} "
+                     f"{(f'{r.max_abs_err:8.1e}' if r.max_abs_err is not None else '-'):>8}  "
+                     f"{status}")
+    for n in sizes:
+        lines += ["", f"targets at N={n}" + (" (the issue's reference size)" if n == TARGET_N
+                                                else "")]
+        rows = ratio_rows(rep, n)
+        mem = _memory_row(rep) if n == max(sizes) else None
+        if mem:
+            rows.append(mem)
+        for what, value, target, met in rows:
+            verdict = "n/a" if met is None else ("met" if met else "NOT met")
+            lines.append(f"  {what:<62} {(f'{value:6.2f}' if value is not None else '   -  ')}"
+                         f"  target {target:<7} {verdict}")
+    return "\n".join(lines)
+
+
+def run_report(sizes: Sequence[int] = SIZES, dtypes=(torch.float32, torch.bfloat16),
+               timing: TimingConfig = REPORT_TIMING, threads: Optional[int] = None,
+               memory: bool = True, progress=print) -> Tuple[Issue2, int]:
+    from .memory import peak_memory_subprocess
+    threads = set_threads(threads)
+    rep = Issue2()
+    progress("measuring torch.mm anchors ...")
+    rep.mm_fp32 = mm_gflops(torch.float32, timing=timing)
+    rep.mm_bf16 = mm_gflops(torch.bfloat16, timing=timing)
+    competitors = get_providers(list(COMPETITORS))
+    (hk,) = get_providers(["hk-cpu"])
+    for n in sizes:
+        for dtype in dtypes:
+            progress(f"N={n} {dtype}: {', '.join(COMPETITORS)} ...")
+            rep.add(run_case(issue2_case(n, dtype), competitors, timing))
+        progress(f"N={n}: hk int8 forward, hk fp32 backward ...")
+        rep.add(run_case(issue2_case(n, quant=True), [hk], timing))
+        rep.add(run_case(issue2_case(n, mode="bwd"), [hk], timing))
+    if memory:
+        n = max(sizes)
+        progress(f"N={n}: hk peak memory (fresh process) ...")
+        rep.memory[n] = peak_memory_subprocess(issue2_case(n), "hk-cpu")
+    return rep, threads
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args(argv)
+    from .env import environment
+    sizes = [int(x) for x in args.sizes.replace(",", " ").split()]
+    dtypes = (torch.float32, torch.bfloat16) if args.bf16 else (torch.float32,)
+    rep, threads = run_report(sizes, dtypes, threads=args.threads, memory=not args.no_memory)
+    env = environment("cpu", threads)
+    env_line = (f"{env['device_name']}, torch {env['versions']['torch']}, "
+                f"hybrid_kernels {env['versions']['hybrid_kernels']} ({env['git_revision']})"
+                + (f", kernel ISA {env['cpu_isa']}" if env.get("cpu_isa") else ""))
+    print()
+    print(format_issue2(rep, sizes, threads, env_line))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
