@@ -9,16 +9,12 @@ HK_BENCH_MODES, HK_BENCH_PROVIDERS (comma lists) for bench/test_attention.py;
 HK_ISSUE2_SIZES for bench/test_cpu_attention.py.
 """
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hybrid_kernels.bench import get_providers, make_inputs, prepare, set_threads  # noqa: E402
-from hybrid_kernels.bench.check import expected_result  # noqa: E402
-from hybrid_kernels.bench.runner import Result  # noqa: E402
-from hybrid_kernels.bench.timing import TimingConfig, rounds_for, synchronized  # noqa: E402
+from hybrid_kernels.bench import get_providers, make_inputs, prepare, set_threads
+from hybrid_kernels.bench.check import expected_result
+from hybrid_kernels.bench.timing import TimingConfig, rounds_for, synchronized
 
 BENCH_TIMING = TimingConfig(min_repeats=3, max_repeats=50, target_seconds=1.0)
 

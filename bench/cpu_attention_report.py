@@ -1,11 +1,14 @@
 """Print issue 2's CPU benchmark table in one run (see hybrid_kernels/bench/cpu_report.py).
 
-    PYTHONPATH=. python bench/cpu_attention_report.py [--sizes 4096,16384,65536] [--threads N]
+    python bench/cpu_attention_report.py [--sizes 4096,16384,65536] [--threads N]
 """
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+try:  # the installed package, else this checkout
+    import hybrid_kernels  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hybrid_kernels.bench.cpu_report import main  # noqa: E402
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import env_list
-from hybrid_kernels.bench.cpu_report import COMPETITORS, issue2_case, mm_gflops
+from hybrid_kernels.bench.cpu_report import COMPETITORS, issue2_case
 from hybrid_kernels.bench.memory import peak_memory_subprocess
 
 SIZES = [int(n) for n in env_list("HK_ISSUE2_SIZES", "4096,16384,65536")]

@@ -130,6 +130,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--hard-negatives", type=float, default=0.0,
+                    help="share of other-person distractors that state the asked relation")
     ap.add_argument("--ramp-steps", type=int, default=None, help="curriculum length (see batches)")
     ap.add_argument("--seconds-base", type=float, default=None, help="training budget per model: base + per-passage * n")
     ap.add_argument("--seconds-per-passage", type=float, default=None)
@@ -143,17 +145,17 @@ def main(argv=None):
                     help="torch threads (1: the machine is shared; more threads contend)")
     args = ap.parse_args(argv)
     q = args.quick
-    args.steps = args.steps or (30 if q else 3000)
+    args.steps = args.steps or (30 if q else 1500)
     args.batch_size = args.batch_size or (8 if q else 16)
     args.ramp_steps = args.ramp_steps if args.ramp_steps is not None else args.steps // 3
     args.seconds_base = args.seconds_base if args.seconds_base is not None else (10 if q else 60)
     args.seconds_per_passage = (args.seconds_per_passage if args.seconds_per_passage is not None
-                                else (1 if q else 45))
+                                else (1 if q else 40))
     args.eval_questions = args.eval_questions or (20 if q else 500)
     speed_passages = args.speed_passages or ([2] if q else [10, 50])
     torch.set_num_threads(args.threads)
 
-    task = QATask(num_passages=K_PASSAGES)
+    task = QATask(num_passages=K_PASSAGES, hard_negatives=args.hard_negatives)
     t_start = time.perf_counter()
     results = []
     for n in args.passages:

@@ -7,11 +7,13 @@ import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers the custom ops)
-from .dispatch import Problem, select_backend
+from .dispatch import Problem, _ensure_registered, select_backend
 from .pattern import (Pattern, normalize_key_padding_mask, normalize_landmarks, normalize_scale,
                       normalize_window)
 
 __all__ = ["attention", "plan"]
+
+_ensure_registered()
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")

@@ -53,7 +53,7 @@ def _check_inputs(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor]) -> N
 _MAGIC = 12582912.0
 # Elements per chunk of the quantize pass (about 1 MiB of float32): small temporaries are reused
 # from the heap, while whole-tensor temporaries would be fresh mmaps paid for in page faults.
-_CHUNK = 1 << 18
+_CHUNK = 1 << 20
 
 
 def _block_absmax(x: Tensor, block: int, shift: Optional[Tensor]) -> Tensor:

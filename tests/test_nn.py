@@ -40,6 +40,8 @@ def test_from_mha_unlimited_matches(batch_first, need_weights):
                    dict(attn_mask=torch.ones(L, L, dtype=torch.bool).triu(1), key_padding_mask=pad),
                    dict(attn_mask=torch.ones(L, L, dtype=torch.bool).triu(1), is_causal=True),
                    dict(attn_mask=torch.randn(L, L)),                      # a real additive bias
+                   dict(key_padding_mask=torch.randn(B, L),                # additive padding bias
+                        attn_mask=(torch.rand(L, L) > 0.7).fill_diagonal_(False)),
                    dict(attn_mask=torch.randn(B * 4, L, L), average_attn_weights=False)):
         a, wa = mha(x, x, x, need_weights=need_weights, **kwargs)
         b, wb = hyb(x, x, x, need_weights=need_weights, **kwargs)

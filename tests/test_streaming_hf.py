@@ -54,3 +54,16 @@ def test_decode_beyond_window_matches_streamingllm_recompute():
             ctx = list(range(min(t, S))) + list(range(max(S, t - W), t)) + [t]
             ref = m(seq[:, ctx]).logits[:, -1]
             torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_reorders_the_sink_cache():
+    m = _model()
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    kw = dict(attention_mask=mask, num_beams=3, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    full = m.generate(ids, past_key_values=DynamicCache(), **kw)
+    assert torch.equal(full, m.generate(ids, past_key_values=SinkWindowHFCache.from_model(m, S, W), **kw))
+    cache = SinkWindowHFCache.from_model(m, S, W)
+    kw.update(max_new_tokens=30, min_new_tokens=30)
+    assert m.generate(ids, past_key_values=cache, **kw).shape == (2, 36)
+    assert all(layer.cached_length() == S + W for layer in cache.layers)

@@ -37,9 +37,14 @@ TRITON_CASES = [LIGHT_GQA] + [c for c in CASES if c.id not in {
     Case("n17_d64_causal_lm_pad", B=2, Hq=4, Hk=1, Nq=17, Nk=17, D=64, window=(3, 2),
          landmarks="per_batch", G=3, causal=True, padding=True),
     Case("n1_single_key", Nq=1, Nk=1, window=(0, 0), landmarks="shared", G=1),
+    # windows wider than a tile: interior (unmasked) tiles next to masked edge tiles
+    Case("causal_wide_window_gqa", B=1, Hq=2, Hk=1, window=(80, 0), landmarks="shared", G=3,
+         causal=True),
+    Case("wide_window_nq_lt_nk", Nq=70, Nk=97, window=(35, 45), landmarks=None),
 ]
 FAST_IDS = {"d59_gqa_window_lm_pad", "decode_like_nq_lt_nk", "nq_gt_nk_negative_rows",
-            "empty_rows", "causal_window_stride", "n17_d64_causal_lm_pad"}
+            "empty_rows", "causal_window_stride", "n17_d64_causal_lm_pad",
+            "causal_wide_window_gqa", "wide_window_nq_lt_nk"}
 FAST = [c for c in TRITON_CASES if c.id in FAST_IDS]
 
 

@@ -30,6 +30,7 @@ PYBIND11_MODULE(_C_cuda, m) {
     int n = 0;
     return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
   });
+  m.def("int8_rows_per_cta", &hk::cuda::int8_rows_per_cta, py::arg("nq"));
   m.def(
       "attention_forward",
       [](const hk::AttnParams& p, std::uintptr_t stream) { hk::cuda::attention_forward(p, as_stream(stream)); },

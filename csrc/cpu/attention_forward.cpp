@@ -32,8 +32,9 @@ void check_landmarks(const AttnParams& p) {
     for (int64_t g = 0; g < p.num_landmarks; ++g) {
       require(lm[g] >= 0 && lm[g] < p.Nk, "landmarks must lie in [0, Nk)");
       require(g == 0 || lm[g] > lm[g - 1], "landmarks must be sorted and unique");
-      require(flags[lm[g]] != 0, "landmark_flags disagree with landmarks");
     }
+    for (int64_t g = 0; g < p.num_landmarks; ++g)
+      require(flags[lm[g]] != 0, "landmark_flags disagree with landmarks");
     int64_t count = 0;
     for (int64_t j = 0; j < p.Nk; ++j) count += flags[j] != 0;
     require(count == p.num_landmarks, "landmark_flags disagree with landmarks");

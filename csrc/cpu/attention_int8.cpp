@@ -87,8 +87,20 @@ struct KvPack {
   int8::AlignedBuf<int32_t> lcolcorr;
   int8::AlignedBuf<float> lkscale;
   int8::AlignedBuf<float> lv;          // (G, Dv) fp32, row stride ldv_lm
-  int8::AlignedBuf<float> v;           // (Nk, Dv) fp32 when dtype != F32
+  int8::AlignedBuf<float> v;           // (Nk, Dv) fp32 when dtype is F16 (or BF16 without pv_bf16)
+  int8::AlignedBuf<uint16_t> vp, lvp;  // bf16 V / landmark V in key pairs (Kernels::pv_bf16)
 };
+
+// bf16 rows src[j * ld] (n rows, Dv each) -> key-pair layout dst[(j / 2) * 2 * Dvp + 2 * d + j % 2].
+void pack_v_pairs(const uint16_t* base, int64_t ld, const int32_t* idx, int64_t n, int64_t Dv,
+                  int64_t Dvp, uint16_t* dst) {
+  std::memset(dst, 0, sizeof(uint16_t) * size_t((n + 1) / 2 * 2 * Dvp));
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* row = base + (idx ? int64_t(idx[j]) : j) * ld;
+    uint16_t* out = dst + (j / 2) * 2 * Dvp + (j % 2);
+    for (int64_t d = 0; d < Dv; ++d) out[2 * d] = row[d];
+  }
+}
 
 void pack_keys(const int8_t* k8, int64_t D, int64_t Dp, const int32_t* idx, int64_t n,
                int64_t n_padded, const float* kscale_blocks, int64_t k_block, int8_t* out,
@@ -104,10 +116,9 @@ void pack_keys(const int8_t* k8, int64_t D, int64_t Dp, const int32_t* idx, int6
     const int8_t* row = k8 + src * D;
     int8_t* chunk = out + (j / kChunk) * kChunk * Dp + (j % kChunk) * 4;
     int32_t sum = 0;
-    for (int64_t d = 0; d < D; ++d) {
-      chunk[(d / 4) * kChunk * 4 + d % 4] = row[d];
-      sum += row[d];
-    }
+    for (int64_t d = 0; d < D; ++d) sum += row[d];
+    for (int64_t d = 0; d < D; d += 4)  // 4-dim groups; a partial last group stays zero-padded
+      std::memcpy(chunk + d * kChunk, row + d, size_t(std::min<int64_t>(4, D - d)));
     colcorr[j] = -128 * sum;
     kscale[j] = kscale_blocks[src / k_block];
   }
@@ -117,6 +128,7 @@ struct Ctx {
   const AttnInt8Params* p;
   const Kernels* kern;
   int64_t Dp, Dvp, nqb, nkb, groups, offset, G;
+  bool bf16_pv;  // bf16 V multiplied in bf16 pairs (fp32 accumulation) by Kernels::pv_bf16
   std::vector<KvPack>* packs;
   const std::vector<int32_t>* real_prefix;  // (B, Nk + 1) count of real keys, empty: no padding
 };
@@ -149,7 +161,15 @@ void pack_one(const Ctx& c, int64_t b, int64_t hk) {
   const char* vbase = static_cast<const char*>(f.v);
   const size_t esz = f.dtype == DType::F32 ? 4 : 2;
   const int64_t voff = b * f.v_stride[0] + hk * f.v_stride[1];
-  if (f.dtype != DType::F32) {
+  if (c.bf16_pv) {
+    const uint16_t* vb = static_cast<const uint16_t*>(f.v) + voff;
+    kv.vp.alloc((f.Nk + 1) / 2 * 2 * c.Dvp);
+    pack_v_pairs(vb, f.v_stride[2], nullptr, f.Nk, f.Dv, c.Dvp, kv.vp.p);
+    if (c.G > 0) {
+      kv.lvp.alloc((c.G + 1) / 2 * 2 * c.Dvp);
+      pack_v_pairs(vb, f.v_stride[2], landmarks_of(f, b), c.G, f.Dv, c.Dvp, kv.lvp.p);
+    }
+  } else if (f.dtype != DType::F32) {
     kv.v.alloc(f.Nk * f.Dv);
     for (int64_t j = 0; j < f.Nk; ++j)
       int8::to_float(vbase + (voff + j * f.v_stride[2]) * esz, f.dtype, f.Dv,
@@ -162,6 +182,7 @@ void pack_one(const Ctx& c, int64_t b, int64_t hk) {
     kv.lkscale.alloc(g16);
     pack_keys(k8, f.D, c.Dp, landmarks_of(f, b), c.G, g16, ks, p.k_block, kv.lk.p,
               kv.lcolcorr.p, kv.lkscale.p);
+    if (c.bf16_pv) return;
     kv.lv.alloc(c.G * c.Dvp);
     const int32_t* lm = landmarks_of(f, b);
     for (int64_t g = 0; g < c.G; ++g)
@@ -205,16 +226,23 @@ void begin_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, const int64_t* 
 }
 
 // One tile: scores, optional mask, online softmax, PV.
+// V: fp32 rows (stride ldv), or with c.bf16_pv the key-pair bf16 V starting at this tile's key.
 void run_tile(const Ctx& c, Scratch& s, int rows, int cols, const int8_t* k,
-              const int32_t* colcorr, const float* kscale, bool masked, const float* V,
+              const int32_t* colcorr, const float* kscale, bool masked, const void* V,
               int64_t ldv) {
   const Kernels& K = *c.kern;
   K.qk(s.q.p, c.Dp, rows, k, int(ceil_div(cols, kChunk)), colcorr, kscale, s.rs, s.S.p);
   if (masked)
     K.mask(s.S.p, rows, cols, s.kidx, s.kflags, s.wlo, s.whi, s.clim, s.first, s.last);
   K.softmax(s.S.p, rows, cols, s.m, s.l, s.alpha);
-  K.pv(s.O.p, c.Dvp, s.S.p, rows, cols, masked ? s.first : nullptr, masked ? s.last : nullptr,
-       s.alpha, V, ldv, c.p->fwd.Dv);
+  const int32_t* first = masked ? s.first : nullptr;
+  const int32_t* last = masked ? s.last : nullptr;
+  if (c.bf16_pv)
+    K.pv_bf16(s.O.p, c.Dvp, s.S.p, rows, cols, first, last, s.alpha,
+              static_cast<const uint16_t*>(V), 2 * c.Dvp, c.p->fwd.Dv);
+  else
+    K.pv(s.O.p, c.Dvp, s.S.p, rows, cols, first, last, s.alpha, static_cast<const float*>(V),
+         ldv, c.p->fwd.Dv);
 }
 
 void end_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, const int64_t* rows_i,
@@ -235,9 +263,14 @@ void end_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, const int64_t* ro
   }
 }
 
-const float* v_rows(const Ctx& c, int64_t b, int64_t hk, int64_t j0, int64_t* ldv) {
+// V operand of run_tile for band keys from j0 (even when c.bf16_pv).
+const void* v_rows(const Ctx& c, int64_t b, int64_t hk, int64_t j0, int64_t* ldv) {
   const AttnParams& f = c.p->fwd;
   const KvPack& kv = (*c.packs)[b * f.Hk + hk];
+  if (c.bf16_pv) {
+    *ldv = 2 * c.Dvp;
+    return kv.vp.p + j0 / 2 * 2 * c.Dvp;
+  }
   if (f.dtype != DType::F32) {
     *ldv = f.Dv;
     return kv.v.p + j0 * f.Dv;
@@ -270,7 +303,7 @@ void visit_range(const Ctx& c, Scratch& s, int64_t b, int64_t hk, int rows, int6
       }
     }
     int64_t ldv;
-    const float* V = v_rows(c, b, hk, t0, &ldv);
+    const void* V = v_rows(c, b, hk, t0, &ldv);
     run_tile(c, s, rows, cols, kv.k.p + t0 * c.Dp, kv.colcorr.p + t0, kv.kscale.p + t0, !full,
              V, ldv);
   }
@@ -314,8 +347,10 @@ void band_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, int64_t qb) {
         any |= take;
       }
       if (!any) continue;
+      const void* V = c.bf16_pv ? static_cast<const void*>(kv.lvp.p + g0 / 2 * 2 * c.Dvp)
+                                : static_cast<const void*>(kv.lv.p + g0 * c.Dvp);
       run_tile(c, s, rows, cols, kv.lk.p + g0 * c.Dp, kv.lcolcorr.p + g0, kv.lkscale.p + g0,
-               true, kv.lv.p + g0 * c.Dvp, c.Dvp);
+               true, V, c.Dvp);
     }
   }
   end_block(c, s, b, h, rows_i, rows);
@@ -363,7 +398,7 @@ void landmark_rows_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, int64_t
         }
       }
       int64_t ldv;
-      const float* V = v_rows(c, b, hk, t0, &ldv);
+      const void* V = v_rows(c, b, hk, t0, &ldv);
       run_tile(c, s, rows, cols, kv.k.p + t0 * c.Dp, kv.colcorr.p + t0, kv.kscale.p + t0, !full,
                V, ldv);
     }
@@ -387,6 +422,7 @@ void attention_forward_int8(const AttnInt8Params& p) {
   c.groups = f.Hq / f.Hk;
   c.offset = f.Nk - f.Nq;
   c.G = f.Nk > 0 ? f.num_landmarks : 0;
+  c.bf16_pv = f.dtype == DType::BF16 && c.kern->pv_bf16 != nullptr;
   const int nthreads = f.num_threads > 0 ? f.num_threads : int8::default_threads();
 
   std::vector<int32_t> real_prefix;

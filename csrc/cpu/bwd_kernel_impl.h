@@ -49,10 +49,24 @@ static inline float half_to_float(uint16_t h) {
   return f;
 }
 
+// Short row copies: explicit vector loops, because GCC inlines memcpy / memset of unknown size
+// here as `rep movsq` / `rep stosq`, which are slow for rows of a few hundred bytes.
+static inline void copy_f32(float* dst, const float* src, int64_t n) {
+  int64_t d = 0;
+  for (; d + Vec::W <= n; d += Vec::W) Vec::store(dst + d, Vec::load(src + d));
+  for (; d < n; ++d) dst[d] = src[d];
+}
+
+static inline void zero_f32(float* dst, int64_t n) {
+  int64_t d = 0;
+  for (; d + Vec::W <= n; d += Vec::W) Vec::store(dst + d, Vec::zero());
+  for (; d < n; ++d) dst[d] = 0.f;
+}
+
 // Reads n elements of a `dtype` tensor starting at element offset `off` as fp32.
 static inline void load_row(const void* base, DType dtype, int64_t off, int64_t n, float* dst) {
   if (dtype == DType::F32) {
-    std::memcpy(dst, static_cast<const float*>(base) + off, n * sizeof(float));
+    copy_f32(dst, static_cast<const float*>(base) + off, n);
   } else if (dtype == DType::BF16) {
     const uint16_t* s = static_cast<const uint16_t*>(base) + off;
     for (int64_t d = 0; d < n; ++d) dst[d] = bf16_to_float(s[d]);
@@ -142,6 +156,7 @@ struct Tile {
   int64_t tile = -1;   // ring tag: aligned tile index, -1 = empty
   int64_t nt = 0;
   bool gathered = false;
+  bool fresh = true;       // dK / dV not written yet
   uint64_t lm_bits = 0;    // keys that are landmarks
   uint64_t real_bits = 0;  // keys that exist and are not padding
 };
@@ -195,7 +210,7 @@ static void pack_keys(const Ctx& c, Tile& t) {
   const AttnParams& f = c.p->fwd;
   const int64_t kb = c.b * f.k_stride[0] + c.hk * f.k_stride[1];
   const int64_t vb = c.b * f.v_stride[0] + c.hk * f.v_stride[1];
-  float vrow[1024];
+  float vrow[1024];  // bf16 / fp16 rows are converted here; fp32 rows are read in place
   t.lm_bits = 0;
   t.real_bits = 0;
   for (int64_t jj = 0; jj < t.nt; ++jj) {
@@ -205,8 +220,14 @@ static void pack_keys(const Ctx& c, Tile& t) {
     for (int64_t d = 0; d < c.D; ++d) t.Kt[d * kKeys + jj] = krow[d];
     for (int64_t d0 = 0; d0 < c.Dv; d0 += 1024) {
       const int64_t n = imin(1024, c.Dv - d0);
-      load_row(f.v, f.dtype, vb + j * f.v_stride[2] + d0, n, vrow);
-      for (int64_t d = 0; d < n; ++d) t.Vt[(d0 + d) * kKeys + jj] = vrow[d];
+      const int64_t off = vb + j * f.v_stride[2] + d0;
+      const float* src = vrow;
+      if (f.dtype == DType::F32) {
+        src = static_cast<const float*>(f.v) + off;
+      } else {
+        load_row(f.v, f.dtype, off, n, vrow);
+      }
+      for (int64_t d = 0; d < n; ++d) t.Vt[(d0 + d) * kKeys + jj] = src[d];
     }
     if (c.lm_flags != nullptr && c.lm_flags[j]) t.lm_bits |= uint64_t(1) << jj;
     if (c.pad == nullptr || c.pad[j]) t.real_bits |= uint64_t(1) << jj;
@@ -215,8 +236,7 @@ static void pack_keys(const Ctx& c, Tile& t) {
     for (int64_t d = 0; d < c.D; ++d) t.Kt[d * kKeys + jj] = 0.f;
     for (int64_t d = 0; d < c.Dv; ++d) t.Vt[d * kKeys + jj] = 0.f;
   }
-  std::memset(t.dK, 0, sizeof(float) * kKeys * c.Dp);
-  std::memset(t.dV, 0, sizeof(float) * kKeys * c.Dvp);
+  t.fresh = true;  // dK / dV hold garbage until the first product is stored (not added)
 }
 
 static void pack_contiguous(const Ctx& c, Tile& t, int64_t tile_index) {
@@ -230,6 +250,10 @@ static void pack_contiguous(const Ctx& c, Tile& t, int64_t tile_index) {
 
 // Adds the tile's accumulated dK / dV into the (fp32, contiguous) outputs.
 static void flush(const Ctx& c, Tile& t) {
+  if (t.fresh) {  // no visible pair touched the tile
+    t.tile = -1;
+    return;
+  }
   float* dk = c.dk;
   float* dv = c.dv;
   for (int64_t jj = 0; jj < t.nt; ++jj) {
@@ -286,7 +310,7 @@ static void load_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode m
     hb.valid[x] = ok;
     hb.any |= ok;
   }
-  std::memset(hb.dQ, 0, sizeof(float) * kRows * c.Dp);
+  zero_f32(hb.dQ, kRows * c.Dp);
 }
 
 // Landmark query rows are written by the landmark pass only (it may run on another thread).
@@ -296,7 +320,7 @@ static void store_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode 
   float* dq = p.dq + (c.b * p.fwd.Hq + h) * p.fwd.Nq * c.D;
   for (int64_t x = 0; x < rows.n; ++x)
     if (mode == RowMode::kLandmark || !row_is_landmark(c, rows.r[x]))
-      std::memcpy(dq + rows.i[x] * c.D, hb.dQ + x * c.Dp, sizeof(float) * c.D);
+      copy_f32(dq + rows.i[x] * c.D, hb.dQ + x * c.Dp, c.D);
 }
 
 // ------------------------------------------------------------------------- the tile step
@@ -329,8 +353,8 @@ static void process_tile(const Ctx& c, Tile& t, const Rows& rows, RowMode mode, 
       float* dProw = s.dP + x * kKeys;
       const uint64_t m = s.mask[x];
       if (m == 0) {
-        std::memset(Srow, 0, sizeof(float) * ncols);
-        std::memset(dProw, 0, sizeof(float) * ncols);
+        zero_f32(Srow, ncols);
+        zero_f32(dProw, ncols);
         continue;
       }
       const typename Vec::R neg_lse = Vec::set1(-hb.lse[x]);
@@ -345,8 +369,14 @@ static void process_tile(const Ctx& c, Tile& t, const Rows& rows, RowMode mode, 
         Vec::store(dProw + j, Vec::maskz(bits, ds));
       }
     }
-    gemm<true>(nt, c.Dvp, mq, s.S, 1, kKeys, hb.dO, c.Dvp, t.dV, c.Dvp);   // dV += P^T dO
-    gemm<true>(nt, c.Dp, mq, s.dP, 1, kKeys, hb.Q, c.Dp, t.dK, c.Dp);      // dK += dS^T Q
+    if (t.fresh) {  // first product into this tile: store instead of zero-fill + add
+      gemm<false>(nt, c.Dvp, mq, s.S, 1, kKeys, hb.dO, c.Dvp, t.dV, c.Dvp);  // dV = P^T dO
+      gemm<false>(nt, c.Dp, mq, s.dP, 1, kKeys, hb.Q, c.Dp, t.dK, c.Dp);     // dK = dS^T Q
+      t.fresh = false;
+    } else {
+      gemm<true>(nt, c.Dvp, mq, s.S, 1, kKeys, hb.dO, c.Dvp, t.dV, c.Dvp);   // dV += P^T dO
+      gemm<true>(nt, c.Dp, mq, s.dP, 1, kKeys, hb.Q, c.Dp, t.dK, c.Dp);      // dK += dS^T Q
+    }
     gemm<true>(mq, c.Dp, nt, s.dP, kKeys, 1, t.K, c.Dp, hb.dQ, c.Dp);      // dQ += dS K
   }
 }
@@ -444,8 +474,10 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
   float* orow = a.take(c.Dvp);
   float* head_mem = a.cur;
 
-  std::memset(dk, 0, sizeof(float) * f.Nk * c.D);
-  std::memset(dv, 0, sizeof(float) * f.Nk * c.Dv);
+  if (f.Nk > 0) {
+    std::memset(dk, 0, sizeof(float) * f.Nk * c.D);
+    std::memset(dv, 0, sizeof(float) * f.Nk * c.Dv);
+  }
 
   // Heads of the group are processed in chunks of up to 64 so `heads` stays a fixed array.
   for (int64_t g0 = 0; g0 < c.group; g0 += 64) {

@@ -134,22 +134,38 @@ struct CoreBF16 {
 
   struct Work {
     explicit Work(const AttnParams& p)
-        : Qp(ceil_div(p.D, 2) * BQ), Pp(JT / 2 * BQ), D2(ceil_div(p.D, 2)), Dv(p.Dv),
-          c(p.scale * kLog2e) {}
+        : Qp(ceil_div(p.D, 2) * BQ), Pp(JT / 2 * BQ), D2(ceil_div(p.D, 2)), D2P(ceil_div(D2, W) * W),
+          X(BQ * D2P), Dv(p.Dv), c(p.scale * kLog2e) {}
     AlignedBuf<uint32_t> Qp;  // Qp[t * BQ + lane] = (q[lane][2t], q[lane][2t+1]) as bf16
     AlignedBuf<uint32_t> Pp;  // Pp[jp * BQ + lane] = (p[2jp][lane], p[2jp+1][lane]) as bf16
-    int64_t D2, Dv;
+    int64_t D2, D2P;          // bf16 pairs per query row, rounded up to W
+    AlignedBuf<uint32_t> X;   // the block's query rows as pairs, BQ x D2P, before transposing
+    int64_t Dv;
     float c;
   };
 
   static void pack_q(Work& w, const AttnParams& p, const void* const* rows, int nr) {
-    uint32_t* Qp = w.Qp.get();
+    const int64_t D2 = w.D2, D2P = w.D2P;
+    uint32_t* X = w.X.get();
     for (int i = 0; i < BQ; ++i) {
-      const uint16_t* q = i < nr ? static_cast<const uint16_t*>(rows[i]) : nullptr;
-      for (int64_t t = 0; t < w.D2; ++t) {
-        uint32_t lo = q ? q[2 * t] : 0, hi = (q && 2 * t + 1 < p.D) ? q[2 * t + 1] : 0;
-        Qp[t * BQ + i] = lo | hi << 16;
+      uint32_t* x = X + i * D2P;
+      if (i >= nr) {
+        std::memset(x, 0, sizeof(uint32_t) * D2);
+        continue;
       }
+      const uint16_t* q = static_cast<const uint16_t*>(rows[i]);
+      std::memcpy(x, q, sizeof(uint16_t) * (p.D & ~int64_t(1)));
+      if (p.D & 1) x[D2 - 1] = q[p.D - 1];  // odd D: the last pair is (q[D-1], 0)
+    }
+    // Transposing 32-bit pairs as floats is bit-exact (pure shuffles).
+    const float* Xf = reinterpret_cast<const float*>(X);
+    float* Qf = reinterpret_cast<float*>(w.Qp.get());
+    for (int v = 0; v < QV; ++v) {
+      int64_t t0 = 0;
+      for (; t0 + W <= D2; t0 += W) V::transpose(Xf + v * W * D2P + t0, D2P, Qf + t0 * BQ + v * W, BQ);
+      uint32_t* Qp = w.Qp.get();
+      for (; t0 < D2; ++t0)
+        for (int i = 0; i < W; ++i) Qp[t0 * BQ + v * W + i] = X[(v * W + i) * D2P + t0];
     }
   }
 
@@ -179,6 +195,7 @@ struct CoreBF16 {
     int j = 0;
     for (; j + JB <= n; j += JB) qk_block<JB>(Qp, kp + j * ks, ks, D2, w.c, S + j * BQ);
     for (; j + 4 <= n; j += 4) qk_block<4>(Qp, kp + j * ks, ks, D2, w.c, S + j * BQ);
+    for (; j + 2 <= n; j += 2) qk_block<2>(Qp, kp + j * ks, ks, D2, w.c, S + j * BQ);
     for (; j < n; ++j) qk_block<1>(Qp, kp + j * ks, ks, D2, w.c, S + j * BQ);
   }
 

@@ -99,31 +99,40 @@ struct CoreF32 {
   static R exp2(R x) { return V::exp2(x); }
 
   struct Work {
-    explicit Work(const AttnParams& p) : Qt(p.D * BQ), row(p.D), D(p.D), Dv(p.Dv) {}
+    explicit Work(const AttnParams& p)
+        : Qt(p.D * BQ), DP(ceil_div(p.D, W) * W), X(BQ * DP), D(p.D), Dv(p.Dv) {}
     AlignedBuf<float> Qt;  // Qt[d * BQ + lane] = q[lane][d] * scale * log2(e)
-    AlignedBuf<float> row;
+    int64_t DP;            // D rounded up to W
+    AlignedBuf<float> X;   // the block's query rows, row-major BQ x DP, before transposing
     int64_t D, Dv;
   };
 
   static void pack_q(Work& w, const AttnParams& p, const void* const* rows, int nr) {
     const float c = p.scale * kLog2e;
-    float* Qt = w.Qt.get();
+    const int64_t D = w.D, DP = w.DP;
+    float* X = w.X.get();
     for (int i = 0; i < BQ; ++i) {
-      if (i < nr) {
-        const float* q = static_cast<const float*>(rows[i]);
-        if (p.dtype != DType::F32) {
-          const uint16_t* src = static_cast<const uint16_t*>(rows[i]);
-          if (p.dtype == DType::F16) {
-            V::f16_to_f32_row(w.row.get(), src, w.D);
-          } else {
-            for (int64_t d = 0; d < w.D; ++d) w.row[d] = bf16_to_f32(src[d]);
-          }
-          q = w.row.get();
-        }
-        for (int64_t d = 0; d < w.D; ++d) Qt[d * BQ + i] = q[d] * c;
-      } else {
-        for (int64_t d = 0; d < w.D; ++d) Qt[d * BQ + i] = 0.f;
+      float* x = X + i * DP;
+      if (i >= nr) {
+        std::memset(x, 0, sizeof(float) * D);
+        continue;
       }
+      if (p.dtype == DType::F32) {
+        std::memcpy(x, rows[i], sizeof(float) * D);
+      } else if (p.dtype == DType::F16) {
+        V::f16_to_f32_row(x, static_cast<const uint16_t*>(rows[i]), D);
+      } else {
+        const uint16_t* src = static_cast<const uint16_t*>(rows[i]);
+        for (int64_t d = 0; d < D; ++d) x[d] = bf16_to_f32(src[d]);
+      }
+      for (int64_t d = 0; d < D; ++d) x[d] *= c;
+    }
+    float* Qt = w.Qt.get();
+    for (int v = 0; v < QV; ++v) {
+      int64_t d0 = 0;
+      for (; d0 + W <= D; d0 += W) V::transpose(X + v * W * DP + d0, DP, Qt + d0 * BQ + v * W, BQ);
+      for (; d0 < D; ++d0)
+        for (int i = 0; i < W; ++i) Qt[d0 * BQ + v * W + i] = X[(v * W + i) * DP + d0];
     }
   }
 

@@ -44,9 +44,13 @@ class ForwardDriver {
 
   struct ThreadState {
     explicit ThreadState(const AttnParams& p)
-        : core(p), S(int64_t(JT) * BQ), Ot(p.Dv * BQ), row(p.Dv), lo(JT), hi(JT) {}
+        : core(p), S(int64_t(JT) * BQ), Ot(p.Dv * BQ), DvP(ceil_div(p.Dv, W) * W), T(W * DvP),
+          lo(JT), hi(JT) {}
     typename Core::Work core;
-    AlignedBuf<float> S, Ot, row;
+    AlignedBuf<float> S, Ot;
+    int64_t DvP;       // Dv rounded up to W
+    AlignedBuf<float> T;  // W output rows of DvP
+
     AlignedBuf<int> lo, hi;  // per-key visible lane range [lo, hi] of a masked tile
     R m[QV], l[QV], alpha[QV];
   };
@@ -135,7 +139,8 @@ class ForwardDriver {
     return V::load(idx);
   }
 
-  // Writes rows `rows[0..nr)` of (b, h): out = Ot / l, lse = (m + log2 l) * ln 2.
+  // Writes rows `rows[0..nr)` of (b, h): out = Ot / l, lse = (m + log2 l) * ln 2. Ot is
+  // transposed back to rows W x W at a time.
   static void finish_block(const AttnParams& p, ThreadState& ts, int64_t b, int64_t h,
                            const int64_t* rows, int nr) {
     alignas(64) float m[BQ], l[BQ];
@@ -143,23 +148,30 @@ class ForwardDriver {
       V::store(m + v * W, ts.m[v]);
       V::store(l + v * W, ts.l[v]);
     }
+    const int64_t Dv = p.Dv, DvP = ts.DvP;
     const float* Ot = ts.Ot.get();
-    for (int i = 0; i < nr; ++i) {
-      const int64_t row = rows[i];
-      const int64_t o_off = b * p.o_stride[0] + h * p.o_stride[1] + row * p.o_stride[2];
-      const bool empty = !(l[i] > 0.f);
-      const float inv = empty ? 0.f : 1.f / l[i];
-      p.lse[(b * p.Hq + h) * p.Nq + row] = empty ? kNegInf : (m[i] + std::log2(l[i])) * kLn2;
-      if (p.dtype == DType::F32) {
-        float* o = static_cast<float*>(p.o) + o_off;
-        for (int64_t e = 0; e < p.Dv; ++e) o[e] = Ot[e * BQ + i] * inv;
-      } else if (p.dtype == DType::BF16) {
-        uint16_t* o = static_cast<uint16_t*>(p.o) + o_off;
-        for (int64_t e = 0; e < p.Dv; ++e) o[e] = f32_to_bf16(Ot[e * BQ + i] * inv);
-      } else {
-        float* row = ts.row.get();
-        for (int64_t e = 0; e < p.Dv; ++e) row[e] = Ot[e * BQ + i] * inv;
-        V::f32_to_f16_row(static_cast<uint16_t*>(p.o) + o_off, row, p.Dv);
+    float* T = ts.T.get();
+    for (int v = 0; v * W < nr; ++v) {
+      int64_t e0 = 0;
+      for (; e0 + W <= Dv; e0 += W) V::transpose(Ot + e0 * BQ + v * W, BQ, T + e0, DvP);
+      for (; e0 < Dv; ++e0)
+        for (int i = 0; i < W; ++i) T[i * DvP + e0] = Ot[e0 * BQ + v * W + i];
+      for (int i = 0; i < W && v * W + i < nr; ++i) {
+        const int lane = v * W + i;
+        const int64_t row = rows[lane];
+        const int64_t o_off = b * p.o_stride[0] + h * p.o_stride[1] + row * p.o_stride[2];
+        const bool empty = !(l[lane] > 0.f);
+        const float inv = empty ? 0.f : 1.f / l[lane];
+        p.lse[(b * p.Hq + h) * p.Nq + row] = empty ? kNegInf : (m[lane] + std::log2(l[lane])) * kLn2;
+        float* t = T + i * DvP;
+        for (int64_t e = 0; e < Dv; ++e) t[e] *= inv;
+        if (p.dtype == DType::F32) {
+          std::memcpy(static_cast<float*>(p.o) + o_off, t, sizeof(float) * Dv);
+        } else if (p.dtype == DType::BF16) {
+          V::f32_to_bf16_row(static_cast<uint16_t*>(p.o) + o_off, t, Dv);
+        } else {
+          V::f32_to_f16_row(static_cast<uint16_t*>(p.o) + o_off, t, Dv);
+        }
       }
     }
   }

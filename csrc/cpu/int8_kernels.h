@@ -44,6 +44,12 @@ struct Kernels {
   // union range over each group of rows (first/last nullptr: all cols). O row stride ldo.
   void (*pv)(float* O, int64_t ldo, const float* P, int rows, int cols, const int32_t* first,
              const int32_t* last, const float* alpha, const float* V, int64_t ldv, int64_t Dv);
+  // Same as pv for bf16 V (nullptr where the ISA has no bf16 dot product): P is rounded to bf16
+  // and multiplied with vdpbf16ps, accumulating in fp32. Vp holds V in key pairs:
+  // Vp[(c / 2) * ldvp + 2 * d + (c % 2)] = V[c][d], ldvp >= 2 * round_up(Dv, 16), zero padding.
+  void (*pv_bf16)(float* O, int64_t ldo, const float* P, int rows, int cols,
+                  const int32_t* first, const int32_t* last, const float* alpha,
+                  const uint16_t* Vp, int64_t ldvp, int64_t Dv);
 };
 
 const Kernels* kernels_scalar();

@@ -226,7 +226,87 @@ void pv_avx512(float* O, int64_t ldo, const float* P, int rows, int cols, const 
   }
 }
 
-const Kernels kAvx512 = {"avx512", qk_avx512, mask_avx512, softmax_avx512, pv_avx512};
+// ---- PV with bf16 V: key pairs through vdpbf16ps (2 multiply-adds per fp32 lane).
+template <int R, int C>
+inline void pv_bf16_block(float* O, int64_t ldo, const uint32_t* Pb, int p0, int p1,
+                          const float* alpha, const uint16_t* Vp, int64_t ldvp) {
+  __m512 acc[R][C];
+  HK_INT8_UNROLL for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+    HK_INT8_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(O + r * ldo + 16 * c), a);
+  }
+  for (int jp = p0; jp < p1; ++jp) {
+    __m512bh vv[C];
+    HK_INT8_UNROLL for (int c = 0; c < C; ++c)
+      vv[c] = (__m512bh)_mm512_loadu_si512(Vp + jp * ldvp + 32 * c);
+    HK_INT8_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(int(Pb[r * (kTile / 2) + jp]));
+      HK_INT8_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pb, vv[c]);
+    }
+  }
+  HK_INT8_UNROLL for (int r = 0; r < R; ++r)
+    HK_INT8_UNROLL for (int c = 0; c < C; ++c) _mm512_storeu_ps(O + r * ldo + 16 * c, acc[r][c]);
+}
+
+template <int C>
+void pv_bf16_rows(float* O, int64_t ldo, const uint32_t* Pb, int rows, int cols,
+                  const int32_t* first, const int32_t* last, const float* alpha,
+                  const uint16_t* Vp, int64_t ldvp) {
+  constexpr int R = 6;
+  for (int r = 0; r < rows; r += R) {
+    const int n = rows - r < R ? rows - r : R;
+    int c0 = 0, c1 = cols;
+    if (first) {
+      c0 = cols;
+      c1 = 0;
+      for (int i = r; i < r + n; ++i) {
+        c0 = first[i] < c0 ? first[i] : c0;
+        c1 = last[i] + 1 > c1 ? last[i] + 1 : c1;
+      }
+    }
+    const int p0 = c0 / 2, p1 = (c1 + 1) / 2;
+    float* o = O + r * ldo;
+    const uint32_t* pb = Pb + r * (kTile / 2);
+    switch (n) {
+      case 6: pv_bf16_block<6, C>(o, ldo, pb, p0, p1, alpha + r, Vp, ldvp); break;
+      case 5: pv_bf16_block<5, C>(o, ldo, pb, p0, p1, alpha + r, Vp, ldvp); break;
+      case 4: pv_bf16_block<4, C>(o, ldo, pb, p0, p1, alpha + r, Vp, ldvp); break;
+      case 3: pv_bf16_block<3, C>(o, ldo, pb, p0, p1, alpha + r, Vp, ldvp); break;
+      case 2: pv_bf16_block<2, C>(o, ldo, pb, p0, p1, alpha + r, Vp, ldvp); break;
+      default: pv_bf16_block<1, C>(o, ldo, pb, p0, p1, alpha + r, Vp, ldvp); break;
+    }
+  }
+}
+
+void pv_bf16_avx512(float* O, int64_t ldo, const float* P, int rows, int cols,
+                    const int32_t* first, const int32_t* last, const float* alpha,
+                    const uint16_t* Vp, int64_t ldvp, int64_t Dv) {
+  // P rows -> bf16 key pairs (round to nearest even); an odd last column pairs with 0.
+  alignas(64) uint32_t Pb[kTile * (kTile / 2)];
+  const int npairs = (cols + 1) / 2;
+  for (int r = 0; r < rows; ++r) {
+    const float* p = P + r * kTile;
+    for (int v = 0; v < (cols + 31) / 32; ++v) {
+      const int n = cols - 32 * v;
+      const __m512 lo = _mm512_maskz_loadu_ps(tail_mask(n), p + 32 * v);
+      const __m512 hi = _mm512_maskz_loadu_ps(tail_mask(n > 16 ? n - 16 : 0), p + 32 * v + 16);
+      const __m512i pk = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lo in the low half
+      _mm512_mask_storeu_epi32(Pb + r * (kTile / 2) + 16 * v, tail_mask(npairs - 16 * v), pk);
+    }
+  }
+  for (int64_t d0 = 0; d0 < Dv; d0 += 64) {
+    const int nd = Dv - d0 < 64 ? int(Dv - d0) : 64;
+    const uint16_t* vp = Vp + 2 * d0;
+    switch ((nd + 15) / 16) {
+      case 1: pv_bf16_rows<1>(O + d0, ldo, Pb, rows, cols, first, last, alpha, vp, ldvp); break;
+      case 2: pv_bf16_rows<2>(O + d0, ldo, Pb, rows, cols, first, last, alpha, vp, ldvp); break;
+      case 3: pv_bf16_rows<3>(O + d0, ldo, Pb, rows, cols, first, last, alpha, vp, ldvp); break;
+      default: pv_bf16_rows<4>(O + d0, ldo, Pb, rows, cols, first, last, alpha, vp, ldvp); break;
+    }
+  }
+}
+
+const Kernels kAvx512 = {"avx512", qk_avx512, mask_avx512, softmax_avx512, pv_avx512, pv_bf16_avx512};
 
 }  // namespace
 

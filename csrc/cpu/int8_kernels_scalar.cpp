@@ -87,7 +87,7 @@ void pv_scalar(float* O, int64_t ldo, const float* P, int rows, int cols, const 
   }
 }
 
-const Kernels kScalar = {"scalar", qk_scalar, mask_scalar, softmax_scalar, pv_scalar};
+const Kernels kScalar = {"scalar", qk_scalar, mask_scalar, softmax_scalar, pv_scalar, nullptr};
 
 }  // namespace
 

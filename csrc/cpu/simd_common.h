@@ -98,7 +98,8 @@ struct VecScalar {
   static R sub(R a, R b) { return a - b; }
   static R mul(R a, R b) { return a * b; }
   static R max(R a, R b) { return a > b ? a : b; }
-  static R fma(R a, R b, R c) { return a * b + c; }
+  // Exact product, one (double) rounding of the sum: as accurate as a hardware FMA, and cheap.
+  static R fma(R a, R b, R c) { return float(double(a) * double(b) + double(c)); }
   // 2^x for x <= 0; exactly 0 for x = -inf.
   static R exp2(R x) { return std::exp2(x); }
   static R neg_inf_to_zero(R m) { return m == kNegInf ? 0.f : m; }
@@ -110,6 +111,11 @@ struct VecScalar {
   static void f32_to_f16_row(uint16_t* dst, const float* src, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_f16(src[i]);
   }
+  static void f32_to_bf16_row(uint16_t* dst, const float* src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+  }
+  // dst[i * ds + k] = src[k * ss + i] for a W x W block (bit-exact: usable on any 32-bit data).
+  static void transpose(const float* src, int64_t, float* dst, int64_t) { *dst = *src; }
 };
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -162,6 +168,27 @@ struct VecAvx2 {
                        _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; ++i) dst[i] = f32_to_f16(src[i]);
   }
+  static void f32_to_bf16_row(uint16_t* dst, const float* src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+  }
+  static void transpose(const float* src, int64_t ss, float* dst, int64_t ds) {
+    __m256 r[8], t[8];
+    for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + k * ss);
+    for (int k = 0; k < 4; ++k) {
+      t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+      t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 2; ++k) {
+      r[4 * k + 0] = _mm256_shuffle_ps(t[4 * k + 0], t[4 * k + 2], 0x44);
+      r[4 * k + 1] = _mm256_shuffle_ps(t[4 * k + 0], t[4 * k + 2], 0xee);
+      r[4 * k + 2] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+      r[4 * k + 3] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xee);
+    }
+    for (int k = 0; k < 4; ++k) {
+      _mm256_storeu_ps(dst + k * ds, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+      _mm256_storeu_ps(dst + (k + 4) * ds, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+    }
+  }
 };
 #endif
 
@@ -212,6 +239,34 @@ struct VecAvx512 {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
                           _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; ++i) dst[i] = f32_to_f16(src[i]);
+  }
+  static void f32_to_bf16_row(uint16_t* dst, const float* src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+  }
+  static void transpose(const float* src, int64_t ss, float* dst, int64_t ds) {
+    __m512 r[16], t[16];
+    for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(src + k * ss);
+    for (int k = 0; k < 8; ++k) {
+      t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+      t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 4; ++k) {
+      r[4 * k + 0] = _mm512_shuffle_ps(t[4 * k + 0], t[4 * k + 2], 0x44);
+      r[4 * k + 1] = _mm512_shuffle_ps(t[4 * k + 0], t[4 * k + 2], 0xee);
+      r[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+      r[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xee);
+    }
+    // r[4k + m], 128-bit lane L: rows 4k..4k+3 of column 4L + m.
+    for (int m = 0; m < 4; ++m) {
+      t[m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88);       // lanes: (r0 L0, r0 L2, r4 L0, r4 L2)
+      t[4 + m] = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xdd);   // (r0 L1, r0 L3, r4 L1, r4 L3)
+      t[8 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+      t[12 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xdd);
+    }
+    for (int m = 0; m < 8; ++m) {
+      _mm512_storeu_ps(dst + m * ds, _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88));
+      _mm512_storeu_ps(dst + (m + 8) * ds, _mm512_shuffle_f32x4(t[m], t[8 + m], 0xdd));
+    }
   }
 };
 #endif

@@ -4,6 +4,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "common/attn_params.h"
 
 namespace hk {
@@ -23,6 +25,9 @@ struct Int8SplitParams {
   float* partial_ml = nullptr;
 };
 void attention_forward_int8(const Int8SplitParams& p, cudaStream_t stream);
+// Query rows per CTA of the INT8 kernel for Nq queries (1, 4 or 16); the grid has
+// ceil(Nq / rows) * B * Hq * num_splits CTAs, which the caller's num_splits choice should know.
+int int8_rows_per_cta(int64_t nq);
 
 }  // namespace cuda
 }  // namespace hk

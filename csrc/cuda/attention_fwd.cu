@@ -2,7 +2,8 @@
 //
 // One CTA = 4 warps = one (batch, q head, 64-query tile). It walks only the key tiles of the
 // window band (pattern.h window_band) and then the landmark keys outside the band, gathered by
-// index, with one online softmax over their union; every tile is staged in shared memory. Rows
+// index, with one online softmax over their union; K and V tiles arrive by cp.async, the next
+// tile's K/V loading while the current one is computed (see fused_fwd_kernel). Rows
 // whose position is a landmark are skipped here and computed by landmark_rows_kernel over every
 // key (they see the whole sequence), which overwrites them.
 #include <mma.h>
@@ -42,7 +43,7 @@ struct FwdSmem {
   static constexpr size_t m_off = o_off + size_t(BM) * LD_O * 4;
   static constexpr size_t l_off = m_off + BM * 4;
   static constexpr size_t idx_off = l_off + BM * 4;
-  static constexpr size_t bytes = idx_off + BN * 8;
+  static constexpr size_t bytes = idx_off + 2 * BN * 8;  // key indices of two tiles
 };
 
 __device__ __forceinline__ PatternView pattern_for_batch(const AttnParams& p, int64_t b) {
@@ -57,21 +58,43 @@ __device__ __forceinline__ PatternView pattern_for_batch(const AttnParams& p, in
   return v;
 }
 
-// Copy `rows` rows of D 16-bit elements (16-byte chunks) into a padded shared tile; rows whose
-// source index is negative are zero-filled.
+// Source key of row `row` of key tile t: the window band first (n_band tiles of BN contiguous
+// keys), then the landmarks outside the band (gathered, BN per tile); -1 = empty slot.
+struct TileKeys {
+  KeyRange band;
+  int64_t n_band, r1, num_landmarks;
+  const int32_t* lms;  // this batch row's landmarks, or nullptr
+  bool causal;
+  __device__ __forceinline__ int64_t key(int64_t t, int row) const {
+    if (t < n_band) {
+      const int64_t j = band.lo + t * BN + row;
+      return j < band.hi ? j : -1;
+    }
+    const int64_t g = (t - n_band) * BN + row;
+    if (g >= num_landmarks) return -1;
+    const int64_t pos = lms[g];
+    const bool in_band = pos >= band.lo && pos < band.hi;       // already visited in the band
+    return (in_band || (causal && pos >= r1)) ? -1 : pos;        // pos >= r1: no row sees it
+  }
+};
+
+// Issue cp.async copies of key tile t (BN rows of D 16-bit elements) into a padded shared tile;
+// empty slots are zero-filled. With `idx` non-null the row's key index is stored there too.
 template <typename T, int D>
-__device__ __forceinline__ void load_tile(T* dst, const T* base, int64_t row_stride,
-                                          const int64_t* src_rows, int rows) {
-  constexpr int CH = D / 8;
-  for (int c = threadIdx.x; c < rows * CH; c += THREADS) {
+__device__ __forceinline__ void load_key_tile_async(T* dst, const T* base, int64_t row_stride,
+                                                    const TileKeys& tk, int64_t t, int64_t* idx) {
+  constexpr int CH = D / 8;  // 16-byte chunks per row
+  for (int c = threadIdx.x; c < BN * CH; c += THREADS) {
     const int row = c / CH, col = (c % CH) * 8;
-    const int64_t src = src_rows[row];
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (src >= 0) val = *reinterpret_cast<const uint4*>(base + src * row_stride + col);
-    *reinterpret_cast<uint4*>(dst + row * FwdSmem<D>::LD_T + col) = val;
+    const int64_t j = tk.key(t, row);
+    if (idx != nullptr && col == 0) idx[row] = j;
+    cp_async_16(dst + row * FwdSmem<D>::LD_T + col, j >= 0 ? base + j * row_stride + col : base, j >= 0);
   }
 }
 
+// Pipeline (cp.async groups, committed in this order): [Q, K0] [V0] | per tile t: [K(t+1)] after
+// S = Q K(t)^T, [V(t+1)] after O += P V(t). So K(t+1) loads during the softmax and P V of tile
+// t, and V(t+1) during Q K(t+1)^T and its softmax; shared memory holds one K and one V tile.
 template <typename T, int D>
 __global__ void __launch_bounds__(THREADS) fused_fwd_kernel(const AttnParams p) {
   using S = FwdSmem<D>;
@@ -84,7 +107,7 @@ __global__ void __launch_bounds__(THREADS) fused_fwd_kernel(const AttnParams p) 
   float* sO = reinterpret_cast<float*>(smem + S::o_off);
   float* sM = reinterpret_cast<float*>(smem + S::m_off);
   float* sL = reinterpret_cast<float*>(smem + S::l_off);
-  int64_t* sIdx = reinterpret_cast<int64_t*>(smem + S::idx_off);
+  int64_t* sIdx = reinterpret_cast<int64_t*>(smem + S::idx_off);  // [2][BN], by tile parity
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hk);
@@ -95,65 +118,72 @@ __global__ void __launch_bounds__(THREADS) fused_fwd_kernel(const AttnParams p) 
   const T* K = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* V = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
   const PatternView pat = pattern_for_batch(p, b);
-  const int32_t* lms = p.landmarks ? p.landmarks + b * p.landmarks_batch_stride : nullptr;
   const float scale_log2 = p.scale * kLog2e;
   const float NEG_INF = -INFINITY;
 
+  TileKeys tk;
+  tk.band = window_band(r0, r1, p.Nk, p.window_left, p.window_right, p.causal);
+  tk.n_band = tk.band.hi > tk.band.lo ? (tk.band.hi - tk.band.lo + BN - 1) / BN : 0;
+  tk.r1 = r1;
+  tk.lms = p.landmarks ? p.landmarks + b * p.landmarks_batch_stride : nullptr;
+  tk.num_landmarks = tk.lms ? p.num_landmarks : 0;
+  tk.causal = p.causal;
+  const int64_t n_tiles = tk.n_band + (tk.num_landmarks + BN - 1) / BN;
+
   if (tid < BM) {
-    sIdx[tid] = (i0 + tid < p.Nq) ? i0 + tid : -1;
     sM[tid] = NEG_INF;
     sL[tid] = 0.f;
   }
   for (int c = tid; c < BM * S::LD_O; c += THREADS) sO[c] = 0.f;
-  __syncthreads();
-  load_tile<T, D>(sQ, Q, p.q_stride[2], sIdx, BM);
+  for (int c = tid; c < BM * (D / 8); c += THREADS) {  // Q rows past Nq: zeros
+    const int row = c / (D / 8), col = (c % (D / 8)) * 8;
+    const bool ok = i0 + row < p.Nq;
+    cp_async_16(sQ + row * S::LD_T + col, ok ? Q + (i0 + row) * p.q_stride[2] + col : Q, ok);
+  }
+  if (n_tiles > 0) load_key_tile_async<T, D>(sK, K, p.k_stride[2], tk, 0, sIdx);
+  cp_async_commit();
+  if (n_tiles > 0) load_key_tile_async<T, D>(sV, V, p.v_stride[2], tk, 0, nullptr);
+  cp_async_commit();
 
-  const KeyRange band = window_band(r0, r1, p.Nk, p.window_left, p.window_right, p.causal);
-  const int64_t n_band = band.hi > band.lo ? (band.hi - band.lo + BN - 1) / BN : 0;
-  const int64_t n_lm = lms ? (p.num_landmarks + BN - 1) / BN : 0;
-
-  for (int64_t t = 0; t < n_band + n_lm; ++t) {
-    __syncthreads();  // the previous tile is fully consumed (and sIdx may be rewritten)
-    if (tid < BN) {
-      int64_t j = -1;
-      if (t < n_band) {
-        j = band.lo + t * BN + tid;
-        if (j >= band.hi) j = -1;
-      } else {
-        const int64_t g = (t - n_band) * BN + tid;
-        if (g < p.num_landmarks) {
-          const int64_t pos = lms[g];
-          const bool in_band = pos >= band.lo && pos < band.hi;
-          if (!in_band && !(p.causal && pos >= r1)) j = pos;
-        }
-      }
-      sIdx[tid] = j;
-    }
-    __syncthreads();
-    load_tile<T, D>(sK, K, p.k_stride[2], sIdx, BN);
-    load_tile<T, D>(sV, V, p.v_stride[2], sIdx, BN);
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int64_t* idx = sIdx + (t & 1) * BN;
+    cp_async_wait<1>();  // Q and K(t) have landed; V(t) may be in flight
     __syncthreads();
 
     // S = Q K^T for this warp's 16 rows.
     {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bk;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[BN / 16];
 #pragma unroll
-      for (int n = 0; n < BN / 16; ++n) {
-        wmma::fill_fragment(acc, 0.f);
+      for (int n = 0; n < BN / 16; ++n) wmma::fill_fragment(acc[n], 0.f);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          wmma::load_matrix_sync(a, sQ + warp * 16 * S::LD_T + kk * 16, S::LD_T);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wmma::load_matrix_sync(a, sQ + warp * 16 * S::LD_T + kk * 16, S::LD_T);
+#pragma unroll
+        for (int n = 0; n < BN / 16; ++n) {
           wmma::load_matrix_sync(bk, sK + n * 16 * S::LD_T + kk * 16, S::LD_T);
-          wmma::mma_sync(acc, a, bk, acc);
+          wmma::mma_sync(acc[n], a, bk, acc[n]);
         }
-        wmma::store_matrix_sync(sS + warp * 16 * S::LD_S + n * 16, acc, S::LD_S, wmma::mem_row_major);
       }
+#pragma unroll
+      for (int n = 0; n < BN / 16; ++n)
+        wmma::store_matrix_sync(sS + warp * 16 * S::LD_S + n * 16, acc[n], S::LD_S, wmma::mem_row_major);
     }
-    __syncwarp();
+    __syncthreads();  // every warp is done with K(t): prefetch K(t+1) into the same buffer
+    if (t + 1 < n_tiles) load_key_tile_async<T, D>(sK, K, p.k_stride[2], tk, t + 1, sIdx + ((t + 1) & 1) * BN);
+    cp_async_commit();
 
-    // Online softmax on the warp's rows; lanes own key columns lane and lane + 32.
+    // Online softmax on the warp's rows; lanes own key columns lane and lane + 32. Lane 0 writes
+    // sM/sL of a row that every lane read at the top of the iteration: __syncwarp orders them.
+    int64_t kj[2];
+    bool k_lm[2], k_ok[2];  // per key column: landmark flag, and "slot used and not padding"
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      kj[c] = idx[lane + 32 * c];
+      k_lm[c] = kj[c] >= 0 && pat.is_landmark(kj[c]);
+      k_ok[c] = kj[c] >= 0 && pat.key_real(kj[c]);
+    }
     for (int rr = 0; rr < 16; ++rr) {
       const int row = warp * 16 + rr;
       const int64_t i = i0 + row, r = i + offset;
@@ -162,50 +192,53 @@ __global__ void __launch_bounds__(THREADS) fused_fwd_kernel(const AttnParams p) 
       bool vis[2];
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const int col = lane + 32 * c;
-        const int64_t j = sIdx[col];
-        vis[c] = row_ok && j >= 0 &&
-                 visible(r, j, p.window_left, p.window_right, p.causal, pat.is_landmark(j), false,
-                         pat.key_real(j));
-        x[c] = vis[c] ? sS[row * S::LD_S + col] * scale_log2 : NEG_INF;
+        vis[c] = row_ok && visible(r, kj[c], p.window_left, p.window_right, p.causal, k_lm[c], false, k_ok[c]);
+        x[c] = vis[c] ? sS[row * S::LD_S + lane + 32 * c] * scale_log2 : NEG_INF;
       }
-      const float m_old = sM[row];
+      const float m_old = sM[row], l_old = sL[row];
       const float m_new = fmaxf(m_old, warp_max(fmaxf(x[0], x[1])));
       const float m_use = m_new == NEG_INF ? 0.f : m_new;
       const float p0 = vis[0] ? exp2f(x[0] - m_use) : 0.f;
       const float p1 = vis[1] ? exp2f(x[1] - m_use) : 0.f;
-      const float alpha = exp2f(m_old - m_use);  // 0 while nothing was seen
+      const float alpha = exp2f(m_old - m_use);  // 0 while nothing was seen; warp-uniform
       const float psum = warp_sum(p0 + p1);
       sP[row * S::LD_P + lane] = from_float<T>(p0);
       sP[row * S::LD_P + lane + 32] = from_float<T>(p1);
-      for (int d = lane; d < D; d += 32) sO[row * S::LD_O + d] *= alpha;
+      if (alpha != 1.f)
+        for (int d = lane; d < D; d += 32) sO[row * S::LD_O + d] *= alpha;
+      __syncwarp();
       if (lane == 0) {
         sM[row] = m_new;
-        sL[row] = sL[row] * alpha + psum;
+        sL[row] = l_old * alpha + psum;
       }
     }
-    __syncwarp();
+    cp_async_wait<1>();  // V(t) has landed; K(t+1) may be in flight
+    __syncthreads();
 
     // O += P V for the warp's rows.
     {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa;
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa[BN / 16];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) wmma::load_matrix_sync(pa[kk], sP + warp * 16 * S::LD_P + kk * 16, S::LD_P);
 #pragma unroll
       for (int n = 0; n < D / 16; ++n) {
         float* o_tile = sO + warp * 16 * S::LD_O + n * 16;
         wmma::load_matrix_sync(acc, o_tile, S::LD_O, wmma::mem_row_major);
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
-          wmma::load_matrix_sync(pa, sP + warp * 16 * S::LD_P + kk * 16, S::LD_P);
           wmma::load_matrix_sync(vb, sV + kk * 16 * S::LD_T + n * 16, S::LD_T);
-          wmma::mma_sync(acc, pa, vb, acc);
+          wmma::mma_sync(acc, pa[kk], vb, acc);
         }
         wmma::store_matrix_sync(o_tile, acc, S::LD_O, wmma::mem_row_major);
       }
     }
-    __syncwarp();
+    __syncthreads();  // every warp is done with V(t): prefetch V(t+1) into the same buffer
+    if (t + 1 < n_tiles) load_key_tile_async<T, D>(sV, V, p.v_stride[2], tk, t + 1, nullptr);
+    cp_async_commit();
   }
+  cp_async_wait<0>();
   __syncthreads();
 
   T* O = static_cast<T*>(p.o) + b * p.o_stride[0] + h * p.o_stride[1];
@@ -221,46 +254,71 @@ __global__ void __launch_bounds__(THREADS) fused_fwd_kernel(const AttnParams p) 
   }
 }
 
-// Landmark query rows: each sees every key (causally clipped). One CTA per (landmark, b, h);
-// each warp streams a quarter of the keys with its own online softmax, merged at the end.
+// Landmark query rows: each sees every key (causally clipped). One CTA per (landmark, b, h).
+// Each warp takes 32 keys at a time, one key per lane (16-byte K loads, dot product against the
+// query row in shared memory), runs one online-softmax step for the group, then accumulates P V
+// with lanes over contiguous value elements; the 4 warps' states are merged at the end.
 template <typename T, int D>
 __global__ void __launch_bounds__(THREADS) landmark_rows_kernel(const AttnParams p) {
-  constexpr int EPL = D / 32;  // elements per lane
+  constexpr int EPL = D / 32;  // value elements per lane (contiguous: lane * EPL ...)
+  __shared__ float s_q[D];
+  __shared__ float s_m[WARPS], s_l[WARPS], s_o[WARPS][D];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hk);
   const int64_t offset = p.Nk - p.Nq;
   const int64_t r = p.landmarks[b * p.landmarks_batch_stride + blockIdx.x];
   const int64_t i = r - offset;
-  if (i < 0 || i >= p.Nq) return;
+  if (i < 0 || i >= p.Nq) return;  // CTA-uniform: this landmark position is no query row
   const T* Q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
   const T* K = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* V = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
   const PatternView pat = pattern_for_batch(p, b);
   const float scale_log2 = p.scale * kLog2e;
+  for (int d = threadIdx.x; d < D; d += THREADS) s_q[d] = to_float(Q[d]) * scale_log2;
+  __syncthreads();
 
-  float qv[EPL], acc[EPL];
+  float acc[EPL];
 #pragma unroll
-  for (int e = 0; e < EPL; ++e) {
-    qv[e] = to_float(Q[lane * EPL + e]) * scale_log2;
-    acc[e] = 0.f;
-  }
+  for (int e = 0; e < EPL; ++e) acc[e] = 0.f;
   float m = -INFINITY, l = 0.f;
   const KeyRange range = landmark_row_range(r, p.Nk, p.causal);
-  for (int64_t j = range.lo + warp; j < range.hi; j += WARPS) {
-    if (!pat.key_real(j)) continue;  // warp-uniform
-    float s = 0.f;
+  // The loop bound is warp-uniform, so every shuffle below runs with the full warp.
+  for (int64_t base = range.lo + warp * 32; base < range.hi; base += WARPS * 32) {
+    const int64_t j = base + lane;
+    const bool ok = j < range.hi && pat.key_real(j);
+    float s = -INFINITY;
+    if (ok) {
+      const uint4* krow = reinterpret_cast<const uint4*>(K + j * p.k_stride[2]);
+      float dot = 0.f;
 #pragma unroll
-    for (int e = 0; e < EPL; ++e) s += qv[e] * to_float(K[j * p.k_stride[2] + lane * EPL + e]);
-    s = warp_sum(s);
-    const float m_new = fmaxf(m, s);
-    const float alpha = exp2f(m - m_new), pj = exp2f(s - m_new);
-    l = l * alpha + pj;
+      for (int c = 0; c < D / 8; ++c) {
+        const uint4 w = krow[c];
+        const T* kv = reinterpret_cast<const T*>(&w);
 #pragma unroll
-    for (int e = 0; e < EPL; ++e) acc[e] = acc[e] * alpha + pj * to_float(V[j * p.v_stride[2] + lane * EPL + e]);
+        for (int e = 0; e < 8; ++e) dot += s_q[c * 8 + e] * to_float(kv[e]);
+      }
+      s = dot;
+    }
+    const float m_new = fmaxf(m, warp_max(s));
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float pj = ok ? exp2f(s - m_use) : 0.f;
+    const float alpha = exp2f(m - m_use);
+    l = l * alpha + warp_sum(pj);
     m = m_new;
+#pragma unroll
+    for (int e = 0; e < EPL; ++e) acc[e] *= alpha;
+    const int n = range.hi - base < 32 ? int(range.hi - base) : 32;
+#pragma unroll 4
+    for (int kk = 0; kk < n; ++kk) {
+      const float pk = __shfl_sync(0xffffffffu, pj, kk);
+      const T* vrow = V + (base + kk) * p.v_stride[2] + lane * EPL;
+      float vv[EPL];
+      load_to_float<T, EPL>(vrow, vv);
+#pragma unroll
+      for (int e = 0; e < EPL; ++e) acc[e] += pk * vv[e];
+    }
   }
 
-  __shared__ float s_m[WARPS], s_l[WARPS], s_o[WARPS][D];
   if (lane == 0) {
     s_m[warp] = m;
     s_l[warp] = l;
@@ -289,6 +347,14 @@ __global__ void __launch_bounds__(THREADS) landmark_rows_kernel(const AttnParams
 template <typename T, int D>
 void launch(const AttnParams& p, cudaStream_t stream) {
   const size_t smem = FwdSmem<D>::bytes;
+  int dev = 0, major = 0, optin = 0;
+  HK_CUDA_CHECK(cudaGetDevice(&dev), "fused_fwd_kernel (device query)");
+  HK_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "fused_fwd_kernel (device query)");
+  HK_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "fused_fwd_kernel (device query)");
+  if (major < 8) throw std::invalid_argument("attention_forward (cuda): needs compute capability >= 8.0 (sm_80)");
+  if (size_t(optin) < smem)
+    throw std::invalid_argument("attention_forward (cuda): D=" + std::to_string(D) + " needs " + std::to_string(smem) +
+                                " bytes of shared memory per block; this GPU allows " + std::to_string(optin));
   auto kernel = fused_fwd_kernel<T, D>;
   HK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                 "fused_fwd_kernel (shared memory opt-in)");

@@ -3,11 +3,14 @@
 //
 // Built for decode: a few query rows against a long, pre-quantized INT8 K cache (per-block
 // scales) that is never re-quantized between steps; the bytes read per step are those of the
-// INT8 K and the 16-bit V, once. Correct for any Nq (query rows are processed 16 per CTA).
+// INT8 K and the 16-bit V, once. Correct for any Nq (query rows are processed ROWS per CTA).
 //
-// Grid (num_splits, B*Hq, ceil(Nq/16)), 4 warps. Each lane owns one key of a 32-key group:
-// it loads that key's INT8 row once and dots it with every query row (dp4a); the warp then
-// runs the online softmax per row and accumulates P V with lanes over the value dim.
+// Grid (num_splits, B*Hq, ceil(Nq/ROWS)), 4 warps; ROWS = 1, 4 or 16 (int8_rows_per_cta), a
+// template parameter so decode does not pay registers for 16 rows. Each lane owns one key of a
+// 32-key group: it loads that key's INT8 row once (16-byte loads when D % 16 == 0) and dots it
+// with every query row (dp4a); the warp then runs the online softmax per row and accumulates
+// P V with lanes over contiguous value elements.
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -19,14 +22,16 @@ namespace hk {
 namespace cuda {
 namespace {
 
-constexpr int ROWS = 16;
 constexpr int WARPS = 4;
 constexpr int THREADS = WARPS * 32;
 constexpr int MAX_WORDS = 64;  // D <= 256 (int8, 4 per word)
 
-template <typename T, int DV>
-__global__ void __launch_bounds__(THREADS) int8_split_kernel(const Int8SplitParams sp) {
-  constexpr int EPL = DV / 32;
+// Query rows per CTA (a template parameter, so decode with Nq = 1 keeps 1 row of registers).
+int rows_for(int64_t nq) { return nq <= 1 ? 1 : nq <= 4 ? 4 : 16; }
+
+template <typename T, int DV, int ROWS>
+__global__ void __launch_bounds__(THREADS) int8_split_kernel(const Int8SplitParams sp, const bool k_vec16) {
+  constexpr int EPL = DV / 32;  // value elements per lane, contiguous (lane * EPL ...)
   const AttnInt8Params& ip = sp.attn;
   const AttnParams& p = ip.fwd;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -42,10 +47,13 @@ __global__ void __launch_bounds__(THREADS) int8_split_kernel(const Int8SplitPara
   __shared__ int32_t s_q[ROWS][MAX_WORDS];
   __shared__ float s_qscale[ROWS];
   const int32_t* q8 = reinterpret_cast<const int32_t*>(ip.q8 + ((b * p.Hq + h) * p.Nq + i0) * p.D);
-  for (int c = threadIdx.x; c < nrows * words; c += THREADS) s_q[c / words][c % words] = q8[c];
-  if (threadIdx.x < nrows)
-    s_qscale[threadIdx.x] = ip.q_scale[(b * p.Hq + h) * n_qblocks + (i0 + threadIdx.x) / ip.q_block] *
-                            p.scale * kLog2e;
+  for (int c = threadIdx.x; c < ROWS * words; c += THREADS)  // rows past Nq: zeros
+    s_q[c / words][c % words] = c / words < nrows ? q8[c] : 0;
+  if (threadIdx.x < ROWS)
+    s_qscale[threadIdx.x] =
+        int(threadIdx.x) < nrows
+            ? ip.q_scale[(b * p.Hq + h) * n_qblocks + (i0 + threadIdx.x) / ip.q_block] * p.scale * kLog2e
+            : 0.f;
   __syncthreads();
 
   PatternView pat;
@@ -73,6 +81,7 @@ __global__ void __launch_bounds__(THREADS) int8_split_kernel(const Int8SplitPara
     for (int e = 0; e < EPL; ++e) acc[r][e] = 0.f;
   }
 
+  // The loop bound is warp-uniform, so every shuffle / vote below runs with the full warp.
   for (int64_t base = k_lo + warp * 32; base < k_hi; base += WARPS * 32) {
     const int64_t j = base + lane;
     bool vis[ROWS];
@@ -91,11 +100,25 @@ __global__ void __launch_bounds__(THREADS) int8_split_kernel(const Int8SplitPara
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) dots[r] = 0;
     if (any) {
-      const int32_t* krow = reinterpret_cast<const int32_t*>(K8 + j * p.D);
-      for (int w = 0; w < words; ++w) {
-        const int32_t kw = krow[w];
+      if (k_vec16) {  // D % 16 == 0: 16-byte loads of this lane's key row
+        const int4* krow = reinterpret_cast<const int4*>(K8 + j * p.D);
+        for (int c = 0; c < words / 4; ++c) {
+          const int4 kw = krow[c];
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) dots[r] = __dp4a(kw, s_q[r][w], dots[r]);
+          for (int r = 0; r < ROWS; ++r) {
+            dots[r] = __dp4a(kw.x, s_q[r][4 * c + 0], dots[r]);
+            dots[r] = __dp4a(kw.y, s_q[r][4 * c + 1], dots[r]);
+            dots[r] = __dp4a(kw.z, s_q[r][4 * c + 2], dots[r]);
+            dots[r] = __dp4a(kw.w, s_q[r][4 * c + 3], dots[r]);
+          }
+        }
+      } else {
+        const int32_t* krow = reinterpret_cast<const int32_t*>(K8 + j * p.D);
+        for (int w = 0; w < words; ++w) {
+          const int32_t kw = krow[w];
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) dots[r] = __dp4a(kw, s_q[r][w], dots[r]);
+        }
       }
     }
     const float ks = any ? kscale[j / ip.k_block] : 0.f;
@@ -114,11 +137,10 @@ __global__ void __launch_bounds__(THREADS) int8_split_kernel(const Int8SplitPara
       m[r] = m_new;
     }
     const int n_keys = k_hi - base < 32 ? int(k_hi - base) : 32;
+#pragma unroll 4
     for (int kk = 0; kk < n_keys; ++kk) {
       float v[EPL];
-      const T* vrow = V + (base + kk) * p.v_stride[2];
-#pragma unroll
-      for (int e = 0; e < EPL; ++e) v[e] = to_float(vrow[lane + 32 * e]);
+      load_to_float<T, EPL>(V + (base + kk) * p.v_stride[2] + lane * EPL, v);
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         const float pk = __shfl_sync(0xffffffffu, pr[r], kk);
@@ -138,7 +160,7 @@ __global__ void __launch_bounds__(THREADS) int8_split_kernel(const Int8SplitPara
       s_l[warp][r] = l[r];
     }
 #pragma unroll
-    for (int e = 0; e < EPL; ++e) s_o[warp][r][lane + 32 * e] = acc[r][e];
+    for (int e = 0; e < EPL; ++e) s_o[warp][r][lane * EPL + e] = acc[r][e];
   }
   __syncthreads();
   for (int r = warp; r < nrows; r += WARPS) {
@@ -189,17 +211,30 @@ __global__ void merge_splits_kernel(const Int8SplitParams sp) {
   if (threadIdx.x == 0) p.lse[row] = L > 0.f ? (M + log2f(L)) * kLn2 : -INFINITY;
 }
 
+template <typename T, int DV, int ROWS>
+void launch_rows(const Int8SplitParams& sp, bool k_vec16, cudaStream_t stream) {
+  const AttnParams& p = sp.attn.fwd;
+  const dim3 grid(unsigned(sp.num_splits), unsigned(p.B * p.Hq), unsigned((p.Nq + ROWS - 1) / ROWS));
+  int8_split_kernel<T, DV, ROWS><<<grid, THREADS, 0, stream>>>(sp, k_vec16);
+  HK_CHECK_LAUNCH("int8_split_kernel");
+}
+
 template <typename T, int DV>
 void launch(const Int8SplitParams& sp, cudaStream_t stream) {
   const AttnParams& p = sp.attn.fwd;
-  const dim3 grid(unsigned(sp.num_splits), unsigned(p.B * p.Hq), unsigned((p.Nq + ROWS - 1) / ROWS));
-  int8_split_kernel<T, DV><<<grid, THREADS, 0, stream>>>(sp);
-  HK_CHECK_LAUNCH("int8_split_kernel");
+  const bool k_vec16 = p.D % 16 == 0 && reinterpret_cast<uintptr_t>(sp.attn.k8) % 16 == 0;
+  switch (rows_for(p.Nq)) {
+    case 1: launch_rows<T, DV, 1>(sp, k_vec16, stream); break;
+    case 4: launch_rows<T, DV, 4>(sp, k_vec16, stream); break;
+    default: launch_rows<T, DV, 16>(sp, k_vec16, stream); break;
+  }
   merge_splits_kernel<T, DV><<<unsigned(p.B * p.Hq * p.Nq), 128, 0, stream>>>(sp);
   HK_CHECK_LAUNCH("merge_splits_kernel");
 }
 
 }  // namespace
+
+int int8_rows_per_cta(int64_t nq) { return rows_for(nq); }
 
 void attention_forward_int8(const Int8SplitParams& sp, cudaStream_t stream) {
   const AttnInt8Params& ip = sp.attn;
@@ -217,6 +252,12 @@ void attention_forward_int8(const Int8SplitParams& sp, cudaStream_t stream) {
   if (ip.q_block < 1 || ip.k_block < 1) throw std::invalid_argument(who + "q_block and k_block must be >= 1");
   if (reinterpret_cast<uintptr_t>(ip.k8) % 4 != 0 || reinterpret_cast<uintptr_t>(ip.q8) % 4 != 0)
     throw std::invalid_argument(who + "q8 and k8 must be 4-byte aligned");
+  if (p.B * p.Hq > 65535) throw std::invalid_argument(who + "B * Hq must be <= 65535");
+  if ((p.Nq + rows_for(p.Nq) - 1) / rows_for(p.Nq) > 65535)
+    throw std::invalid_argument(who + "Nq too large for the grid (Nq / 16 must be <= 65535)");
+  if (p.B * p.Hq * p.Nq > 0x7fffffffLL) throw std::invalid_argument(who + "B * Hq * Nq must be < 2^31");
+  if (reinterpret_cast<uintptr_t>(p.v) % 16 != 0 || p.v_stride[0] % 8 || p.v_stride[1] % 8 || p.v_stride[2] % 8)
+    throw std::invalid_argument(who + "v must be 16-byte aligned with strides that are multiples of 8 elements");
   if (p.Nq == 0 || p.B == 0) return;
   const bool bf16 = p.dtype == DType::BF16;
   if (p.Dv == 64) {

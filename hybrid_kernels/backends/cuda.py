@@ -44,10 +44,19 @@ def _aligned(t: Tensor) -> Tensor:
     return t if ok else t.contiguous()
 
 
-def num_splits_for(batch_heads: int, nk: int, sm_count: int) -> int:
-    """Enough key splits to give every SM about two CTAs, each split at least 256 keys."""
-    want = max(1, (2 * sm_count + batch_heads - 1) // max(batch_heads, 1))
-    return max(1, min(want, nk // 256 if nk >= 256 else 1, 128))
+def int8_rows_per_cta(nq: int) -> int:
+    """Query rows per CTA of the INT8 kernel (rows_for in csrc/cuda/attention_int8_split.cu)."""
+    return 1 if nq <= 1 else 4 if nq <= 4 else 16
+
+
+def num_splits_for(ctas: int, nk: int, sm_count: int) -> int:
+    """Key splits for the INT8 kernel given ``ctas`` = B * Hq * ceil(Nq / rows) CTAs per split.
+
+    Decode is bound by memory latency: aim for about 8 four-warp CTAs per SM (enough bytes in
+    flight), with at least 256 keys per split so the LSE merge stays negligible.
+    """
+    want = max(1, (8 * sm_count + ctas - 1) // max(ctas, 1))
+    return max(1, min(want, nk // 256, 256))
 
 
 class CudaBackend(Backend):
@@ -91,7 +100,8 @@ class CudaBackend(Backend):
         keep = Keep()
         params = mod.AttnParams()
         fill_params(mod, params, q, k, v, out, lse, pattern, keep)
-        mod.attention_forward(params, torch.cuda.current_stream(q.device).cuda_stream)
+        with torch.cuda.device(q.device):  # kernels launch on the current device
+            mod.attention_forward(params, torch.cuda.current_stream(q.device).cuda_stream)
         return out, lse
 
     def forward_int8_quantized(self, q8, q_scale, k8, k_scale, v, q_like, pattern: Pattern,
@@ -104,7 +114,8 @@ class CudaBackend(Backend):
         out = new_output((B, Hq, Nq, Dv), q_like.dtype, q_like.device)
         lse = new_output((B, Hq, Nq), torch.float32, q_like.device)
         sms = torch.cuda.get_device_properties(v.device).multi_processor_count
-        splits = num_splits_for(B * Hq * max(1, (Nq + 15) // 16), Nk, sms)
+        rows = int8_rows_per_cta(Nq)
+        splits = num_splits_for(B * Hq * max(1, (Nq + rows - 1) // rows), Nk, sms)
         partial_o = torch.empty((splits, B * Hq, Nq, Dv), dtype=torch.float32, device=v.device)
         partial_ml = torch.empty((splits, B * Hq, Nq, 2), dtype=torch.float32, device=v.device)
         keep = Keep()
@@ -120,5 +131,6 @@ class CudaBackend(Backend):
         sp.attn = attn
         sp.num_splits = splits
         sp.partial_o, sp.partial_ml = keep(partial_o), keep(partial_ml)
-        mod.attention_forward_int8(sp, torch.cuda.current_stream(v.device).cuda_stream)
+        with torch.cuda.device(v.device):  # kernels launch on the current device
+            mod.attention_forward_int8(sp, torch.cuda.current_stream(v.device).cuda_stream)
         return out, lse

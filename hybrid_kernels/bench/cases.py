@@ -5,7 +5,7 @@ Pattern names are '+'-joined tokens: ``full``, ``causal``, ``window``, ``landmar
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch

@@ -52,6 +52,7 @@ class Issue2:
     mm_bf16: Optional[float] = None
     results: List[Result] = field(default_factory=list)
     memory: Dict[int, Dict] = field(default_factory=dict)   # N -> peak_memory_subprocess()
+    warning: Optional[str] = None                            # machine busy before the run
 
     def get(self, provider: str, n: int, dtype=torch.float32, mode="fwd",
             quant=False) -> Optional[Result]:
@@ -102,18 +103,18 @@ def ratio_rows(rep: Issue2, n: int) -> List[Tuple[str, Optional[float], str, Opt
 
 
 def _memory_row(rep: Issue2):
-    for n, mem in sorted(rep.memory.items()):
-        if mem and "peak_bytes" in mem and mem["peak_bytes"] is not None:
-            total = mem["qkv_bytes"] + mem["peak_bytes"]
-            value = total / mem["io_bytes"]
-            return (f"hk fp32 fwd peak memory / (q+k+v+out) at N={n} "
-                    f"({total / 2**20:.0f} / {mem['io_bytes'] / 2**20:.0f} MiB)", value, "<= 2",
-                    value <= 2)
-        if mem:
-            return (f"hk fp32 fwd peak memory at N={n}", None, "<= 2",
-                    None) if "error" not in mem else (
-                        f"hk peak memory at N={n}: {mem['error']}", None, "<= 2", None)
-    return None
+    """(what, value, target, met) for peak memory at the largest measured N, or None."""
+    if not rep.memory:
+        return None
+    n = max(rep.memory)
+    mem = rep.memory[n] or {}
+    if mem.get("peak_bytes") is None:
+        why = mem.get("error", "not measured")
+        return (f"hk fp32 fwd peak memory at N={n}: {why}"[:62], None, "<= 2", None)
+    total = mem["qkv_bytes"] + mem["peak_bytes"]
+    value = total / mem["io_bytes"]
+    return (f"hk fp32 fwd peak memory / (q+k+v+out) at N={n} ({total / 2**20:.0f}/"
+            f"{mem['io_bytes'] / 2**20:.0f} MiB)", value, "<= 2", value <= 2)
 
 
 def format_issue2(rep: Issue2, sizes: Sequence[int], threads: int, env_line: str = "") -> str:
@@ -121,6 +122,8 @@ def format_issue2(rep: Issue2, sizes: Sequence[int], threads: int, env_line: str
              f"(evenly spaced), threads={threads}"]
     if env_line:
         lines.append(env_line)
+    if rep.warning:
+        lines.append(rep.warning)
     lines.append(f"anchor: torch.mm 4096^2 fp32 {rep.mm_fp32 or 0:.1f} GF/s, "
                  f"bf16 {rep.mm_bf16 or 0:.1f} GF/s (visible pairs only: 4*pairs*D FLOPs fwd, "
                  f"2.5x that bwd)")
@@ -129,7 +132,7 @@ def format_issue2(rep: Issue2, sizes: Sequence[int], threads: int, env_line: str
            f"{'% mm fp32':>9} {'max err':>8}  status"
     lines += [head, "-" * len(head)]
     for r in sorted(rep.results, key=lambda r: (r.case.n, r.case.dtype != torch.float32,
-                                                 r.case.mode, bool(r.case.pattern.quant))):
+                                                 r.case.mode == "bwd", bool(r.case.pattern.quant))):
         if not r.available and r.provider not in COMPETITORS:
             continue
         c = r.case
@@ -158,9 +161,13 @@ def format_issue2(rep: Issue2, sizes: Sequence[int], threads: int, env_line: str
 def run_report(sizes: Sequence[int] = SIZES, dtypes=(torch.float32, torch.bfloat16),
                timing: TimingConfig = REPORT_TIMING, threads: Optional[int] = None,
                memory: bool = True, progress=print) -> Tuple[Issue2, int]:
+    from .env import load_warning
     from .memory import peak_memory_subprocess
     threads = set_threads(threads)
     rep = Issue2()
+    rep.warning = load_warning()
+    if rep.warning:
+        progress(rep.warning)
     progress("measuring torch.mm anchors ...")
     rep.mm_fp32 = mm_gflops(torch.float32, timing=timing)
     rep.mm_bf16 = mm_gflops(torch.bfloat16, timing=timing)

@@ -10,7 +10,7 @@ from typing import Dict, Optional
 
 import torch
 
-__all__ = ["environment", "device_name", "git_revision", "versions", "cpu_features",
+__all__ = ["load_warning", "environment", "device_name", "git_revision", "versions", "cpu_features",
            "backend_status", "resolve_device"]
 
 
@@ -84,6 +84,19 @@ def backend_status() -> Dict[str, Optional[str]]:
     return {name: get_backend(name).unavailable_reason() for name in backend_names()}
 
 
+def load_warning() -> Optional[str]:
+    """A warning when other processes keep the CPUs busy (timings would then be unreliable)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cpus = os.cpu_count() or 1
+    if load > 0.5 * cpus + 0.5:
+        return (f"warning: load average {load:.1f} on {cpus} CPUs before the run: other "
+                f"processes are using the CPUs, timings will be noisy and low")
+    return None
+
+
 def environment(device: str, threads: int) -> Dict[str, object]:
     info = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -93,6 +106,7 @@ def environment(device: str, threads: int) -> Dict[str, object]:
         "threads": threads,
         "versions": versions(),
     }
+    info["load_average"] = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     cpu = cpu_features()
     if "selected_isa" in cpu:
         info["cpu_isa"] = cpu["selected_isa"]

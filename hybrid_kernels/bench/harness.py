@@ -6,10 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import torch
-
 from .cases import DEFAULT_PATTERNS, DTYPES, Case, parse_pattern
-from .env import environment, resolve_device
+from .env import environment, load_warning, resolve_device
 from .providers import get_providers
 from .report import (format_header, format_table, result_rows, write_csv, write_json,
                      write_plot)
@@ -84,10 +82,13 @@ def run_benchmark(opts: BenchOptions, echo=print) -> BenchOutput:
     timing = opts.timing or (QUICK_TIMING if opts.quick else TimingConfig())
     cases = build_cases(opts, device)
     providers = get_providers(list(opts.providers) if opts.providers else None)
+    warning = load_warning() if device == "cpu" else None
     env = environment(device, threads)
     unavailable = {p.name: why for p in providers
                    if (why := p.unavailable_reason(device)) is not None}
     echo(format_header(env, unavailable))
+    if warning:
+        echo(warning)
     echo(f"{len(cases)} cases x {len(providers) - len(unavailable)} providers; each result is "
          f"checked against the fp32 reference before it is timed")
     results = run_sweep(cases, providers, timing, progress=opts.progress)

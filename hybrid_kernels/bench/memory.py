@@ -30,7 +30,8 @@ def peak_memory_subprocess(case: Case, provider: str, timeout: float = 600) -> O
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    # cwd = the directory holding this package, so `-m` imports the same copy of it
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -138,6 +138,11 @@ class ReferenceProvider(Provider):
     name = "reference"
     description = "hybrid_kernels.reference.blocked_reference (fp32 math)"
 
+    def skip_reason(self, case: Case) -> Optional[str]:
+        if case.pattern.is_dense:
+            return "dense pattern: SDPA is the pure-torch baseline"
+        return None
+
     def build(self, case, q, k, v):
         from ..reference import blocked_reference
         kwargs = case.reference_kwargs()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -76,13 +75,16 @@ def write_plot(rows: List[Dict], path: str) -> Optional[str]:
                 (row["n_k"], row["ms_median"]))
     if not panels:
         return None
+    names = sorted({p for lines in panels.values() for p in lines})
+    color = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one color per provider
     cols = min(3, len(panels))
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
     for ax, ((kernel, dtype, mode), lines) in zip(axes.flat, panels.items()):
         for provider, pts in sorted(lines.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider,
+                    color=color[provider])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"{kernel} {dtype} {mode}", fontsize=10)

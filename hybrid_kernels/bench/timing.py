@@ -21,13 +21,13 @@ THREADS_ENV = "HYBRID_KERNELS_NUM_THREADS"
 
 @dataclass(frozen=True)
 class TimingConfig:
-    warmup: int = 2              # untimed calls first
+    warmup: int = 1              # untimed calls first (after the harness's checked call)
     min_repeats: int = 5
     max_repeats: int = 100
     target_seconds: float = 1.0  # stop repeating once this much time has been measured
 
 
-QUICK_TIMING = TimingConfig(warmup=1, min_repeats=3, max_repeats=15, target_seconds=0.25)
+QUICK_TIMING = TimingConfig(warmup=0, min_repeats=2, max_repeats=15, target_seconds=0.25)
 
 
 @dataclass(frozen=True)

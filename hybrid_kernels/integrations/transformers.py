@@ -56,6 +56,8 @@ def enable(model, *, window=None, landmarks=None, quant: Optional[str] = None,
     register()
     if isinstance(window, tuple):
         window = list(window)
+    if isinstance(landmarks, Tensor):
+        landmarks = landmarks.tolist()  # the config must stay JSON-serializable
     settings = {"window": window, "landmarks": landmarks, "quant": quant, "backend": backend,
                 "cross_attention": cross_attention,
                 "layers": {str(k): v for k, v in (layers or {}).items()}}  # JSON-safe keys

@@ -123,12 +123,15 @@ class HybridAttention(nn.MultiheadAttention):
                              "nn.TransformerEncoder with enable_nested_tensor=False (swap_attention "
                              "does this)")
         batched = query.dim() == 3
+        self_attention = query is key and key is value
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if self_attention:
+            key = value = query
         out, weights = self._attend(query, key, value, key_padding_mask, need_weights, attn_mask,
                                     is_causal)
         if weights is not None and average_attn_weights:
@@ -147,13 +150,19 @@ class HybridAttention(nn.MultiheadAttention):
         if key.shape[0] != B or value.shape[:2] != key.shape[:2]:
             raise ValueError(f"query, key, value disagree on batch or key length: query "
                              f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
-        w_q, w_k, w_v, b_q, b_k, b_v = self._projection_weights()
-        if extra:
-            key, value = self.learned_landmarks.prepend(key), self.learned_landmarks.prepend(value)
         nk = S + extra
-        q = F.linear(query, w_q, b_q).view(B, L, H, hd).transpose(1, 2)
-        k = F.linear(key, w_k, b_k).view(B, nk, H, hd).transpose(1, 2)
-        v = F.linear(value, w_v, b_v).view(B, nk, H, hd).transpose(1, 2)
+        if query is key and key is value and self._qkv_same_embed_dim and not extra:
+            # Self-attention: one fused projection, as nn.MultiheadAttention does.
+            qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+            q, k, v = qkv.view(B, L, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            w_q, w_k, w_v, b_q, b_k, b_v = self._projection_weights()
+            if extra:
+                key = self.learned_landmarks.prepend(key)
+                value = self.learned_landmarks.prepend(value)
+            q = F.linear(query, w_q, b_q).view(B, L, H, hd).transpose(1, 2)
+            k = F.linear(key, w_k, b_k).view(B, nk, H, hd).transpose(1, 2)
+            v = F.linear(value, w_v, b_v).view(B, nk, H, hd).transpose(1, 2)
 
         real, pad_bias = _split_key_padding(key_padding_mask, B, S)
         causal, dense = _split_attn_mask(attn_mask, B, H, L, S, is_causal)
@@ -169,7 +178,7 @@ class HybridAttention(nn.MultiheadAttention):
             if dense is None:
                 dense = bias
             elif dense.dtype == torch.bool:
-                dense = torch.zeros_like(bias).masked_fill(~dense, float("-inf")) + bias
+                dense = torch.where(dense, 0.0, float("-inf")).to(q.dtype) + bias
             else:
                 dense = dense.to(q.dtype) + bias
 

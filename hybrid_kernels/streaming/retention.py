@@ -18,7 +18,7 @@ minimal pure-torch exact cosine store with the same protocol. Both are bounded b
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 from torch import Tensor

@@ -1,11 +1,13 @@
 """A generated multi-passage QA task for training Fusion-in-Decoder from scratch.
 
-Every question is about one person; k passages are retrieved for it, and the answer sits in
-exactly one of them (the person's own passage) among k - 1 distractor passages about other people.
-Facts are drawn afresh for every example, so nothing can be memorized: a model must find the
-passage whose title matches the question and copy the answer from it. A model that reads n of the
-k passages (chosen at random) can only answer when the gold passage is among them, so exact match
-grows with n: about n/k for a perfect reader.
+Every question asks for one relation (birthplace, job, pet, instrument, food, colour) of one
+person; k passages are retrieved for it and the answer sits in exactly one of them. The k - 1
+distractors state the other relations of the same person and relations of other people, never the
+asked relation. Facts are drawn afresh for every example, so nothing can be memorized: a model must
+find the one passage that answers the question and copy the answer from it. A model that reads n
+of the k passages (chosen at random) can only answer when the gold passage is among them (a blind
+guess is right 1/16 to 1/68 of the time), so exact match grows with n: about n/k for a perfect
+reader.
 """
 from __future__ import annotations
 
@@ -34,10 +36,26 @@ _JOBS = ["baker", "pilot", "nurse", "farmer", "lawyer", "painter", "dentist", "c
          "teacher", "plumber", "sailor", "miner", "writer", "singer", "dancer", "butcher",
          "tailor", "welder", "judge", "poet", "surgeon", "architect", "gardener", "jeweler",
          "librarian", "mechanic", "potter", "carpenter", "fisher", "banker", "drummer", "clerk"]
-_QUESTIONS = {"city": "where was {name} born ?", "job": "what does {name} do for a living ?"}
+_ANIMALS = ["cat", "dog", "parrot", "rabbit", "turtle", "hamster", "goldfish", "lizard",
+            "ferret", "pony", "snake", "canary", "goat", "pig", "duck", "owl"]
+_INSTRUMENTS = ["piano", "violin", "guitar", "flute", "cello", "trumpet", "harp", "drums",
+                "oboe", "banjo", "organ", "tuba", "clarinet", "saxophone", "ukulele", "accordion"]
+_FOODS = ["pizza", "sushi", "pasta", "curry", "tacos", "soup", "rice", "bread", "cheese",
+          "noodles", "salad", "pie", "dumplings", "falafel", "paella", "pancakes"]
+_COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "brown", "black",
+           "white", "gray", "teal", "gold", "silver", "violet", "indigo"]
+# relation -> (values, question template, passage template)
+_RELATIONS = {
+    "city": (_CITIES, "where was {name} born ?", "{name} was born in {x} ."),
+    "job": (_JOBS, "what does {name} do for a living ?", "{name} works as a {x} ."),
+    "pet": (_ANIMALS, "what pet does {name} have ?", "{name} has a pet {x} ."),
+    "instrument": (_INSTRUMENTS, "what instrument does {name} play ?", "{name} plays the {x} ."),
+    "food": (_FOODS, "what is the favorite food of {name} ?", "{name} likes to eat {x} ."),
+    "color": (_COLORS, "what is the favorite color of {name} ?", "{name} loves the color {x} ."),
+}
 _SPECIALS = ["<pad>", "</s>", "<unk>"]
-_TEMPLATE_WORDS = ("question: title: context: where was born ? what does do for a living "
-                   "and works as a . in").split()
+_TEMPLATE_WORDS = " ".join(["question: title: context:"] + [q + " " + p for _, q, p in _RELATIONS.values()]
+                          ).replace("{name}", "").replace("{x}", "").split()
 
 
 def _names(count: int, seed: int = 1234) -> List[str]:
@@ -111,26 +129,48 @@ class QATask:
     Args:
         num_passages: k, the passages retrieved per question (one holds the answer).
         num_names: size of the pool of person names.
+        hard_negatives: probability that a distractor about another person states the asked
+            relation (then only the name tells the passages apart).
     """
 
-    def __init__(self, num_passages: int = 10, num_names: int = 400, seed: int = 0):
+    def __init__(self, num_passages: int = 10, num_names: int = 400, seed: int = 0,
+                 hard_negatives: float = 0.0):
         if num_passages < 1:
             raise ValueError(f"num_passages must be >= 1; got {num_passages}")
         self.k = num_passages
         self.names = _names(num_names)
-        self.tokenizer = WordTokenizer(_TEMPLATE_WORDS + self.names + _CITIES + _JOBS)
+        values = [v for vals, _, _ in _RELATIONS.values() for v in vals]
+        self.tokenizer = WordTokenizer(_TEMPLATE_WORDS + self.names + values)
         self.seed = seed
+        if not 0.0 <= hard_negatives <= 1.0:
+            raise ValueError(f"hard_negatives must be in [0, 1]; got {hard_negatives}")
+        self.hard_negatives = hard_negatives
 
     def example(self, rng: random.Random) -> QAExample:
-        people = rng.sample(self.names, self.k)
-        facts = {p: {"city": rng.choice(_CITIES), "job": rng.choice(_JOBS)} for p in people}
-        passages = [(p, f"{p} was born in {facts[p]['city']} and works as a {facts[p]['job']} .")
-                    for p in people]
-        gold = rng.randrange(self.k)
-        relation = rng.choice(sorted(_QUESTIONS))
-        name = people[gold]
-        return QAExample(_QUESTIONS[relation].format(name=name), passages,
-                         facts[name][relation], gold)
+        relations = sorted(_RELATIONS)
+        relation = rng.choice(relations)
+        name = rng.choice(self.names)
+        values, question, _ = _RELATIONS[relation]
+        answer = rng.choice(values)
+        facts = [(name, relation, answer)]
+        own = [r for r in relations if r != relation]
+        rng.shuffle(own)
+        while len(facts) < self.k:
+            if own and rng.random() < 0.5:          # another fact about the same person
+                facts.append((name, own.pop(), None))
+            else:                                   # a fact about someone else
+                other = rng.choice(self.names)
+                if other != name:
+                    hard = rng.random() < self.hard_negatives
+                    rel = relation if hard else rng.choice([r for r in relations if r != relation])
+                    facts.append((other, rel, None))
+        rng.shuffle(facts)
+        passages = []
+        for person, rel, value in facts:
+            vals, _, text = _RELATIONS[rel]
+            passages.append((person, text.format(name=person, x=value or rng.choice(vals))))
+        gold = next(i for i, (p, r, v) in enumerate(facts) if v is not None)
+        return QAExample(question.format(name=name), passages, answer, gold)
 
     def examples(self, count: int, split: str = "train", seed: Optional[int] = None) -> List[QAExample]:
         offset = {"train": 0, "valid": 1, "test": 2}[split]

@@ -17,7 +17,8 @@ import triton.language as tl
 
 from .configs import PATTERN_KEYS, backward_configs, dot_precision, padded_head_dim
 from .forward import LOG2E, last_dim_contiguous
-from .masking import dot, to_dtype, landmark_visible, query_band, query_rows, visible, window_band
+from .masking import (dot, interior_query_tiles, interior_tiles, landmark_visible, query_band,
+                      query_rows, to_dtype, visible, window_band)
 from .pattern_args import pattern_args
 
 
@@ -59,6 +60,75 @@ def dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE: tl.conste
     return dk, dv
 
 
+@triton.jit
+def dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, n_from, n_to, lo, hi, b, k_base, v_base,
+                 sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, left, right, D, DV, scale_log2,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_LM: tl.constexpr,
+                 HAS_PAD: tl.constexpr, LM_MODE: tl.constexpr, MASKED: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """dQ over the key tiles n_from, n_from + BLOCK_N, ... < n_to (keys clipped to [lo, hi));
+    MASKED=False: every pair is visible."""
+    d = tl.arange(0, BLOCK_D)
+    dvr = tl.arange(0, BLOCK_DV)
+    no_row_lm = tl.zeros([BLOCK_M], dtype=tl.int8)
+    for n0 in range(n_from, n_to, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            col_ok = (j >= lo) & (j < hi)
+            real = tl.load(PAD + b * pad_sb + j, mask=col_ok, other=0) if HAS_PAD else col_ok
+            if LM_MODE:
+                vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
+            else:
+                key_lm = tl.load(FLAGS + b * fl_sb + j, mask=col_ok, other=0) if HAS_LM else col_ok
+                vis = visible(r, j, row_ok, col_ok, left, right, key_lm, no_row_lm, real,
+                              CAUSAL, HAS_LM, HAS_PAD)
+            kv_ok = (col_ok & (real != 0)) if HAS_PAD else col_ok
+        else:
+            kv_ok = j < hi  # always true here
+            vis = row_ok[:, None] & kv_ok[None, :]
+        k = tl.load(k_base + j[:, None].to(tl.int64) * sk_n + d[None, :],
+                    mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
+        v = tl.load(v_base + j[:, None].to(tl.int64) * sv_n + dvr[None, :],
+                    mask=kv_ok[:, None] & (dvr[None, :] < DV), other=0.0)
+        dq = dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
+    return dq
+
+
+@triton.jit
+def dkdv_query_tiles(dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE, DELTA,
+                     row_base, m_from, m_to, i_lo, i_hi, off, Nk, FLAGS, fl_sb, b, sq_n, sdo_n,
+                     left, right, D, DV, scale_log2, BLOCK_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
+                     HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr, LM_MODE: tl.constexpr,
+                     MASKED: tl.constexpr, IEEE: tl.constexpr):
+    """dK, dV of one key tile over the query tiles m_from, m_from + BLOCK_M, ... < m_to (rows
+    clipped to [i_lo, i_hi)); MASKED=False: every pair is visible."""
+    d = tl.arange(0, BLOCK_D)
+    dvr = tl.arange(0, BLOCK_DV)
+    for m0 in range(m_from, m_to, BLOCK_M):
+        i = m0 + tl.arange(0, BLOCK_M)
+        row_ok = (i >= i_lo) & (i < i_hi)
+        r = i + off
+        if MASKED:
+            if LM_MODE:
+                vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
+            else:
+                if HAS_LM:
+                    row_lm = tl.load(FLAGS + b * fl_sb + r, mask=row_ok & (r >= 0) & (r < Nk),
+                                     other=0)
+                else:
+                    row_lm = tl.zeros([BLOCK_M], dtype=tl.int8)
+                vis = visible(r, j, row_ok, col_ok, left, right, key_lm, row_lm, real,
+                              CAUSAL, HAS_LM, HAS_PAD)
+        else:
+            vis = row_ok[:, None] & col_ok[None, :]
+        q, do, lse2, delta = load_query_side(q_base, do_base, LSE, DELTA, row_base, i,
+                                             row_ok, d, dvr, sq_n, sdo_n, D, DV)
+        dk, dv = dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
+    return dk, dv
+
+
 @triton.autotune(configs=backward_configs(), key=PATTERN_KEYS)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
@@ -87,34 +157,34 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
         DO + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h,
         LSE, DELTA, bh.to(tl.int64) * Nq, i, row_ok, d, dvr, sq_n, sdo_n, D, DV)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    no_row_lm = tl.zeros([BLOCK_M], dtype=tl.int8)
 
     if LM_MODE:
         lo = 0
         hi = Nk
         if CAUSAL:
             hi = tl.minimum(tl.max(tl.where(row_ok, r, -1), 0) + 1, Nk)
-        start = 0
+        dq = dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, 0, hi, lo, hi, b, k_base, v_base,
+                          sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, left, right, D, DV, scale_log2,
+                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
+                          True, True, IEEE)
     else:
         r0 = pid_m * BLOCK_M + off
         r1 = tl.minimum(r0 + BLOCK_M, Nq + off)
         lo, hi = window_band(r0, r1, Nk, left, right, CAUSAL)
         start = (lo // BLOCK_N) * BLOCK_N
-    for n0 in range(start, hi, BLOCK_N):
-        j = n0 + tl.arange(0, BLOCK_N)
-        col_ok = (j >= lo) & (j < hi)
-        real = tl.load(PAD + b * pad_sb + j, mask=col_ok, other=0) if HAS_PAD else col_ok
-        if LM_MODE:
-            vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
-        else:
-            key_lm = tl.load(FLAGS + b * fl_sb + j, mask=col_ok, other=0) if HAS_LM else col_ok
-            vis = visible(r, j, row_ok, col_ok, left, right, key_lm, no_row_lm, real,
-                          CAUSAL, HAS_LM, HAS_PAD)
-        k = tl.load(k_base + j[:, None].to(tl.int64) * sk_n + d[None, :],
-                    mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
-        v = tl.load(v_base + j[:, None].to(tl.int64) * sv_n + dvr[None, :],
-                    mask=col_ok[:, None] & (dvr[None, :] < DV), other=0.0)
-        dq = dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
+        a, c = interior_tiles(r0, r1, lo, hi, start, left, right, BLOCK_N, CAUSAL, HAS_PAD)
+        dq = dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, start, a, lo, hi, b, k_base, v_base,
+                          sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, left, right, D, DV, scale_log2,
+                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
+                          False, True, IEEE)
+        dq = dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, a, c, lo, hi, b, k_base, v_base,
+                          sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, left, right, D, DV, scale_log2,
+                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
+                          False, False, IEEE)
+        dq = dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, c, hi, lo, hi, b, k_base, v_base,
+                          sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, left, right, D, DV, scale_log2,
+                          BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
+                          False, True, IEEE)
 
     if HAS_LM and not LM_MODE:
         for g0 in range(0, G, BLOCK_N):
@@ -123,10 +193,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
             col_ok = (g < G) & ((j < lo) | (j >= hi))
             real = tl.load(PAD + b * pad_sb + j, mask=col_ok, other=0) if HAS_PAD else col_ok
             vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
+            kv_ok = (col_ok & (real != 0)) if HAS_PAD else col_ok
             k = tl.load(k_base + j[:, None] * sk_n + d[None, :],
-                        mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+                        mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
             v = tl.load(v_base + j[:, None] * sv_n + dvr[None, :],
-                        mask=col_ok[:, None] & (dvr[None, :] < DV), other=0.0)
+                        mask=kv_ok[:, None] & (dvr[None, :] < DV), other=0.0)
             dq = dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
 
     dq_base = DQ + b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h
@@ -163,16 +234,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD,
         j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = j < Nk
         n0 = pid_n * BLOCK_N
-        i_lo, i_hi = query_band(n0, tl.minimum(n0 + BLOCK_N, Nk), off, Nq, left, right, CAUSAL)
+        n1 = tl.minimum(n0 + BLOCK_N, Nk)
+        i_lo, i_hi = query_band(n0, n1, off, Nq, left, right, CAUSAL)
+        # Query tiles [a, c) see the whole key tile through the window: no mask there.
+        a, c = interior_query_tiles(n0, n1, off, i_lo, i_hi, (i_lo // BLOCK_M) * BLOCK_M,
+                                    left, right, BLOCK_M, CAUSAL, HAS_PAD)
     real = tl.load(PAD + b * pad_sb + j, mask=col_ok, other=0) if HAS_PAD else col_ok
     key_lm = tl.load(FLAGS + b * fl_sb + j, mask=col_ok, other=0) if HAS_LM else col_ok
     d = tl.arange(0, BLOCK_D)
     dvr = tl.arange(0, BLOCK_DV)
     j64 = j[:, None].to(tl.int64)
+    kv_ok = (col_ok & (real != 0)) if HAS_PAD else col_ok  # padding K/V are never read
     k = tl.load(K + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h + j64 * sk_n + d[None, :],
-                mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+                mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
     v = tl.load(V + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h + j64 * sv_n + dvr[None, :],
-                mask=col_ok[:, None] & (dvr[None, :] < DV), other=0.0)
+                mask=kv_ok[:, None] & (dvr[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for hg in range(GROUPS):
@@ -180,23 +256,29 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD,
         q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
         do_base = DO + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h
         row_base = (b * Hq + h).to(tl.int64) * Nq
-        for m0 in range((i_lo // BLOCK_M) * BLOCK_M, i_hi, BLOCK_M):
-            i = m0 + tl.arange(0, BLOCK_M)
-            row_ok = (i >= i_lo) & (i < i_hi)
-            r = i + off
-            if LM_MODE:
-                vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
-            else:
-                if HAS_LM:
-                    row_lm = tl.load(FLAGS + b * fl_sb + r, mask=row_ok & (r >= 0) & (r < Nk),
-                                     other=0)
-                else:
-                    row_lm = tl.zeros([BLOCK_M], dtype=tl.int8)
-                vis = visible(r, j, row_ok, col_ok, left, right, key_lm, row_lm, real,
-                              CAUSAL, HAS_LM, HAS_PAD)
-            q, do, lse2, delta = load_query_side(q_base, do_base, LSE, DELTA, row_base, i,
-                                                 row_ok, d, dvr, sq_n, sdo_n, D, DV)
-            dk, dv = dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
+        m_start = (i_lo // BLOCK_M) * BLOCK_M
+        if LM_MODE:
+            dk, dv = dkdv_query_tiles(
+                dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE, DELTA, row_base,
+                m_start, i_hi, i_lo, i_hi, off, Nk, FLAGS, fl_sb, b, sq_n, sdo_n, left, right,
+                D, DV, scale_log2, BLOCK_M, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
+                True, True, IEEE)
+        else:
+            dk, dv = dkdv_query_tiles(
+                dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE, DELTA, row_base,
+                m_start, a, i_lo, i_hi, off, Nk, FLAGS, fl_sb, b, sq_n, sdo_n, left, right,
+                D, DV, scale_log2, BLOCK_M, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
+                False, True, IEEE)
+            dk, dv = dkdv_query_tiles(
+                dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE, DELTA, row_base,
+                a, c, i_lo, i_hi, off, Nk, FLAGS, fl_sb, b, sq_n, sdo_n, left, right,
+                D, DV, scale_log2, BLOCK_M, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
+                False, False, IEEE)
+            dk, dv = dkdv_query_tiles(
+                dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE, DELTA, row_base,
+                c, i_hi, i_lo, i_hi, off, Nk, FLAGS, fl_sb, b, sq_n, sdo_n, left, right,
+                D, DV, scale_log2, BLOCK_M, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
+                False, True, IEEE)
         if HAS_LM and not LM_MODE:
             # Landmark query rows outside the inverse band see these keys too.
             for g0 in range(0, G, BLOCK_M):

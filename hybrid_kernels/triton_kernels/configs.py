@@ -26,14 +26,16 @@ def forward_configs():
     if interpreting():
         return [_cfg(32, 32, 1, 1)]
     return [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3),
-            _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)]
+            _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2),
+            _cfg(32, 32, 4, 1)]  # fits shared memory for fp32 / D = 256
 
 
 def backward_configs():
     if interpreting():
         return [_cfg(32, 32, 1, 1)]
     return [_cfg(64, 64, 4, 2), _cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2),
-            _cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2)]
+            _cfg(64, 32, 4, 2), _cfg(128, 64, 8, 2),
+            _cfg(32, 32, 4, 1)]  # fits shared memory for fp32 / D = 256
 
 
 def quantize_block_sizes():
@@ -57,3 +59,15 @@ def dot_precision(dtype) -> int:
     if dtype == torch.bfloat16 and interpreting():
         return 2
     return 0
+
+
+def landmark_key_splits(nk: int, parallel_heads: int):
+    """(keys per split, number of splits) for the landmark-row pass. A split is a multiple of
+    every BLOCK_N; splits are added until there are about two programs per SM."""
+    if interpreting():
+        split = 64
+    else:
+        target_splits = max(1, -(-264 // max(parallel_heads, 1)))
+        split = max(1024, -(-nk // target_splits))
+        split = -(-split // 128) * 128
+    return split, -(-nk // split)

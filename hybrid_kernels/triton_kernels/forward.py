@@ -14,10 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import PATTERN_KEYS, dot_precision, forward_configs, padded_head_dim
-from .masking import dot, to_dtype, landmark_visible, query_rows, visible, window_band
+from .configs import (PATTERN_KEYS, dot_precision, forward_configs, landmark_key_splits,
+                      padded_head_dim)
+from .masking import (dot, interior_tiles, landmark_visible, query_rows, to_dtype, visible,
+                      window_band)
 from .pattern_args import pattern_args
 from .quantize import int8_scores
+from .splits import combine_splits, split_workspace
 
 LOG2E = 1.4426950408889634
 
@@ -35,9 +38,10 @@ def scores(q, k, qs, KS, ks_base, j, col_ok, k_block, scale_log2, IEEE: tl.const
 
 
 @triton.jit
-def online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE: tl.constexpr):
+def online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE: tl.constexpr, MASKED: tl.constexpr = True):
     """Fold one key block (base-2 scores s) into the running (acc, max, sum)."""
-    s = tl.where(vis, s, float("-inf"))
+    if MASKED:
+        s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
@@ -47,18 +51,59 @@ def online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE: tl.constexpr):
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=forward_configs(), key=PATTERN_KEYS + ["QUANT"])
+@triton.jit
+def key_tiles(acc, m_i, l_i, q, qs, r, row_ok, n_from, n_to, lo, hi, b, k_base, v_base, sk_n, sv_n,
+              FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV, scale_log2,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_LM: tl.constexpr,
+              HAS_PAD: tl.constexpr, LM_MODE: tl.constexpr, MASKED: tl.constexpr,
+              IEEE: tl.constexpr, QUANT: tl.constexpr):
+    """Fold the key tiles starting at n_from, n_from + BLOCK_N, ... < n_to (keys clipped to
+    [lo, hi)). MASKED=False: every pair of these tiles is visible (interior of the band)."""
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    no_row_lm = tl.zeros([BLOCK_M], dtype=tl.int8)
+    for n0 in range(n_from, n_to, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            col_ok = (j >= lo) & (j < hi)
+            real = tl.load(PAD + b * pad_sb + j, mask=col_ok, other=0) if HAS_PAD else col_ok
+            if LM_MODE:
+                vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
+            else:
+                key_lm = tl.load(FLAGS + b * fl_sb + j, mask=col_ok, other=0) if HAS_LM else col_ok
+                vis = visible(r, j, row_ok, col_ok, left, right, key_lm, no_row_lm, real,
+                              CAUSAL, HAS_LM, HAS_PAD)
+            kv_ok = (col_ok & (real != 0)) if HAS_PAD else col_ok  # padding K/V are never read
+        else:
+            kv_ok = j < hi  # always true here; keeps one code path for the loads
+            vis = kv_ok[None, :]
+        k = tl.load(k_base + j[:, None].to(tl.int64) * sk_n + d[None, :],
+                    mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
+        v = tl.load(v_base + j[:, None].to(tl.int64) * sv_n + dv[None, :],
+                    mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
+        s = scores(q, k, qs, KS, ks_base, j, kv_ok, k_block, scale_log2, IEEE, QUANT)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE, MASKED)
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=forward_configs(), key=PATTERN_KEYS + ["QUANT", "SPLIT"])
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
                 lm_sb, fl_sb, pad_sb,
                 Hq, Nq, Nk, D, DV, G, left, right, scale_log2,
-                QS, KS, q_block, k_block, n_qblocks, n_kblocks,
+                QS, KS, q_block, k_block, n_qblocks, n_kblocks, WS, WS_ML, split_len, n_splits,
                 GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr,
                 LM_MODE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
+                SPLIT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
+    split = 0
+    if SPLIT:  # LM_MODE only: program = (landmark row tile, key split)
+        split = pid_m % n_splits
+        pid_m = pid_m // n_splits
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
@@ -79,36 +124,35 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    no_row_lm = tl.zeros([BLOCK_M], dtype=tl.int8)
 
     if LM_MODE:
-        lo = 0
-        hi = Nk
+        lo = split * split_len
+        hi = tl.minimum(lo + split_len, Nk)
         if CAUSAL:
-            hi = tl.minimum(tl.max(tl.where(row_ok, r, -1), 0) + 1, Nk)
-        start = 0
+            hi = tl.minimum(tl.max(tl.where(row_ok, r, -1), 0) + 1, hi)
+        acc, m_i, l_i = key_tiles(
+            acc, m_i, l_i, q, qs, r, row_ok, lo, hi, lo, hi, b, k_base, v_base, sk_n, sv_n,
+            FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV, scale_log2,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD, True, True, IEEE, QUANT)
     else:
         r0 = pid_m * BLOCK_M + off
         r1 = tl.minimum(r0 + BLOCK_M, Nq + off)
         lo, hi = window_band(r0, r1, Nk, left, right, CAUSAL)
         start = (lo // BLOCK_N) * BLOCK_N
-    for n0 in range(start, hi, BLOCK_N):
-        j = n0 + tl.arange(0, BLOCK_N)
-        col_ok = (j >= lo) & (j < hi)
-        real = tl.load(PAD + b * pad_sb + j, mask=col_ok, other=0) if HAS_PAD else col_ok
-        if LM_MODE:
-            vis = landmark_visible(r, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
-        else:
-            key_lm = tl.load(FLAGS + b * fl_sb + j, mask=col_ok, other=0) if HAS_LM else col_ok
-            vis = visible(r, j, row_ok, col_ok, left, right, key_lm, no_row_lm, real,
-                          CAUSAL, HAS_LM, HAS_PAD)
-        kv_ok = (col_ok & (real != 0)) if HAS_PAD else col_ok  # padding K/V are never read
-        k = tl.load(k_base + j[:, None].to(tl.int64) * sk_n + d[None, :],
-                    mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
-        v = tl.load(v_base + j[:, None].to(tl.int64) * sv_n + dv[None, :],
-                    mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        s = scores(q, k, qs, KS, ks_base, j, col_ok, k_block, scale_log2, IEEE, QUANT)
-        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE)
+        # Tiles [a, c) are visible to every row of the tile: no mask (none with padding).
+        a, c = interior_tiles(r0, r1, lo, hi, start, left, right, BLOCK_N, CAUSAL, HAS_PAD)
+        acc, m_i, l_i = key_tiles(
+            acc, m_i, l_i, q, qs, r, row_ok, start, a, lo, hi, b, k_base, v_base, sk_n, sv_n,
+            FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV, scale_log2,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD, False, True, IEEE, QUANT)
+        acc, m_i, l_i = key_tiles(
+            acc, m_i, l_i, q, qs, r, row_ok, a, c, lo, hi, b, k_base, v_base, sk_n, sv_n,
+            FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV, scale_log2,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD, False, False, IEEE, QUANT)
+        acc, m_i, l_i = key_tiles(
+            acc, m_i, l_i, q, qs, r, row_ok, c, hi, lo, hi, b, k_base, v_base, sk_n, sv_n,
+            FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV, scale_log2,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD, False, True, IEEE, QUANT)
 
     if HAS_LM and not LM_MODE:
         # Landmark keys outside the band, gathered by position.
@@ -126,6 +170,14 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
             s = scores(q, k, qs, KS, ks_base, j, col_ok, k_block, scale_log2, IEEE, QUANT)
             acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE)
 
+    if SPLIT:
+        # Unnormalized partial state of this key split; splits.py combines them.
+        g = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        ws_row = (bh.to(tl.int64) * n_splits + split) * G + g
+        tl.store(WS + ws_row[:, None] * BLOCK_DV + dv[None, :], acc, mask=(g < G)[:, None])
+        tl.store(WS_ML + ws_row * 2, m_i, mask=g < G)
+        tl.store(WS_ML + ws_row * 2 + 1, l_i, mask=g < G)
+        return
     empty = l_i == 0.0  # (a NaN input gives l = NaN, not empty: it propagates like SDPA)
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
@@ -163,10 +215,23 @@ def launch_forward(q, k, v, out, lse, pattern, quantized=None):
     meta = dict(GROUPS=Hq // Hk, BLOCK_D=padded_head_dim(D), BLOCK_DV=padded_head_dim(Dv),
                 CAUSAL=pa.causal, HAS_LM=pa.has_landmarks, HAS_PAD=pa.has_padding,
                 IEEE=dot_precision(v.dtype), QUANT=quantized is not None)
-    _fwd_kernel[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)](*args, LM_MODE=False, **meta)
-    if pa.has_landmarks:
-        G = pa.num_landmarks
-        _fwd_kernel[lambda m: (triton.cdiv(G, m["BLOCK_M"]), B * Hq)](*args, LM_MODE=True, **meta)
+    no_split = (lse, lse, Nk, 1)  # unused workspace arguments
+    _fwd_kernel[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)](
+        *args, *no_split, LM_MODE=False, SPLIT=False, **meta)
+    if not pa.has_landmarks:
+        return
+    # Landmark query rows see every key: split the keys over programs (flash-decoding style)
+    # when a few rows per head would otherwise walk all of Nk alone.
+    G = pa.num_landmarks
+    split_len, n_splits = landmark_key_splits(Nk, B * Hq)
+    if n_splits == 1:
+        _fwd_kernel[lambda m: (triton.cdiv(G, m["BLOCK_M"]), B * Hq)](
+            *args, *no_split, LM_MODE=True, SPLIT=False, **meta)
+        return
+    ws, ws_ml = split_workspace(B * Hq, n_splits, G, meta["BLOCK_DV"], q.device)
+    _fwd_kernel[lambda m: (triton.cdiv(G, m["BLOCK_M"]) * n_splits, B * Hq)](
+        *args, ws, ws_ml, split_len, n_splits, LM_MODE=True, SPLIT=True, **meta)
+    combine_splits(ws, ws_ml, pa.landmarks, Nq, Nk, out, lse)
 
 
 def attention_forward(q, k, v, pattern, out, lse):

@@ -29,6 +29,48 @@ def query_band(n0, n1, off, Nq, left, right, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def aligned_span(start, full_lo, full_hi, hi, BLOCK: tl.constexpr):
+    """[a, c): the tiles start + k * BLOCK lying wholly inside [full_lo, full_hi), with
+    start <= a <= c <= hi and a, c on the tile grid (or equal to hi)."""
+    a = tl.minimum(start + tl.cdiv(tl.maximum(full_lo - start, 0), BLOCK) * BLOCK, hi)
+    c = tl.maximum(start + tl.maximum(full_hi - start, 0) // BLOCK * BLOCK, a)
+    return a, c
+
+
+@triton.jit
+def interior_tiles(r0, r1, lo, hi, start, left, right, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Split the key tiles start, start + BLOCK_N, ... < hi of rows [r0, r1) at a <= c: the
+    tiles in [a, c) lie wholly inside every row's window (and causal limit), so need no mask."""
+    if HAS_PAD:
+        a = hi
+        c = hi
+    else:
+        full_hi = tl.minimum(r0 + right + 1, hi)
+        if CAUSAL:
+            full_hi = tl.minimum(full_hi, r0 + 1)
+        a, c = aligned_span(start, tl.maximum(r1 - 1 - left, lo), full_hi, hi, BLOCK_N)
+    return a, c
+
+
+@triton.jit
+def interior_query_tiles(n0, n1, off, i_lo, i_hi, start, left, right, BLOCK_M: tl.constexpr,
+                         CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr):
+    """The same for key tile [n0, n1) and the query tiles start, start + BLOCK_M, ... < i_hi:
+    query tiles in [a, c) see every key of the tile through the window."""
+    if HAS_PAD:
+        a = i_hi
+        c = i_hi
+    else:
+        first = n1 - 1 - right  # lowest aligned row whose window reaches key n1 - 1
+        if CAUSAL:
+            first = tl.maximum(first, n1 - 1)
+        a, c = aligned_span(start, tl.maximum(first - off, i_lo),
+                            tl.minimum(n0 + left + 1 - off, i_hi), i_hi, BLOCK_M)
+    return a, c
+
+
+@triton.jit
 def visible(r, j, row_ok, col_ok, left, right, key_lm, row_lm, key_real,
             CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr):
     """(rows, cols) visibility: r (M,), j (N,), flags per row / per column."""
