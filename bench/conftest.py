@@ -70,8 +70,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not issue2 or "mm_fp32" not in config._hk_extra:
         return
     from hybrid_kernels.bench.cpu_report import Issue2, format_issue2
+    from hybrid_kernels.bench.env import environment
+    env = environment("cpu", config._hk_threads)
+    env_line = (f"{env['device_name']}, torch {env['versions']['torch']}, hybrid_kernels "
+                f"{env['versions']['hybrid_kernels']} ({env['git_revision']})"
+                + (f", kernel ISA {env['cpu_isa']}" if env.get("cpu_isa") else ""))
     rep = Issue2(mm_fp32=config._hk_extra.get("mm_fp32"), mm_bf16=config._hk_extra.get("mm_bf16"),
                  results=issue2, memory=config._hk_extra.get("memory", {}))
     sizes = sorted({r.case.n for r in issue2})
     terminalreporter.write_sep("=", "issue 2 CPU benchmark")
-    terminalreporter.write_line(format_issue2(rep, sizes, config._hk_threads))
+    terminalreporter.write_line(format_issue2(rep, sizes, config._hk_threads, env_line))

@@ -22,8 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="hybrid-kernels: benchmarks and install info")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("bench", help="benchmark hk.attention against SDPA, FlexAttention, ...",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b = sub.add_parser("bench", help="benchmark hk.attention against SDPA, FlexAttention, ...")
     b.add_argument("--quick", action="store_true",
                    help="short sweep (CPU: N 1024,4096, fp32, fwd; under 3 minutes on 2 cores)")
     b.add_argument("--patterns", type=_str_list,
@@ -31,12 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'+'-joined tokens from full, causal, window, landmarks, int8 "
                         "(int8 alone = window+landmarks+int8)")
     b.add_argument("--sizes", type=_int_list, default=None,
-                   help="sequence lengths N (default per device; see --quick)")
-    b.add_argument("--dtypes", type=_str_list, default=None, help="fp32, bf16, fp16")
-    b.add_argument("--modes", type=_str_list, default=["fwd"], help="fwd and/or bwd")
+                   help="sequence lengths N (default: 1024,4096,16384 on CPU; see --quick)")
+    b.add_argument("--dtypes", type=_str_list, default=None,
+                   help="fp32, bf16, fp16 (default: fp32,bf16 on CPU, bf16,fp16 on GPU)")
+    b.add_argument("--modes", type=_str_list, default="fwd", help="fwd and/or bwd")
     b.add_argument("--providers", type=_str_list, default=None,
                    help="subset of: hk-cpu, hk-triton, hk-cuda, sdpa, flex, reference, "
-                        "flash-attn, xformers, sageattention (default: all)")
+                        "flash-attn, xformers, sageattention (default: every one)")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--heads", type=int, default=8)
     b.add_argument("--kv-heads", type=int, default=None, help="GQA: key/value heads")
@@ -64,9 +64,10 @@ def _bench(args) -> int:
         base = QUICK_TIMING if args.quick else TimingConfig()
         timing = TimingConfig(warmup=base.warmup, min_repeats=min(base.min_repeats, args.repeats),
                               max_repeats=args.repeats, target_seconds=base.target_seconds)
-    patterns = args.patterns if isinstance(args.patterns, list) else _str_list(args.patterns)
-    opts = BenchOptions(patterns=patterns, sizes=args.sizes, dtypes=args.dtypes,
-                        modes=args.modes, providers=args.providers, batch=args.batch,
+    def as_list(value):  # argparse does not run `type` on string defaults it leaves unparsed
+        return value if isinstance(value, list) else _str_list(value)
+    opts = BenchOptions(patterns=as_list(args.patterns), sizes=args.sizes, dtypes=args.dtypes,
+                        modes=as_list(args.modes), providers=args.providers, batch=args.batch,
                         heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                         window=tuple(args.window), landmarks=args.landmarks, device=args.device,
                         threads=args.threads, quick=args.quick, timing=timing,

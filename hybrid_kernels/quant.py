@@ -67,7 +67,7 @@ def _block_absmax(x: Tensor, block: int, shift: Optional[Tensor]) -> Tensor:
             continue
         xb = x[:, :, lo:hi].reshape(B, H, nb, hi - lo, D) if nb == 1 else \
             x[:, :, lo:hi].reshape(B, H, nb, block, D)
-        mx, mn = torch.amax(xb, dim=3), torch.amin(xb, dim=3)  # (B, H, nb, D)
+        mx, mn = torch.amax(xb, dim=3).float(), torch.amin(xb, dim=3).float()  # (B, H, nb, D)
         if shift is not None:
             mx, mn = mx - shift, mn - shift
         parts.append(torch.maximum(mx.amax(-1), -mn.amin(-1)))
@@ -75,8 +75,9 @@ def _block_absmax(x: Tensor, block: int, shift: Optional[Tensor]) -> Tensor:
 
 
 def _quantize_blocks(x: Tensor, block: int, shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """x float32 (B, H, N, D), shift (B, H, 1, D) or None -> (int8 of round((x - shift) / scale)
-    (B, H, N, D) contiguous, scale float32 (B, H, ceil(N / block)))."""
+    """x float (B, H, N, D), shift float32 (B, H, 1, D) or None -> (int8 of
+    round((x - shift) / scale) (B, H, N, D) contiguous, scale float32 (B, H, ceil(N / block))).
+    Math in float32; bf16/fp16 x is widened chunk by chunk, never as a whole."""
     B, H, N, D = x.shape
     scale = _block_absmax(x, block, shift) / 127.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero block -> exact zeros
@@ -88,7 +89,7 @@ def _quantize_blocks(x: Tensor, block: int, shift: Optional[Tensor] = None) -> T
     sf = None if shift is None else shift.reshape(B * H, 1, D)
     heads = max(1, _CHUNK // max(1, N * D))       # heads per chunk when a head is small
     toks = N if heads > 1 else max(1, _CHUNK // D)  # tokens per chunk otherwise
-    buf = torch.empty(min(heads, B * H), min(toks, N), D, device=x.device)
+    buf = torch.empty(min(heads, B * H), min(toks, N), D, dtype=torch.float32, device=x.device)
     for h0 in range(0, B * H, heads):
         h1 = min(h0 + heads, B * H)
         for t0 in range(0, N, toks):
@@ -125,24 +126,25 @@ def quantize_qk(
     _check_inputs(q, k, key_padding_mask)
     _check_block("q_block", q_block)
     _check_block("k_block", k_block)
-    kf = k.float()  # may alias k: everything below is out of place
-    mean = None
+    # k (and q) stay in their dtype: chunks are widened to float32 inside _quantize_blocks.
+    # Nothing below writes into the inputs.
+    kx, mean = k, None
     if smooth_k:
         if key_padding_mask is None:
-            mean = kf.mean(dim=2, keepdim=True)
+            mean = k.mean(dim=2, keepdim=True, dtype=torch.float32)
         else:
-            real = key_padding_mask[:, None, None, :].to(kf.dtype)        # (B, 1, 1, Nk)
+            real = key_padding_mask[:, None, None, :].float()             # (B, 1, 1, Nk)
             count = real.sum(dim=-1, keepdim=True).clamp_min(1.0)
-            mean = torch.matmul(real, kf) / count                         # (B, Hk, 1, D)
+            mean = torch.matmul(real, k.float()) / count                  # (B, Hk, 1, D)
     if key_padding_mask is not None:
         # Padded keys are never seen: zero them (after smoothing) so they cannot inflate a scale.
-        fill = torch.zeros((), dtype=kf.dtype) if mean is None else mean
-        kf = torch.where(key_padding_mask[:, None, :, None], kf, fill)
-    q8, q_scale = _quantize_blocks(q.float(), q_block)
-    k8, k_scale = _quantize_blocks(kf, k_block, mean)
+        fill = torch.zeros((), dtype=torch.float32) if mean is None else mean
+        kx = torch.where(key_padding_mask[:, None, :, None], k.float(), fill)
+    q8, q_scale = _quantize_blocks(q, q_block)
+    k8, k_scale = _quantize_blocks(kx, k_block, mean)
     if return_k_mean:
         if mean is None:
-            mean = kf.new_zeros(k.shape[0], k.shape[1], 1, k.shape[3])
+            mean = torch.zeros(k.shape[0], k.shape[1], 1, k.shape[3], device=k.device)
         return q8, q_scale, k8, k_scale, mean
     return q8, q_scale, k8, k_scale
 

@@ -339,3 +339,18 @@ def test_num_splits_and_rows_per_cta():
             assert 1 <= s <= 256
             assert s == 1 or math.ceil(nk / s) >= 256, (bh, nk, s)
             assert bh * s <= max(bh, 16 * 132), (bh, nk, s)
+
+
+def test_mirrored_constants_match_the_sources():
+    """The emulation's tile sizes and row rule are those of the .cu files."""
+    import pathlib
+    import re
+    src = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    fwd = (src / "attention_fwd.cu").read_text()
+    int8 = (src / "attention_int8_split.cu").read_text()
+    assert re.search(r"constexpr int BM = (\d+);", fwd).group(1) == str(BM)
+    assert re.search(r"constexpr int BN = (\d+);", fwd).group(1) == str(BN)
+    for text in (fwd, int8):
+        assert re.search(r"constexpr int WARPS = (\d+);", text).group(1) == str(WARPS)
+    assert "return nq <= 1 ? 1 : nq <= 4 ? 4 : 16;" in int8
+    assert "((p.Nk + sp.num_splits - 1) / sp.num_splits + 31) / 32 * 32" in int8

@@ -1,12 +1,12 @@
 // fp32 compute core of the forward driver (fwd_driver.h), generic over a vector trait V.
-// fp32 inputs are read in place; bf16/fp16 K and V are converted once to contiguous fp32 copies.
+// fp32 inputs are read in place; bf16/fp16 K and V rows are converted per key tile into a small
+// per-thread fp32 tile (no full-size copies; ~3% extra work at D = 64).
 //
 // Microkernels (rows of the query block in lanes, QV vectors):
 //   qk: acc[j][v] += Qt[d][v] * bcast(K[j][d])   register tile JB keys x QV vectors
 //   pv: acc[e][v] += P[j][v]  * bcast(V[j][e])   register tile EB features x QV vectors
 // DC / DVC != 0 fix D / Dv (and the K / V row strides) at compile time for the common head sizes.
 #pragma once
-#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
@@ -19,50 +19,56 @@ namespace cpu {
 namespace {
 
 struct KVF32 {
-  const float* k;  // row j at k + j * ks
+  const float* k;  // fp32 row j at k + j * ks (fp32 inputs and the gathered landmark tile)
   int64_t ks;
-  const float* v;  // row j at v + j * vs
+  const float* v;
   int64_t vs;
+  const uint16_t* k16 = nullptr;  // bf16/fp16 inputs: row j at k16 + j * ks, converted per tile
+  const uint16_t* v16 = nullptr;
 };
 
-// Per call: fp32 views of K and V per (b, kv head) and the gathered landmark rows.
+template <class V>
+void convert_row_to_f32(float* dst, const uint16_t* src, int64_t n, DType dt) {
+  if (dt == DType::F16) {
+    V::f16_to_f32_row(dst, src, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
+  }
+}
+
+// Per call: views of K and V per (b, kv head) and the landmark rows gathered (as fp32) per (b, kv head).
 template <class V>
 class PrepF32 {
  public:
   explicit PrepF32(const AttnParams& p) : p_(p), G_(p.num_landmarks) {
+    if (G_ <= 0) return;
     const int64_t BH = p.B * p.Hk;
-    const int nt = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
-    if (p.dtype != DType::F32) {
-      kc_.reset(BH * p.Nk * p.D);
-      vc_.reset(BH * p.Nk * p.Dv);
-#pragma omp parallel for schedule(static) num_threads(nt)
-      for (int64_t bhj = 0; bhj < BH * p.Nk; ++bhj) {
-        const int64_t j = bhj % p.Nk, bh = bhj / p.Nk, b = bh / p.Hk, h = bh % p.Hk;
-        convert_row(kc_.get() + bhj * p.D, p.k, b * p.k_stride[0] + h * p.k_stride[1] + j * p.k_stride[2], p.D);
-        convert_row(vc_.get() + bhj * p.Dv, p.v, b * p.v_stride[0] + h * p.v_stride[1] + j * p.v_stride[2], p.Dv);
-      }
-    }
-    if (G_ > 0) {
-      klm_.reset(BH * G_ * p.D);
-      vlm_.reset(BH * G_ * p.Dv);
-      for (int64_t bh = 0; bh < BH; ++bh) {
-        const KVF32 src = band(bh / p.Hk, bh % p.Hk);
-        const int32_t* lm = p.landmarks + (bh / p.Hk) * p.landmarks_batch_stride;
-        for (int64_t g = 0; g < G_; ++g) {
-          std::memcpy(klm_.get() + (bh * G_ + g) * p.D, src.k + lm[g] * src.ks, sizeof(float) * p.D);
-          std::memcpy(vlm_.get() + (bh * G_ + g) * p.Dv, src.v + lm[g] * src.vs, sizeof(float) * p.Dv);
+    klm_.reset(BH * G_ * p.D);
+    vlm_.reset(BH * G_ * p.Dv);
+    for (int64_t bh = 0; bh < BH; ++bh) {
+      const KVF32 src = band(bh / p.Hk, bh % p.Hk);
+      const int32_t* lm = p.landmarks + (bh / p.Hk) * p.landmarks_batch_stride;
+      for (int64_t g = 0; g < G_; ++g) {
+        float* kd = klm_.get() + (bh * G_ + g) * p.D;
+        float* vd = vlm_.get() + (bh * G_ + g) * p.Dv;
+        if (src.k16) {
+          convert_row_to_f32<V>(kd, src.k16 + lm[g] * src.ks, p.D, p.dtype);
+          convert_row_to_f32<V>(vd, src.v16 + lm[g] * src.vs, p.Dv, p.dtype);
+        } else {
+          std::memcpy(kd, src.k + lm[g] * src.ks, sizeof(float) * p.D);
+          std::memcpy(vd, src.v + lm[g] * src.vs, sizeof(float) * p.Dv);
         }
       }
     }
   }
 
   KVF32 band(int64_t b, int64_t h) const {
-    if (p_.dtype != DType::F32) {
-      const int64_t bh = b * p_.Hk + h;
-      return {kc_.get() + bh * p_.Nk * p_.D, p_.D, vc_.get() + bh * p_.Nk * p_.Dv, p_.Dv};
-    }
-    return {static_cast<const float*>(p_.k) + b * p_.k_stride[0] + h * p_.k_stride[1], p_.k_stride[2],
-            static_cast<const float*>(p_.v) + b * p_.v_stride[0] + h * p_.v_stride[1], p_.v_stride[2]};
+    const int64_t ko = b * p_.k_stride[0] + h * p_.k_stride[1], vo = b * p_.v_stride[0] + h * p_.v_stride[1];
+    if (p_.dtype != DType::F32)
+      return {nullptr, p_.k_stride[2], nullptr, p_.v_stride[2], static_cast<const uint16_t*>(p_.k) + ko,
+              static_cast<const uint16_t*>(p_.v) + vo};
+    return {static_cast<const float*>(p_.k) + ko, p_.k_stride[2], static_cast<const float*>(p_.v) + vo,
+            p_.v_stride[2]};
   }
 
   KVF32 landmarks(int64_t b, int64_t h) const {
@@ -71,18 +77,9 @@ class PrepF32 {
   }
 
  private:
-  void convert_row(float* dst, const void* base, int64_t off, int64_t n) const {
-    const uint16_t* src = static_cast<const uint16_t*>(base) + off;
-    if (p_.dtype == DType::F16) {
-      V::f16_to_f32_row(dst, src, n);
-    } else {
-      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(src[i]);
-    }
-  }
-
   const AttnParams& p_;
   int64_t G_;
-  AlignedBuf<float> kc_, vc_, klm_, vlm_;
+  AlignedBuf<float> klm_, vlm_;
 };
 
 template <class Vt, int QVt, int JB, int EB, int DC, int DVC>
@@ -100,11 +97,14 @@ struct CoreF32 {
 
   struct Work {
     explicit Work(const AttnParams& p)
-        : Qt(p.D * BQ), DP(ceil_div(p.D, W) * W), X(BQ * DP), D(p.D), Dv(p.Dv) {}
+        : Qt(p.D * BQ), DP(ceil_div(p.D, W) * W), X(BQ * DP), D(p.D), Dv(p.Dv), dt(p.dtype),
+          Ktile(p.dtype == DType::F32 ? 0 : JT * p.D), Vtile(p.dtype == DType::F32 ? 0 : JT * p.Dv) {}
     AlignedBuf<float> Qt;  // Qt[d * BQ + lane] = q[lane][d] * scale * log2(e)
     int64_t DP;            // D rounded up to W
     AlignedBuf<float> X;   // the block's query rows, row-major BQ x DP, before transposing
     int64_t D, Dv;
+    DType dt;
+    AlignedBuf<float> Ktile, Vtile;  // bf16/fp16 inputs: the current key tile's K / V rows as fp32
   };
 
   static void pack_q(Work& w, const AttnParams& p, const void* const* rows, int nr) {
@@ -155,8 +155,16 @@ struct CoreF32 {
 
   static void qk(Work& w, const KV& kv, int64_t j0, int n, float* S) {
     const int64_t D = DC ? DC : w.D;
-    const int64_t ks = DC ? DC : kv.ks;
-    const float* kp = kv.k + j0 * ks;
+    const float* kp;
+    int64_t ks;
+    if (kv.k16) {
+      for (int j = 0; j < n; ++j) convert_row_to_f32<V>(w.Ktile.get() + j * D, kv.k16 + (j0 + j) * kv.ks, D, w.dt);
+      kp = w.Ktile.get();
+      ks = D;
+    } else {
+      ks = DC ? DC : kv.ks;
+      kp = kv.k + j0 * ks;
+    }
     const float* Qt = w.Qt.get();
     int j = 0;
     for (; j + JB <= n; j += JB) qk_block<JB>(Qt, kp + j * ks, ks, D, S + j * BQ);
@@ -184,8 +192,16 @@ struct CoreF32 {
 
   static void pv(Work& w, const KV& kv, int64_t j0, int n, const float* P, const R* alpha, float* Ot) {
     const int64_t Dv = DVC ? DVC : w.Dv;
-    const int64_t vs = DVC ? DVC : kv.vs;
-    const float* vp = kv.v + j0 * vs;
+    const float* vp;
+    int64_t vs;
+    if (kv.v16) {
+      for (int j = 0; j < n; ++j) convert_row_to_f32<V>(w.Vtile.get() + j * Dv, kv.v16 + (j0 + j) * kv.vs, Dv, w.dt);
+      vp = w.Vtile.get();
+      vs = Dv;
+    } else {
+      vs = DVC ? DVC : kv.vs;
+      vp = kv.v + j0 * vs;
+    }
     const int nv = int(Dv);
     int e = 0;
     for (; e + EB <= nv; e += EB) pv_block<EB>(P, n, vp + e, vs, alpha, Ot + e * BQ);

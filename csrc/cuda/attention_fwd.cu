@@ -1,6 +1,6 @@
 // Fused window + landmark attention forward on tensor cores (WMMA m16n16k16, sm_80+).
 //
-// One CTA = 4 warps = one (batch, q head, 64-query tile). It walks only the key tiles of the
+// One CTA = 4 warps = one (batch, q head, 64-query tile); grid (B*Hq, ceil(Nq/64)). It walks only the key tiles of the
 // window band (pattern.h window_band) and then the landmark keys outside the band, gathered by
 // index, with one online softmax over their union; K and V tiles arrive by cp.async, the next
 // tile's K/V loading while the current one is computed (see fused_fwd_kernel). Rows
@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(THREADS) fused_fwd_kernel(const AttnParams p) 
   int64_t* sIdx = reinterpret_cast<int64_t*>(smem + S::idx_off);  // [2][BN], by tile parity
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hk);
-  const int64_t i0 = int64_t(blockIdx.x) * BM;
+  const int64_t bh = blockIdx.x, b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hk);
+  const int64_t i0 = int64_t(blockIdx.y) * BM;
   const int64_t offset = p.Nk - p.Nq;
   const int64_t r0 = i0 + offset, r1 = min(i0 + BM, p.Nq) + offset;
   const T* Q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(THREADS) fused_fwd_kernel(const AttnParams p) 
   }
 }
 
-// Landmark query rows: each sees every key (causally clipped). One CTA per (landmark, b, h).
+// Landmark query rows: each sees every key (causally clipped). One CTA per (b*h, landmark).
 // Each warp takes 32 keys at a time, one key per lane (16-byte K loads, dot product against the
 // query row in shared memory), runs one online-softmax step for the group, then accumulates P V
 // with lanes over contiguous value elements; the 4 warps' states are merged at the end.
@@ -264,9 +264,9 @@ __global__ void __launch_bounds__(THREADS) landmark_rows_kernel(const AttnParams
   __shared__ float s_q[D];
   __shared__ float s_m[WARPS], s_l[WARPS], s_o[WARPS][D];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hk);
+  const int64_t bh = blockIdx.x, b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hk);
   const int64_t offset = p.Nk - p.Nq;
-  const int64_t r = p.landmarks[b * p.landmarks_batch_stride + blockIdx.x];
+  const int64_t r = p.landmarks[b * p.landmarks_batch_stride + blockIdx.y];
   const int64_t i = r - offset;
   if (i < 0 || i >= p.Nq) return;  // CTA-uniform: this landmark position is no query row
   const T* Q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
@@ -358,11 +358,12 @@ void launch(const AttnParams& p, cudaStream_t stream) {
   auto kernel = fused_fwd_kernel<T, D>;
   HK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                 "fused_fwd_kernel (shared memory opt-in)");
-  const dim3 grid(unsigned((p.Nq + BM - 1) / BM), unsigned(p.B * p.Hq));
+  // (b, h) on x (up to 2^31 - 1): neighbouring CTAs share K/V tiles (GQA) in L2.
+  const dim3 grid(unsigned(p.B * p.Hq), unsigned((p.Nq + BM - 1) / BM));
   kernel<<<grid, THREADS, smem, stream>>>(p);
   HK_CHECK_LAUNCH("fused_fwd_kernel");
   if (p.landmarks != nullptr && p.num_landmarks > 0) {
-    const dim3 lgrid(unsigned(p.num_landmarks), unsigned(p.B * p.Hq));
+    const dim3 lgrid(unsigned(p.B * p.Hq), unsigned(p.num_landmarks));
     landmark_rows_kernel<T, D><<<lgrid, THREADS, 0, stream>>>(p);
     HK_CHECK_LAUNCH("landmark_rows_kernel");
   }
@@ -389,8 +390,10 @@ void attention_forward(const AttnParams& p, cudaStream_t stream) {
     throw std::invalid_argument("attention_forward (cuda): Hq must be a multiple of Hk");
   if (!p.q || !p.k || !p.v || !p.o || !p.lse)
     throw std::invalid_argument("attention_forward (cuda): q, k, v, o and lse must be non-null");
-  if (p.B * p.Hq > 65535) throw std::invalid_argument("attention_forward (cuda): B * Hq must be <= 65535");
-  if (p.Nq == 0 || p.B == 0) return;
+  if (p.B * p.Hq > 0x7fffffffLL) throw std::invalid_argument("attention_forward (cuda): B * Hq must be < 2^31");
+  if ((p.Nq + BM - 1) / BM > 65535) throw std::invalid_argument("attention_forward (cuda): Nq must be <= 65535 * 64");
+  if (p.num_landmarks > 65535) throw std::invalid_argument("attention_forward (cuda): at most 65535 landmarks");
+  if (p.Nq == 0 || p.B == 0 || p.Hq == 0) return;  // nothing to write
   check_aligned(p.q, p.q_stride, "q");
   check_aligned(p.k, p.k_stride, "k");
   check_aligned(p.v, p.v_stride, "v");

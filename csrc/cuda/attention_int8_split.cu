@@ -5,7 +5,7 @@
 // scales) that is never re-quantized between steps; the bytes read per step are those of the
 // INT8 K and the 16-bit V, once. Correct for any Nq (query rows are processed ROWS per CTA).
 //
-// Grid (num_splits, B*Hq, ceil(Nq/ROWS)), 4 warps; ROWS = 1, 4 or 16 (int8_rows_per_cta), a
+// Grid (B*Hq, num_splits, ceil(Nq/ROWS)), 4 warps; ROWS = 1, 4 or 16 (int8_rows_per_cta), a
 // template parameter so decode does not pay registers for 16 rows. Each lane owns one key of a
 // 32-key group: it loads that key's INT8 row once (16-byte loads when D % 16 == 0) and dots it
 // with every query row (dp4a); the warp then runs the online softmax per row and accumulates
@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(THREADS) int8_split_kernel(const Int8SplitPara
   const AttnInt8Params& ip = sp.attn;
   const AttnParams& p = ip.fwd;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t split = blockIdx.x, bh = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq;
+  const int64_t bh = blockIdx.x, split = blockIdx.y, b = bh / p.Hq, h = bh % p.Hq;
   const int64_t hk = h / (p.Hq / p.Hk);
   const int64_t i0 = int64_t(blockIdx.z) * ROWS;
   const int nrows = p.Nq - i0 < ROWS ? int(p.Nq - i0) : ROWS;
@@ -84,14 +84,16 @@ __global__ void __launch_bounds__(THREADS) int8_split_kernel(const Int8SplitPara
   // The loop bound is warp-uniform, so every shuffle / vote below runs with the full warp.
   for (int64_t base = k_lo + warp * 32; base < k_hi; base += WARPS * 32) {
     const int64_t j = base + lane;
+    const bool in_split = j < k_hi;
+    const bool key_ok = in_split && pat.key_real(j);
+    const bool key_lm = in_split && pat.is_landmark(j);
     bool vis[ROWS];
     bool any = false;
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const int64_t row_pos = i0 + r + offset;
-      vis[r] = r < nrows && j < k_hi &&
-               visible(row_pos, j, p.window_left, p.window_right, p.causal, pat.is_landmark(j),
-                       pat.is_landmark(row_pos), pat.key_real(j));
+      vis[r] = r < nrows && visible(row_pos, j, p.window_left, p.window_right, p.causal, key_lm,
+                                    pat.is_landmark(row_pos), key_ok);
       any |= vis[r];
     }
     if (!__any_sync(0xffffffffu, any)) continue;  // the whole group is outside the pattern
@@ -137,7 +139,8 @@ __global__ void __launch_bounds__(THREADS) int8_split_kernel(const Int8SplitPara
       m[r] = m_new;
     }
     const int n_keys = k_hi - base < 32 ? int(k_hi - base) : 32;
-#pragma unroll 4
+    constexpr int V_UNROLL = ROWS == 1 ? 8 : 4;  // V rows in flight per lane (registers allowing)
+#pragma unroll V_UNROLL
     for (int kk = 0; kk < n_keys; ++kk) {
       float v[EPL];
       load_to_float<T, EPL>(V + (base + kk) * p.v_stride[2] + lane * EPL, v);
@@ -214,7 +217,7 @@ __global__ void merge_splits_kernel(const Int8SplitParams sp) {
 template <typename T, int DV, int ROWS>
 void launch_rows(const Int8SplitParams& sp, bool k_vec16, cudaStream_t stream) {
   const AttnParams& p = sp.attn.fwd;
-  const dim3 grid(unsigned(sp.num_splits), unsigned(p.B * p.Hq), unsigned((p.Nq + ROWS - 1) / ROWS));
+  const dim3 grid(unsigned(p.B * p.Hq), unsigned(sp.num_splits), unsigned((p.Nq + ROWS - 1) / ROWS));
   int8_split_kernel<T, DV, ROWS><<<grid, THREADS, 0, stream>>>(sp, k_vec16);
   HK_CHECK_LAUNCH("int8_split_kernel");
 }
@@ -252,13 +255,13 @@ void attention_forward_int8(const Int8SplitParams& sp, cudaStream_t stream) {
   if (ip.q_block < 1 || ip.k_block < 1) throw std::invalid_argument(who + "q_block and k_block must be >= 1");
   if (reinterpret_cast<uintptr_t>(ip.k8) % 4 != 0 || reinterpret_cast<uintptr_t>(ip.q8) % 4 != 0)
     throw std::invalid_argument(who + "q8 and k8 must be 4-byte aligned");
-  if (p.B * p.Hq > 65535) throw std::invalid_argument(who + "B * Hq must be <= 65535");
+  if (sp.num_splits > 65535) throw std::invalid_argument(who + "num_splits must be <= 65535");
   if ((p.Nq + rows_for(p.Nq) - 1) / rows_for(p.Nq) > 65535)
     throw std::invalid_argument(who + "Nq too large for the grid (Nq / 16 must be <= 65535)");
   if (p.B * p.Hq * p.Nq > 0x7fffffffLL) throw std::invalid_argument(who + "B * Hq * Nq must be < 2^31");
   if (reinterpret_cast<uintptr_t>(p.v) % 16 != 0 || p.v_stride[0] % 8 || p.v_stride[1] % 8 || p.v_stride[2] % 8)
     throw std::invalid_argument(who + "v must be 16-byte aligned with strides that are multiples of 8 elements");
-  if (p.Nq == 0 || p.B == 0) return;
+  if (p.Nq == 0 || p.B == 0 || p.Hq == 0) return;  // nothing to write
   const bool bf16 = p.dtype == DType::BF16;
   if (p.Dv == 64) {
     bf16 ? launch<__nv_bfloat16, 64>(sp, stream) : launch<__half, 64>(sp, stream);

@@ -15,11 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import PATTERN_KEYS, backward_configs, dot_precision, padded_head_dim
+from .configs import (PATTERN_KEYS, backward_configs, dot_precision, landmark_key_splits,
+                      padded_head_dim)
 from .forward import LOG2E, last_dim_contiguous
 from .masking import (dot, interior_query_tiles, interior_tiles, landmark_visible, query_band,
                       query_rows, to_dtype, visible, window_band)
 from .pattern_args import pattern_args
+from .splits import scatter_split_sums
 
 
 @triton.jit
@@ -129,18 +131,22 @@ def dkdv_query_tiles(dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE
     return dk, dv
 
 
-@triton.autotune(configs=backward_configs(), key=PATTERN_KEYS)
+@triton.autotune(configs=backward_configs(), key=PATTERN_KEYS + ["SPLIT"])
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                    sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n,
                    lm_sb, fl_sb, pad_sb,
-                   Hq, Nq, Nk, D, DV, G, left, right, scale, scale_log2,
+                   Hq, Nq, Nk, D, DV, G, left, right, scale, scale_log2, WS, split_len, n_splits,
                    GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr,
-                   LM_MODE: tl.constexpr, IEEE: tl.constexpr,
+                   LM_MODE: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
+    split = 0
+    if SPLIT:  # LM_MODE only: program = (landmark row tile, key split)
+        split = pid_m % n_splits
+        pid_m = pid_m // n_splits
     bh = tl.program_id(1)
     b = bh // Hq
     h = bh % Hq
@@ -159,11 +165,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if LM_MODE:
-        lo = 0
-        hi = Nk
+        lo = split * split_len
+        hi = tl.minimum(lo + split_len, Nk)
         if CAUSAL:
-            hi = tl.minimum(tl.max(tl.where(row_ok, r, -1), 0) + 1, Nk)
-        dq = dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, 0, hi, lo, hi, b, k_base, v_base,
+            hi = tl.minimum(tl.max(tl.where(row_ok, r, -1), 0) + 1, hi)
+        dq = dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, lo, hi, lo, hi, b, k_base, v_base,
                           sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, left, right, D, DV, scale_log2,
                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
                           True, True, IEEE)
@@ -200,23 +206,33 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
                         mask=kv_ok[:, None] & (dvr[None, :] < DV), other=0.0)
             dq = dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
 
+    if SPLIT:  # partial sum of this key split; summed in order by splits.py
+        g = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        ws_row = (bh.to(tl.int64) * n_splits + split) * G + g
+        tl.store(WS + ws_row[:, None] * BLOCK_D + d[None, :], dq * scale, mask=(g < G)[:, None])
+        return
     dq_base = DQ + b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h
     tl.store(dq_base + i[:, None].to(tl.int64) * sdq_n + d[None, :],
              to_dtype(dq * scale, DQ.dtype.element_ty, IEEE), mask=row_ok[:, None] & (d[None, :] < D))
 
 
-@triton.autotune(configs=backward_configs(), key=PATTERN_KEYS)
+@triton.autotune(configs=backward_configs(), key=PATTERN_KEYS + ["SPLIT"])
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD,
                      sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                      sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
                      lm_sb, fl_sb, pad_sb,
-                     Hk, Nq, Nk, D, DV, G, left, right, scale, scale_log2,
+                     Hk, Nq, Nk, D, DV, G, left, right, scale, scale_log2, WS, WS_V, split_len,
+                     n_splits,
                      GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr,
-                     LM_MODE: tl.constexpr, IEEE: tl.constexpr,
+                     LM_MODE: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
+    split = 0
+    if SPLIT:  # LM_MODE only: program = (landmark key tile, query split)
+        split = pid_n % n_splits
+        pid_n = pid_n // n_splits
     bh = tl.program_id(1)
     b = bh // Hk
     hk = bh % Hk
@@ -226,10 +242,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD,
         g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         j = tl.load(LM + b * lm_sb + g, mask=g < G, other=0)
         col_ok = g < G
-        i_lo = 0
+        i_lo = split * split_len
         if CAUSAL:  # rows r >= the first (smallest) landmark of the tile
-            i_lo = tl.maximum(tl.min(tl.where(col_ok, j, Nk), 0) - off, 0).to(tl.int32)
-        i_hi = Nq
+            i_lo = tl.maximum(tl.min(tl.where(col_ok, j, Nk), 0) - off, i_lo).to(tl.int32)
+        i_hi = tl.minimum(split * split_len + split_len, Nq)
     else:
         j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = j < Nk
@@ -291,6 +307,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD,
                                                      row_ok, d, dvr, sq_n, sdo_n, D, DV)
                 dk, dv = dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
 
+    if SPLIT:  # partial sums of this query split; summed in order by splits.py
+        ws_row = (bh.to(tl.int64) * n_splits + split) * G + g
+        tl.store(WS + ws_row[:, None] * BLOCK_D + d[None, :], dk * scale, mask=col_ok[:, None])
+        tl.store(WS_V + ws_row[:, None] * BLOCK_DV + dvr[None, :], dv, mask=col_ok[:, None])
+        return
     tl.store(DK + b.to(tl.int64) * sdk_b + hk.to(tl.int64) * sdk_h + j64 * sdk_n + d[None, :],
              to_dtype(dk * scale, DK.dtype.element_ty, IEEE), mask=col_ok[:, None] & (d[None, :] < D))
     tl.store(DVG + b.to(tl.int64) * sdv_b + hk.to(tl.int64) * sdv_h + j64 * sdv_n + dvr[None, :],
@@ -315,14 +336,39 @@ def attention_backward(dout, q, k, v, out, lse, pattern, dq, dk, dv):
     tail = (pa.lm_sb, pa.flags_sb, pa.padding_sb)
     common = (Nq, Nk, D, Dv, pa.num_landmarks, pa.left, pa.right, pa.scale, pa.scale * LOG2E)
     G = pa.num_landmarks
-
     dq_args = (q, k, v, dout, lse, delta, dq, pa.landmarks, pa.flags, pa.padding,
                *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dq), *tail, Hq, *common)
-    _bwd_dq_kernel[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)](*dq_args, LM_MODE=False, **meta)
     kv_args = (q, k, v, dout, lse, delta, dk, dv, pa.landmarks, pa.flags, pa.padding,
                *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dk), *_s3(dv), *tail, Hk, *common)
-    _bwd_dkdv_kernel[lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * Hk)](*kv_args, LM_MODE=False, **meta)
-    if G > 0:
-        _bwd_dq_kernel[lambda m: (triton.cdiv(G, m["BLOCK_M"]), B * Hq)](*dq_args, LM_MODE=True, **meta)
-        _bwd_dkdv_kernel[lambda m: (triton.cdiv(G, m["BLOCK_N"]), B * Hk)](*kv_args, LM_MODE=True, **meta)
+    _bwd_dq_kernel[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)](
+        *dq_args, lse, Nk, 1, LM_MODE=False, SPLIT=False, **meta)
+    _bwd_dkdv_kernel[lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * Hk)](
+        *kv_args, lse, lse, Nq, 1, LM_MODE=False, SPLIT=False, **meta)
+    if G == 0:
+        return dq, dk, dv
+    # Landmark query rows (dQ) walk every key and landmark keys (dK, dV) every query row:
+    # split those walks over programs, then sum the partial results in a fixed order.
+    split_len, n_splits = landmark_key_splits(Nk, B * Hq)
+    if n_splits == 1:
+        _bwd_dq_kernel[lambda m: (triton.cdiv(G, m["BLOCK_M"]), B * Hq)](
+            *dq_args, lse, split_len, 1, LM_MODE=True, SPLIT=False, **meta)
+    else:
+        ws = torch.empty((B * Hq, n_splits, G, meta["BLOCK_D"]), dtype=torch.float32,
+                         device=q.device)
+        _bwd_dq_kernel[lambda m: (triton.cdiv(G, m["BLOCK_M"]) * n_splits, B * Hq)](
+            *dq_args, ws, split_len, n_splits, LM_MODE=True, SPLIT=True, **meta)
+        scatter_split_sums(ws, dq, pa.landmarks, Nk - Nq)
+    split_len, n_splits = landmark_key_splits(Nq, B * Hk)
+    if n_splits == 1:
+        _bwd_dkdv_kernel[lambda m: (triton.cdiv(G, m["BLOCK_N"]), B * Hk)](
+            *kv_args, lse, lse, split_len, 1, LM_MODE=True, SPLIT=False, **meta)
+    else:
+        ws_k = torch.empty((B * Hk, n_splits, G, meta["BLOCK_D"]), dtype=torch.float32,
+                           device=q.device)
+        ws_v = torch.empty((B * Hk, n_splits, G, meta["BLOCK_DV"]), dtype=torch.float32,
+                           device=q.device)
+        _bwd_dkdv_kernel[lambda m: (triton.cdiv(G, m["BLOCK_N"]) * n_splits, B * Hk)](
+            *kv_args, ws_k, ws_v, split_len, n_splits, LM_MODE=True, SPLIT=True, **meta)
+        scatter_split_sums(ws_k, dk, pa.landmarks, 0)
+        scatter_split_sums(ws_v, dv, pa.landmarks, 0)
     return dq, dk, dv

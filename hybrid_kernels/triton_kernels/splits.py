@@ -37,3 +37,16 @@ def combine_splits(ws: torch.Tensor, ws_ml: torch.Tensor, landmarks: torch.Tenso
     i_idx = positions[valid]
     out.permute(0, 2, 1, 3)[b_idx, i_idx] = rows_out.permute(0, 2, 1, 3)[valid].to(out.dtype)
     lse.permute(0, 2, 1)[b_idx, i_idx] = rows_lse.permute(0, 2, 1)[valid]
+
+
+def scatter_split_sums(ws: torch.Tensor, grad: torch.Tensor, landmarks: torch.Tensor,
+                       offset: int) -> None:
+    """Sum the per-split partial gradients ws (B*H, S, G, >= D) in split order and write them to
+    rows ``landmarks - offset`` of ``grad`` (B, H, N, D) (rows outside [0, N) are dropped)."""
+    B, H, N, D = grad.shape
+    G = ws.shape[2]
+    rows = ws.sum(dim=1)[..., :D].view(B, H, G, D)
+    positions = landmarks.expand(B, G) - offset
+    valid = (positions >= 0) & (positions < N)
+    b_idx = torch.arange(B, device=grad.device)[:, None].expand(B, G)[valid]
+    grad.permute(0, 2, 1, 3)[b_idx, positions[valid]] = rows.permute(0, 2, 1, 3)[valid].to(grad.dtype)

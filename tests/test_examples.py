@@ -1,0 +1,22 @@
+"""The runnable programs in python/ work as users will run them (small settings)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "python" / script), *args], cwd=ROOT / "python",
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_quickstart():
+    out = run("quickstart.py", "--n", "1024")
+    assert "hk.attention [cpu]" in out, out
+    err = float(out.strip().splitlines()[-1].split("=")[-1])
+    assert err < 1e-4, out
