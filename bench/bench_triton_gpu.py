@@ -16,7 +16,6 @@ Ratios are time(x) / time(hk) from the same run. Exits with a message when there
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 

@@ -1,5 +1,5 @@
-"""Command line: ``hybrid-kernels bench`` and ``hybrid-kernels info`` (also ``python -m
-hybrid_kernels``)."""
+"""Command line: ``hybrid-kernels bench``, ``hybrid-kernels info`` and ``hybrid-kernels rag``
+(also ``python -m hybrid_kernels``)."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,7 @@ def _str_list(text: str) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid-kernels",
-                                     description="hybrid-kernels: benchmarks and install info")
+                                     description="hybrid-kernels: benchmarks, install info, RAG question answering")
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="benchmark hk.attention against SDPA, FlexAttention, ...")
@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-plot", action="store_true")
 
     sub.add_parser("info", help="versions, backends, CPU features, GPU")
+
+    r = sub.add_parser("rag", help="retrieval + Fusion-in-Decoder question answering")
+    from .rag import build_parser as build_rag_parser  # light: argparse only
+    build_rag_parser(r)
     return parser
 
 
@@ -122,6 +126,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _bench(args)
         except ValueError as exc:  # bad option values (pattern, dtype, provider names)
             parser.error(str(exc))
+    if args.command == "rag":
+        from .rag import run as run_rag
+        return run_rag(args)
     return _info(args)
 
 

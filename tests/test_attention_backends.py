@@ -104,8 +104,9 @@ def test_int8_accuracy(backend):
     q, k, v = (torch.randn(2, 4, 513, 64) for _ in range(3))
     k = k + 3.0  # a large shared offset: K smoothing must remove it
     for pattern in (dict(window=(64, 64), landmarks=32), dict(causal=True), dict()):
-        out = hk.attention(q, k, v, **pattern, quant="int8", backend=backend)
-        ref = hk.attention(q, k, v, **pattern, backend="reference")
+        out, lse = hk.attention(q, k, v, **pattern, quant="int8", return_lse=True, backend=backend)
+        ref, ref_lse = hk.attention(q, k, v, **pattern, return_lse=True, backend="reference")
+        assert (lse - ref_lse).abs().max() < 0.05, "int8 lse is that of the exact scores"
         cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
         rel_l1 = (out - ref).abs().sum() / ref.abs().sum()
         assert cos >= 0.999 and rel_l1 <= 0.02, (pattern, float(cos), float(rel_l1))
@@ -162,3 +163,55 @@ def test_lse_gradient(backend):
     g64 = torch.autograd.grad(o64.square().sum() + l64.sum(), (q64, k64, v64))
     for a, b in zip(g, g64):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in {
+    "odd_D59_gqa_window_lm_pad", "nq_gt_nk_negative_rows", "n1025_d64_causal_pad"}], ids=lambda c: c.id)
+def test_cpu_lower_isas(monkeypatch, isa, case):
+    """The AVX2 and portable paths (selected at run time) agree with the oracle too."""
+    _require("cpu")
+    from hybrid_kernels.backends.cpu import load_module
+    if not load_module().cpu_features()["avx2"] and isa == "avx2":
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv("HYBRID_KERNELS_CPU_ISA", isa)
+    assert load_module().selected_isa() == isa
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, pattern = case.make(dtype, requires_grad=True)
+        out = hk.attention(q, k, v, **pattern, backend="cpu")
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        kw = ref_kwargs(pattern, q, k)
+        (o64, _), (o_base, _) = reference_pair(q.detach(), k.detach(), v.detach(), **kw)
+        assert_matches_oracle(f"{isa} {dtype} out", out, o64, o_base)
+        oracle = reference_grads(q, k, v, dout, torch.float64, **kw)
+        baseline = reference_grads(q, k, v, dout, dtype, **kw)
+        for name, g, g64, gb in zip(("dq", "dk", "dv"), grads, oracle, baseline):
+            assert_matches_oracle(f"{isa} {dtype} {name}", g, g64, gb, depth=case.D)
+    q, k, v, pattern = case.make(torch.float32)
+    from hybrid_kernels.quant import int8_reference
+    out = hk.attention(q, k, v, **pattern, quant="int8", backend="cpu")
+    emu, _ = int8_reference(q, k, v, **ref_kwargs(pattern, q, k))
+    torch.testing.assert_close(out, emu, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_thread_counts_agree(monkeypatch):
+    """1, 2 and 3 threads give the same result (static partition, fixed summation order)."""
+    _require("cpu")
+    q, k, v, pattern = CASES[4].make(torch.float32)
+    outs = []
+    for n in ("1", "2", "3"):
+        monkeypatch.setenv("HYBRID_KERNELS_NUM_THREADS", n)
+        outs.append(hk.attention(q, k, v, **pattern, backend="cpu"))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+def test_many_landmarks_and_landmark_rows():
+    """More landmarks than one tile (> 64) and many landmark query rows."""
+    _require("cpu")
+    q, k, v = (torch.randn(2, 2, 300, 32) for _ in range(3))
+    lm = torch.stack([torch.randperm(300)[:150].sort().values for _ in range(2)])
+    for causal in (False, True):
+        out = hk.attention(q, k, v, window=(5, 3), landmarks=lm, causal=causal, backend="cpu")
+        ref = hk.attention(q, k, v, window=(5, 3), landmarks=lm, causal=causal, backend="reference")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(script, *args, timeout=300):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "python" / script), *args], cwd=ROOT / "python",
+    proc = subprocess.run([sys.executable, str(ROOT / "python" / script), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout

@@ -77,7 +77,8 @@ inline void bind_params(py::module_& m) {
       .HK_PTR_PROP(AttnInt8Params, q_scale, const float*)
       .HK_PTR_PROP(AttnInt8Params, k_scale, const float*)
       .def_readwrite("q_block", &AttnInt8Params::q_block)
-      .def_readwrite("k_block", &AttnInt8Params::k_block);
+      .def_readwrite("k_block", &AttnInt8Params::k_block)
+      .HK_PTR_PROP(AttnInt8Params, k_mean, const float*);
 }
 
 }  // namespace hk

@@ -69,6 +69,12 @@ struct AttnInt8Params {
   const float* k_scale = nullptr;  // (B, Hk, ceil(Nk / k_block)) contiguous
   int64_t q_block = 64;
   int64_t k_block = 64;
+  // Fused quantization (CPU): with q8 == k8 == nullptr the kernel quantizes fwd.q / fwd.k (strides
+  // fwd.q_stride / fwd.k_stride, fwd.dtype) itself, exactly as quant.quantize_qk does with blocks
+  // q_block / k_block (q_scale / k_scale are then unused). K is smoothed by k_mean (B, Hk, D) fp32
+  // contiguous, the mean of K over the real keys (nullptr: no smoothing); padded keys quantize to
+  // zero; and the lse written is that of the exact scores (scale * q . k_mean added back).
+  const float* k_mean = nullptr;
 };
 
 }  // namespace hk

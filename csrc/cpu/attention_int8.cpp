@@ -15,6 +15,7 @@
 #include "common/pattern.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/int8_kernels.h"
+#include "cpu/int8_quantize.h"
 #include "cpu/int8_support.h"
 
 namespace hk {
@@ -55,13 +56,16 @@ void validate(const AttnInt8Params& p) {
   if (f.landmarks_batch_stride < 0) fail("landmarks_batch_stride", "must be >= 0");
   if (f.landmark_flags_batch_stride < 0) fail("landmark_flags_batch_stride", "must be >= 0");
   if (f.B == 0 || f.Nq == 0) return;
-  if (!p.q8) fail("q8", "is null");
-  if (!p.q_scale) fail("q_scale", "is null");
+  const bool fused = p.q8 == nullptr;  // the kernel quantizes fwd.q / fwd.k itself
+  if (fused && p.k8) fail("k8", "must be null when q8 is null (fused quantization)");
+  if (fused && !f.q) fail("q", "is null (q8 is null: fused quantization reads q)");
+  if (!fused && !p.q_scale) fail("q_scale", "is null");
   if (!f.o) fail("o", "is null");
   if (!f.lse) fail("lse", "is null");
   if (f.Nk == 0) return;
-  if (!p.k8) fail("k8", "is null");
-  if (!p.k_scale) fail("k_scale", "is null");
+  if (fused && !f.k) fail("k", "is null (k8 is null: fused quantization reads k)");
+  if (!fused && !p.k8) fail("k8", "is null");
+  if (!fused && !p.k_scale) fail("k_scale", "is null");
   if (!f.v) fail("v", "is null");
   if (f.num_landmarks > 0) {
     if (!f.landmarks) fail("landmarks", "is null but num_landmarks > 0");
@@ -131,6 +135,9 @@ struct Ctx {
   bool bf16_pv;  // bf16 V multiplied in bf16 pairs (fp32 accumulation) by Kernels::pv_bf16
   std::vector<KvPack>* packs;
   const std::vector<int32_t>* real_prefix;  // (B, Nk + 1) count of real keys, empty: no padding
+  const int8_t* q8;       // p.q8, or Q quantized by the kernel (fused)
+  const float* q_scale;   // p.q_scale, or the kernel's
+  const float* lse_shift; // (B, Hq, Nq) added to the lse (fused with k_mean), else nullptr
 };
 
 const int32_t* landmarks_of(const AttnParams& f, int64_t b) {
@@ -150,8 +157,21 @@ void pack_one(const Ctx& c, int64_t b, int64_t hk) {
   const AttnInt8Params& p = *c.p;
   const AttnParams& f = p.fwd;
   KvPack& kv = (*c.packs)[b * f.Hk + hk];
-  const int8_t* k8 = p.k8 + (b * f.Hk + hk) * f.Nk * f.D;
-  const float* ks = p.k_scale + (b * f.Hk + hk) * c.nkb;
+  const int8_t* k8;
+  const float* ks;
+  int8::AlignedBuf<int8_t> k8_fused;
+  int8::AlignedBuf<float> ks_fused;
+  if (p.q8) {
+    k8 = p.k8 + (b * f.Hk + hk) * f.Nk * f.D;
+    ks = p.k_scale + (b * f.Hk + hk) * c.nkb;
+  } else {
+    k8_fused.alloc(f.Nk * f.D);
+    ks_fused.alloc(c.nkb);
+    int8::quantize_k_head(*c.kern, f, b, hk, p.k_mean ? p.k_mean + (b * f.Hk + hk) * f.D : nullptr,
+                          p.k_block, k8_fused.p, ks_fused.p);
+    k8 = k8_fused.p;
+    ks = ks_fused.p;
+  }
   const int64_t nk16 = round_up(f.Nk, kChunk);
   kv.k.alloc(nk16 * c.Dp);
   kv.colcorr.alloc(nk16);
@@ -214,11 +234,11 @@ void begin_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, const int64_t* 
   const int64_t bh = b * f.Hq + h;
   const float base = f.scale * kLog2e;
   for (int r = 0; r < rows; ++r) {
-    const int8_t* src = p.q8 + (bh * f.Nq + rows_i[r]) * f.D;
+    const int8_t* src = c.q8 + (bh * f.Nq + rows_i[r]) * f.D;
     uint8_t* dst = s.q.p + r * c.Dp;
     for (int64_t d = 0; d < f.D; ++d) dst[d] = uint8_t(src[d]) ^ 0x80u;
     for (int64_t d = f.D; d < c.Dp; ++d) dst[d] = 0x80u;
-    s.rs[r] = p.q_scale[bh * c.nqb + rows_i[r] / p.q_block] * base;
+    s.rs[r] = c.q_scale[bh * c.nqb + rows_i[r] / p.q_block] * base;
     s.m[r] = -std::numeric_limits<float>::infinity();
     s.l[r] = 0.f;
   }
@@ -258,8 +278,10 @@ void end_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, const int64_t* ro
     const float inv = any ? 1.f / s.l[r] : 0.f;
     for (int64_t d = 0; d < f.Dv; ++d) o[d] = any ? o[d] * inv : 0.f;
     int8::from_float(o, f.dtype, f.Dv, dst);
-    f.lse[(b * f.Hq + h) * f.Nq + i] =
-        any ? (s.m[r] + std::log2(s.l[r])) * kLn2 : -std::numeric_limits<float>::infinity();
+    const int64_t row = (b * f.Hq + h) * f.Nq + i;
+    float lse = any ? (s.m[r] + std::log2(s.l[r])) * kLn2 : -std::numeric_limits<float>::infinity();
+    if (any && c.lse_shift) lse += c.lse_shift[row];
+    f.lse[row] = lse;
   }
 }
 
@@ -436,6 +458,31 @@ void attention_forward_int8(const AttnInt8Params& p) {
   c.real_prefix = &real_prefix;
   std::vector<KvPack> packs(size_t(f.B * f.Hk));
   c.packs = &packs;
+
+  // Fused quantization of Q (K is quantized per kv head while packing).
+  c.q8 = p.q8;
+  c.q_scale = p.q_scale;
+  c.lse_shift = nullptr;
+  int8::AlignedBuf<int8_t> q8_fused;
+  int8::AlignedBuf<float> qs_fused, shift_fused;
+  if (!p.q8) {
+    const bool smooth = p.k_mean != nullptr && f.Nk > 0;
+    q8_fused.alloc(f.B * f.Hq * f.Nq * f.D);
+    qs_fused.alloc(f.B * f.Hq * c.nqb);
+    if (smooth) shift_fused.alloc(f.B * f.Hq * f.Nq);
+    const int64_t n_qb = f.B * f.Hq * c.nqb;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
+    for (int64_t t = 0; t < n_qb; ++t) {
+      const int64_t bh = t / c.nqb, qb = t % c.nqb, b = bh / f.Hq, h = bh % f.Hq;
+      const int64_t i0 = qb * p.q_block, i1 = std::min(i0 + p.q_block, f.Nq);
+      const float* mean = smooth ? p.k_mean + (b * f.Hk + h / c.groups) * f.D : nullptr;
+      int8::quantize_q_block(*c.kern, f, b, h, i0, i1, mean, q8_fused.p + (bh * f.Nq + i0) * f.D,
+                             qs_fused.p + t, smooth ? shift_fused.p + bh * f.Nq + i0 : nullptr);
+    }
+    c.q8 = q8_fused.p;
+    c.q_scale = qs_fused.p;
+    if (smooth) c.lse_shift = shift_fused.p;
+  }
 
   const int64_t n_kv = f.Nk > 0 ? f.B * f.Hk : 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)

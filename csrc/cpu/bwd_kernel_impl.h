@@ -36,6 +36,11 @@ struct HeadBlock {
   float* delta;  // 64, rowsum(dO * O)
   uint8_t* valid;  // 64: row takes part (finite lse; regular mode: not a landmark row)
   bool any;
+  // bf16 pair operands (bwd_bf16_impl.h), only with Ctx::bf16
+  uint32_t* Qb = nullptr;   // 64 x Dp/2: rows of Q as bf16
+  uint32_t* dOb = nullptr;  // 64 x Dvp/2
+  uint32_t* Qp = nullptr;   // 32 x Dp: pairs of rows
+  uint32_t* dOp = nullptr;  // 32 x Dvp
 };
 
 struct Rows {
@@ -86,7 +91,21 @@ struct Scratch {
   float* S;        // 64 x 64: scores, then P
   float* dP;       // 64 x 64: dO V^T, then dS (scale folded in)
   uint64_t* mask;  // 64 row masks
+  // bf16 operands (bwd_bf16_impl.h), only with Ctx::bf16
+  uint32_t* Pt = nullptr;   // 32 x 64: P^T as pairs of rows
+  uint32_t* dSt = nullptr;  // 32 x 64: dS^T as pairs of rows
+  uint32_t* dSb = nullptr;  // 64 x 32: rows of dS as bf16
 };
+
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+#include "cpu/bwd_bf16_impl.h"
+#else
+constexpr bool kBf16Dot = false;
+static void pack_keys_bf16(const Ctx&, Tile&) {}
+static void pack_head_bf16(const Ctx&, const Rows&, HeadBlock&) {}
+static void tile_step_bf16(const Ctx&, Tile&, int64_t, int64_t, HeadBlock&, Scratch&) {}
+#endif
 
 static void process_tile(const Ctx& c, Tile& t, const Rows& rows, RowMode mode, HeadBlock* heads,
                          Scratch& s) {
@@ -104,6 +123,10 @@ static void process_tile(const Ctx& c, Tile& t, const Rows& rows, RowMode mode, 
       any |= s.mask[x];
     }
     if (any == 0) continue;
+    if (c.bf16) {
+      tile_step_bf16(c, t, mq, ncols, hb, s);
+      continue;
+    }
     gemm<false>(mq, ncols, c.D, hb.Q, c.Dp, 1, t.Kt, kKeys, s.S, kKeys);
     gemm<false>(mq, ncols, c.Dv, hb.dO, c.Dvp, 1, t.Vt, kKeys, s.dP, kKeys);
     for (int64_t x = 0; x < mq; ++x) {
@@ -161,16 +184,24 @@ static int64_t ring_slots(const AttnParams& f) {
 // at this many bytes per thread instead of holding every key.
 constexpr int64_t kRingBytes = int64_t(16) << 20;
 
+static bool use_bf16_dot(const AttnParams& f) { return kBf16Dot && f.dtype == DType::BF16; }
+
 static Layout make_layout(const AttnParams& f, int64_t Dp, int64_t Dvp) {
   Layout L;
   const int64_t a = 16;  // keep every array 64-byte aligned
-  L.tile_floats = round_up(kKeys * Dp, a) * 2 + round_up(f.D * kKeys, a) +
-                  round_up(f.Dv * kKeys, a) + round_up(kKeys * Dvp, a) + 2 * kKeys /* keys */;
+  const bool bf16 = use_bf16_dot(f);
+  L.tile_floats = round_up(kKeys * Dp, a) + round_up(kKeys * Dvp, a) + 2 * kKeys /* keys */;
+  if (bf16) {
+    L.tile_floats += Dp / 2 * kKeys + Dvp / 2 * kKeys + kKeys / 2 * Dp;
+  } else {
+    L.tile_floats += round_up(kKeys * Dp, a) + round_up(f.D * kKeys, a) + round_up(f.Dv * kKeys, a);
+  }
   L.ring = imin(ring_slots(f), imax(2, kRingBytes / (L.tile_floats * 4)));
   L.head_floats = round_up(kRows * Dp, a) * 2 + round_up(kRows * Dvp, a) + 3 * kRows;
+  if (bf16) L.head_floats += 2 * (kRows / 2 * Dp + kRows / 2 * Dvp);
   const int64_t heads = imin(f.Hq / f.Hk, 64);  // run_item handles the group 64 heads at a time
   L.floats = (L.ring + 1) * L.tile_floats + heads * L.head_floats + 2 * kRows * kKeys +
-             2 * kRows /* masks */ + round_up(Dvp, a);
+             2 * kRows /* masks */ + round_up(Dvp, a) + (bf16 ? 3 * kRows * kKeys / 2 : 0);
   L.bytes = round_up(L.floats * 4, 64);
   return L;
 }
@@ -184,14 +215,23 @@ struct Arena {
   }
 };
 
-static Tile carve_tile(Arena& a, int64_t D, int64_t Dv, int64_t Dp, int64_t Dvp) {
+static uint32_t* take_u32(Arena& a, int64_t n) { return reinterpret_cast<uint32_t*>(a.take(n)); }
+
+static Tile carve_tile(Arena& a, int64_t D, int64_t Dv, int64_t Dp, int64_t Dvp, bool bf16) {
   Tile t;
-  t.K = a.take(kKeys * Dp);
   t.dK = a.take(kKeys * Dp);
-  t.Kt = a.take(D * kKeys);
-  t.Vt = a.take(Dv * kKeys);
   t.dV = a.take(kKeys * Dvp);
   t.keys = reinterpret_cast<int64_t*>(a.take(2 * kKeys));
+  if (bf16) {  // the bf16 products read only the pair operands
+    t.K = t.Kt = t.Vt = nullptr;
+    t.Ktp = take_u32(a, Dp / 2 * kKeys);
+    t.Vtp = take_u32(a, Dvp / 2 * kKeys);
+    t.Kpk = take_u32(a, kKeys / 2 * Dp);
+  } else {
+    t.K = a.take(kKeys * Dp);
+    t.Kt = a.take(D * kKeys);
+    t.Vt = a.take(Dv * kKeys);
+  }
   return t;
 }
 
@@ -218,17 +258,23 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
   c.pad = f.key_padding != nullptr ? f.key_padding + b * f.Nk : nullptr;
   c.dk = dk;
   c.dv = dv;
+  c.bf16 = use_bf16_dot(f);
 
   Arena a{mem};
   for (int64_t s = 0; s < L.ring; ++s) {
-    new (&ring[s]) Tile(carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp));
+    new (&ring[s]) Tile(carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp, c.bf16));
   }
-  Tile gather = carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp);
+  Tile gather = carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp, c.bf16);
   HeadBlock heads[64];  // the group is processed 64 heads at a time
   Scratch sc;
   sc.S = a.take(kRows * kKeys);
   sc.dP = a.take(kRows * kKeys);
   sc.mask = reinterpret_cast<uint64_t*>(a.take(2 * kRows));
+  if (c.bf16) {
+    sc.Pt = take_u32(a, kRows / 2 * kKeys);
+    sc.dSt = take_u32(a, kRows / 2 * kKeys);
+    sc.dSb = take_u32(a, kRows * kKeys / 2);
+  }
   float* orow = a.take(c.Dvp);
   float* head_mem = a.cur;
 
@@ -251,6 +297,12 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
       hb.lse = ha.take(kRows);
       hb.delta = ha.take(kRows);
       hb.valid = reinterpret_cast<uint8_t*>(ha.take(kRows));
+      if (c.bf16) {
+        hb.Qb = take_u32(ha, kRows / 2 * c.Dp);
+        hb.dOb = take_u32(ha, kRows / 2 * c.Dvp);
+        hb.Qp = take_u32(ha, kRows / 2 * c.Dp);
+        hb.dOp = take_u32(ha, kRows / 2 * c.Dvp);
+      }
     }
     const int64_t h0 = hk * c.group + g0;
 
@@ -265,6 +317,7 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
       bool any = false;
       for (int64_t g = 0; g < ng; ++g) {
         load_head_block(cg, h0 + g, rows, RowMode::kRegular, heads[g], orow);
+        if (cg.bf16) pack_head_bf16(cg, rows, heads[g]);
         any |= heads[g].any;
       }
       if (any) {
@@ -329,6 +382,7 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
       bool any = false;
       for (int64_t g = 0; g < ng; ++g) {
         load_head_block(cg, h0 + g, rows, RowMode::kLandmark, heads[g], orow);
+        if (cg.bf16) pack_head_bf16(cg, rows, heads[g]);
         any |= heads[g].any;
       }
       if (any) {

@@ -20,6 +20,11 @@ struct Tile {
   float* dK;     // 64 x Dp accumulated gradient, flushed into dk
   float* dV;     // 64 x Dvp
   int64_t* keys; // 64 key positions
+  // bf16 pair operands (bwd_bf16_impl.h), only with Ctx::bf16
+  // (K, Kt and Vt are not allocated then.)
+  uint32_t* Ktp = nullptr;  // ceil(D/2) x 64: (k[j][2t], k[j][2t+1])
+  uint32_t* Vtp = nullptr;  // ceil(Dv/2) x 64
+  uint32_t* Kpk = nullptr;  // 32 x Dp: (k[2t][d], k[2t+1][d])
   int64_t tile = -1;   // ring tag: aligned tile index, -1 = empty
   int64_t nt = 0;
   bool gathered = false;
@@ -40,6 +45,7 @@ struct Ctx {
   const uint8_t* pad;       // (Nk) for batch b or nullptr
   float* dk;                // (Nk, D) gradient accumulator of this item (output or a partial)
   float* dv;                // (Nk, Dv)
+  bool bf16 = false;        // bf16 inputs on an AVX-512 BF16 build: products on vdpbf16ps
 };
 
 static inline bool row_is_landmark(const Ctx& c, int64_t r) {
@@ -73,13 +79,14 @@ static inline uint64_t row_mask(const Ctx& c, const Tile& t, int64_t r, RowMode 
 }
 
 // ------------------------------------------------------------------------- packing
-static void pack_keys(const Ctx& c, Tile& t) {
+static void pack_keys_bf16(const Ctx& c, Tile& t);  // bwd_bf16_impl.h (a no-op stub without it)
+
+// K, Kt, Vt in fp32 for the fp32 GEMMs.
+static void pack_keys_f32(const Ctx& c, Tile& t) {
   const AttnParams& f = c.p->fwd;
   const int64_t kb = c.b * f.k_stride[0] + c.hk * f.k_stride[1];
   const int64_t vb = c.b * f.v_stride[0] + c.hk * f.v_stride[1];
   float vrow[1024];  // bf16 / fp16 rows are converted here; fp32 rows are read in place
-  t.lm_bits = 0;
-  t.real_bits = 0;
   for (int64_t jj = 0; jj < t.nt; ++jj) {
     const int64_t j = t.keys[jj];
     float* krow = t.K + jj * c.Dp;
@@ -96,12 +103,25 @@ static void pack_keys(const Ctx& c, Tile& t) {
       }
       for (int64_t d = 0; d < n; ++d) t.Vt[(d0 + d) * kKeys + jj] = src[d];
     }
-    if (c.lm_flags != nullptr && c.lm_flags[j]) t.lm_bits |= uint64_t(1) << jj;
-    if (c.pad == nullptr || c.pad[j]) t.real_bits |= uint64_t(1) << jj;
   }
   for (int64_t jj = t.nt; jj < kKeys; ++jj) {  // keep the unused columns finite
     for (int64_t d = 0; d < c.D; ++d) t.Kt[d * kKeys + jj] = 0.f;
     for (int64_t d = 0; d < c.Dv; ++d) t.Vt[d * kKeys + jj] = 0.f;
+  }
+}
+
+static void pack_keys(const Ctx& c, Tile& t) {
+  if (c.bf16) {
+    pack_keys_bf16(c, t);
+  } else {
+    pack_keys_f32(c, t);
+  }
+  t.lm_bits = 0;
+  t.real_bits = 0;
+  for (int64_t jj = 0; jj < t.nt; ++jj) {
+    const int64_t j = t.keys[jj];
+    if (c.lm_flags != nullptr && c.lm_flags[j]) t.lm_bits |= uint64_t(1) << jj;
+    if (c.pad == nullptr || c.pad[j]) t.real_bits |= uint64_t(1) << jj;
   }
   t.fresh = true;  // dK / dV hold garbage until the first product is stored (not added)
 }

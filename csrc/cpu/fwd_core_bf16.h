@@ -121,7 +121,7 @@ struct CoreBF16 {
 
   // 2^x with a degree-4 polynomial (rel. error ~4e-6, least squares fit): P is rounded to bf16 (2^-9) anyway.
   static R exp2(R x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+    x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // max returns its 2nd operand on NaN: NaN propagates
     const R n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const R f = _mm512_sub_ps(x, n);
     R y = _mm512_set1_ps(9.676041930e-03f);

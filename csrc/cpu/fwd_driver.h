@@ -160,7 +160,7 @@ class ForwardDriver {
         const int lane = v * W + i;
         const int64_t row = rows[lane];
         const int64_t o_off = b * p.o_stride[0] + h * p.o_stride[1] + row * p.o_stride[2];
-        const bool empty = !(l[lane] > 0.f);
+        const bool empty = l[lane] == 0.f;  // NaN (from NaN/inf inputs) propagates, as in SDPA
         const float inv = empty ? 0.f : 1.f / l[lane];
         p.lse[(b * p.Hq + h) * p.Nq + row] = empty ? kNegInf : (m[lane] + std::log2(l[lane])) * kLn2;
         float* t = T + i * DvP;

@@ -50,6 +50,10 @@ struct Kernels {
   void (*pv_bf16)(float* O, int64_t ldo, const float* P, int rows, int cols,
                   const int32_t* first, const int32_t* last, const float* alpha,
                   const uint16_t* Vp, int64_t ldvp, int64_t Dv);
+  // Fused quantization (bit-exact with quant.quantize_qk): max_i |x[i] - shift[i]|, and
+  // out[i] = round_half_even((x[i] - shift[i]) * inv) saturated to int8; shift nullptr: 0.
+  float (*absmax)(const float* x, const float* shift, int64_t n);
+  void (*quantize)(const float* x, const float* shift, float inv, int64_t n, int8_t* out);
 };
 
 const Kernels* kernels_scalar();

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "cpu/int8_kernels.h"
+#include "cpu/int8_quantize_avx2.h"
 
 namespace hk {
 namespace cpu {
@@ -260,8 +261,10 @@ void pv_avx2(float* O, int64_t ldo, const float* P, int rows, int cols, const in
   }
 }
 
-const Kernels kAvx2Vnni = {"avx2-vnni", qk_avx2_vnni, mask_avx2, softmax_avx2, pv_avx2, nullptr};
-const Kernels kAvx2 = {"avx2", qk_avx2_madd, mask_avx2, softmax_avx2, pv_avx2, nullptr};
+const Kernels kAvx2Vnni = {"avx2-vnni", qk_avx2_vnni, mask_avx2, softmax_avx2, pv_avx2, nullptr,
+                             absmax_avx2, quantize_avx2};
+const Kernels kAvx2 = {"avx2", qk_avx2_madd, mask_avx2, softmax_avx2, pv_avx2, nullptr,
+                             absmax_avx2, quantize_avx2};
 
 }  // namespace
 

@@ -1,11 +1,15 @@
 // AVX-512 (F/BW/VL + VNNI) tile kernels of the INT8 forward: QK^T with vpdpbusd (u8 x s8 ->
 // int32), masking with compare masks, base-2 online softmax, PV with fp32 FMAs.
 // Everything here has internal linkage (see int8_kernels.h) and runs only after a cpuid check.
+// GCC 12 flags its own _mm512_undefined_* idiom (`__m512 __Y = __Y;`) under -Wall at -O3.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include <cstring>
 
 #include "cpu/int8_kernels.h"
+#include "cpu/int8_quantize_avx2.h"
 
 namespace hk {
 namespace cpu {
@@ -306,7 +310,8 @@ void pv_bf16_avx512(float* O, int64_t ldo, const float* P, int rows, int cols,
   }
 }
 
-const Kernels kAvx512 = {"avx512", qk_avx512, mask_avx512, softmax_avx512, pv_avx512, pv_bf16_avx512};
+const Kernels kAvx512 = {"avx512", qk_avx512, mask_avx512, softmax_avx512, pv_avx512, pv_bf16_avx512,
+                          absmax_avx2, quantize_avx2};
 
 }  // namespace
 

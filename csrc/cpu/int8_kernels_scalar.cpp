@@ -87,7 +87,22 @@ void pv_scalar(float* O, int64_t ldo, const float* P, int rows, int cols, const 
   }
 }
 
-const Kernels kScalar = {"scalar", qk_scalar, mask_scalar, softmax_scalar, pv_scalar, nullptr};
+float absmax_scalar(const float* x, const float* shift, int64_t n) {
+  float r = 0.f;
+  for (int64_t i = 0; i < n; ++i) r = std::fmax(r, std::fabs(shift ? x[i] - shift[i] : x[i]));
+  return r;
+}
+
+// std::nearbyint rounds half to even in the default rounding mode, like torch.round.
+void quantize_scalar(const float* x, const float* shift, float inv, int64_t n, int8_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float y = (shift ? x[i] - shift[i] : x[i]) * inv;
+    out[i] = int8_t(std::fmin(std::fmax(std::nearbyint(y), -128.f), 127.f));
+  }
+}
+
+const Kernels kScalar = {"scalar", qk_scalar, mask_scalar, softmax_scalar, pv_scalar, nullptr,
+                         absmax_scalar, quantize_scalar};
 
 }  // namespace
 

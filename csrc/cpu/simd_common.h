@@ -133,7 +133,7 @@ struct VecAvx2 {
   static R max(R a, R b) { return _mm256_max_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R exp2(R x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-127.f));  // also maps -inf (and NaN) to -127
+    x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);  // -inf -> -127 (gives 0); NaN stays NaN
     R n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     R f = _mm256_sub_ps(x, n);
     R y = _mm256_set1_ps(kExp2C6);
@@ -207,7 +207,7 @@ struct VecAvx512 {
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R exp2(R x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));  // -inf (and NaN) -> -200 -> scalef gives 0
+    x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // -inf -> -200 (scalef gives 0); NaN stays NaN
     R n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     R f = _mm512_sub_ps(x, n);
     R y = _mm512_set1_ps(kExp2C6);

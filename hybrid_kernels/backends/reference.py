@@ -26,6 +26,21 @@ def reference_forward_fp32(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern) ->
     return blocked_reference(q, k, v, **kwargs)
 
 
+def int8_forward_emulated(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern) -> Tuple[Tensor, Tensor]:
+    """The int8 path in pure torch: smoothed, block-quantized Q/K dequantized and run through
+    the exact reference (blocked for large inputs, so no N x N matrix). The int8 products are
+    reproduced up to fp32 rounding; the lse is that of the exact (unsmoothed) scores."""
+    from ..int8_cache import smoothing_lse_offset
+    from ..quant import dequantize, quantize_qk
+    from ._params import QUANT_BLOCK
+    q8, q_scale, k8, k_scale, k_mean = quantize_qk(
+        q, k, q_block=QUANT_BLOCK, k_block=QUANT_BLOCK,
+        key_padding_mask=pattern.key_padding_mask, return_k_mean=True)
+    out, lse = reference_forward_fp32(dequantize(q8, q_scale, QUANT_BLOCK),
+                                      dequantize(k8, k_scale, QUANT_BLOCK), v.float(), pattern)
+    return out, lse + smoothing_lse_offset(q, k_mean, pattern.scale)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
     device_types = frozenset({"cpu", "cuda", "meta", "xpu", "mps"})
@@ -34,8 +49,7 @@ class ReferenceBackend(Backend):
 
     def forward(self, q, k, v, pattern: Pattern, quant: Optional[str]):
         if quant == "int8":
-            from ..quant import int8_reference
-            out, lse = int8_reference(q, k, v, **pattern.reference_kwargs())
+            out, lse = int8_forward_emulated(q, k, v, pattern)
         else:
             out, lse = reference_forward_fp32(q, k, v, pattern)
         return out.to(q.dtype), lse.float()

@@ -27,7 +27,6 @@ def _interpreting() -> bool:
 def _triton_import_error() -> Optional[str]:
     try:
         import triton  # noqa: F401
-        import triton.language  # noqa: F401
         return None
     except Exception as exc:  # ImportError, or a broken install
         return f"triton is not importable ({exc})"

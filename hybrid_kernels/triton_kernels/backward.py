@@ -213,7 +213,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
         return
     dq_base = DQ + b.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h
     tl.store(dq_base + i[:, None].to(tl.int64) * sdq_n + d[None, :],
-             to_dtype(dq * scale, DQ.dtype.element_ty, IEEE), mask=row_ok[:, None] & (d[None, :] < D))
+             to_dtype(dq * scale, DQ.dtype.element_ty, IEEE),
+             mask=row_ok[:, None] & (d[None, :] < D))
 
 
 @triton.autotune(configs=backward_configs(), key=PATTERN_KEYS + ["SPLIT"])
@@ -313,7 +314,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD,
         tl.store(WS_V + ws_row[:, None] * BLOCK_DV + dvr[None, :], dv, mask=col_ok[:, None])
         return
     tl.store(DK + b.to(tl.int64) * sdk_b + hk.to(tl.int64) * sdk_h + j64 * sdk_n + d[None, :],
-             to_dtype(dk * scale, DK.dtype.element_ty, IEEE), mask=col_ok[:, None] & (d[None, :] < D))
+             to_dtype(dk * scale, DK.dtype.element_ty, IEEE),
+             mask=col_ok[:, None] & (d[None, :] < D))
     tl.store(DVG + b.to(tl.int64) * sdv_b + hk.to(tl.int64) * sdv_h + j64 * sdv_n + dvr[None, :],
              to_dtype(dv, DVG.dtype.element_ty, IEEE), mask=col_ok[:, None] & (dvr[None, :] < DV))
 

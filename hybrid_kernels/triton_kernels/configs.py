@@ -47,7 +47,8 @@ SUPPORTED_MAX_HEAD_DIM = 256
 
 
 def padded_head_dim(d: int) -> int:
-    """Head dims are padded (masked) up to a power of two >= 32 for tl.dot (int8 MMA needs K >= 32)."""
+    """Head dims are padded (masked) up to a power of two >= 32 for tl.dot (the int8 MMA needs
+    K >= 32)."""
     return max(32, triton.next_power_of_2(d))
 
 

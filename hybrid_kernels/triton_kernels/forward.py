@@ -8,8 +8,6 @@ Two launches of one kernel:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -183,7 +181,8 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) / 1.4426950408889634)
     o_base = O + b.to(tl.int64) * so_b + h.to(tl.int64) * so_h
-    tl.store(o_base + i[:, None].to(tl.int64) * so_n + dv[None, :], to_dtype(out, O.dtype.element_ty, IEEE),
+    tl.store(o_base + i[:, None].to(tl.int64) * so_n + dv[None, :],
+             to_dtype(out, O.dtype.element_ty, IEEE),
              mask=row_ok[:, None] & (dv[None, :] < DV))
     tl.store(LSE + bh.to(tl.int64) * Nq + i, lse, mask=row_ok)
 

@@ -49,4 +49,5 @@ def scatter_split_sums(ws: torch.Tensor, grad: torch.Tensor, landmarks: torch.Te
     positions = landmarks.expand(B, G) - offset
     valid = (positions >= 0) & (positions < N)
     b_idx = torch.arange(B, device=grad.device)[:, None].expand(B, G)[valid]
-    grad.permute(0, 2, 1, 3)[b_idx, positions[valid]] = rows.permute(0, 2, 1, 3)[valid].to(grad.dtype)
+    rows = rows.permute(0, 2, 1, 3)[valid].to(grad.dtype)
+    grad.permute(0, 2, 1, 3)[b_idx, positions[valid]] = rows

@@ -1,0 +1,213 @@
+// Part of the CPU attention backward for AVX-512 BF16 builds (included by bwd_kernel_impl.h inside
+// the per-ISA namespace, only when __AVX512BF16__ is defined). With bf16 inputs all five products
+// of the tile step run on vdpbf16ps (two bf16 products per fp32 lane and instruction), as
+// FlashAttention-2 does on GPUs:
+//   S = Q K^T, dP = dO V^T                  operands are the bf16 inputs themselves (exact)
+//   dV += P^T dO, dK += dS^T Q, dQ += dS K  P and dS rounded to bf16 (nearest even)
+// Accumulation, the softmax and dS itself stay fp32.
+//
+// Operands are "pair" matrices: uint32 words holding two bf16 values that are adjacent along the
+// reduction index (low half = even index). A missing partner (odd length) is stored as 0 on both
+// sides of the product, so padding never meets stale data.
+
+// ------------------------------------------------------------------------- conversion
+// dst[n] = (bf16(r0[n]), bf16(r1[n])) for n < N (a multiple of 16); r1 == nullptr counts as 0.
+static inline void pair_rows_bf16(const float* r0, const float* r1, int64_t N, uint32_t* dst) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
+                                              9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
+                                              17, 1, 16, 0);
+  for (int64_t n = 0; n < N; n += 16) {
+    const __m512 p0 = _mm512_loadu_ps(r0 + n);
+    const __m512 p1 = r1 != nullptr ? _mm512_loadu_ps(r1 + n) : _mm512_setzero_ps();
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // words 0-15: p0, 16-31: p1
+    _mm512_storeu_si512(dst + n, _mm512_permutexvar_epi16(interleave, both));
+  }
+}
+
+// N (a multiple of 16) floats to bf16, stored contiguously: N / 2 pair words.
+static inline void row_bf16(const float* src, int64_t N, uint32_t* dst) {
+  for (int64_t n = 0; n < N; n += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n / 2),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + n)));
+}
+
+// ------------------------------------------------------------------------- GEMM micro-kernels
+// C (M x N, ldc) (+)= A B over T2 pairs: A word (r, t2) at A[r*ars + t2*ats], B pair row t2 at
+// B + t2*ldb (N words, N a multiple of 16). Same register tiling as micro() in bwd_gemm_impl.h.
+using MicroBf16Fn = void (*)(const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, float*,
+                             int64_t, int64_t);
+
+template <bool ACC, int MR, int NV>
+static void micro_bf16(const uint32_t* A, int64_t ars, int64_t ats, const uint32_t* B,
+                       int64_t ldb, float* C, int64_t ldc, int64_t T2) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = ACC ? _mm512_loadu_ps(C + r * ldc + v * 16) : _mm512_setzero_ps();
+  for (int64_t t = 0; t < T2; ++t) {
+    __m512bh b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(B + t * ldb + v * 16);
+    const uint32_t* a = A + t * ats;
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * ars]));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, b[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(C + r * ldc + v * 16, acc[r][v]);
+}
+
+template <bool ACC, int MR, int NV>
+static MicroBf16Fn pick_nv_bf16(int nv) {
+  if constexpr (NV == 0) {
+    return nullptr;
+  } else {
+    return nv == NV ? &micro_bf16<ACC, MR, NV> : pick_nv_bf16<ACC, MR, NV - 1>(nv);
+  }
+}
+
+template <bool ACC, int MR>
+static MicroBf16Fn pick_bf16(int mr, int nv) {
+  if constexpr (MR == 0) {
+    return nullptr;
+  } else {
+    return mr == MR ? pick_nv_bf16<ACC, MR, Vec::NVMAX>(nv) : pick_bf16<ACC, MR - 1>(mr, nv);
+  }
+}
+
+template <bool ACC>
+static void gemm_bf16(int64_t M, int64_t N, int64_t T2, const uint32_t* A, int64_t ars,
+                      int64_t ats, const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
+  constexpr int64_t CW = int64_t(Vec::NVMAX) * 16;
+  for (int64_t c0 = 0; c0 < N; c0 += CW) {
+    const int nv = static_cast<int>(imin(Vec::NVMAX, (N - c0) / 16));
+    const MicroBf16Fn full = pick_bf16<ACC, Vec::MR>(Vec::MR, nv);
+    for (int64_t r0 = 0; r0 < M; r0 += Vec::MR) {
+      const int mr = static_cast<int>(imin(Vec::MR, M - r0));
+      MicroBf16Fn fn = mr == Vec::MR ? full : pick_bf16<ACC, Vec::MR>(mr, nv);
+      fn(A + r0 * ars, ars, ats, B + c0, ldb, C + r0 * ldc + c0, ldc, T2);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------- operand packing
+static inline uint32_t load_u32(const uint16_t* p) {
+  uint32_t x;
+  std::memcpy(&x, p, 4);
+  return x;
+}
+
+// (D+1)/2 x 64 pair words: word (t, jj) = (row jj [2t], row jj [2t+1]) (0 past D, 0 past nt).
+static void pair_transpose_bf16(const uint16_t* base, int64_t stride, const int64_t* keys,
+                                int64_t nt, int64_t D, uint32_t* dst) {
+  const int64_t D2 = (D + 1) / 2;
+  for (int64_t jj = 0; jj < nt; ++jj) {
+    const uint16_t* r = base + keys[jj] * stride;
+    for (int64_t t = 0; t < D / 2; ++t) dst[t * kKeys + jj] = load_u32(r + 2 * t);
+    if (D & 1) dst[(D2 - 1) * kKeys + jj] = r[D - 1];
+  }
+  for (int64_t jj = nt; jj < kKeys; ++jj)
+    for (int64_t t = 0; t < D2; ++t) dst[t * kKeys + jj] = 0;
+}
+
+// Tile operands straight from the bf16 inputs: Ktp / Vtp (pairs along d, 64 key columns) for S
+// and dP; Kpk (pairs of keys, Dp columns, zero padded) for dQ.
+static void pack_keys_bf16(const Ctx& c, Tile& t) {
+  const AttnParams& f = c.p->fwd;
+  const uint16_t* kbase =
+      static_cast<const uint16_t*>(f.k) + c.b * f.k_stride[0] + c.hk * f.k_stride[1];
+  const uint16_t* vbase =
+      static_cast<const uint16_t*>(f.v) + c.b * f.v_stride[0] + c.hk * f.v_stride[1];
+  pair_transpose_bf16(kbase, f.k_stride[2], t.keys, t.nt, c.D, t.Ktp);
+  pair_transpose_bf16(vbase, f.v_stride[2], t.keys, t.nt, c.Dv, t.Vtp);
+  for (int64_t j2 = 0; 2 * j2 < t.nt; ++j2) {
+    const uint16_t* r0 = kbase + t.keys[2 * j2] * f.k_stride[2];
+    const uint16_t* r1 = 2 * j2 + 1 < t.nt ? kbase + t.keys[2 * j2 + 1] * f.k_stride[2] : nullptr;
+    uint32_t* dst = t.Kpk + j2 * c.Dp;
+    for (int64_t d = 0; d < c.Dp; d += 16) {
+      const int64_t n = imax(0, imin(16, c.D - d));
+      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + d));
+      const __m512i hi = r1 != nullptr
+                             ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1 + d))
+                             : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// Query block of one head: Qb / dOb (bf16 rows) for S and dP; Qp / dOp (pairs of rows) for dK, dV.
+static void pack_head_bf16(const Ctx& c, const Rows& rows, HeadBlock& hb) {
+  if (!hb.any) return;
+  const int64_t n = rows.n;
+  for (int64_t x = 0; x < n; ++x) {
+    row_bf16(hb.Q + x * c.Dp, c.Dp, hb.Qb + x * (c.Dp / 2));
+    row_bf16(hb.dO + x * c.Dvp, c.Dvp, hb.dOb + x * (c.Dvp / 2));
+  }
+  for (int64_t x2 = 0; 2 * x2 < n; ++x2) {
+    const bool pair = 2 * x2 + 1 < n;
+    pair_rows_bf16(hb.Q + 2 * x2 * c.Dp, pair ? hb.Q + (2 * x2 + 1) * c.Dp : nullptr, c.Dp,
+                   hb.Qp + x2 * c.Dp);
+    pair_rows_bf16(hb.dO + 2 * x2 * c.Dvp, pair ? hb.dO + (2 * x2 + 1) * c.Dvp : nullptr, c.Dvp,
+                   hb.dOp + x2 * c.Dvp);
+  }
+}
+
+// ------------------------------------------------------------------------- the tile step
+// P = exp(scale*S - lse) and dS = scale*P*(dP - Delta) on the visible pairs (fp32, zero elsewhere),
+// written straight into the bf16 operands: Pt / dSt (pairs of rows) and dSb (rows of dS).
+static void softmax_pack_bf16(int64_t mq, int64_t ncols, float scale, const HeadBlock& hb,
+                              Scratch& s) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
+                                              9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
+                                              17, 1, 16, 0);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t x0 = 0; x0 < mq; x0 += 2) {
+    const int64_t x1 = x0 + 1 < mq ? x0 + 1 : x0;  // odd tail: row x0 again, masked to zero
+    const uint64_t m0 = s.mask[x0], m1 = x0 + 1 < mq ? s.mask[x1] : 0;
+    const __m512 nl0 = _mm512_set1_ps(-hb.lse[x0]), nl1 = _mm512_set1_ps(-hb.lse[x1]);
+    const __m512 de0 = _mm512_set1_ps(hb.delta[x0]), de1 = _mm512_set1_ps(hb.delta[x1]);
+    const float *S0 = s.S + x0 * kKeys, *S1 = s.S + x1 * kKeys;
+    const float *dP0 = s.dP + x0 * kKeys, *dP1 = s.dP + x1 * kKeys;
+    uint32_t* pt = s.Pt + x0 / 2 * kKeys;
+    uint32_t* dst = s.dSt + x0 / 2 * kKeys;
+    uint16_t* dsb0 = reinterpret_cast<uint16_t*>(s.dSb + x0 * (kKeys / 2));
+    uint16_t* dsb1 = reinterpret_cast<uint16_t*>(s.dSb + x1 * (kKeys / 2));
+    for (int64_t j = 0; j < ncols; j += 16) {
+      const __mmask16 b0 = static_cast<__mmask16>(m0 >> j), b1 = static_cast<__mmask16>(m1 >> j);
+      const __m512 p0 = _mm512_maskz_mov_ps(
+          b0, Vec::exp(_mm512_fmadd_ps(_mm512_loadu_ps(S0 + j), vscale, nl0)));
+      const __m512 p1 = _mm512_maskz_mov_ps(
+          b1, Vec::exp(_mm512_fmadd_ps(_mm512_loadu_ps(S1 + j), vscale, nl1)));
+      const __m512 ds0 = _mm512_maskz_mul_ps(
+          b0, _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dP0 + j), de0)), vscale);
+      const __m512 ds1 = _mm512_maskz_mul_ps(
+          b1, _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(dP1 + j), de1)), vscale);
+      const __m512i pp = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // words 0-15: row x0, 16-31: x1
+      const __m512i dd = (__m512i)_mm512_cvtne2ps_pbh(ds1, ds0);
+      _mm512_storeu_si512(pt + j, _mm512_permutexvar_epi16(interleave, pp));
+      _mm512_storeu_si512(dst + j, _mm512_permutexvar_epi16(interleave, dd));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsb0 + j), _mm512_castsi512_si256(dd));
+      if (x0 + 1 < mq)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsb1 + j), _mm512_extracti64x4_epi64(dd, 1));
+    }
+  }
+}
+
+// One q head's products for one tile (process_tile in bwd_kernel_impl.h computed the masks).
+static void tile_step_bf16(const Ctx& c, Tile& t, int64_t mq, int64_t ncols, HeadBlock& hb,
+                           Scratch& s) {
+  gemm_bf16<false>(mq, ncols, (c.D + 1) / 2, hb.Qb, c.Dp / 2, 1, t.Ktp, kKeys, s.S, kKeys);
+  gemm_bf16<false>(mq, ncols, (c.Dv + 1) / 2, hb.dOb, c.Dvp / 2, 1, t.Vtp, kKeys, s.dP, kKeys);
+  softmax_pack_bf16(mq, ncols, c.p->fwd.scale, hb, s);
+  const int64_t m2 = (mq + 1) / 2, n2 = (t.nt + 1) / 2;
+  if (t.fresh) {  // first product into this tile: store instead of zero-fill + add
+    gemm_bf16<false>(t.nt, c.Dvp, m2, s.Pt, 1, kKeys, hb.dOp, c.Dvp, t.dV, c.Dvp);  // P^T dO
+    gemm_bf16<false>(t.nt, c.Dp, m2, s.dSt, 1, kKeys, hb.Qp, c.Dp, t.dK, c.Dp);     // dS^T Q
+    t.fresh = false;
+  } else {
+    gemm_bf16<true>(t.nt, c.Dvp, m2, s.Pt, 1, kKeys, hb.dOp, c.Dvp, t.dV, c.Dvp);
+    gemm_bf16<true>(t.nt, c.Dp, m2, s.dSt, 1, kKeys, hb.Qp, c.Dp, t.dK, c.Dp);
+  }
+  gemm_bf16<true>(mq, c.Dp, n2, s.dSb, kKeys / 2, 1, t.Kpk, c.Dp, hb.dQ, c.Dp);  // dQ += dS K
+}

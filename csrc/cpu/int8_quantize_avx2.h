@@ -1,0 +1,59 @@
+// AVX2 row kernels of the fused INT8 quantization (Kernels::absmax / Kernels::quantize), included
+// by int8_kernels_avx2.cpp and int8_kernels_avx512.cpp: internal linkage, one copy per TU.
+// Bit-exact with quant.quantize_qk: y = (x - shift) * inv rounded half to even by vcvtps2dq (MXCSR
+// default rounding); (x - s) * inv has no a * b + c shape, so no FMA contraction can change it.
+#pragma once
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace hk {
+namespace cpu {
+namespace int8 {
+namespace {
+
+float absmax_avx2(const float* x, const float* shift, int64_t n) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 d = _mm256_loadu_ps(x + i);
+    if (shift) d = _mm256_sub_ps(d, _mm256_loadu_ps(shift + i));
+    m = _mm256_max_ps(m, _mm256_and_ps(d, abs_mask));
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, m);
+  float r = 0.f;
+  for (int j = 0; j < 8; ++j) r = std::fmax(r, t[j]);
+  for (; i < n; ++i) r = std::fmax(r, std::fabs(shift ? x[i] - shift[i] : x[i]));
+  return r;
+}
+
+void quantize_avx2(const float* x, const float* shift, float inv, int64_t n, int8_t* out) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m256i r[4];
+    for (int u = 0; u < 4; ++u) {
+      __m256 d = _mm256_loadu_ps(x + i + 8 * u);
+      if (shift) d = _mm256_sub_ps(d, _mm256_loadu_ps(shift + i + 8 * u));
+      r[u] = _mm256_cvtps_epi32(_mm256_mul_ps(d, vinv));
+    }
+    // packs work per 128-bit lane: the dword permute afterwards restores the order.
+    const __m256i w01 = _mm256_packs_epi32(r[0], r[1]), w23 = _mm256_packs_epi32(r[2], r[3]);
+    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23), perm);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), b);
+  }
+  for (; i < n; ++i) {
+    const float y = (shift ? x[i] - shift[i] : x[i]) * inv;
+    const float c = std::fmin(std::fmax(std::nearbyint(y), -128.f), 127.f);
+    out[i] = int8_t(c);
+  }
+}
+
+}  // namespace
+}  // namespace int8
+}  // namespace cpu
+}  // namespace hk
