@@ -76,6 +76,10 @@ class Backend:
     def device_types_now(self) -> frozenset:
         return self.device_types
 
+    def auto_device_types(self) -> frozenset:
+        """Device types on which ``backend="auto"`` may pick this backend."""
+        return self.device_types_now()
+
     def rejection_reasons(self, problem: Problem) -> List[str]:
         reasons = []
         why = self.unavailable_reason()
@@ -167,7 +171,8 @@ def select_backend(problem: Problem, requested: str = "auto") -> Backend:
         return backend
     for name in _ORDER:
         backend = _REGISTRY[name]
-        if backend.auto_select and not backend.rejection_reasons(problem):
+        if (backend.auto_select and problem.device_type in backend.auto_device_types()
+                and not backend.rejection_reasons(problem)):
             return backend
     raise NoBackendError(f"no backend can run these inputs ({_describe(problem)}):\n"
                          + _format_all(problem))

@@ -52,3 +52,10 @@ def test_env_override_rejects_unknown(monkeypatch):
     monkeypatch.setenv("HYBRID_KERNELS_BACKEND", "nope")
     with pytest.raises(ValueError, match="HYBRID_KERNELS_BACKEND"):
         select_backend(_problem())
+
+
+def test_auto_never_picks_the_triton_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select_backend(_problem()).name == "cpu"
+    assert get_backend("triton").rejection_reasons(_problem()) == [], \
+        "explicitly requested, triton runs CPU tensors under the interpreter"

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..dispatch import Backend
 from ..pattern import Pattern
 from ._alloc import new_output
-from ._params import Keep, fill_params, int8_forward_via, last_dim_contiguous, strides3
+from ._params import QUANT_BLOCK, Keep, fill_params, last_dim_contiguous, strides3
 
 MAX_HEAD_DIM = 512
 
@@ -51,6 +51,16 @@ def num_threads() -> int:
     return int(env) if env else torch.get_num_threads()
 
 
+def _k_mean(k: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    """The K smoothing mean (B, Hk, 1, D) float32 over the real keys, computed by the same torch
+    ops as quant.quantize_qk so the fused kernel quantizes to the same bits."""
+    if key_padding_mask is None:
+        return k.mean(dim=2, keepdim=True, dtype=torch.float32)
+    real = key_padding_mask[:, None, None, :].float()
+    count = real.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    return torch.matmul(real, k.float()) / count
+
+
 class CpuBackend(Backend):
     name = "cpu"
     device_types = frozenset({"cpu"})
@@ -68,7 +78,7 @@ class CpuBackend(Backend):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, quant: Optional[str]):
         q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
         if quant == "int8":
-            return int8_forward_via(self, q, k, v, pattern)
+            return self._forward_int8(q, k, v, pattern)
         mod = load_module()
         B, Hq, Nq, _ = q.shape
         out = new_output((B, Hq, Nq, v.shape[3]), q.dtype, q.device)
@@ -78,6 +88,25 @@ class CpuBackend(Backend):
         fill_params(mod, params, q, k, v, out, lse, pattern, keep)
         params.num_threads = num_threads()
         mod.attention_forward(params)
+        return out, lse
+
+    def _forward_int8(self, q, k, v, pattern: Pattern):
+        """quant="int8" with the quantization fused into the kernel (same bits as
+        quant.quantize_qk); returns the lse of the exact (unsmoothed) scores."""
+        mod = load_module()
+        B, Hq, Nq, _ = q.shape
+        out = new_output((B, Hq, Nq, v.shape[3]), q.dtype, q.device)
+        lse = new_output((B, Hq, Nq), torch.float32, q.device)
+        keep = Keep()
+        params = mod.AttnInt8Params()
+        fwd = params.fwd
+        fill_params(mod, fwd, q, k, v, out, lse, pattern, keep)
+        fwd.num_threads = num_threads()
+        params.fwd = fwd
+        params.q_block, params.k_block = QUANT_BLOCK, QUANT_BLOCK
+        if k.shape[2] > 0:
+            params.k_mean = keep(_k_mean(k, pattern.key_padding_mask).contiguous())
+        mod.attention_forward_int8(params)  # q8 == k8 == 0: the kernel quantizes q and k
         return out, lse
 
     def forward_int8_quantized(self, q8, q_scale, k8, k_scale, v, q_like, pattern: Pattern,

@@ -5,7 +5,6 @@ The kernels live in hybrid_kernels/triton_kernels/ and are imported on first use
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Optional
 
@@ -23,13 +22,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORT_ERROR: Optional[str] = None
+_IMPORT_CHECKED = False
+
+
 def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        return None
-    except Exception as exc:  # ImportError, or a broken install
-        return f"triton is not importable ({exc})"
+    global _IMPORT_ERROR, _IMPORT_CHECKED
+    if not _IMPORT_CHECKED:
+        _IMPORT_CHECKED = True
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install
+            _IMPORT_ERROR = f"triton is not importable ({exc})"
+    return _IMPORT_ERROR
 
 
 def _kernels():
@@ -45,6 +50,10 @@ class TritonBackend(Backend):
 
     def device_types_now(self) -> frozenset:
         return self.device_types | ({"cpu"} if _interpreting() else set())
+
+    def auto_device_types(self) -> frozenset:
+        # The interpreter is for testing: on CPU tensors `auto` keeps the C++ kernels.
+        return self.device_types
 
     def unavailable_reason(self) -> Optional[str]:
         why = _triton_import_error()
