@@ -97,7 +97,8 @@ void attention_backward(const AttnBwdParams& p) {
   // re-check keeps a wrong answer from turning into SIGILL.
   const std::string isa = selected_isa();
   const CpuFeatures cpu = detect_cpu_features();
-  if (isa == "avx512" && cpu.avx512f && cpu.avx512bw && cpu.avx512vl) {
+  // (The avx512 build runs bf16 inputs on vdpbf16ps, hence avx512bf16.)
+  if (isa == "avx512" && cpu.avx512f && cpu.avx512bw && cpu.avx512vl && cpu.avx512bf16) {
     attention_backward_avx512(p, nth);
   } else if ((isa == "avx512" || isa == "avx2") && cpu.avx2 && cpu.fma && cpu.f16c) {
     attention_backward_avx2(p, nth);

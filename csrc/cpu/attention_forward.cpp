@@ -6,6 +6,7 @@
 
 #include "cpu/attention_cpu.h"
 #include "cpu/fwd_common.h"
+#include "cpu/fwd_decode_entry.h"
 
 namespace hk {
 namespace cpu {
@@ -81,6 +82,16 @@ void attention_forward(const AttnParams& params) {
     p.landmark_flags = nullptr;
   }
   const std::string isa = selected_isa();
+  if (decode_path_applies(p)) {
+    if (isa == "avx512") {
+      attention_forward_decode_avx512(p);
+    } else if (isa == "avx2") {
+      attention_forward_decode_avx2(p);
+    } else {
+      attention_forward_decode_scalar(p);
+    }
+    return;
+  }
   if (isa == "avx512") {
     attention_forward_avx512(p);
   } else if (isa == "avx2") {

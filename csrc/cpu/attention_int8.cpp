@@ -11,6 +11,8 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+#include <ctime>
+#include <cstdio>
 
 #include "common/pattern.h"
 #include "cpu/attention_cpu.h"
@@ -135,9 +137,7 @@ struct Ctx {
   bool bf16_pv;  // bf16 V multiplied in bf16 pairs (fp32 accumulation) by Kernels::pv_bf16
   std::vector<KvPack>* packs;
   const std::vector<int32_t>* real_prefix;  // (B, Nk + 1) count of real keys, empty: no padding
-  const int8_t* q8;       // p.q8, or Q quantized by the kernel (fused)
-  const float* q_scale;   // p.q_scale, or the kernel's
-  const float* lse_shift; // (B, Hq, Nq) added to the lse (fused with k_mean), else nullptr
+  bool fused;  // p.q8 == nullptr: Q quantized per block in begin_block, K in pack_one
 };
 
 const int32_t* landmarks_of(const AttnParams& f, int64_t b) {
@@ -219,8 +219,11 @@ struct Scratch {
   int64_t wlo[kTile], whi[kTile], clim[kTile];
   int32_t first[kTile], last[kTile], kidx[kTile];
   uint8_t kflags[kTile];
+  float lse_shift[kTile];
+  int8::AlignedBuf<float> xrow;  // one fp32 row of q (fused quantization)
   explicit Scratch(const Ctx& c) {
     q.alloc(kTile * c.Dp);
+    xrow.alloc(c.p->fwd.D);
     S.alloc(kTile * kTile);
     O.alloc(kTile * c.Dvp);
   }
@@ -233,12 +236,25 @@ void begin_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, const int64_t* 
   const AttnParams& f = p.fwd;
   const int64_t bh = b * f.Hq + h;
   const float base = f.scale * kLog2e;
+  if (c.fused) {
+    const float* mean = p.k_mean && f.Nk > 0 ? p.k_mean + (b * f.Hk + h / c.groups) * f.D
+                                               : nullptr;
+    int8::quantize_q_rows(*c.kern, f, b, h, rows_i, rows, p.q_block, mean, c.Dp, s.q.p, s.rs,
+                          s.lse_shift, s.xrow.p);
+    for (int r = 0; r < rows; ++r) {
+      s.rs[r] *= base;
+      if (!mean) s.lse_shift[r] = 0.f;
+    }
+  }
   for (int r = 0; r < rows; ++r) {
-    const int8_t* src = c.q8 + (bh * f.Nq + rows_i[r]) * f.D;
-    uint8_t* dst = s.q.p + r * c.Dp;
-    for (int64_t d = 0; d < f.D; ++d) dst[d] = uint8_t(src[d]) ^ 0x80u;
-    for (int64_t d = f.D; d < c.Dp; ++d) dst[d] = 0x80u;
-    s.rs[r] = c.q_scale[bh * c.nqb + rows_i[r] / p.q_block] * base;
+    if (!c.fused) {
+      const int8_t* src = p.q8 + (bh * f.Nq + rows_i[r]) * f.D;
+      uint8_t* dst = s.q.p + r * c.Dp;
+      for (int64_t d = 0; d < f.D; ++d) dst[d] = uint8_t(src[d]) ^ 0x80u;
+      for (int64_t d = f.D; d < c.Dp; ++d) dst[d] = 0x80u;
+      s.rs[r] = p.q_scale[bh * c.nqb + rows_i[r] / p.q_block] * base;
+      s.lse_shift[r] = 0.f;
+    }
     s.m[r] = -std::numeric_limits<float>::infinity();
     s.l[r] = 0.f;
   }
@@ -280,7 +296,7 @@ void end_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, const int64_t* ro
     int8::from_float(o, f.dtype, f.Dv, dst);
     const int64_t row = (b * f.Hq + h) * f.Nq + i;
     float lse = any ? (s.m[r] + std::log2(s.l[r])) * kLn2 : -std::numeric_limits<float>::infinity();
-    if (any && c.lse_shift) lse += c.lse_shift[row];
+    if (any) lse += s.lse_shift[r];  // 0 unless fused with k_mean
     f.lse[row] = lse;
   }
 }
@@ -459,35 +475,16 @@ void attention_forward_int8(const AttnInt8Params& p) {
   std::vector<KvPack> packs(size_t(f.B * f.Hk));
   c.packs = &packs;
 
-  // Fused quantization of Q (K is quantized per kv head while packing).
-  c.q8 = p.q8;
-  c.q_scale = p.q_scale;
-  c.lse_shift = nullptr;
-  int8::AlignedBuf<int8_t> q8_fused;
-  int8::AlignedBuf<float> qs_fused, shift_fused;
-  if (!p.q8) {
-    const bool smooth = p.k_mean != nullptr && f.Nk > 0;
-    q8_fused.alloc(f.B * f.Hq * f.Nq * f.D);
-    qs_fused.alloc(f.B * f.Hq * c.nqb);
-    if (smooth) shift_fused.alloc(f.B * f.Hq * f.Nq);
-    const int64_t n_qb = f.B * f.Hq * c.nqb;
-#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads)
-    for (int64_t t = 0; t < n_qb; ++t) {
-      const int64_t bh = t / c.nqb, qb = t % c.nqb, b = bh / f.Hq, h = bh % f.Hq;
-      const int64_t i0 = qb * p.q_block, i1 = std::min(i0 + p.q_block, f.Nq);
-      const float* mean = smooth ? p.k_mean + (b * f.Hk + h / c.groups) * f.D : nullptr;
-      int8::quantize_q_block(*c.kern, f, b, h, i0, i1, mean, q8_fused.p + (bh * f.Nq + i0) * f.D,
-                             qs_fused.p + t, smooth ? shift_fused.p + bh * f.Nq + i0 : nullptr);
-    }
-    c.q8 = q8_fused.p;
-    c.q_scale = qs_fused.p;
-    if (smooth) c.lse_shift = shift_fused.p;
-  }
-
+  auto cpu_ms = [] { timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts); return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6; };
+  double tp0 = cpu_ms();
+  auto tick = [&](const char* what) { if (!std::getenv("HK_PROF")) return; double t = cpu_ms(); std::fprintf(stderr, "%s %.2f ms\n", what, t - tp0); tp0 = t; };
+  c.fused = p.q8 == nullptr;
+  tick("qquant");
   const int64_t n_kv = f.Nk > 0 ? f.B * f.Hk : 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
   for (int64_t t = 0; t < n_kv; ++t) pack_one(c, t / f.Hk, t % f.Hk);
 
+  tick("pack");
   const int64_t nblocks = ceil_div(f.Nq, kTile);
   const int64_t n_band = f.B * f.Hq * nblocks;
 #pragma omp parallel num_threads(nthreads)
@@ -498,6 +495,7 @@ void attention_forward_int8(const AttnInt8Params& p) {
       band_block(c, s, t / (f.Hq * nblocks), (t / nblocks) % f.Hq, t % nblocks);
   }
 
+  tick("band");
   if (c.G > 0) {
     // Landmark query rows overwrite what the band pass wrote for them.
     const int64_t nchunks = ceil_div(c.G, kTile);
@@ -510,6 +508,7 @@ void attention_forward_int8(const AttnInt8Params& p) {
         landmark_rows_block(c, s, t / (f.Hq * nchunks), (t / nchunks) % f.Hq, t % nchunks);
     }
   }
+  tick("lmrows");
 }
 
 }  // namespace cpu

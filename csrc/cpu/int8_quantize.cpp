@@ -24,6 +24,16 @@ const float* row_f32(const AttnParams& f, const void* base, const int64_t* st, i
   return buf;
 }
 
+// x . y with 8 independent partial sums (a single fp32 chain would serialize on add latency).
+float dot8(const float* x, const float* y, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8)
+    for (int t = 0; t < 8; ++t) acc[t] += x[d + t] * y[d + t];
+  for (; d < n; ++d) acc[0] += x[d] * y[d];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 float block_scale(float absmax) {
   const float s = absmax / 127.f;
   return s > 0.f ? s : 1.f;
@@ -57,26 +67,31 @@ void quantize_k_head(const Kernels& kern, const AttnParams& f, int64_t b, int64_
   }
 }
 
-void quantize_q_block(const Kernels& kern, const AttnParams& f, int64_t b, int64_t h, int64_t i0,
-                      int64_t i1, const float* mean, int8_t* q8, float* q_scale,
-                      float* lse_shift) {
-  std::vector<float> buf(size_t(f.dtype == DType::F32 ? 0 : f.D));
-  float amax = 0.f;
-  for (int64_t i = i0; i < i1; ++i)
-    amax = std::max(amax, kern.absmax(row_f32(f, f.q, f.q_stride, b, h, i, buf.data()), nullptr,
-                                      f.D));
-  const float scale = block_scale(amax);
-  const float inv = 1.f / scale;
-  for (int64_t i = i0; i < i1; ++i) {
-    const float* x = row_f32(f, f.q, f.q_stride, b, h, i, buf.data());
-    kern.quantize(x, nullptr, inv, f.D, q8 + (i - i0) * f.D);
-    if (mean) {
-      float dot = 0.f;
-      for (int64_t d = 0; d < f.D; ++d) dot += x[d] * mean[d];
-      lse_shift[i - i0] = dot * f.scale;
+void quantize_q_rows(const Kernels& kern, const AttnParams& f, int64_t b, int64_t h,
+                     const int64_t* rows_i, int rows, int64_t q_block, const float* mean,
+                     int64_t Dp, uint8_t* qu8, float* q_scale, float* lse_shift, float* buf) {
+  int64_t cur_block = -1;
+  float scale = 1.f, inv = 1.f;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t i = rows_i[r];
+    if (i / q_block != cur_block) {  // rows come in blocks: each block's absmax is taken once
+      cur_block = i / q_block;
+      const int64_t i1 = std::min((cur_block + 1) * q_block, f.Nq);
+      float amax = 0.f;
+      for (int64_t ii = cur_block * q_block; ii < i1; ++ii)
+        amax = std::max(amax, kern.absmax(row_f32(f, f.q, f.q_stride, b, h, ii, buf), nullptr,
+                                          f.D));
+      scale = block_scale(amax);
+      inv = 1.f / scale;
     }
+    const float* x = row_f32(f, f.q, f.q_stride, b, h, i, buf);
+    uint8_t* dst = qu8 + r * Dp;
+    kern.quantize(x, nullptr, inv, f.D, reinterpret_cast<int8_t*>(dst));
+    for (int64_t d = 0; d < f.D; ++d) dst[d] ^= 0x80u;
+    for (int64_t d = f.D; d < Dp; ++d) dst[d] = 0x80u;
+    q_scale[r] = scale;
+    if (mean) lse_shift[r] = dot8(x, mean, f.D) * f.scale;
   }
-  *q_scale = scale;
 }
 
 }  // namespace int8

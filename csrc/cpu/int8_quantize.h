@@ -17,11 +17,13 @@ namespace int8 {
 void quantize_k_head(const Kernels& kern, const AttnParams& f, int64_t b, int64_t hk,
                      const float* mean, int64_t k_block, int8_t* k8, float* k_scale);
 
-// Q rows [i0, i1) of (b, head h) as one block -> q8 rows (D each, contiguous) and *q_scale.
-// With mean (D floats of the kv head's K mean), lse_shift[i - i0] = scale * q_i . mean.
-void quantize_q_block(const Kernels& kern, const AttnParams& f, int64_t b, int64_t h, int64_t i0,
-                      int64_t i1, const float* mean, int8_t* q8, float* q_scale,
-                      float* lse_shift);
+// Q rows rows_i[0..rows) of (b, head h) -> qu8 rows (q8 + 128, row stride Dp, padded dims 128,
+// the operand layout of Kernels::qk); q_scale[r] = the scale of row r's block of q_block rows
+// (its absmax taken over the whole block). With mean (D floats of the kv head's K mean),
+// lse_shift[r] = scale * q_r . mean. buf: D floats of scratch.
+void quantize_q_rows(const Kernels& kern, const AttnParams& f, int64_t b, int64_t h,
+                     const int64_t* rows_i, int rows, int64_t q_block, const float* mean,
+                     int64_t Dp, uint8_t* qu8, float* q_scale, float* lse_shift, float* buf);
 
 }  // namespace int8
 }  // namespace cpu

@@ -22,11 +22,14 @@ float absmax_avx2(const float* x, const float* shift, int64_t n) {
     if (shift) d = _mm256_sub_ps(d, _mm256_loadu_ps(shift + i));
     m = _mm256_max_ps(m, _mm256_and_ps(d, abs_mask));
   }
-  alignas(32) float t[8];
-  _mm256_store_ps(t, m);
-  float r = 0.f;
-  for (int j = 0; j < 8; ++j) r = std::fmax(r, t[j]);
-  for (; i < n; ++i) r = std::fmax(r, std::fabs(shift ? x[i] - shift[i] : x[i]));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float r = _mm_cvtss_f32(h);
+  for (; i < n; ++i) {
+    const float a = std::fabs(shift ? x[i] - shift[i] : x[i]);
+    r = a > r ? a : r;
+  }
   return r;
 }
 

@@ -1,0 +1,363 @@
+// Decode fast path of the CPU forward, for calls with few query rows (fwd_decode_entry.h): the
+// blocked kernel (fwd_driver.h) holds one query row per SIMD lane, so with Nq = 1 it would use 1
+// lane of 16. Here each query row is processed alone, with the lanes over keys (scores: W keys at
+// a time, reduced by one transpose) and over features (P V).
+//
+// Keys of a row (same pattern as the blocked kernel): its window band, then the landmark keys
+// outside the band; a landmark query row sees every key. Padded keys score -inf.
+//
+// Work split, independent of the thread count (so any count gives the same bits): each row's key
+// list is cut into C chunks; an item (row, chunk) computes a partial softmax (max m, sum l,
+// unnormalized o) by a two-pass softmax over its keys; the partials of a row are then merged in
+// chunk order. C grows when there are few rows, so that 2+ threads share a long key range.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+
+#include "common/pattern.h"
+#include "cpu/fwd_common.h"
+#include "cpu/fwd_decode_entry.h"
+#include "cpu/simd_common.h"
+
+namespace hk {
+namespace cpu {
+namespace {
+
+// W consecutive bf16 / fp16 values loaded as fp32.
+template <class V>
+struct DecodeLoad;
+
+template <>
+struct DecodeLoad<VecScalar> {
+  static float bf16(const uint16_t* p) { return bf16_to_f32(*p); }
+  static float f16(const uint16_t* p) { return f16_to_f32(*p); }
+};
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+template <>
+struct DecodeLoad<VecAvx2> {
+  static __m256 bf16(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static __m256 f16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+};
+#endif
+
+#if defined(__AVX512F__)
+template <>
+struct DecodeLoad<VecAvx512> {
+  static __m512 bf16(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static __m512 f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+};
+#endif
+
+// Keys seen by one aligned query row: band keys [lo, hi), then landmarks lm[0, ga) and lm[gb, gc).
+struct DecodeRowKeys {
+  int64_t lo = 0, hi = 0;
+  int64_t ga = 0, gb = 0, gc = 0;
+  int64_t count() const { return (hi - lo) + ga + (gc - gb); }
+};
+
+// Row-level scratch per thread.
+struct DecodeScratch {
+  DecodeScratch(int64_t max_keys, int64_t W, const AttnParams& p)
+      : S(ceil_div(max_keys, W) * W + W), idx(ceil_div(max_keys, W) * W + W), q(p.D + W),
+        tmp(2 * W * W), o(p.Dv + W) {}
+  AlignedBuf<float> S;      // scores, then probabilities, of the item's keys
+  AlignedBuf<int32_t> idx;  // the item's key positions
+  AlignedBuf<float> q;      // the query row as fp32, times scale * log2(e)
+  AlignedBuf<float> tmp;    // W x W transpose buffers
+  AlignedBuf<float> o;      // merged output row
+};
+
+template <class V, DType DT>
+struct DecodeKernel {
+  using R = typename V::R;
+  static constexpr int W = V::W;
+  using T = typename std::conditional<DT == DType::F32, float, uint16_t>::type;
+
+  static R ld(const T* p) {
+    if constexpr (DT == DType::F32) {
+      return V::load(p);
+    } else if constexpr (DT == DType::BF16) {
+      return DecodeLoad<V>::bf16(p);
+    } else {
+      return DecodeLoad<V>::f16(p);
+    }
+  }
+  static float ld1(const T* p) {
+    if constexpr (DT == DType::F32) {
+      return *p;
+    } else if constexpr (DT == DType::BF16) {
+      return bf16_to_f32(*p);
+    } else {
+      return f16_to_f32(*p);
+    }
+  }
+
+  // S[t] = q . K[idx[t]] for t < n (S and idx padded to a multiple of W).
+  static void scores(const float* q, int64_t D, const T* k, int64_t ks, const int32_t* idx, int n,
+                     float* S, float* tmp) {
+    const int64_t DV = D / W * W;
+    for (int t = 0; t < n; t += W) {
+      const int nk = std::min(W, n - t);
+      const T* kp[W];
+      for (int u = 0; u < W; ++u) kp[u] = k + int64_t(idx[t + std::min(u, nk - 1)]) * ks;
+      R acc[W];
+      for (int u = 0; u < W; ++u) acc[u] = V::zero();
+      for (int64_t d = 0; d < DV; d += W) {
+        const R qv = V::load(q + d);
+        for (int u = 0; u < W; ++u) acc[u] = V::fma(ld(kp[u] + d), qv, acc[u]);
+      }
+      for (int u = 0; u < W; ++u) V::store(tmp + u * W, acc[u]);
+      float* tt = tmp + W * W;
+      V::transpose(tmp, W, tt, W);
+      R s = V::load(tt);
+      for (int lane = 1; lane < W; ++lane) s = V::add(s, V::load(tt + lane * W));
+      V::store(S + t, s);
+      if (DV < D) {
+        for (int u = 0; u < nk; ++u) {
+          float x = 0.f;
+          for (int64_t d = DV; d < D; ++d) x += q[d] * ld1(kp[u] + d);
+          S[t + u] += x;
+        }
+      }
+    }
+  }
+
+  template <int NE>
+  static void pv_block(const float* P, int n, const T* v, int64_t vs, const int32_t* idx, float* o) {
+    R acc[NE];
+    for (int x = 0; x < NE; ++x) acc[x] = V::zero();
+    for (int t = 0; t < n; ++t) {
+      const R pb = V::set1(P[t]);
+      const T* vp = v + int64_t(idx[t]) * vs;
+      for (int x = 0; x < NE; ++x) acc[x] = V::fma(pb, ld(vp + x * W), acc[x]);
+    }
+    for (int x = 0; x < NE; ++x) V::store(o + x * W, acc[x]);
+  }
+
+  // o[e] = sum_t P[t] V[idx[t]][e].
+  static void pv(const float* P, int n, const T* v, int64_t vs, const int32_t* idx, int64_t Dv, float* o) {
+    int64_t e = 0;
+    for (; e + 8 * W <= Dv; e += 8 * W) pv_block<8>(P, n, v + e, vs, idx, o + e);
+    for (; e + 4 * W <= Dv; e += 4 * W) pv_block<4>(P, n, v + e, vs, idx, o + e);
+    for (; e + W <= Dv; e += W) pv_block<1>(P, n, v + e, vs, idx, o + e);
+    for (; e < Dv; ++e) {
+      float x = 0.f;
+      for (int t = 0; t < n; ++t) x += P[t] * ld1(v + int64_t(idx[t]) * vs + e);
+      o[e] = x;
+    }
+  }
+
+  // Partial softmax of one item over keys idx[0, n): part = {m, l, o[Dv]} (m in log2 units).
+  static void item(const AttnParams& p, const T* k, const T* v, const uint8_t* pad, const int32_t* idx,
+                   int n, DecodeScratch& s, float* part) {
+    float* S = s.S.get();
+    float* o = part + 2;
+    if (n == 0) {
+      part[0] = kNegInf;
+      part[1] = 0.f;
+      std::memset(o, 0, sizeof(float) * p.Dv);
+      return;
+    }
+    scores(s.q.get(), p.D, k, p.k_stride[2], idx, n, S, s.tmp.get());
+    if (pad)
+      for (int t = 0; t < n; ++t)
+        if (!pad[idx[t]]) S[t] = kNegInf;
+    const int nv = n / W * W;
+    R mv = V::set1(kNegInf);
+    for (int t = 0; t < nv; t += W) mv = V::max(mv, V::load(S + t));
+    alignas(64) float lanes[W];
+    V::store(lanes, mv);
+    // A NaN score may be skipped by max; its p (hence l and o) is NaN whatever m is.
+    float m = kNegInf;
+    for (int i = 0; i < W; ++i) m = std::max(m, lanes[i]);
+    for (int t = nv; t < n; ++t) m = std::max(m, S[t]);
+    const float m_use = m == kNegInf ? 0.f : m;
+    const R mu = V::set1(m_use);
+    R lv = V::zero();
+    for (int t = 0; t < nv; t += W) {
+      const R pt = V::exp2(V::sub(V::load(S + t), mu));
+      V::store(S + t, pt);
+      lv = V::add(lv, pt);
+    }
+    V::store(lanes, lv);
+    float l = 0.f;
+    for (int i = 0; i < W; ++i) l += lanes[i];
+    for (int t = nv; t < n; ++t) {
+      S[t] = std::exp2(S[t] - m_use);
+      l += S[t];
+    }
+    part[0] = m;
+    part[1] = l;
+    pv(S, n, v, p.v_stride[2], idx, p.Dv, o);
+  }
+};
+
+template <class V>
+class DecodeForward {
+  static constexpr int W = V::W;
+
+ public:
+  static void run(const AttnParams& p) {
+    switch (p.dtype) {
+      case DType::F32: run_typed<DType::F32>(p); break;
+      case DType::BF16: run_typed<DType::BF16>(p); break;
+      default: run_typed<DType::F16>(p); break;
+    }
+  }
+
+ private:
+  // Minimum keys per chunk, and the item count below which rows are split into chunks.
+  static constexpr int64_t kMinChunk = 256;
+  static constexpr int64_t kTargetItems = 64;
+
+  static DecodeRowKeys row_keys(const AttnParams& p, int64_t b, int64_t i) {
+    DecodeRowKeys rk;
+    const int64_t r = i + p.Nk - p.Nq;
+    const int64_t G = p.num_landmarks;
+    const int32_t* lm = G > 0 ? p.landmarks + b * p.landmarks_batch_stride : nullptr;
+    const uint8_t* flags = G > 0 ? p.landmark_flags + b * p.landmark_flags_batch_stride : nullptr;
+    if (flags && r >= 0 && r < p.Nk && flags[r]) {
+      const KeyRange all = landmark_row_range(r, p.Nk, p.causal);
+      rk.lo = all.lo;
+      rk.hi = std::max(all.lo, all.hi);
+      return rk;
+    }
+    const KeyRange band = window_band(r, r + 1, p.Nk, p.window_left, p.window_right, p.causal);
+    if (band.lo < band.hi) {
+      rk.lo = band.lo;
+      rk.hi = band.hi;
+    }
+    if (G > 0) {
+      rk.ga = std::lower_bound(lm, lm + G, int32_t(std::min<int64_t>(rk.lo, p.Nk))) - lm;
+      rk.gb = std::lower_bound(lm, lm + G, int32_t(std::min<int64_t>(rk.hi, p.Nk))) - lm;
+      rk.gc = G;
+      if (p.causal) {
+        const int64_t last = r < 0 ? 0 : std::upper_bound(lm, lm + G, int32_t(std::min<int64_t>(r, p.Nk))) - lm;
+        rk.gc = std::max(rk.gb, last);
+      }
+    }
+    return rk;
+  }
+
+  // Key positions t in [t0, t1) of a row's key list.
+  static void fill_keys(const DecodeRowKeys& rk, const int32_t* lm, int64_t t0, int64_t t1, int32_t* idx) {
+    const int64_t nb = rk.hi - rk.lo;
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t j;
+      if (t < nb) {
+        j = rk.lo + t;
+      } else if (t < nb + rk.ga) {
+        j = lm[t - nb];
+      } else {
+        j = lm[rk.gb + (t - nb - rk.ga)];
+      }
+      *idx++ = int32_t(j);
+    }
+  }
+
+  template <DType DT>
+  static void run_typed(const AttnParams& p) {
+    using K = DecodeKernel<V, DT>;
+    using T = typename K::T;
+    const int64_t nrows = p.B * p.Hq * p.Nq;
+    std::unique_ptr<DecodeRowKeys[]> rks(new DecodeRowKeys[p.B * p.Nq]);
+    int64_t max_keys = 0;
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t i = 0; i < p.Nq; ++i) {
+        rks[b * p.Nq + i] = row_keys(p, b, i);
+        max_keys = std::max(max_keys, rks[b * p.Nq + i].count());
+      }
+    const int64_t C = std::max<int64_t>(
+        1, std::min(ceil_div(kTargetItems, nrows), max_keys / kMinChunk));
+    const int64_t max_chunk = ceil_div(max_keys, C);
+    const int64_t PS = p.Dv + 2;  // partial: m, l, o[Dv]
+    AlignedBuf<float> parts(nrows * C * PS);
+
+    const int nthreads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+    std::unique_ptr<std::unique_ptr<DecodeScratch>[]> scratch(new std::unique_ptr<DecodeScratch>[nthreads]);
+    for (int t = 0; t < nthreads; ++t) scratch[t].reset(new DecodeScratch(max_chunk, W, p));
+    const float c = p.scale * kLog2e;
+    const int64_t items = nrows * C;
+#pragma omp parallel num_threads(nthreads)
+    {
+      DecodeScratch& s = *scratch[omp_get_thread_num()];
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t row = it / C, ci = it % C;
+        const int64_t i = row % p.Nq, h = (row / p.Nq) % p.Hq, b = row / (p.Nq * p.Hq);
+        const DecodeRowKeys& rk = rks[b * p.Nq + i];
+        const int64_t n = rk.count(), len = ceil_div(n, C);
+        const int64_t t0 = std::min(n, ci * len), t1 = std::min(n, t0 + len);
+        const int32_t* lm = p.num_landmarks > 0 ? p.landmarks + b * p.landmarks_batch_stride : nullptr;
+        fill_keys(rk, lm, t0, t1, s.idx.get());
+        const T* qr = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
+        float* q = s.q.get();
+        for (int64_t d = 0; d < p.D; ++d) q[d] = K::ld1(qr + d) * c;
+        const int64_t kvh = h / (p.Hq / p.Hk);
+        const T* kb = t1 > t0 ? static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1] : nullptr;
+        const T* vb = t1 > t0 ? static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1] : nullptr;
+        const uint8_t* pad = p.key_padding ? p.key_padding + b * p.Nk : nullptr;
+        K::item(p, kb, vb, pad, s.idx.get(), int(t1 - t0), s, parts.get() + it * PS);
+      }
+#pragma omp for schedule(static)
+      for (int64_t row = 0; row < nrows; ++row) finish_row(p, parts.get() + row * C * PS, C, PS, row, s.o.get());
+    }
+  }
+
+  // Merges the C partials of a row in order and writes its output and lse.
+  static void finish_row(const AttnParams& p, const float* parts, int64_t C, int64_t PS, int64_t row, float* o) {
+    const int64_t i = row % p.Nq, h = (row / p.Nq) % p.Hq, b = row / (p.Nq * p.Hq);
+    const int64_t Dv = p.Dv;
+    float M = kNegInf;
+    for (int64_t c = 0; c < C; ++c) {
+      const float mc = parts[c * PS];
+      M = (std::isnan(M) || std::isnan(mc)) ? std::nanf("") : std::max(M, mc);
+    }
+    const float m_use = M == kNegInf ? 0.f : M;
+    float L = 0.f;
+    if (C == 1) {
+      L = parts[1];
+      std::memcpy(o, parts + 2, sizeof(float) * Dv);
+    } else {
+      std::memset(o, 0, sizeof(float) * Dv);
+      for (int64_t c = 0; c < C; ++c) {
+        const float* pc = parts + c * PS;
+        const float a = std::exp2(pc[0] - m_use);
+        L += a * pc[1];
+        for (int64_t e = 0; e < Dv; ++e) o[e] += a * pc[2 + e];
+      }
+    }
+    const bool empty = L == 0.f;  // NaN (from NaN/inf inputs) propagates, as in SDPA
+    const float inv = empty ? 0.f : 1.f / L;
+    p.lse[(b * p.Hq + h) * p.Nq + i] = empty ? kNegInf : (M + std::log2(L)) * kLn2;
+    for (int64_t e = 0; e < Dv; ++e) o[e] *= inv;
+    const int64_t off = b * p.o_stride[0] + h * p.o_stride[1] + i * p.o_stride[2];
+    if (p.dtype == DType::F32) {
+      std::memcpy(static_cast<float*>(p.o) + off, o, sizeof(float) * Dv);
+    } else if (p.dtype == DType::BF16) {
+      V::f32_to_bf16_row(static_cast<uint16_t*>(p.o) + off, o, Dv);
+    } else {
+      V::f32_to_f16_row(static_cast<uint16_t*>(p.o) + off, o, Dv);
+    }
+  }
+};
+
+}  // namespace
+}  // namespace cpu
+}  // namespace hk
