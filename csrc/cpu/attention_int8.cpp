@@ -3,6 +3,8 @@
 // band (tiles of kTile keys) plus the landmark keys outside it (gathered, pre-packed per kv head);
 // landmark query rows are recomputed afterwards over their full key range. Only edge tiles are
 // masked per element. The pattern logic lives here; the per-tile math is in int8_kernels_*.cpp.
+// Fused mode (q8 == nullptr): Q is quantized per query block as it is loaded (begin_block) and K
+// per kv head straight into the packed layout (pack_one); see int8_quantize.h.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -11,8 +13,6 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
-#include <ctime>
-#include <cstdio>
 
 #include "common/pattern.h"
 #include "cpu/attention_cpu.h"
@@ -130,6 +130,26 @@ void pack_keys(const int8_t* k8, int64_t D, int64_t Dp, const int32_t* idx, int6
   }
 }
 
+// Landmark keys (positions idx[0..n)) gathered from the packed K of all keys; tail keys zero.
+void gather_packed_keys(const int8_t* packed, const int32_t* colcorr_all, const float* kscale_all,
+                        int64_t Dp, const int32_t* idx, int64_t n, int64_t n_padded, int8_t* out,
+                        int32_t* colcorr, float* kscale) {
+  std::memset(out, 0, size_t(n_padded * Dp));
+  for (int64_t g = 0; g < n_padded; ++g) {
+    if (g >= n) {
+      colcorr[g] = 0;
+      kscale[g] = 0.f;
+      continue;
+    }
+    const int64_t j = idx[g];
+    const int8_t* src = packed + (j / kChunk) * kChunk * Dp + (j % kChunk) * 4;
+    int8_t* dst = out + (g / kChunk) * kChunk * Dp + (g % kChunk) * 4;
+    for (int64_t d = 0; d < Dp; d += 4) std::memcpy(dst + d * kChunk, src + d * kChunk, 4);
+    colcorr[g] = colcorr_all[j];
+    kscale[g] = kscale_all[j];
+  }
+}
+
 struct Ctx {
   const AttnInt8Params* p;
   const Kernels* kern;
@@ -157,27 +177,19 @@ void pack_one(const Ctx& c, int64_t b, int64_t hk) {
   const AttnInt8Params& p = *c.p;
   const AttnParams& f = p.fwd;
   KvPack& kv = (*c.packs)[b * f.Hk + hk];
-  const int8_t* k8;
-  const float* ks;
-  int8::AlignedBuf<int8_t> k8_fused;
-  int8::AlignedBuf<float> ks_fused;
-  if (p.q8) {
-    k8 = p.k8 + (b * f.Hk + hk) * f.Nk * f.D;
-    ks = p.k_scale + (b * f.Hk + hk) * c.nkb;
-  } else {
-    k8_fused.alloc(f.Nk * f.D);
-    ks_fused.alloc(c.nkb);
-    int8::quantize_k_head(*c.kern, f, b, hk, p.k_mean ? p.k_mean + (b * f.Hk + hk) * f.D : nullptr,
-                          p.k_block, k8_fused.p, ks_fused.p);
-    k8 = k8_fused.p;
-    ks = ks_fused.p;
-  }
+  const int8_t* k8 = c.fused ? nullptr : p.k8 + (b * f.Hk + hk) * f.Nk * f.D;
+  const float* ks = c.fused ? nullptr : p.k_scale + (b * f.Hk + hk) * c.nkb;
   const int64_t nk16 = round_up(f.Nk, kChunk);
   kv.k.alloc(nk16 * c.Dp);
   kv.colcorr.alloc(nk16);
   kv.kscale.alloc(nk16);
-  pack_keys(k8, f.D, c.Dp, nullptr, f.Nk, nk16, ks, p.k_block, kv.k.p, kv.colcorr.p,
-            kv.kscale.p);
+  if (c.fused)
+    int8::quantize_k_head_packed(*c.kern, f, b, hk,
+                                 p.k_mean ? p.k_mean + (b * f.Hk + hk) * f.D : nullptr,
+                                 p.k_block, c.Dp, kv.k.p, kv.colcorr.p, kv.kscale.p);
+  else
+    pack_keys(k8, f.D, c.Dp, nullptr, f.Nk, nk16, ks, p.k_block, kv.k.p, kv.colcorr.p,
+              kv.kscale.p);
   const char* vbase = static_cast<const char*>(f.v);
   const size_t esz = f.dtype == DType::F32 ? 4 : 2;
   const int64_t voff = b * f.v_stride[0] + hk * f.v_stride[1];
@@ -200,8 +212,12 @@ void pack_one(const Ctx& c, int64_t b, int64_t hk) {
     kv.lk.alloc(g16 * c.Dp);
     kv.lcolcorr.alloc(g16);
     kv.lkscale.alloc(g16);
-    pack_keys(k8, f.D, c.Dp, landmarks_of(f, b), c.G, g16, ks, p.k_block, kv.lk.p,
-              kv.lcolcorr.p, kv.lkscale.p);
+    if (c.fused)
+      gather_packed_keys(kv.k.p, kv.colcorr.p, kv.kscale.p, c.Dp, landmarks_of(f, b), c.G, g16,
+                         kv.lk.p, kv.lcolcorr.p, kv.lkscale.p);
+    else
+      pack_keys(k8, f.D, c.Dp, landmarks_of(f, b), c.G, g16, ks, p.k_block, kv.lk.p,
+                kv.lcolcorr.p, kv.lkscale.p);
     if (c.bf16_pv) return;
     kv.lv.alloc(c.G * c.Dvp);
     const int32_t* lm = landmarks_of(f, b);
@@ -475,16 +491,11 @@ void attention_forward_int8(const AttnInt8Params& p) {
   std::vector<KvPack> packs(size_t(f.B * f.Hk));
   c.packs = &packs;
 
-  auto cpu_ms = [] { timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts); return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6; };
-  double tp0 = cpu_ms();
-  auto tick = [&](const char* what) { if (!std::getenv("HK_PROF")) return; double t = cpu_ms(); std::fprintf(stderr, "%s %.2f ms\n", what, t - tp0); tp0 = t; };
   c.fused = p.q8 == nullptr;
-  tick("qquant");
   const int64_t n_kv = f.Nk > 0 ? f.B * f.Hk : 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
   for (int64_t t = 0; t < n_kv; ++t) pack_one(c, t / f.Hk, t % f.Hk);
 
-  tick("pack");
   const int64_t nblocks = ceil_div(f.Nq, kTile);
   const int64_t n_band = f.B * f.Hq * nblocks;
 #pragma omp parallel num_threads(nthreads)
@@ -495,7 +506,6 @@ void attention_forward_int8(const AttnInt8Params& p) {
       band_block(c, s, t / (f.Hq * nblocks), (t / nblocks) % f.Hq, t % nblocks);
   }
 
-  tick("band");
   if (c.G > 0) {
     // Landmark query rows overwrite what the band pass wrote for them.
     const int64_t nchunks = ceil_div(c.G, kTile);
@@ -508,7 +518,6 @@ void attention_forward_int8(const AttnInt8Params& p) {
         landmark_rows_block(c, s, t / (f.Hq * nchunks), (t / nchunks) % f.Hq, t % nchunks);
     }
   }
-  tick("lmrows");
 }
 
 }  // namespace cpu

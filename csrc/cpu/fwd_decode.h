@@ -71,14 +71,19 @@ struct DecodeRowKeys {
   int64_t count() const { return (hi - lo) + ga + (gc - gb); }
 };
 
-// Row-level scratch per thread.
+// Query rows that share one key list (same batch, kv head and visible keys) are processed together,
+// up to kDecodeGroup of them, so K and V are read once per group.
+constexpr int kDecodeGroup = 4;
+
+// Scratch per thread.
 struct DecodeScratch {
   DecodeScratch(int64_t max_keys, int64_t W, const AttnParams& p)
-      : S(ceil_div(max_keys, W) * W + W), idx(ceil_div(max_keys, W) * W + W), q(p.D + W),
-        tmp(2 * W * W), o(p.Dv + W) {}
-  AlignedBuf<float> S;      // scores, then probabilities, of the item's keys
+      : SP(ceil_div(max_keys, W) * W + W), DP(ceil_div(p.D, W) * W), S(kDecodeGroup * SP),
+        idx(SP), q(kDecodeGroup * DP), tmp(kDecodeGroup * W * W + W * W), o(p.Dv + W) {}
+  int64_t SP, DP;           // row lengths of S and q
+  AlignedBuf<float> S;      // per row: scores, then probabilities, of the item's keys
   AlignedBuf<int32_t> idx;  // the item's key positions
-  AlignedBuf<float> q;      // the query row as fp32, times scale * log2(e)
+  AlignedBuf<float> q;      // per row: the query as fp32, times scale * log2(e)
   AlignedBuf<float> tmp;    // W x W transpose buffers
   AlignedBuf<float> o;      // merged output row
 };
@@ -108,73 +113,86 @@ struct DecodeKernel {
     }
   }
 
-  // S[t] = q . K[idx[t]] for t < n (S and idx padded to a multiple of W).
-  static void scores(const float* q, int64_t D, const T* k, int64_t ks, const int32_t* idx, int n,
-                     float* S, float* tmp) {
+  // S[r * SP + t] = q_r . K[idx[t]] for t < n, rows r < NR (q_r at q + r * DP).
+  template <int NR>
+  static void scores(const float* q, int64_t DP, int64_t D, const T* k, int64_t ks, const int32_t* idx,
+                     int n, float* S, int64_t SP, float* tmp) {
+    constexpr int U = W >= 4 ? 4 : W;  // keys per register tile
     const int64_t DV = D / W * W;
+    float* tt = tmp + NR * W * W;
     for (int t = 0; t < n; t += W) {
       const int nk = std::min(W, n - t);
       const T* kp[W];
       for (int u = 0; u < W; ++u) kp[u] = k + int64_t(idx[t + std::min(u, nk - 1)]) * ks;
-      R acc[W];
-      for (int u = 0; u < W; ++u) acc[u] = V::zero();
-      for (int64_t d = 0; d < DV; d += W) {
-        const R qv = V::load(q + d);
-        for (int u = 0; u < W; ++u) acc[u] = V::fma(ld(kp[u] + d), qv, acc[u]);
+      for (int u0 = 0; u0 < W; u0 += U) {
+        R acc[NR][U];
+        for (int r = 0; r < NR; ++r)
+          for (int u = 0; u < U; ++u) acc[r][u] = V::zero();
+        for (int64_t d = 0; d < DV; d += W) {
+          R qv[NR];
+          for (int r = 0; r < NR; ++r) qv[r] = V::load(q + r * DP + d);
+          for (int u = 0; u < U; ++u) {
+            const R kv = ld(kp[u0 + u] + d);
+            for (int r = 0; r < NR; ++r) acc[r][u] = V::fma(kv, qv[r], acc[r][u]);
+          }
+        }
+        for (int r = 0; r < NR; ++r)
+          for (int u = 0; u < U; ++u) V::store(tmp + (r * W + u0 + u) * W, acc[r][u]);
       }
-      for (int u = 0; u < W; ++u) V::store(tmp + u * W, acc[u]);
-      float* tt = tmp + W * W;
-      V::transpose(tmp, W, tt, W);
-      R s = V::load(tt);
-      for (int lane = 1; lane < W; ++lane) s = V::add(s, V::load(tt + lane * W));
-      V::store(S + t, s);
-      if (DV < D) {
-        for (int u = 0; u < nk; ++u) {
-          float x = 0.f;
-          for (int64_t d = DV; d < D; ++d) x += q[d] * ld1(kp[u] + d);
-          S[t + u] += x;
+      for (int r = 0; r < NR; ++r) {
+        V::transpose(tmp + r * W * W, W, tt, W);
+        R s = V::load(tt);
+        for (int lane = 1; lane < W; ++lane) s = V::add(s, V::load(tt + lane * W));
+        float* Sr = S + r * SP + t;
+        V::store(Sr, s);
+        if (DV < D) {
+          for (int u = 0; u < nk; ++u) {
+            float x = 0.f;
+            for (int64_t d = DV; d < D; ++d) x += q[r * DP + d] * ld1(kp[u] + d);
+            Sr[u] += x;
+          }
         }
       }
     }
   }
 
-  template <int NE>
-  static void pv_block(const float* P, int n, const T* v, int64_t vs, const int32_t* idx, float* o) {
-    R acc[NE];
-    for (int x = 0; x < NE; ++x) acc[x] = V::zero();
+  template <int NR, int NE>
+  static void pv_block(const float* P, int64_t SP, int n, const T* v, int64_t vs, const int32_t* idx,
+                       float* const* o, int64_t e0) {
+    R acc[NR][NE];
+    for (int r = 0; r < NR; ++r)
+      for (int x = 0; x < NE; ++x) acc[r][x] = V::zero();
     for (int t = 0; t < n; ++t) {
-      const R pb = V::set1(P[t]);
       const T* vp = v + int64_t(idx[t]) * vs;
-      for (int x = 0; x < NE; ++x) acc[x] = V::fma(pb, ld(vp + x * W), acc[x]);
+      R vv[NE];
+      for (int x = 0; x < NE; ++x) vv[x] = ld(vp + x * W);
+      for (int r = 0; r < NR; ++r) {
+        const R pb = V::set1(P[r * SP + t]);
+        for (int x = 0; x < NE; ++x) acc[r][x] = V::fma(pb, vv[x], acc[r][x]);
+      }
     }
-    for (int x = 0; x < NE; ++x) V::store(o + x * W, acc[x]);
+    for (int r = 0; r < NR; ++r)
+      for (int x = 0; x < NE; ++x) V::store(o[r] + e0 + x * W, acc[r][x]);
   }
 
-  // o[e] = sum_t P[t] V[idx[t]][e].
-  static void pv(const float* P, int n, const T* v, int64_t vs, const int32_t* idx, int64_t Dv, float* o) {
+  // o[r][e] = sum_t P_r[t] V[idx[t]][e].
+  template <int NR>
+  static void pv(const float* P, int64_t SP, int n, const T* v, int64_t vs, const int32_t* idx, int64_t Dv,
+                 float* const* o) {
+    constexpr int EB = NR == 1 ? 8 : 4;
     int64_t e = 0;
-    for (; e + 8 * W <= Dv; e += 8 * W) pv_block<8>(P, n, v + e, vs, idx, o + e);
-    for (; e + 4 * W <= Dv; e += 4 * W) pv_block<4>(P, n, v + e, vs, idx, o + e);
-    for (; e + W <= Dv; e += W) pv_block<1>(P, n, v + e, vs, idx, o + e);
-    for (; e < Dv; ++e) {
-      float x = 0.f;
-      for (int t = 0; t < n; ++t) x += P[t] * ld1(v + int64_t(idx[t]) * vs + e);
-      o[e] = x;
-    }
+    for (; e + EB * W <= Dv; e += EB * W) pv_block<NR, EB>(P, SP, n, v + e, vs, idx, o, e);
+    for (; e + W <= Dv; e += W) pv_block<NR, 1>(P, SP, n, v + e, vs, idx, o, e);
+    for (; e < Dv; ++e)
+      for (int r = 0; r < NR; ++r) {
+        float x = 0.f;
+        for (int t = 0; t < n; ++t) x += P[r * SP + t] * ld1(v + int64_t(idx[t]) * vs + e);
+        o[r][e] = x;
+      }
   }
 
-  // Partial softmax of one item over keys idx[0, n): part = {m, l, o[Dv]} (m in log2 units).
-  static void item(const AttnParams& p, const T* k, const T* v, const uint8_t* pad, const int32_t* idx,
-                   int n, DecodeScratch& s, float* part) {
-    float* S = s.S.get();
-    float* o = part + 2;
-    if (n == 0) {
-      part[0] = kNegInf;
-      part[1] = 0.f;
-      std::memset(o, 0, sizeof(float) * p.Dv);
-      return;
-    }
-    scores(s.q.get(), p.D, k, p.k_stride[2], idx, n, S, s.tmp.get());
+  // Softmax of one row's scores in place (S[0, n) -> p); returns {m, l} (m in log2 units).
+  static void softmax(float* S, const uint8_t* pad, const int32_t* idx, int n, float* m_out, float* l_out) {
     if (pad)
       for (int t = 0; t < n; ++t)
         if (!pad[idx[t]]) S[t] = kNegInf;
@@ -202,9 +220,31 @@ struct DecodeKernel {
       S[t] = std::exp2(S[t] - m_use);
       l += S[t];
     }
-    part[0] = m;
-    part[1] = l;
-    pv(S, n, v, p.v_stride[2], idx, p.Dv, o);
+    *m_out = m;
+    *l_out = l;
+  }
+
+  // Partial softmax of NR rows over keys idx[0, n): part[r] = {m, l, o[Dv]}.
+  template <int NR>
+  static void item(const AttnParams& p, const T* k, const T* v, const uint8_t* pad, const int32_t* idx,
+                   int n, DecodeScratch& s, float* const* part) {
+    float* S = s.S.get();
+    if (n == 0) {
+      for (int r = 0; r < NR; ++r) {
+        float* pr = part[r];
+        pr[0] = kNegInf;
+        pr[1] = 0.f;
+        std::memset(pr + 2, 0, sizeof(float) * p.Dv);
+      }
+      return;
+    }
+    scores<NR>(s.q.get(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp.get());
+    float* o[NR];
+    for (int r = 0; r < NR; ++r) {
+      softmax(S + r * s.SP, pad, idx, n, part[r], part[r] + 1);
+      o[r] = part[r] + 2;
+    }
+    pv<NR>(S, s.SP, n, v, p.v_stride[2], idx, p.Dv, o);
   }
 };
 
@@ -271,11 +311,18 @@ class DecodeForward {
     }
   }
 
+  // Rows processed together: same batch and kv head, the same key list.
+  struct Group {
+    int64_t b, kvh, rk;  // rk: index of the rows' key list
+    int nr;
+    int64_t rows[kDecodeGroup];  // output rows (b * Hq + h) * Nq + i
+  };
+
   template <DType DT>
   static void run_typed(const AttnParams& p) {
     using K = DecodeKernel<V, DT>;
     using T = typename K::T;
-    const int64_t nrows = p.B * p.Hq * p.Nq;
+    const int64_t nrows = p.B * p.Hq * p.Nq, hg = p.Hq / p.Hk;
     std::unique_ptr<DecodeRowKeys[]> rks(new DecodeRowKeys[p.B * p.Nq]);
     int64_t max_keys = 0;
     for (int64_t b = 0; b < p.B; ++b)
@@ -283,8 +330,24 @@ class DecodeForward {
         rks[b * p.Nq + i] = row_keys(p, b, i);
         max_keys = std::max(max_keys, rks[b * p.Nq + i].count());
       }
-    const int64_t C = std::max<int64_t>(
-        1, std::min(ceil_div(kTargetItems, nrows), max_keys / kMinChunk));
+    std::unique_ptr<Group[]> groups(new Group[nrows]);
+    int64_t ng = 0;
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t kvh = 0; kvh < p.Hk; ++kvh)
+        for (int64_t i = 0; i < p.Nq; ++i)
+          for (int64_t h = kvh * hg; h < (kvh + 1) * hg; ++h) {
+            const int64_t rk = b * p.Nq + i, row = (b * p.Hq + h) * p.Nq + i;
+            Group* g = ng > 0 ? &groups[ng - 1] : nullptr;
+            if (!g || g->b != b || g->kvh != kvh || g->nr == kDecodeGroup || !same_keys(rks[g->rk], rks[rk])) {
+              g = &groups[ng++];
+              g->b = b;
+              g->kvh = kvh;
+              g->rk = rk;
+              g->nr = 0;
+            }
+            g->rows[g->nr++] = row;
+          }
+    const int64_t C = std::max<int64_t>(1, std::min(ceil_div(kTargetItems, ng), max_keys / kMinChunk));
     const int64_t max_chunk = ceil_div(max_keys, C);
     const int64_t PS = p.Dv + 2;  // partial: m, l, o[Dv]
     AlignedBuf<float> parts(nrows * C * PS);
@@ -293,31 +356,45 @@ class DecodeForward {
     std::unique_ptr<std::unique_ptr<DecodeScratch>[]> scratch(new std::unique_ptr<DecodeScratch>[nthreads]);
     for (int t = 0; t < nthreads; ++t) scratch[t].reset(new DecodeScratch(max_chunk, W, p));
     const float c = p.scale * kLog2e;
-    const int64_t items = nrows * C;
+    const int64_t items = ng * C;
 #pragma omp parallel num_threads(nthreads)
     {
       DecodeScratch& s = *scratch[omp_get_thread_num()];
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
-        const int64_t row = it / C, ci = it % C;
-        const int64_t i = row % p.Nq, h = (row / p.Nq) % p.Hq, b = row / (p.Nq * p.Hq);
-        const DecodeRowKeys& rk = rks[b * p.Nq + i];
+        const Group& g = groups[it / C];
+        const int64_t ci = it % C, b = g.b;
+        const DecodeRowKeys& rk = rks[g.rk];
         const int64_t n = rk.count(), len = ceil_div(n, C);
         const int64_t t0 = std::min(n, ci * len), t1 = std::min(n, t0 + len);
         const int32_t* lm = p.num_landmarks > 0 ? p.landmarks + b * p.landmarks_batch_stride : nullptr;
         fill_keys(rk, lm, t0, t1, s.idx.get());
-        const T* qr = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
-        float* q = s.q.get();
-        for (int64_t d = 0; d < p.D; ++d) q[d] = K::ld1(qr + d) * c;
-        const int64_t kvh = h / (p.Hq / p.Hk);
-        const T* kb = t1 > t0 ? static_cast<const T*>(p.k) + b * p.k_stride[0] + kvh * p.k_stride[1] : nullptr;
-        const T* vb = t1 > t0 ? static_cast<const T*>(p.v) + b * p.v_stride[0] + kvh * p.v_stride[1] : nullptr;
+        for (int r = 0; r < g.nr; ++r) {
+          const int64_t row = g.rows[r], i = row % p.Nq, h = (row / p.Nq) % p.Hq;
+          const T* qr = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
+          float* q = s.q.get() + r * s.DP;
+          for (int64_t d = 0; d < p.D; ++d) q[d] = K::ld1(qr + d) * c;
+        }
+        const T* kb = t1 > t0 ? static_cast<const T*>(p.k) + b * p.k_stride[0] + g.kvh * p.k_stride[1] : nullptr;
+        const T* vb = t1 > t0 ? static_cast<const T*>(p.v) + b * p.v_stride[0] + g.kvh * p.v_stride[1] : nullptr;
         const uint8_t* pad = p.key_padding ? p.key_padding + b * p.Nk : nullptr;
-        K::item(p, kb, vb, pad, s.idx.get(), int(t1 - t0), s, parts.get() + it * PS);
+        const int nk = int(t1 - t0);
+        float* part[kDecodeGroup];
+        for (int r = 0; r < g.nr; ++r) part[r] = parts.get() + (g.rows[r] * C + ci) * PS;
+        switch (g.nr) {
+          case 1: K::template item<1>(p, kb, vb, pad, s.idx.get(), nk, s, part); break;
+          case 2: K::template item<2>(p, kb, vb, pad, s.idx.get(), nk, s, part); break;
+          case 3: K::template item<3>(p, kb, vb, pad, s.idx.get(), nk, s, part); break;
+          default: K::template item<4>(p, kb, vb, pad, s.idx.get(), nk, s, part); break;
+        }
       }
 #pragma omp for schedule(static)
       for (int64_t row = 0; row < nrows; ++row) finish_row(p, parts.get() + row * C * PS, C, PS, row, s.o.get());
     }
+  }
+
+  static bool same_keys(const DecodeRowKeys& a, const DecodeRowKeys& b) {
+    return a.lo == b.lo && a.hi == b.hi && a.ga == b.ga && a.gb == b.gb && a.gc == b.gc;
   }
 
   // Merges the C partials of a row in order and writes its output and lse.

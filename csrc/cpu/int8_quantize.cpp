@@ -41,11 +41,14 @@ float block_scale(float absmax) {
 
 }  // namespace
 
-void quantize_k_head(const Kernels& kern, const AttnParams& f, int64_t b, int64_t hk,
-                     const float* mean, int64_t k_block, int8_t* k8, float* k_scale) {
+void quantize_k_head_packed(const Kernels& kern, const AttnParams& f, int64_t b, int64_t hk,
+                            const float* mean, int64_t k_block, int64_t Dp, int8_t* packed,
+                            int32_t* colcorr, float* key_scale) {
   std::vector<float> buf(size_t(f.dtype == DType::F32 ? 0 : f.D));
+  std::vector<int8_t> row(size_t(Dp), 0);  // dims D..Dp stay zero
   const uint8_t* pad = f.key_padding ? f.key_padding + b * f.Nk : nullptr;
-  for (int64_t j0 = 0, kb = 0; j0 < f.Nk; j0 += k_block, ++kb) {
+  const int64_t nk16 = (f.Nk + kChunk - 1) / kChunk * kChunk;
+  for (int64_t j0 = 0; j0 < nk16; j0 += k_block) {
     const int64_t j1 = std::min(j0 + k_block, f.Nk);
     float amax = 0.f;
     for (int64_t j = j0; j < j1; ++j) {
@@ -55,15 +58,20 @@ void quantize_k_head(const Kernels& kern, const AttnParams& f, int64_t b, int64_
     }
     const float scale = block_scale(amax);
     const float inv = 1.f / scale;
-    for (int64_t j = j0; j < j1; ++j) {
-      int8_t* out = k8 + j * f.D;
-      if (pad && !pad[j]) {
-        std::memset(out, 0, size_t(f.D));
-        continue;
+    for (int64_t j = j0; j < std::min(j0 + k_block, nk16); ++j) {
+      int32_t sum = 0;
+      if (j >= f.Nk || (pad && !pad[j])) {
+        std::memset(row.data(), 0, size_t(f.D));
+      } else {
+        kern.quantize(row_f32(f, f.k, f.k_stride, b, hk, j, buf.data()), mean, inv, f.D,
+                      row.data());
+        for (int64_t d = 0; d < f.D; ++d) sum += row[size_t(d)];
       }
-      kern.quantize(row_f32(f, f.k, f.k_stride, b, hk, j, buf.data()), mean, inv, f.D, out);
+      int8_t* chunk = packed + (j / kChunk) * kChunk * Dp + (j % kChunk) * 4;
+      for (int64_t d = 0; d < Dp; d += 4) std::memcpy(chunk + d * kChunk, row.data() + d, 4);
+      colcorr[j] = -128 * sum;
+      key_scale[j] = j < f.Nk ? scale : 0.f;
     }
-    k_scale[kb] = scale;
   }
 }
 

@@ -11,11 +11,14 @@ namespace hk {
 namespace cpu {
 namespace int8 {
 
-// K of (b, kv head hk) -> k8 (Nk, D) int8 and k_scale (ceil(Nk / k_block)): smoothed by mean
-// (D floats, nullptr: none); padded keys (f.key_padding) become zero rows and are left out of the
-// block absmax.
-void quantize_k_head(const Kernels& kern, const AttnParams& f, int64_t b, int64_t hk,
-                     const float* mean, int64_t k_block, int8_t* k8, float* k_scale);
+// K of (b, kv head hk), quantized per block of k_block keys after smoothing by mean (D floats,
+// nullptr: none; padded keys become zero rows, left out of the block absmax), written straight
+// into the packed K layout of int8_kernels.h (Dp = D rounded up to 4; round_up(Nk, kChunk) keys,
+// the tail zero): colcorr[j] = -128 * sum_d k8[j][d],
+// key_scale[j] = the scale of key j's block (0 past Nk).
+void quantize_k_head_packed(const Kernels& kern, const AttnParams& f, int64_t b, int64_t hk,
+                            const float* mean, int64_t k_block, int64_t Dp, int8_t* packed,
+                            int32_t* colcorr, float* key_scale);
 
 // Q rows rows_i[0..rows) of (b, head h) -> qu8 rows (q8 + 128, row stride Dp, padded dims 128,
 // the operand layout of Kernels::qk); q_scale[r] = the scale of row r's block of q_block rows
