@@ -20,3 +20,13 @@ def test_quickstart():
     assert "hk.attention [cpu]" in out, out
     err = float(out.strip().splitlines()[-1].split("=")[-1])
     assert err < 1e-4, out
+
+
+def test_streaming_demo():
+    out = run("streaming_demo.py", "--tokens", "600")
+    assert "bit" in out.lower() and "KiB" in out, out
+
+
+def test_fid_qa_end_to_end_with_a_random_reader():
+    out = run("fid_qa.py", "--questions", "3", "--embedder", "hashing")
+    assert "gold passage in top-10: 100.0%" in out, out
