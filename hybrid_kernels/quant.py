@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .reference import masked_softmax_lse, visibility_mask
 
-__all__ = ["quantize_qk", "int8_reference", "dequantize"]
+__all__ = ["quantize_qk", "smoothing_mean", "int8_reference", "dequantize"]
 
 
 def _check_block(name: str, value) -> int:
@@ -104,6 +104,16 @@ def _quantize_blocks(x: Tensor, block: int, shift: Optional[Tensor] = None) -> T
     return out.view(B, H, N, D), scale.contiguous()
 
 
+def smoothing_mean(k: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """The K smoothing mean (B, Hk, 1, D) float32 over the real keys. The CPU kernel's fused
+    quantization takes this exact tensor, so both quantize to the same bits."""
+    if key_padding_mask is None:
+        return k.mean(dim=2, keepdim=True, dtype=torch.float32)
+    real = key_padding_mask[:, None, None, :].float()             # (B, 1, 1, Nk)
+    count = real.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    return torch.matmul(real, k.float()) / count                  # (B, Hk, 1, D)
+
+
 def quantize_qk(
     q: Tensor,
     k: Tensor,
@@ -128,14 +138,8 @@ def quantize_qk(
     _check_block("k_block", k_block)
     # k (and q) stay in their dtype: chunks are widened to float32 inside _quantize_blocks.
     # Nothing below writes into the inputs.
-    kx, mean = k, None
-    if smooth_k:
-        if key_padding_mask is None:
-            mean = k.mean(dim=2, keepdim=True, dtype=torch.float32)
-        else:
-            real = key_padding_mask[:, None, None, :].float()             # (B, 1, 1, Nk)
-            count = real.sum(dim=-1, keepdim=True).clamp_min(1.0)
-            mean = torch.matmul(real, k.float()) / count                  # (B, Hk, 1, D)
+    kx = k
+    mean = smoothing_mean(k, key_padding_mask) if smooth_k else None
     if key_padding_mask is not None:
         # Padded keys are never seen: zero them (after smoothing) so they cannot inflate a scale.
         fill = torch.zeros((), dtype=torch.float32) if mean is None else mean

@@ -2,7 +2,7 @@
 causal, windows wider and narrower than N, Nq != Nk)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch

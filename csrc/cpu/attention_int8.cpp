@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include <emmintrin.h>
+
 #include "common/pattern.h"
 #include "cpu/attention_cpu.h"
 #include "cpu/int8_kernels.h"
@@ -97,14 +99,27 @@ struct KvPack {
   int8::AlignedBuf<uint16_t> vp, lvp;  // bf16 V / landmark V in key pairs (Kernels::pv_bf16)
 };
 
-// bf16 rows src[j * ld] (n rows, Dv each) -> key-pair layout dst[(j / 2) * 2 * Dvp + 2 * d + j % 2].
+// bf16 rows src[j * ld] (n rows, Dv each) -> key-pair layout dst[(j / 2) * 2 * Dvp + 2 * d + j % 2],
+// zero past Dv and for the missing partner of an odd last row. SSE2 (baseline) interleaving.
 void pack_v_pairs(const uint16_t* base, int64_t ld, const int32_t* idx, int64_t n, int64_t Dv,
                   int64_t Dvp, uint16_t* dst) {
-  std::memset(dst, 0, sizeof(uint16_t) * size_t((n + 1) / 2 * 2 * Dvp));
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* row = base + (idx ? int64_t(idx[j]) : j) * ld;
-    uint16_t* out = dst + (j / 2) * 2 * Dvp + (j % 2);
-    for (int64_t d = 0; d < Dv; ++d) out[2 * d] = row[d];
+  for (int64_t j = 0; j < n; j += 2) {
+    const uint16_t* a = base + (idx ? int64_t(idx[j]) : j) * ld;
+    const uint16_t* b = j + 1 < n ? base + (idx ? int64_t(idx[j + 1]) : j + 1) * ld : nullptr;
+    uint16_t* out = dst + (j / 2) * 2 * Dvp;
+    int64_t d = 0;
+    for (; d + 8 <= Dv; d += 8) {
+      const __m128i va = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + d));
+      const __m128i vb = b ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + d))
+                           : _mm_setzero_si128();
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * d), _mm_unpacklo_epi16(va, vb));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * d + 8), _mm_unpackhi_epi16(va, vb));
+    }
+    for (; d < Dv; ++d) {
+      out[2 * d] = a[d];
+      out[2 * d + 1] = b ? b[d] : 0;
+    }
+    std::memset(out + 2 * Dv, 0, sizeof(uint16_t) * size_t(2 * (Dvp - Dv)));
   }
 }
 
@@ -160,6 +175,15 @@ struct Ctx {
   bool fused;  // p.q8 == nullptr: Q quantized per block in begin_block, K in pack_one
 };
 
+// V row (Dv values of fwd.dtype) -> fp32.
+void widen_v_row(const Ctx& c, const char* src, float* dst) {
+  const AttnParams& f = c.p->fwd;
+  if (f.dtype == DType::F32)
+    std::memcpy(dst, src, sizeof(float) * size_t(f.Dv));
+  else
+    c.kern->widen(reinterpret_cast<const uint16_t*>(src), f.dtype == DType::BF16, f.Dv, dst);
+}
+
 const int32_t* landmarks_of(const AttnParams& f, int64_t b) {
   return f.landmarks + b * f.landmarks_batch_stride;
 }
@@ -204,8 +228,7 @@ void pack_one(const Ctx& c, int64_t b, int64_t hk) {
   } else if (f.dtype != DType::F32) {
     kv.v.alloc(f.Nk * f.Dv);
     for (int64_t j = 0; j < f.Nk; ++j)
-      int8::to_float(vbase + (voff + j * f.v_stride[2]) * esz, f.dtype, f.Dv,
-                     kv.v.p + j * f.Dv);
+      widen_v_row(c, vbase + (voff + j * f.v_stride[2]) * esz, kv.v.p + j * f.Dv);
   }
   if (c.G > 0) {
     const int64_t g16 = round_up(c.G, kChunk);
@@ -222,8 +245,8 @@ void pack_one(const Ctx& c, int64_t b, int64_t hk) {
     kv.lv.alloc(c.G * c.Dvp);
     const int32_t* lm = landmarks_of(f, b);
     for (int64_t g = 0; g < c.G; ++g)
-      int8::to_float(vbase + (voff + int64_t(lm[g]) * f.v_stride[2]) * esz, f.dtype, f.Dv,
-                     kv.lv.p + g * c.Dvp);
+      widen_v_row(c, vbase + (voff + int64_t(lm[g]) * f.v_stride[2]) * esz,
+                  kv.lv.p + g * c.Dvp);
   }
 }
 

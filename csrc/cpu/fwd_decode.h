@@ -1,15 +1,16 @@
 // Decode fast path of the CPU forward, for calls with few query rows (fwd_decode_entry.h): the
 // blocked kernel (fwd_driver.h) holds one query row per SIMD lane, so with Nq = 1 it would use 1
-// lane of 16. Here each query row is processed alone, with the lanes over keys (scores: W keys at
-// a time, reduced by one transpose) and over features (P V).
+// lane of 16. Here the lanes run over keys (scores: W keys at a time, reduced by one transpose)
+// and over features (P V). Up to kDecodeGroup query rows that see the same keys (GQA heads of one
+// kv head; rows of one head when the pattern gives them the same keys) share each K / V load.
 //
 // Keys of a row (same pattern as the blocked kernel): its window band, then the landmark keys
 // outside the band; a landmark query row sees every key. Padded keys score -inf.
 //
 // Work split, independent of the thread count (so any count gives the same bits): each row's key
-// list is cut into C chunks; an item (row, chunk) computes a partial softmax (max m, sum l,
-// unnormalized o) by a two-pass softmax over its keys; the partials of a row are then merged in
-// chunk order. C grows when there are few rows, so that 2+ threads share a long key range.
+// list is cut into C chunks; an item (row group, chunk) computes per row a partial softmax (max m,
+// sum l, unnormalized o) by a two-pass softmax over its keys; the partials of a row are then
+// merged in chunk order. C grows when there are few rows, so that threads share a long key range.
 #pragma once
 #include <omp.h>
 
@@ -117,7 +118,8 @@ struct DecodeKernel {
   template <int NR>
   static void scores(const float* q, int64_t DP, int64_t D, const T* k, int64_t ks, const int32_t* idx,
                      int n, float* S, int64_t SP, float* tmp) {
-    constexpr int U = W >= 4 ? 4 : W;  // keys per register tile
+    // Keys per register tile: NR * U accumulators, at most 16 (enough independent FMA chains).
+    constexpr int U = NR == 1 ? W : NR == 2 ? (W < 8 ? W : 8) : (W < 4 ? W : 4);
     const int64_t DV = D / W * W;
     float* tt = tmp + NR * W * W;
     for (int t = 0; t < n; t += W) {
@@ -179,9 +181,11 @@ struct DecodeKernel {
   template <int NR>
   static void pv(const float* P, int64_t SP, int n, const T* v, int64_t vs, const int32_t* idx, int64_t Dv,
                  float* const* o) {
-    constexpr int EB = NR == 1 ? 8 : 4;
     int64_t e = 0;
-    for (; e + EB * W <= Dv; e += EB * W) pv_block<NR, EB>(P, SP, n, v + e, vs, idx, o, e);
+    if (NR == 1)
+      for (; e + 8 * W <= Dv; e += 8 * W) pv_block<NR, 8>(P, SP, n, v + e, vs, idx, o, e);
+    for (; e + 4 * W <= Dv; e += 4 * W) pv_block<NR, 4>(P, SP, n, v + e, vs, idx, o, e);
+    for (; e + 2 * W <= Dv; e += 2 * W) pv_block<NR, 2>(P, SP, n, v + e, vs, idx, o, e);
     for (; e + W <= Dv; e += W) pv_block<NR, 1>(P, SP, n, v + e, vs, idx, o, e);
     for (; e < Dv; ++e)
       for (int r = 0; r < NR; ++r) {

@@ -54,6 +54,8 @@ struct Kernels {
   // out[i] = round_half_even((x[i] - shift[i]) * inv) saturated to int8; shift nullptr: 0.
   float (*absmax)(const float* x, const float* shift, int64_t n);
   void (*quantize)(const float* x, const float* shift, float inv, int64_t n, int8_t* out);
+  // n bf16 (bf16 true) or fp16 values -> fp32 (exact).
+  void (*widen)(const uint16_t* src, bool bf16, int64_t n, float* dst);
 };
 
 const Kernels* kernels_scalar();

@@ -262,9 +262,9 @@ void pv_avx2(float* O, int64_t ldo, const float* P, int rows, int cols, const in
 }
 
 const Kernels kAvx2Vnni = {"avx2-vnni", qk_avx2_vnni, mask_avx2, softmax_avx2, pv_avx2, nullptr,
-                             absmax_avx2, quantize_avx2};
+                             absmax_avx2, quantize_avx2, widen_avx2};
 const Kernels kAvx2 = {"avx2", qk_avx2_madd, mask_avx2, softmax_avx2, pv_avx2, nullptr,
-                             absmax_avx2, quantize_avx2};
+                             absmax_avx2, quantize_avx2, widen_avx2};
 
 }  // namespace
 

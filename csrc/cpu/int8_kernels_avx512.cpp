@@ -311,7 +311,7 @@ void pv_bf16_avx512(float* O, int64_t ldo, const float* P, int rows, int cols,
 }
 
 const Kernels kAvx512 = {"avx512", qk_avx512, mask_avx512, softmax_avx512, pv_avx512, pv_bf16_avx512,
-                          absmax_avx2, quantize_avx2};
+                          absmax_avx2, quantize_avx2, widen_avx2};
 
 }  // namespace
 

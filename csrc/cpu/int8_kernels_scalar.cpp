@@ -3,6 +3,7 @@
 #include <limits>
 
 #include "cpu/int8_kernels.h"
+#include "cpu/int8_support.h"
 
 namespace hk {
 namespace cpu {
@@ -101,8 +102,12 @@ void quantize_scalar(const float* x, const float* shift, float inv, int64_t n, i
   }
 }
 
+void widen_scalar(const uint16_t* src, bool bf16, int64_t n, float* dst) {
+  to_float(src, bf16 ? DType::BF16 : DType::F16, n, dst);
+}
+
 const Kernels kScalar = {"scalar", qk_scalar, mask_scalar, softmax_scalar, pv_scalar, nullptr,
-                         absmax_scalar, quantize_scalar};
+                         absmax_scalar, quantize_scalar, widen_scalar};
 
 }  // namespace
 

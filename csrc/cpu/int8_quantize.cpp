@@ -8,19 +8,17 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu/int8_support.h"
-
 namespace hk {
 namespace cpu {
 namespace int8 {
 namespace {
 
 // Row j of a (B, H, N, D) input with element strides st, as fp32 (converted into buf unless F32).
-const float* row_f32(const AttnParams& f, const void* base, const int64_t* st, int64_t b,
-                     int64_t h, int64_t j, float* buf) {
+const float* row_f32(const Kernels& kern, const AttnParams& f, const void* base,
+                     const int64_t* st, int64_t b, int64_t h, int64_t j, float* buf) {
   const int64_t off = b * st[0] + h * st[1] + j * st[2];
   if (f.dtype == DType::F32) return static_cast<const float*>(base) + off;
-  to_float(static_cast<const char*>(base) + off * 2, f.dtype, f.D, buf);
+  kern.widen(static_cast<const uint16_t*>(base) + off, f.dtype == DType::BF16, f.D, buf);
   return buf;
 }
 
@@ -53,7 +51,7 @@ void quantize_k_head_packed(const Kernels& kern, const AttnParams& f, int64_t b,
     float amax = 0.f;
     for (int64_t j = j0; j < j1; ++j) {
       if (pad && !pad[j]) continue;
-      const float* x = row_f32(f, f.k, f.k_stride, b, hk, j, buf.data());
+      const float* x = row_f32(kern, f, f.k, f.k_stride, b, hk, j, buf.data());
       amax = std::max(amax, kern.absmax(x, mean, f.D));
     }
     const float scale = block_scale(amax);
@@ -63,7 +61,7 @@ void quantize_k_head_packed(const Kernels& kern, const AttnParams& f, int64_t b,
       if (j >= f.Nk || (pad && !pad[j])) {
         std::memset(row.data(), 0, size_t(f.D));
       } else {
-        kern.quantize(row_f32(f, f.k, f.k_stride, b, hk, j, buf.data()), mean, inv, f.D,
+        kern.quantize(row_f32(kern, f, f.k, f.k_stride, b, hk, j, buf.data()), mean, inv, f.D,
                       row.data());
         for (int64_t d = 0; d < f.D; ++d) sum += row[size_t(d)];
       }
@@ -86,13 +84,14 @@ void quantize_q_rows(const Kernels& kern, const AttnParams& f, int64_t b, int64_
       cur_block = i / q_block;
       const int64_t i1 = std::min((cur_block + 1) * q_block, f.Nq);
       float amax = 0.f;
-      for (int64_t ii = cur_block * q_block; ii < i1; ++ii)
-        amax = std::max(amax, kern.absmax(row_f32(f, f.q, f.q_stride, b, h, ii, buf), nullptr,
-                                          f.D));
+      for (int64_t ii = cur_block * q_block; ii < i1; ++ii) {
+        const float* x = row_f32(kern, f, f.q, f.q_stride, b, h, ii, buf);
+        amax = std::max(amax, kern.absmax(x, nullptr, f.D));
+      }
       scale = block_scale(amax);
       inv = 1.f / scale;
     }
-    const float* x = row_f32(f, f.q, f.q_stride, b, h, i, buf);
+    const float* x = row_f32(kern, f, f.q, f.q_stride, b, h, i, buf);
     uint8_t* dst = qu8 + r * Dp;
     kern.quantize(x, nullptr, inv, f.D, reinterpret_cast<int8_t*>(dst));
     for (int64_t d = 0; d < f.D; ++d) dst[d] ^= 0x80u;

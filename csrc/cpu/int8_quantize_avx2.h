@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace hk {
 namespace cpu {
@@ -53,6 +54,24 @@ void quantize_avx2(const float* x, const float* shift, float inv, int64_t n, int
     const float y = (shift ? x[i] - shift[i] : x[i]) * inv;
     const float c = std::fmin(std::fmax(std::nearbyint(y), -128.f), 127.f);
     out[i] = int8_t(c);
+  }
+}
+
+void widen_avx2(const uint16_t* src, bool bf16, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m256 f = bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                          : _mm256_cvtph_ps(h);
+    _mm256_storeu_ps(dst + i, f);
+  }
+  for (; i < n; ++i) {
+    if (bf16) {
+      const uint32_t bits = uint32_t(src[i]) << 16;
+      std::memcpy(dst + i, &bits, 4);
+    } else {
+      dst[i] = _cvtsh_ss(src[i]);
+    }
   }
 }
 

@@ -14,6 +14,7 @@ from torch import Tensor
 from ..dispatch import Backend
 from ..pattern import Pattern
 from ._alloc import new_output
+from ..quant import smoothing_mean
 from ._params import QUANT_BLOCK, Keep, fill_params, last_dim_contiguous, strides3
 
 MAX_HEAD_DIM = 512
@@ -49,16 +50,6 @@ def num_threads() -> int:
     """Threads for the kernels: HYBRID_KERNELS_NUM_THREADS, else torch's intra-op count."""
     env = os.environ.get("HYBRID_KERNELS_NUM_THREADS")
     return int(env) if env else torch.get_num_threads()
-
-
-def _k_mean(k: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-    """The K smoothing mean (B, Hk, 1, D) float32 over the real keys, computed by the same torch
-    ops as quant.quantize_qk so the fused kernel quantizes to the same bits."""
-    if key_padding_mask is None:
-        return k.mean(dim=2, keepdim=True, dtype=torch.float32)
-    real = key_padding_mask[:, None, None, :].float()
-    count = real.sum(dim=-1, keepdim=True).clamp_min(1.0)
-    return torch.matmul(real, k.float()) / count
 
 
 class CpuBackend(Backend):
@@ -105,7 +96,7 @@ class CpuBackend(Backend):
         params.fwd = fwd
         params.q_block, params.k_block = QUANT_BLOCK, QUANT_BLOCK
         if k.shape[2] > 0:
-            params.k_mean = keep(_k_mean(k, pattern.key_padding_mask).contiguous())
+            params.k_mean = keep(smoothing_mean(k, pattern.key_padding_mask).contiguous())
         mod.attention_forward_int8(params)  # q8 == k8 == 0: the kernel quantizes q and k
         return out, lse
 
