@@ -52,6 +52,19 @@ def num_threads() -> int:
     return int(env) if env else torch.get_num_threads()
 
 
+def _int8_params(mod, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, keep: Keep):
+    """An ``AttnInt8Params`` with its fwd part filled, and the outputs it writes."""
+    B, Hq, Nq, _ = q.shape
+    out = new_output((B, Hq, Nq, v.shape[3]), q.dtype, q.device)
+    lse = new_output((B, Hq, Nq), torch.float32, q.device)
+    params = mod.AttnInt8Params()
+    fwd = params.fwd
+    fill_params(mod, fwd, q, k, v, out, lse, pattern, keep)
+    fwd.num_threads = num_threads()
+    params.fwd = fwd
+    return params, out, lse
+
+
 class CpuBackend(Backend):
     name = "cpu"
     device_types = frozenset({"cpu"})
@@ -85,15 +98,8 @@ class CpuBackend(Backend):
         """quant="int8" with the quantization fused into the kernel (same bits as
         quant.quantize_qk); returns the lse of the exact (unsmoothed) scores."""
         mod = load_module()
-        B, Hq, Nq, _ = q.shape
-        out = new_output((B, Hq, Nq, v.shape[3]), q.dtype, q.device)
-        lse = new_output((B, Hq, Nq), torch.float32, q.device)
         keep = Keep()
-        params = mod.AttnInt8Params()
-        fwd = params.fwd
-        fill_params(mod, fwd, q, k, v, out, lse, pattern, keep)
-        fwd.num_threads = num_threads()
-        params.fwd = fwd
+        params, out, lse = _int8_params(mod, q, k, v, pattern, keep)
         params.q_block, params.k_block = QUANT_BLOCK, QUANT_BLOCK
         if k.shape[2] > 0:
             params.k_mean = keep(smoothing_mean(k, pattern.key_padding_mask).contiguous())
@@ -104,17 +110,9 @@ class CpuBackend(Backend):
                                q_block: int, k_block: int):
         """The INT8 kernel on pre-quantized Q/K (lse of the smoothed scores)."""
         mod = load_module()
-        v = last_dim_contiguous(v)
-        B, Hq, Nq, _ = q8.shape
-        out = new_output((B, Hq, Nq, v.shape[3]), q_like.dtype, q_like.device)
-        lse = new_output((B, Hq, Nq), torch.float32, q_like.device)
         keep = Keep()
-        params = mod.AttnInt8Params()
-        fwd = params.fwd
         # Shapes and strides come from q_like and k8; the kernel reads q8/k8, never fwd.q/fwd.k.
-        fill_params(mod, fwd, q_like, k8, v, out, lse, pattern, keep)
-        fwd.num_threads = num_threads()
-        params.fwd = fwd
+        params, out, lse = _int8_params(mod, q_like, k8, last_dim_contiguous(v), pattern, keep)
         params.q8, params.k8 = keep(q8.contiguous()), keep(k8.contiguous())
         params.q_scale, params.k_scale = keep(q_scale.contiguous()), keep(k_scale.contiguous())
         params.q_block, params.k_block = q_block, k_block
