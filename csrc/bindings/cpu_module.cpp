@@ -26,6 +26,9 @@ PYBIND11_MODULE(_C_cpu, m) {
     d["avx512vl"] = f.avx512vl;
     d["avx512bf16"] = f.avx512bf16;
     d["avx512vnni"] = f.avx512vnni;
+    d["amx_tile"] = f.amx_tile;
+    d["amx_bf16"] = f.amx_bf16;
+    d["amx_int8"] = f.amx_int8;
     return d;
   });
   m.def("selected_isa", &hk::cpu::selected_isa);

@@ -98,9 +98,10 @@ void attention_backward(const AttnBwdParams& p) {
   const std::string isa = selected_isa();
   const CpuFeatures cpu = detect_cpu_features();
   // (The avx512 build runs bf16 inputs on vdpbf16ps, hence avx512bf16.)
-  if (isa == "avx512" && cpu.avx512f && cpu.avx512bw && cpu.avx512vl && cpu.avx512bf16) {
+  const bool avx512 = isa == "amx" || isa == "avx512";  // no AMX backward (yet): avx512 kernels
+  if (avx512 && cpu.avx512f && cpu.avx512bw && cpu.avx512vl && cpu.avx512bf16) {
     attention_backward_avx512(p, nth);
-  } else if ((isa == "avx512" || isa == "avx2") && cpu.avx2 && cpu.fma && cpu.f16c) {
+  } else if ((avx512 || isa == "avx2") && cpu.avx2 && cpu.fma && cpu.f16c) {
     attention_backward_avx2(p, nth);
   } else {
     attention_backward_scalar(p, nth);

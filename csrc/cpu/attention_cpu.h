@@ -18,10 +18,14 @@ struct CpuFeatures {
   bool avx512vl = false;
   bool avx512bf16 = false;
   bool avx512vnni = false;
+  bool amx_tile = false;  // AMX tile state enabled by the OS *and* granted to this process
+  bool amx_bf16 = false;
+  bool amx_int8 = false;
 };
 
 CpuFeatures detect_cpu_features();
-// The instruction set the kernels dispatch to on this machine: "avx512", "avx2" or "scalar".
+// The instruction set the kernels dispatch to on this machine: "amx" (AVX-512 plus AMX tiles for
+// the bf16 and int8 products), "avx512", "avx2" or "scalar".
 // Overridable for testing with the environment variable HYBRID_KERNELS_CPU_ISA.
 std::string selected_isa();
 

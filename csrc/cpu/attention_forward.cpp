@@ -83,7 +83,7 @@ void attention_forward(const AttnParams& params) {
   }
   const std::string isa = selected_isa();
   if (decode_path_applies(p)) {
-    if (isa == "avx512") {
+    if (isa == "amx" || isa == "avx512") {
       attention_forward_decode_avx512(p);
     } else if (isa == "avx2") {
       attention_forward_decode_avx2(p);
@@ -92,7 +92,9 @@ void attention_forward(const AttnParams& params) {
     }
     return;
   }
-  if (isa == "avx512") {
+  if (isa == "amx") {
+    attention_forward_amx(p);
+  } else if (isa == "avx512") {
     attention_forward_avx512(p);
   } else if (isa == "avx2") {
     attention_forward_avx2(p);

@@ -1,5 +1,7 @@
 // CPU feature detection (cpuid + xgetbv) and the ISA choice for the CPU kernels.
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <stdexcept>
@@ -22,6 +24,18 @@ struct Detected {
   bool avx512dq = false;
 };
 
+// Linux (>= 5.16) hands out the 8 KiB AMX tile-data state only to processes that ask for it;
+// without the grant the first tile instruction raises SIGILL.
+bool request_amx_permission() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023;
+  constexpr int kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 Detected detect() {
   Detected d;
   unsigned a, b, c, e;
@@ -40,6 +54,13 @@ Detected detect() {
   d.f.avx512bw = os_avx512 && (b & (1u << 30));
   d.f.avx512vl = os_avx512 && (b & (1u << 31));
   d.f.avx512vnni = os_avx512 && (c & (1u << 11));
+  const bool os_amx = (xcr0 & (3u << 17)) == (3u << 17);  // XTILECFG + XTILEDATA state
+  const bool amx_tile = os_amx && (e & (1u << 24));
+  if (amx_tile && request_amx_permission()) {
+    d.f.amx_tile = true;
+    d.f.amx_bf16 = (e & (1u << 22)) != 0;
+    d.f.amx_int8 = (e & (1u << 25)) != 0;
+  }
   const unsigned max_sub = a;
   if (max_sub >= 1) {
     __cpuid_count(7, 1, a, b, c, e);
@@ -65,21 +86,28 @@ bool has_avx512() {
          d.f.avx512bf16 && d.f.avx512vnni;
 }
 
+// The amx kernels are the avx512 ones plus -mamx-tile/-mamx-bf16/-mamx-int8.
+bool has_amx() {
+  const CpuFeatures& f = detected().f;
+  return has_avx512() && f.amx_tile && f.amx_bf16 && f.amx_int8;
+}
+
 }  // namespace
 
 CpuFeatures detect_cpu_features() { return detected().f; }
 
 std::string selected_isa() {
-  const std::string best = has_avx512() ? "avx512" : has_avx2() ? "avx2" : "scalar";
+  const std::string best = has_amx() ? "amx" : has_avx512() ? "avx512" : has_avx2() ? "avx2" : "scalar";
   const char* env = std::getenv("HYBRID_KERNELS_CPU_ISA");
   if (!env || !*env) return best;
   const std::string want(env);
   if (want == "scalar") return want;
   if (want == "avx2" && has_avx2()) return want;
   if (want == "avx512" && has_avx512()) return want;
-  if (want == "avx2" || want == "avx512")
+  if (want == "amx" && has_amx()) return want;
+  if (want == "avx2" || want == "avx512" || want == "amx")
     throw std::invalid_argument("HYBRID_KERNELS_CPU_ISA=" + want + " but this CPU does not support it");
-  throw std::invalid_argument("HYBRID_KERNELS_CPU_ISA must be avx512, avx2 or scalar, got '" + want + "'");
+  throw std::invalid_argument("HYBRID_KERNELS_CPU_ISA must be amx, avx512, avx2 or scalar, got '" + want + "'");
 }
 
 }  // namespace cpu

@@ -11,6 +11,7 @@ namespace hk {
 namespace cpu {
 
 // Called by attention_forward() after validation and ISA selection.
+void attention_forward_amx(const AttnParams& p);  // bf16 on AMX tiles, the rest as avx512
 void attention_forward_avx512(const AttnParams& p);
 void attention_forward_avx2(const AttnParams& p);
 void attention_forward_scalar(const AttnParams& p);

@@ -118,6 +118,8 @@ struct CoreBF16 {
   static constexpr int JB = 8;
   static constexpr int EB = 8;
   static constexpr bool kPairKeys = true;
+  static void thread_enter() {}
+  static void thread_exit() {}
 
   // 2^x with a degree-4 polynomial (rel. error ~4e-6, least squares fit): P is rounded to bf16 (2^-9) anyway.
   static R exp2(R x) {

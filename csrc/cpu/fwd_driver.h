@@ -14,6 +14,7 @@
 //   static R exp2(R x);  (2^x for x <= 0, exactly 0 for -inf)
 //   struct Prep { explicit Prep(const AttnParams&); KV band(b, h) const; KV landmarks(b, h) const; }
 //   struct Work { explicit Work(const AttnParams&); }
+//   static void thread_enter(); static void thread_exit();  (per-thread setup, e.g. AMX tile config)
 //   static void pack_q(Work&, const AttnParams&, const void* const* rows, int nr);
 //   static void qk(Work&, const KV&, int64_t j0, int n, float* S);
 //   static void pv(Work&, const KV&, int64_t j0, int n, const float* P, const R* alpha, float* Ot);
@@ -68,6 +69,7 @@ class ForwardDriver {
 #pragma omp parallel num_threads(nthreads)
     {
       ThreadState& ts = *states[omp_get_thread_num()];
+      Core::thread_enter();
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < block_items; ++it) {
         const int64_t qb = it % nqb, bh = it / nqb;
@@ -76,6 +78,7 @@ class ForwardDriver {
       // Implicit barrier: landmark rows overwrite what the window pass wrote for them.
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < lm_items; ++it) landmark_rows(p, prep, ts, it / p.Hq, it % p.Hq);
+      Core::thread_exit();
     }
   }
 

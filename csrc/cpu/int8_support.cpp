@@ -87,8 +87,8 @@ const Kernels* select_kernels(const std::string& name) {
 #ifdef HK_INT8_TEST_NO_AVX_VNNI  // developer builds: exercise the vpmaddwd path on VNNI machines
   if (name == "avx2" && isa.avx2 && std::getenv("HK_INT8_NO_AVX_VNNI")) return kernels_avx2(false);
 #endif
-  if (name == "avx512" && isa.avx512) return kernels_avx512();
-  if ((name == "avx512" || name == "avx2") && isa.avx2) return kernels_avx2(isa.avx_vnni);
+  if ((name == "amx" || name == "avx512") && isa.avx512) return kernels_avx512();
+  if ((name == "amx" || name == "avx512" || name == "avx2") && isa.avx2) return kernels_avx2(isa.avx_vnni);
   return kernels_scalar();
 }
 
