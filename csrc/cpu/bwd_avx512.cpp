@@ -16,6 +16,7 @@
 #include "common/attn_params.h"
 #include "common/pattern.h"
 #include "cpu/bwd_common.h"
+#include "cpu/fp_env.h"
 
 namespace hk {
 namespace cpu {

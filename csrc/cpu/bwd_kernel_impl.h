@@ -426,6 +426,7 @@ static void run(const AttnBwdParams& p, int num_threads) {
 #pragma omp parallel num_threads(nth)
 #endif
   {
+    const ::hk::cpu::FlushDenormals ftz;  // cpu/fp_env.h, included by the translation unit
 #if defined(_OPENMP)
     const int tid = omp_get_thread_num();
 #else

@@ -118,6 +118,7 @@ struct CoreBF16 {
   static constexpr int JB = 8;
   static constexpr int EB = 8;
   static constexpr bool kPairKeys = true;
+  static constexpr bool kOwnSoftmax = false;
   static void thread_enter() {}
   static void thread_exit() {}
 

@@ -94,6 +94,7 @@ struct CoreF32 {
   static constexpr int JT = 64;
   static constexpr bool kPairKeys = false;
   static R exp2(R x) { return V::exp2(x); }
+  static constexpr bool kOwnSoftmax = false;
   static void thread_enter() {}
   static void thread_exit() {}
 

@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "common/pattern.h"
+#include "cpu/fp_env.h"
 #include "cpu/fwd_common.h"
 #include "cpu/fwd_decode_entry.h"
 #include "cpu/simd_common.h"
@@ -363,6 +364,7 @@ class DecodeForward {
     const int64_t items = ng * C;
 #pragma omp parallel num_threads(nthreads)
     {
+      const FlushDenormals ftz;
       DecodeScratch& s = *scratch[omp_get_thread_num()];
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {

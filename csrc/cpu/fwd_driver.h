@@ -15,6 +15,8 @@
 //   struct Prep { explicit Prep(const AttnParams&); KV band(b, h) const; KV landmarks(b, h) const; }
 //   struct Work { explicit Work(const AttnParams&); }
 //   static void thread_enter(); static void thread_exit();  (per-thread setup, e.g. AMX tile config)
+//   kOwnSoftmax: the core replaces the driver's online-softmax step with
+//     static void softmax(Work&, const float* S, int n, R* m, R* l, R* alpha);
 //   static void pack_q(Work&, const AttnParams&, const void* const* rows, int nr);
 //   static void qk(Work&, const KV&, int64_t j0, int n, float* S);
 //   static void pv(Work&, const KV&, int64_t j0, int n, const float* P, const R* alpha, float* Ot);
@@ -27,6 +29,7 @@
 #include <memory>
 
 #include "common/pattern.h"
+#include "cpu/fp_env.h"
 #include "cpu/fwd_common.h"
 #include "cpu/simd_common.h"
 
@@ -69,6 +72,7 @@ class ForwardDriver {
 #pragma omp parallel num_threads(nthreads)
     {
       ThreadState& ts = *states[omp_get_thread_num()];
+      const FlushDenormals ftz;
       Core::thread_enter();
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < block_items; ++it) {
@@ -118,20 +122,24 @@ class ForwardDriver {
           V::store(S + j * BQ + v * W, V::mask_range(V::load(S + j * BQ + v * W), lanes[v], lo, hi));
       }
     }
-    for (int v = 0; v < QV; ++v) {
-      R mt = V::set1(kNegInf);
-      for (int j = 0; j < n; ++j) mt = V::max(mt, V::load(S + j * BQ + v * W));
-      const R m_new = V::max(ts.m[v], mt);
-      const R m_use = V::neg_inf_to_zero(m_new);  // rows that saw nothing yet keep p = 0
-      ts.alpha[v] = Core::exp2(V::sub(ts.m[v], m_use));
-      R sum = V::zero();
-      for (int j = 0; j < n; ++j) {
-        const R pj = Core::exp2(V::sub(V::load(S + j * BQ + v * W), m_use));
-        V::store(S + j * BQ + v * W, pj);
-        sum = V::add(sum, pj);
+    if constexpr (Core::kOwnSoftmax) {
+      Core::softmax(ts.core, S, n, ts.m, ts.l, ts.alpha);
+    } else {
+      for (int v = 0; v < QV; ++v) {
+        R mt = V::set1(kNegInf);
+        for (int j = 0; j < n; ++j) mt = V::max(mt, V::load(S + j * BQ + v * W));
+        const R m_new = V::max(ts.m[v], mt);
+        const R m_use = V::neg_inf_to_zero(m_new);  // rows that saw nothing yet keep p = 0
+        ts.alpha[v] = Core::exp2(V::sub(ts.m[v], m_use));
+        R sum = V::zero();
+        for (int j = 0; j < n; ++j) {
+          const R pj = Core::exp2(V::sub(V::load(S + j * BQ + v * W), m_use));
+          V::store(S + j * BQ + v * W, pj);
+          sum = V::add(sum, pj);
+        }
+        ts.l[v] = V::fma(ts.l[v], ts.alpha[v], sum);
+        ts.m[v] = m_new;
       }
-      ts.l[v] = V::fma(ts.l[v], ts.alpha[v], sum);
-      ts.m[v] = m_new;
     }
     Core::pv(ts.core, kv, j0, n, S, ts.alpha, ts.Ot.get());
   }

@@ -1,0 +1,100 @@
+"""The CPU kernels per instruction set: the AMX tile path (bf16 forward) and every lower ISA the
+machine supports, forced with HYBRID_KERNELS_CPU_ISA, against the float64 oracle."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hybrid_kernels as hk
+from hybrid_kernels.backends.cpu import load_module
+
+from cases import CASES, Case, ref_kwargs
+from oracle import assert_matches_oracle, reference_pair
+
+ISAS = ["amx", "avx512", "avx2", "scalar"]
+
+# Shapes that reach every branch of the AMX core: whole and partial 16-key groups / 32-key
+# chunks at band edges, Dv % 32 == 16, D outside the compiled head sizes, more landmarks than one
+# 64-key tile, landmark rows, causal with Nq < Nk, padding, GQA.
+AMX_CASES = CASES + [
+    Case("amx_d64_n1025_window_lm", Hq=4, Hk=2, Nq=1025, Nk=1025, D=64, window=(100, 37), landmarks=50),
+    Case("amx_d96_causal_nq_lt_nk", Nq=200, Nk=333, D=96, window=(40, 0), landmarks="shared", G=70,
+         causal=True),
+    Case("amx_dv48_full_pad", Nq=130, Nk=130, D=32, Dv=48, padding=True),
+    Case("amx_d128_many_landmarks", Hq=2, Hk=1, Nq=300, Nk=300, D=128, window=(5, 5),
+         landmarks="per_batch", G=90, B=2),
+]
+
+
+def _supported(isa: str) -> bool:
+    f = load_module().cpu_features()
+    return {
+        "amx": f["amx_tile"] and f["amx_bf16"] and f["amx_int8"] and f["avx512bf16"],
+        "avx512": f["avx512f"] and f["avx512bw"] and f["avx512vl"] and f["avx512bf16"] and f["avx512vnni"],
+        "avx2": f["avx2"] and f["fma"] and f["f16c"],
+        "scalar": True,
+    }[isa]
+
+
+def _force(monkeypatch, isa: str) -> None:
+    if not _supported(isa):
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    monkeypatch.setenv("HYBRID_KERNELS_CPU_ISA", isa)
+    assert load_module().selected_isa() == isa
+
+
+def test_best_isa_is_selected_by_default(monkeypatch):
+    monkeypatch.delenv("HYBRID_KERNELS_CPU_ISA", raising=False)
+    best = next(isa for isa in ISAS if _supported(isa))
+    assert load_module().selected_isa() == best
+
+
+def test_unsupported_or_unknown_isa_is_a_clear_error(monkeypatch):
+    q = k = v = torch.randn(1, 1, 8, 32)
+    monkeypatch.setenv("HYBRID_KERNELS_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="HYBRID_KERNELS_CPU_ISA must be amx, avx512, avx2 or scalar"):
+        hk.attention(q, k, v, backend="cpu")
+    missing = [isa for isa in ISAS if not _supported(isa)]
+    if missing:  # on a machine that has every ISA there is nothing to refuse
+        monkeypatch.setenv("HYBRID_KERNELS_CPU_ISA", missing[0])
+        with pytest.raises(ValueError, match="does not support it"):
+            hk.attention(q, k, v, backend="cpu")
+
+
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
+@pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: c.id)
+def test_bf16_forward_per_isa(monkeypatch, isa, case):
+    _force(monkeypatch, isa)
+    q, k, v, pattern = case.make(torch.bfloat16)
+    out, lse = hk.attention(q, k, v, **pattern, return_lse=True, backend="cpu")
+    (o64, l64), (o_bf16, l_bf16) = reference_pair(q, k, v, **ref_kwargs(pattern, q, k))
+    assert out.dtype == torch.bfloat16 and out.shape == o64.shape
+    assert_matches_oracle(f"{isa} out", out, o64, o_bf16)
+    assert torch.equal(torch.isinf(lse), torch.isinf(l64)), "lse is -inf exactly for rows that see nothing"
+    assert_matches_oracle(f"{isa} lse", lse, l64, l_bf16)
+    if case.empty_rows:
+        assert torch.all(out[-1] == 0), "rows that see no key output zeros"
+
+
+def test_amx_bf16_is_deterministic_and_thread_count_invariant(monkeypatch):
+    _force(monkeypatch, "amx")
+    q, k, v, pattern = AMX_CASES[-4].make(torch.bfloat16)
+    runs = []
+    for threads in (1, 2, 3, 2):
+        monkeypatch.setenv("HYBRID_KERNELS_NUM_THREADS", str(threads))
+        runs.append(hk.attention(q, k, v, **pattern, backend="cpu"))
+    assert all(torch.equal(runs[0], r) for r in runs[1:]), "AMX results must be bit-identical"
+
+
+def test_amx_bf16_nan_stays_in_the_rows_that_see_it(monkeypatch):
+    _force(monkeypatch, "amx")
+    q, k, v = (torch.randn(1, 2, 200, 64).bfloat16() for _ in range(3))
+    q[0, 0, 10] = float("nan")
+    k[0, 1, 150] = float("inf")  # inside a 16-key group and a 32-key chunk of the band tiles
+    out = hk.attention(q, k, v, window=(4, 4), backend="cpu")
+    assert torch.isnan(out[0, 0, 10]).all()
+    bad = (~torch.isfinite(out)).any(-1)
+    expected = torch.zeros_like(bad)
+    expected[0, 0, 10] = True
+    expected[0, 1, 146:155] = True  # exactly the rows whose window holds key 150
+    assert torch.equal(bad, expected)
