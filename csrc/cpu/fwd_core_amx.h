@@ -152,6 +152,7 @@ struct CoreAmx {
   static constexpr bool kPairKeys = true;
   static_assert(Base::BQ == BQ, "the Q pair layout is shared with CoreBF16");
 
+  using LandmarkCore = CoreAmx;
   static void thread_enter() { amx_configure_16x64(); }
   static void thread_exit() { _tile_release(); }
   static void pack_q(Work& w, const AttnParams& p, const void* const* rows, int nr) {

@@ -119,6 +119,7 @@ struct CoreBF16 {
   static constexpr int EB = 8;
   static constexpr bool kPairKeys = true;
   static constexpr bool kOwnSoftmax = false;
+  using LandmarkCore = CoreBF16;
   static void thread_enter() {}
   static void thread_exit() {}
 

@@ -95,6 +95,7 @@ struct CoreF32 {
   static constexpr bool kPairKeys = false;
   static R exp2(R x) { return V::exp2(x); }
   static constexpr bool kOwnSoftmax = false;
+  using LandmarkCore = CoreF32<Vt, 1, JB, EB, DC, DVC>;  // landmark rows come in few rows
   static void thread_enter() {}
   static void thread_exit() {}
 

@@ -15,6 +15,7 @@
 //   struct Prep { explicit Prep(const AttnParams&); KV band(b, h) const; KV landmarks(b, h) const; }
 //   struct Work { explicit Work(const AttnParams&); }
 //   static void thread_enter(); static void thread_exit();  (per-thread setup, e.g. AMX tile config)
+//   using LandmarkCore: the core for the landmark-row pass (same Prep), e.g. narrower blocks
 //   kOwnSoftmax: the core replaces the driver's online-softmax step with
 //     static void softmax(Work&, const float* S, int n, R* m, R* l, R* alpha);
 //   static void pack_q(Work&, const AttnParams&, const void* const* rows, int nr);
@@ -27,6 +28,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 
 #include "common/pattern.h"
 #include "cpu/fp_env.h"
@@ -63,30 +65,43 @@ class ForwardDriver {
   static void run(const AttnParams& p) {
     const typename Core::Prep prep(p);
     const int nthreads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
-    std::unique_ptr<std::unique_ptr<ThreadState>[]> states(new std::unique_ptr<ThreadState>[nthreads]);
-    for (int t = 0; t < nthreads; ++t) states[t].reset(new ThreadState(p));
-
     const int64_t nqb = ceil_div(p.Nq, BQ);
     const int64_t block_items = p.B * p.Hq * nqb;
-    const int64_t lm_items = p.num_landmarks > 0 ? p.B * p.Hq : 0;
+    for_each_item(p, nthreads, block_items, [&](ThreadState& ts, int64_t it) {
+      const int64_t qb = it % nqb, bh = it / nqb;
+      window_block(p, prep, ts, bh / p.Hq, bh % p.Hq, qb * BQ);
+    });
+    // Landmark rows overwrite what the window pass wrote for them. There are few of them (often
+    // fewer than BQ), so a core with narrower blocks may take them.
+    using Lm = ForwardDriver<typename Core::LandmarkCore>;
+    if (p.num_landmarks > 0) Lm::landmark_pass(p, prep, nthreads);
+  }
+
+  template <class Prep>
+  static void landmark_pass(const AttnParams& p, const Prep& prep, int nthreads) {
+    static_assert(std::is_same<Prep, typename Core::Prep>::value, "a landmark core shares its K/V prep");
+    for_each_item(p, nthreads, p.B * p.Hq,
+                  [&](ThreadState& ts, int64_t it) { landmark_rows(p, prep, ts, it / p.Hq, it % p.Hq); });
+  }
+
+ private:
+  // Runs fn(thread state, item) for items [0, n) on a static OpenMP schedule (deterministic).
+  template <class Fn>
+  static void for_each_item(const AttnParams& p, int nthreads, int64_t n, Fn&& fn) {
+    if (n <= 0) return;
+    std::unique_ptr<std::unique_ptr<ThreadState>[]> states(new std::unique_ptr<ThreadState>[nthreads]);
+    for (int t = 0; t < nthreads; ++t) states[t].reset(new ThreadState(p));
 #pragma omp parallel num_threads(nthreads)
     {
       ThreadState& ts = *states[omp_get_thread_num()];
       const FlushDenormals ftz;
       Core::thread_enter();
 #pragma omp for schedule(static)
-      for (int64_t it = 0; it < block_items; ++it) {
-        const int64_t qb = it % nqb, bh = it / nqb;
-        window_block(p, prep, ts, bh / p.Hq, bh % p.Hq, qb * BQ);
-      }
-      // Implicit barrier: landmark rows overwrite what the window pass wrote for them.
-#pragma omp for schedule(static)
-      for (int64_t it = 0; it < lm_items; ++it) landmark_rows(p, prep, ts, it / p.Hq, it % p.Hq);
+      for (int64_t it = 0; it < n; ++it) fn(ts, it);
       Core::thread_exit();
     }
   }
 
- private:
   static const uint8_t* padding_of(const AttnParams& p, int64_t b) {
     return p.key_padding ? p.key_padding + b * p.Nk : nullptr;
   }
