@@ -199,7 +199,8 @@ def test_issue2_ratios_from_results():
         res("hk-cpu", 10.0), res("flex", 20.0), res("sdpa", 50.0), res("reference", 40.0),
         res("hk-cpu", 4.0, issue2_case(n, torch.bfloat16)),
         res("hk-cpu", 5.0, issue2_case(n, quant=True)),
-        res("hk-cpu", 25.0, issue2_case(n, mode="bwd"))],
+        res("hk-cpu", 25.0, issue2_case(n, mode="bwd")),
+        res("hk-cpu", 16.0, issue2_case(n, torch.bfloat16, mode="bwd"))],
         memory={n: {"peak_bytes": 100 << 20, "qkv_bytes": 24 << 20, "io_bytes": 32 << 20}})
     rows = {what.split(" (")[0]: (value, met) for what, value, _, met in ratio_rows(rep, n)}
     gf = 4 * fp32.pairs() * 64 * 8 / (10.0 * 1e6)
@@ -209,5 +210,6 @@ def test_issue2_ratios_from_results():
     assert rows["hk bf16 fwd speedup vs hk fp32 fwd"] == (pytest.approx(2.5), True)
     assert rows["hk int8 fwd speedup vs hk fp32 fwd"] == (pytest.approx(2.0), True)
     assert rows["hk fp32 bwd time / fwd time"] == (pytest.approx(2.5), True)
+    assert rows["hk bf16 bwd time / bf16 fwd time"] == (pytest.approx(4.0), False)
     text = format_issue2(rep, [n], 2)
     assert "peak memory / (q+k+v+out)" in text and "NOT met" in text  # (24+100)/32 > 2

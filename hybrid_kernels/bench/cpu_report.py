@@ -3,7 +3,7 @@
 B=1, Hq=8, D=64, window (256, 256), 16 landmarks, N in {4096, 16384, 65536}, fp32 and bf16:
 hk (cpu), the blocked reference, SDPA with an explicit bool mask (where it fits) and
 FlexAttention compiled in its best arrangement; the torch.mm 4096^2 rate as the anchor; hk's int8
-forward, its backward, and its peak memory at the largest N.
+forward, its backward (fp32 and bf16), and its peak memory at the largest N.
 
 ``python bench/cpu_attention_report.py [--sizes 4096,16384,65536]`` prints the table.
 """
@@ -92,6 +92,10 @@ def ratio_rows(rep: Issue2, n: int) -> List[Tuple[str, Optional[float], str, Opt
         ("hk fp32 bwd time / fwd time", _ratio(ms(rep.get("hk-cpu", n, mode="bwd")), ms(f32)),
          "<= 3"),
     ]
+    bf16_bwd = rep.get("hk-cpu", n, torch.bfloat16, mode="bwd")
+    if bf16_bwd:
+        rows.append(("hk bf16 bwd time / bf16 fwd time",
+                     _ratio(ms(bf16_bwd), ms(rep.get("hk-cpu", n, torch.bfloat16))), "<= 3"))
     out = []
     for what, value, target in rows:
         met = None
@@ -177,9 +181,10 @@ def run_report(sizes: Sequence[int] = SIZES, dtypes=(torch.float32, torch.bfloat
         for dtype in dtypes:
             progress(f"N={n} {dtype}: {', '.join(COMPETITORS)} ...")
             rep.add(run_case(issue2_case(n, dtype), competitors, timing))
-        progress(f"N={n}: hk int8 forward, hk fp32 backward ...")
+        progress(f"N={n}: hk int8 forward, hk backward ...")
         rep.add(run_case(issue2_case(n, quant=True), [hk], timing))
-        rep.add(run_case(issue2_case(n, mode="bwd"), [hk], timing))
+        for dtype in dtypes:
+            rep.add(run_case(issue2_case(n, dtype, mode="bwd"), [hk], timing))
     if memory:
         n = max(sizes)
         progress(f"N={n}: hk peak memory (fresh process) ...")
