@@ -1,5 +1,6 @@
 // CPU attention backward: parameter validation and run-time ISA dispatch. The kernel itself is
-// bwd_kernel_impl.h, compiled per ISA in bwd_avx512.cpp / bwd_avx2.cpp / bwd_scalar.cpp.
+// bwd_kernel_impl.h, compiled per ISA in bwd_amx.cpp / bwd_avx512.cpp / bwd_avx2.cpp /
+// bwd_scalar.cpp.
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -97,9 +98,13 @@ void attention_backward(const AttnBwdParams& p) {
   // re-check keeps a wrong answer from turning into SIGILL.
   const std::string isa = selected_isa();
   const CpuFeatures cpu = detect_cpu_features();
-  // (The avx512 build runs bf16 inputs on vdpbf16ps, hence avx512bf16.)
-  const bool avx512 = isa == "amx" || isa == "avx512";  // no AMX backward (yet): avx512 kernels
-  if (avx512 && cpu.avx512f && cpu.avx512bw && cpu.avx512vl && cpu.avx512bf16) {
+  // (The avx512 build runs bf16 inputs on vdpbf16ps, hence avx512bf16. The AMX build only
+  // changes the bf16 products; fp32 / fp16 inputs run the avx512 build.)
+  const bool avx512 = isa == "amx" || isa == "avx512";
+  const bool avx512_ok = cpu.avx512f && cpu.avx512bw && cpu.avx512vl && cpu.avx512bf16;
+  if (isa == "amx" && p.fwd.dtype == DType::BF16 && avx512_ok && cpu.amx_tile && cpu.amx_bf16) {
+    attention_backward_amx(p, nth);
+  } else if (avx512 && avx512_ok) {
     attention_backward_avx512(p, nth);
   } else if ((avx512 || isa == "avx2") && cpu.avx2 && cpu.fma && cpu.f16c) {
     attention_backward_avx2(p, nth);

@@ -93,28 +93,91 @@ static void gemm_bf16(int64_t M, int64_t N, int64_t T2, const uint32_t* A, int64
   }
 }
 
+// ------------------------------------------------------------------------- 16 x 16 transposes
+// dst[e * ld + a] = r[a][e] for 16 vectors of 16 32-bit words.
+static inline void transpose_16x16_store(__m512i r[16], uint32_t* dst, int64_t ld) {
+  __m512i t[16];
+  for (int a = 0; a < 16; a += 2) {
+    t[a] = _mm512_unpacklo_epi32(r[a], r[a + 1]);
+    t[a + 1] = _mm512_unpackhi_epi32(r[a], r[a + 1]);
+  }
+  // r[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i+3
+  for (int a = 0; a < 16; a += 4) {
+    r[a] = _mm512_unpacklo_epi64(t[a], t[a + 2]);
+    r[a + 1] = _mm512_unpackhi_epi64(t[a], t[a + 2]);
+    r[a + 2] = _mm512_unpacklo_epi64(t[a + 1], t[a + 3]);
+    r[a + 3] = _mm512_unpackhi_epi64(t[a + 1], t[a + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // 4 x 4 transpose of 128-bit lanes
+    const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
+    const __m512i v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512i v3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+    _mm512_storeu_si512(dst + (c + 0) * ld, _mm512_shuffle_i32x4(v0, v2, 0x88));
+    _mm512_storeu_si512(dst + (c + 4) * ld, _mm512_shuffle_i32x4(v1, v3, 0x88));
+    _mm512_storeu_si512(dst + (c + 8) * ld, _mm512_shuffle_i32x4(v0, v2, 0xDD));
+    _mm512_storeu_si512(dst + (c + 12) * ld, _mm512_shuffle_i32x4(v1, v3, 0xDD));
+  }
+}
+
+// dst[e * ld + a] = src[a * ls + e] for a 16 x 16 block of 32-bit words.
+static inline void transpose_16x16_u32(const uint32_t* src, int64_t ls, uint32_t* dst,
+                                       int64_t ld) {
+  __m512i r[16];
+  for (int a = 0; a < 16; ++a) r[a] = _mm512_loadu_si512(src + a * ls);
+  transpose_16x16_store(r, dst, ld);
+}
+
 // ------------------------------------------------------------------------- operand packing
+// n (a multiple of 16) zero words.
+static inline void zero_u32(uint32_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_si512(dst + i, _mm512_setzero_si512());
+}
+
 static inline uint32_t load_u32(const uint16_t* p) {
   uint32_t x;
   std::memcpy(&x, p, 4);
   return x;
 }
 
+// pair_transpose_bf16 for D % 32 == 0: 16 keys x 16 pairs at a time through registers.
+static void pair_transpose_bf16_x32(const uint16_t* base, int64_t stride, const int64_t* keys,
+                                    int64_t nt, int64_t D, uint32_t* dst) {
+  for (int64_t j0 = 0; j0 < nt; j0 += 16) {
+    const int64_t n = imin(16, nt - j0);
+    for (int64_t d = 0; d < D; d += 32) {
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        r[i] = i < n ? _mm512_loadu_si512(base + keys[j0 + i] * stride + d)
+                     : _mm512_setzero_si512();
+      }
+      transpose_16x16_store(r, dst + d / 2 * kKeys + j0, kKeys);
+    }
+  }
+}
+
 // (D+1)/2 x 64 pair words: word (t, jj) = (row jj [2t], row jj [2t+1]) (0 past D, 0 past nt).
 static void pair_transpose_bf16(const uint16_t* base, int64_t stride, const int64_t* keys,
                                 int64_t nt, int64_t D, uint32_t* dst) {
   const int64_t D2 = (D + 1) / 2;
+  if (D % 32 == 0) {
+    pair_transpose_bf16_x32(base, stride, keys, nt, D, dst);
+    for (int64_t jj = round_up(nt, 16); jj < kKeys; ++jj)
+      for (int64_t t = 0; t < D2; ++t) dst[t * kKeys + jj] = 0;
+    return;
+  }
   for (int64_t jj = 0; jj < nt; ++jj) {
     const uint16_t* r = base + keys[jj] * stride;
     for (int64_t t = 0; t < D / 2; ++t) dst[t * kKeys + jj] = load_u32(r + 2 * t);
     if (D & 1) dst[(D2 - 1) * kKeys + jj] = r[D - 1];
   }
-  for (int64_t jj = nt; jj < round_up(nt, 16); ++jj)  // the products read round_up(nt, 16) keys
+  for (int64_t jj = nt; jj < kKeys; ++jj)  // the products read up to round_up(nt, 32) keys
     for (int64_t t = 0; t < D2; ++t) dst[t * kKeys + jj] = 0;
 }
 
 // Tile operands straight from the bf16 inputs: Ktp / Vtp (pairs along d, 64 key columns) for S
-// and dP; Kpk (pairs of keys, Dp columns, zero padded) for dQ.
+// and dP; Kpk (pairs of keys, Dp columns, zero padded) for dQ. Keys past nt are zero up to 64:
+// the AMX products (bwd_amx_impl.h) read whole 32-key chunks.
 static void pack_keys_bf16(const Ctx& c, Tile& t) {
   const AttnParams& f = c.p->fwd;
   const uint16_t* kbase =
@@ -137,9 +200,11 @@ static void pack_keys_bf16(const Ctx& c, Tile& t) {
       _mm512_storeu_si512(dst + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
   }
+  for (int64_t j2 = (t.nt + 1) / 2; j2 < kKeys / 2; ++j2) zero_u32(t.Kpk + j2 * c.Dp, c.Dp);
 }
 
 // Query block of one head: Qb / dOb (bf16 rows) for S and dP; Qp / dOp (pairs of rows) for dK, dV.
+// Pairs past the block are zero up to 32: the AMX products reduce over whole 32-row chunks.
 static void pack_head_bf16(const Ctx& c, const Rows& rows, HeadBlock& hb) {
   if (!hb.any) return;
   const int64_t n = rows.n;
@@ -153,6 +218,10 @@ static void pack_head_bf16(const Ctx& c, const Rows& rows, HeadBlock& hb) {
                    hb.Qp + x2 * c.Dp);
     pair_rows_bf16(hb.dO + 2 * x2 * c.Dvp, pair ? hb.dO + (2 * x2 + 1) * c.Dvp : nullptr, c.Dvp,
                    hb.dOp + x2 * c.Dvp);
+  }
+  for (int64_t x2 = (n + 1) / 2; x2 < kRows / 2; ++x2) {
+    zero_u32(hb.Qp + x2 * c.Dp, c.Dp);
+    zero_u32(hb.dOp + x2 * c.Dvp, c.Dvp);
   }
 }
 

@@ -4,7 +4,8 @@
 // <new>, <omp.h> (if _OPENMP), "common/attn_params.h" and "common/pattern.h". Keeping every
 // helper in that namespace stops the linker from merging code built for different ISAs.
 // Parts: bwd_gemm_impl.h (helpers, conversion, GEMM micro-kernels), bwd_tile_impl.h (key
-// tiles: masks, packing, flush), this file (query blocks, the tile step, the drivers).
+// tiles: masks, packing, flush), this file (query blocks, the tile step, the drivers); with bf16
+// inputs the tile step is bwd_bf16_impl.h (vdpbf16ps) or, in AMX builds, bwd_amx_impl.h (tiles).
 //
 // Vec provides: W (lanes), MR / NVMAX (register tile: MR rows x NVMAX vectors), type R and
 //   zero, load, store, set1, fma(a, b, c) = a*b + c, sub, mul, exp, maskz(lane_bits, v).
@@ -95,6 +96,9 @@ struct Scratch {
   uint32_t* Pt = nullptr;   // 32 x 64: P^T as pairs of rows
   uint32_t* dSt = nullptr;  // 32 x 64: dS^T as pairs of rows
   uint32_t* dSb = nullptr;  // 64 x 32: rows of dS as bf16
+  // AMX A operands (bwd_amx_impl.h), only with Ctx::amx
+  uint32_t* PtA = nullptr;   // 64 x 32: rows of P^T (keys), pairs of query rows
+  uint32_t* dStA = nullptr;  // 64 x 32: rows of dS^T
 };
 
 #if defined(__AVX512BF16__)
@@ -105,6 +109,16 @@ constexpr bool kBf16Dot = false;
 static void pack_keys_bf16(const Ctx&, Tile&) {}
 static void pack_head_bf16(const Ctx&, const Rows&, HeadBlock&) {}
 static void tile_step_bf16(const Ctx&, Tile&, int64_t, int64_t, HeadBlock&, Scratch&) {}
+#endif
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#include "cpu/bwd_amx_impl.h"
+#else
+constexpr bool kAmx = false;
+struct AmxThreadScope {
+  explicit AmxThreadScope(bool) {}
+};
+static void tile_step_amx(const Ctx&, Tile&, int64_t, HeadBlock&, Scratch&) {}
 #endif
 
 static void process_tile(const Ctx& c, Tile& t, const Rows& rows, RowMode mode, HeadBlock* heads,
@@ -123,6 +137,10 @@ static void process_tile(const Ctx& c, Tile& t, const Rows& rows, RowMode mode, 
       any |= s.mask[x];
     }
     if (any == 0) continue;
+    if (c.amx) {
+      tile_step_amx(c, t, mq, hb, s);
+      continue;
+    }
     if (c.bf16) {
       tile_step_bf16(c, t, mq, ncols, hb, s);
       continue;
@@ -186,6 +204,11 @@ constexpr int64_t kRingBytes = int64_t(16) << 20;
 
 static bool use_bf16_dot(const AttnParams& f) { return kBf16Dot && f.dtype == DType::BF16; }
 
+// The AMX tiles reduce over whole 32-element chunks of d and e (no padding of the inputs).
+static bool use_amx(const AttnParams& f) {
+  return kAmx && use_bf16_dot(f) && f.D % 32 == 0 && f.Dv % 32 == 0;
+}
+
 static Layout make_layout(const AttnParams& f, int64_t Dp, int64_t Dvp) {
   Layout L;
   const int64_t a = 16;  // keep every array 64-byte aligned
@@ -201,7 +224,8 @@ static Layout make_layout(const AttnParams& f, int64_t Dp, int64_t Dvp) {
   if (bf16) L.head_floats += 2 * (kRows / 2 * Dp + kRows / 2 * Dvp);
   const int64_t heads = imin(f.Hq / f.Hk, 64);  // run_item handles the group 64 heads at a time
   L.floats = (L.ring + 1) * L.tile_floats + heads * L.head_floats + 2 * kRows * kKeys +
-             2 * kRows /* masks */ + round_up(Dvp, a) + (bf16 ? 3 * kRows * kKeys / 2 : 0);
+             2 * kRows /* masks */ + round_up(Dvp, a) + (bf16 ? 3 * kRows * kKeys / 2 : 0) +
+             (use_amx(f) ? 2 * kRows * kKeys / 2 : 0);
   L.bytes = round_up(L.floats * 4, 64);
   return L;
 }
@@ -259,6 +283,7 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
   c.dk = dk;
   c.dv = dv;
   c.bf16 = use_bf16_dot(f);
+  c.amx = use_amx(f);
 
   Arena a{mem};
   for (int64_t s = 0; s < L.ring; ++s) {
@@ -274,6 +299,10 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
     sc.Pt = take_u32(a, kRows / 2 * kKeys);
     sc.dSt = take_u32(a, kRows / 2 * kKeys);
     sc.dSb = take_u32(a, kRows * kKeys / 2);
+  }
+  if (c.amx) {
+    sc.PtA = take_u32(a, kRows * kKeys / 2);
+    sc.dStA = take_u32(a, kRows * kKeys / 2);
   }
   float* orow = a.take(c.Dvp);
   float* head_mem = a.cur;
@@ -427,6 +456,7 @@ static void run(const AttnBwdParams& p, int num_threads) {
 #endif
   {
     const ::hk::cpu::FlushDenormals ftz;  // cpu/fp_env.h, included by the translation unit
+    const AmxThreadScope amx(use_amx(f));
 #if defined(_OPENMP)
     const int tid = omp_get_thread_num();
 #else

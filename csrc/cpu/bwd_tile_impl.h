@@ -46,6 +46,7 @@ struct Ctx {
   float* dk;                // (Nk, D) gradient accumulator of this item (output or a partial)
   float* dv;                // (Nk, Dv)
   bool bf16 = false;        // bf16 inputs on an AVX-512 BF16 build: products on vdpbf16ps
+  bool amx = false;         // bf16 on an AMX build, D and Dv multiples of 32: products on tiles
 };
 
 static inline bool row_is_landmark(const Ctx& c, int64_t r) {

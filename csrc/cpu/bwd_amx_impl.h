@@ -1,0 +1,124 @@
+// Part of the CPU attention backward for AMX builds (included by bwd_kernel_impl.h inside the
+// per-ISA namespace, after bwd_bf16_impl.h, only when __AMX_BF16__ / __AMX_TILE__ are defined).
+// With bf16 inputs and D % 32 == 0, Dv % 32 == 0 the five products of the tile step run on AMX
+// tiles (tdpbf16ps, fp32 accumulation); the numerics are those of tile_step_bf16: operands are
+// the bf16 inputs, P and dS rounded to bf16 (nearest even), the softmax and dS in fp32.
+//
+// AMX operand layouts (every tile is 16 rows x 64 bytes, see amx_configure):
+//   A: 16 rows, each 16 pair words along the reduction (32 bf16, even index in the low half)
+//   B: 16 pair rows (VNNI) x 16 columns, i.e. exactly the "pair" matrices of bwd_bf16_impl.h
+// Products of one tile step (mq query rows, nt keys; M, N rounded up to 32, reductions too):
+//   S  = Q K^T     A = Qb   [x][d2]   B = Ktp  [d2][j]   C = S   [x][j]
+//   dP = dO V^T    A = dOb  [x][e2]   B = Vtp  [e2][j]   C = dP  [x][j]
+//   dV += P^T dO   A = PtA  [j][x2]   B = dOp  [x2][e]   C = dV  [j][e]
+//   dK += dS^T Q   A = dStA [j][x2]   B = Qp   [x2][d]   C = dK  [j][d]
+//   dQ += dS K     A = dSb  [x][j2]   B = Kpk  [j2][d]   C = dQ  [x][d]
+// PtA / dStA are the only operands not produced by the bf16 path: transposes of Pt / dSt.
+// Rounding up is safe because every padded operand is zero on both sides of its reduction
+// (pack_keys_bf16 / pack_head_bf16 zero them, masked P and dS are exact zeros); the padded rows
+// and columns of S, dP, dQ, dK and dV are never read back.
+
+constexpr bool kAmx = true;
+
+// Loads the single tile shape used here (8 tiles of 16 rows x 64 bytes) into this thread.
+static inline void amx_configure() {
+  struct alignas(64) {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Tile configuration is per thread: hold one for the body of each parallel region.
+struct AmxThreadScope {
+  bool on;
+  explicit AmxThreadScope(bool use) : on(use) {
+    if (on) amx_configure();
+  }
+  ~AmxThreadScope() {
+    if (on) _tile_release();
+  }
+  AmxThreadScope(const AmxThreadScope&) = delete;
+  AmxThreadScope& operator=(const AmxThreadScope&) = delete;
+};
+
+// ------------------------------------------------------------------------- tile GEMM
+// C (M x N fp32, ldc floats) (+)= A B over K2 pairs. A: row r at A + r*lda (words, A layout),
+// B: pair row t at B + t*ldb (words, VNNI). M, N multiples of 32, K2 a multiple of 16.
+// Tiles 0-3 hold a 32 x 32 block of C (four independent tdpbf16ps chains), 4-5 A, 6-7 B.
+template <bool ACC>
+static void amx_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda,
+                     const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
+  const int64_t sa = lda * 4, sb = ldb * 4, sc = ldc * 4;
+  for (int64_t r0 = 0; r0 < M; r0 += 32) {
+    for (int64_t c0 = 0; c0 < N; c0 += 32) {
+      float* c = C + r0 * ldc + c0;
+      if (ACC) {
+        _tile_loadd(0, c, sc);
+        _tile_loadd(1, c + 16, sc);
+        _tile_loadd(2, c + 16 * ldc, sc);
+        _tile_loadd(3, c + 16 * ldc + 16, sc);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t t = 0; t < K2; t += 16) {
+        const uint32_t* a = A + r0 * lda + t;
+        const uint32_t* b = B + t * ldb + c0;
+        _tile_loadd(4, a, sa);
+        _tile_loadd(5, a + 16 * lda, sa);
+        _tile_loadd(6, b, sb);
+        _tile_loadd(7, b + 16, sb);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c, sc);
+      _tile_stored(1, c + 16, sc);
+      _tile_stored(2, c + 16 * ldc, sc);
+      _tile_stored(3, c + 16 * ldc + 16, sc);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------- transposes
+// Pair rows of a tile product (B layout, [x2][j], kKeys words a row) -> A layout ([j][x2],
+// kRows / 2 words a row), for x2 < m2 and j < n (both multiples of 16).
+static void pairs_to_a_layout(const uint32_t* src, int64_t m2, int64_t n, uint32_t* dst) {
+  for (int64_t x2 = 0; x2 < m2; x2 += 16)
+    for (int64_t j = 0; j < n; j += 16)
+      transpose_16x16_u32(src + x2 * kKeys + j, kKeys, dst + j * (kRows / 2) + x2, kRows / 2);
+}
+
+// ------------------------------------------------------------------------- the tile step
+// One q head's products for one tile on AMX (process_tile computed the masks of rows < mq).
+static void tile_step_amx(const Ctx& c, Tile& t, int64_t mq, HeadBlock& hb, Scratch& s) {
+  const int64_t m = round_up(mq, 32), n = round_up(t.nt, 32);
+  for (int64_t x = mq; x < m; ++x) s.mask[x] = 0;  // padded rows: P = dS = 0
+  amx_gemm<false>(m, n, c.D / 2, hb.Qb, c.Dp / 2, t.Ktp, kKeys, s.S, kKeys);
+  amx_gemm<false>(m, n, c.Dv / 2, hb.dOb, c.Dvp / 2, t.Vtp, kKeys, s.dP, kKeys);
+  softmax_pack_bf16(m, n, c.p->fwd.scale, hb, s);
+  pairs_to_a_layout(s.Pt, m / 2, n, s.PtA);
+  pairs_to_a_layout(s.dSt, m / 2, n, s.dStA);
+  if (t.fresh) {  // first product into this tile: store instead of zero-fill + add
+    amx_gemm<false>(n, c.Dvp, m / 2, s.PtA, kRows / 2, hb.dOp, c.Dvp, t.dV, c.Dvp);  // P^T dO
+    amx_gemm<false>(n, c.Dp, m / 2, s.dStA, kRows / 2, hb.Qp, c.Dp, t.dK, c.Dp);     // dS^T Q
+    t.fresh = false;
+  } else {
+    amx_gemm<true>(n, c.Dvp, m / 2, s.PtA, kRows / 2, hb.dOp, c.Dvp, t.dV, c.Dvp);
+    amx_gemm<true>(n, c.Dp, m / 2, s.dStA, kRows / 2, hb.Qp, c.Dp, t.dK, c.Dp);
+  }
+  amx_gemm<true>(m, c.Dp, n / 2, s.dSb, kKeys / 2, t.Kpk, c.Dp, hb.dQ, c.Dp);  // dQ += dS K
+}
