@@ -113,5 +113,12 @@ void attention_backward(const AttnBwdParams& p) {
   }
 }
 
+#ifdef HK_NO_AMX
+// This build has no amx translation units (see CMakeLists.txt); selected_isa() never says "amx".
+void attention_backward_amx(const AttnBwdParams& p, int num_threads) {
+  attention_backward_avx512(p, num_threads);
+}
+#endif
+
 }  // namespace cpu
 }  // namespace hk

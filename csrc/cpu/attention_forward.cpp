@@ -103,5 +103,10 @@ void attention_forward(const AttnParams& params) {
   }
 }
 
+#ifdef HK_NO_AMX
+// This build has no amx translation units (see CMakeLists.txt); selected_isa() never says "amx".
+void attention_forward_amx(const AttnParams& p) { attention_forward_avx512(p); }
+#endif
+
 }  // namespace cpu
 }  // namespace hk

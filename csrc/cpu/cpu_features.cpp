@@ -88,6 +88,9 @@ bool has_avx512() {
 
 // The amx kernels are the avx512 ones plus -mamx-tile/-mamx-bf16/-mamx-int8.
 bool has_amx() {
+#ifdef HK_NO_AMX  // built by a compiler without AMX support: no amx kernels in this module
+  return false;
+#endif
   const CpuFeatures& f = detected().f;
   return has_avx512() && f.amx_tile && f.amx_bf16 && f.amx_int8;
 }
@@ -106,7 +109,7 @@ std::string selected_isa() {
   if (want == "avx512" && has_avx512()) return want;
   if (want == "amx" && has_amx()) return want;
   if (want == "avx2" || want == "avx512" || want == "amx")
-    throw std::invalid_argument("HYBRID_KERNELS_CPU_ISA=" + want + " but this CPU does not support it");
+    throw std::invalid_argument("HYBRID_KERNELS_CPU_ISA=" + want + " but this CPU (or this build of hybrid_kernels) does not support it");
   throw std::invalid_argument("HYBRID_KERNELS_CPU_ISA must be amx, avx512, avx2 or scalar, got '" + want + "'");
 }
 
