@@ -4,7 +4,7 @@
 // tiles (tdpbf16ps, fp32 accumulation); the numerics are those of tile_step_bf16: operands are
 // the bf16 inputs, P and dS rounded to bf16 (nearest even), the softmax and dS in fp32.
 //
-// AMX operand layouts (every tile is 16 rows x 64 bytes, see amx_configure):
+// AMX operand layouts (every tile is 16 rows x 64 bytes, see amx_tiles.h):
 //   A: 16 rows, each 16 pair words along the reduction (32 bf16, even index in the low half)
 //   B: 16 pair rows (VNNI) x 16 columns, i.e. exactly the "pair" matrices of bwd_bf16_impl.h
 // Products of one tile step (mq query rows, nt keys; M, N rounded up to 32, reductions too):
@@ -20,36 +20,7 @@
 
 constexpr bool kAmx = true;
 
-// Loads the single tile shape used here (8 tiles of 16 rows x 64 bytes) into this thread.
-static inline void amx_configure() {
-  struct alignas(64) {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-  } cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-// Tile configuration is per thread: hold one for the body of each parallel region.
-struct AmxThreadScope {
-  bool on;
-  explicit AmxThreadScope(bool use) : on(use) {
-    if (on) amx_configure();
-  }
-  ~AmxThreadScope() {
-    if (on) _tile_release();
-  }
-  AmxThreadScope(const AmxThreadScope&) = delete;
-  AmxThreadScope& operator=(const AmxThreadScope&) = delete;
-};
+using ::hk::cpu::AmxThreadScope;  // cpu/amx_tiles.h, included by bwd_amx.cpp
 
 // ------------------------------------------------------------------------- tile GEMM
 // C (M x N fp32, ldc floats) (+)= A B over K2 pairs. A: row r at A + r*lda (words, A layout),

@@ -17,6 +17,7 @@
 
 #include <cstring>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/fwd_common.h"
 #include "cpu/fwd_core_bf16.h"
 #include "cpu/simd_common.h"
@@ -34,24 +35,6 @@ struct KVAmx {
   int64_t vs;
   int64_t keys;  // keys the tiles may read from j = 0 (zero padded past the real ones)
 };
-
-// Loads the one tile shape used by this core (8 tiles of 16 x 64 bytes) into this thread.
-inline void amx_configure_16x64() {
-  struct alignas(64) {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-  } cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
 
 class PrepAmx {
  public:
@@ -171,52 +154,17 @@ struct CoreAmx {
     return _mm512_scalef_ps(y, n);
   }
 
-  // S^T tiles. Tiles 0-3 accumulate two key groups x two lane halves (four independent chains
-  // hide the tdpbf16ps latency), 4-5 hold K, 6-7 the Q pairs of one 32-dim chunk.
+  // S^T = K . Q^T for the tile's whole 16-key groups (all groups for zero-padded K), the rest
+  // with vdpbf16ps.
   static void qk(Work& w, const KV& kv, int64_t j0, int n, float* S) {
     const int64_t D = DC ? DC : w.D2 * 2;
     const int nc = int(D / 32);
-    const int64_t kb = kv.ks * 2;
     const uint32_t* Qp = w.Qp.get();
     const uint16_t* kp = kv.k + j0 * kv.ks;
     const int groups = kv.keys ? int(ceil_div(n, 16)) : n / 16;
     int g = 0;
-    for (; g + 2 <= groups; g += 2) {
-      const uint16_t* k0 = kp + (16 * g) * kv.ks;
-      const uint16_t* k1 = k0 + 16 * kv.ks;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int c = 0; c < nc; ++c) {
-        _tile_loadd(6, Qp + (16 * c) * BQ, BQ * 4);
-        _tile_loadd(7, Qp + (16 * c) * BQ + 16, BQ * 4);
-        _tile_loadd(4, k0 + 32 * c, kb);
-        _tile_loadd(5, k1 + 32 * c, kb);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      float* s0 = S + (16 * g) * BQ;
-      _tile_stored(0, s0, BQ * 4);
-      _tile_stored(1, s0 + 16, BQ * 4);
-      _tile_stored(2, s0 + 16 * BQ, BQ * 4);
-      _tile_stored(3, s0 + 16 * BQ + 16, BQ * 4);
-    }
-    if (g < groups) {
-      _tile_zero(0);
-      _tile_zero(1);
-      for (int c = 0; c < nc; ++c) {
-        _tile_loadd(6, Qp + (16 * c) * BQ, BQ * 4);
-        _tile_loadd(7, Qp + (16 * c) * BQ + 16, BQ * 4);
-        _tile_loadd(4, kp + (16 * g) * kv.ks + 32 * c, kb);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-      }
-      _tile_stored(0, S + (16 * g) * BQ, BQ * 4);
-      _tile_stored(1, S + (16 * g) * BQ + 16, BQ * 4);
-    }
+    for (; g + 2 <= groups; g += 2) qk_groups<2>(Qp, kp + (16 * g) * kv.ks, kv.ks, nc, S + (16 * g) * BQ);
+    if (g < groups) qk_groups<1>(Qp, kp + (16 * g) * kv.ks, kv.ks, nc, S + (16 * g) * BQ);
     // S stays unscaled when softmax() can fold a positive scale into its exponent.
     const float cs = softmax_scale(w) == 1.f ? w.c : 1.f;
     const int done = std::min(n, 16 * groups);
@@ -229,7 +177,7 @@ struct CoreAmx {
     for (; j < n; ++j) Base::template qk_block<1>(Qp, kp + j * kv.ks, kv.ks, D / 2, cs, S + j * BQ);
   }
 
-  // Ot tiles: 0-3 two 16-feature groups x two lane halves, 4-5 Vt, 6-7 the P pairs of one chunk.
+  // Ot = Ot * alpha + Vt . P (P from softmax(), already bf16 pairs in w.Pp).
   static void pv(Work& w, const KV& kv, int64_t j0, int n, const float* P, const R* alpha, float* Ot) {
     const int64_t Dv = DVC ? DVC : w.Dv;
     // Whole 32-key chunks on tiles; padded buffers (landmarks) may round the last one up.
@@ -242,45 +190,9 @@ struct CoreAmx {
       for (int64_t i = 0; i < Dv * QV; ++i)
         _mm512_storeu_ps(Ot + i * W, _mm512_mul_ps(_mm512_loadu_ps(Ot + i * W), alpha[i % QV]));
     if (chunks > 0) {
-      const int64_t vb = kv.vts * 2;
       int64_t e0 = 0;
-      for (; e0 + 32 <= Dv; e0 += 32) {
-        float* o = Ot + e0 * BQ;
-        const uint16_t* vt0 = kv.vt + e0 * kv.vts + j0;
-        const uint16_t* vt1 = vt0 + 16 * kv.vts;
-        _tile_loadd(0, o, BQ * 4);
-        _tile_loadd(1, o + 16, BQ * 4);
-        _tile_loadd(2, o + 16 * BQ, BQ * 4);
-        _tile_loadd(3, o + 16 * BQ + 16, BQ * 4);
-        for (int c = 0; c < chunks; ++c) {
-          _tile_loadd(6, Pp + (16 * c) * BQ, BQ * 4);
-          _tile_loadd(7, Pp + (16 * c) * BQ + 16, BQ * 4);
-          _tile_loadd(4, vt0 + 32 * c, vb);
-          _tile_loadd(5, vt1 + 32 * c, vb);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_stored(0, o, BQ * 4);
-        _tile_stored(1, o + 16, BQ * 4);
-        _tile_stored(2, o + 16 * BQ, BQ * 4);
-        _tile_stored(3, o + 16 * BQ + 16, BQ * 4);
-      }
-      if (e0 < Dv) {  // Dv % 32 == 16
-        float* o = Ot + e0 * BQ;
-        _tile_loadd(0, o, BQ * 4);
-        _tile_loadd(1, o + 16, BQ * 4);
-        for (int c = 0; c < chunks; ++c) {
-          _tile_loadd(6, Pp + (16 * c) * BQ, BQ * 4);
-          _tile_loadd(7, Pp + (16 * c) * BQ + 16, BQ * 4);
-          _tile_loadd(4, kv.vt + e0 * kv.vts + j0 + 32 * c, vb);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-        }
-        _tile_stored(0, o, BQ * 4);
-        _tile_stored(1, o + 16, BQ * 4);
-      }
+      for (; e0 + 32 <= Dv; e0 += 32) pv_groups<2>(Pp, kv.vt + e0 * kv.vts + j0, kv.vts, chunks, Ot + e0 * BQ);
+      if (e0 < Dv) pv_groups<1>(Pp, kv.vt + e0 * kv.vts + j0, kv.vts, chunks, Ot + e0 * BQ);  // Dv % 32 == 16
     }
     // Keys of a partial chunk at the end of the band: fp32 FMAs (P widened back from bf16).
     for (int j = tiled; j < n; ++j) {
@@ -296,6 +208,69 @@ struct CoreAmx {
   }
 
  private:
+  // S^T rows of G (1 or 2) 16-key groups starting at key row k0, both lane halves, over nc
+  // 32-dim chunks. Tiles 0-3: accumulators (group x half: independent tdpbf16ps chains hide the
+  // latency), 4-5: K, 6-7: the Q pairs of one chunk.
+  template <int G>
+  static void qk_groups(const uint32_t* Qp, const uint16_t* k0, int64_t ks, int nc, float* S) {
+    const int64_t kb = ks * 2;
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (G == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int c = 0; c < nc; ++c) {
+      _tile_loadd(6, Qp + (16 * c) * BQ, BQ * 4);
+      _tile_loadd(7, Qp + (16 * c) * BQ + 16, BQ * 4);
+      _tile_loadd(4, k0 + 32 * c, kb);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (G == 2) {
+        _tile_loadd(5, k0 + 16 * ks + 32 * c, kb);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, S, BQ * 4);
+    _tile_stored(1, S + 16, BQ * 4);
+    if constexpr (G == 2) {
+      _tile_stored(2, S + 16 * BQ, BQ * 4);
+      _tile_stored(3, S + 16 * BQ + 16, BQ * 4);
+    }
+  }
+
+  // Ot rows of G (1 or 2) 16-feature groups (vt: their first Vt row at the tile's first key)
+  // += Vt . P over `chunks` 32-key chunks. Tiles 0-3: Ot (group x half), 4-5: Vt, 6-7: P pairs.
+  template <int G>
+  static void pv_groups(const uint32_t* Pp, const uint16_t* vt, int64_t vts, int chunks, float* o) {
+    const int64_t vb = vts * 2;
+    _tile_loadd(0, o, BQ * 4);
+    _tile_loadd(1, o + 16, BQ * 4);
+    if constexpr (G == 2) {
+      _tile_loadd(2, o + 16 * BQ, BQ * 4);
+      _tile_loadd(3, o + 16 * BQ + 16, BQ * 4);
+    }
+    for (int c = 0; c < chunks; ++c) {
+      _tile_loadd(6, Pp + (16 * c) * BQ, BQ * 4);
+      _tile_loadd(7, Pp + (16 * c) * BQ + 16, BQ * 4);
+      _tile_loadd(4, vt + 32 * c, vb);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (G == 2) {
+        _tile_loadd(5, vt + 16 * vts + 32 * c, vb);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, o, BQ * 4);
+    _tile_stored(1, o + 16, BQ * 4);
+    if constexpr (G == 2) {
+      _tile_stored(2, o + 16 * BQ, BQ * 4);
+      _tile_stored(3, o + 16 * BQ + 16, BQ * 4);
+    }
+  }
+
   // The factor softmax() applies to raw scores: w.c when positive (max commutes with it), else
   // 1 (qk scaled S itself).
   static float softmax_scale(const Work& w) { return w.c > 0.f ? w.c : 1.f; }
