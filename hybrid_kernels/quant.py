@@ -5,9 +5,11 @@
   sequence is subtracted. That shifts every score of a query row by the same amount, so the
   softmax (and the output) are unchanged while the int8 range is spent on what varies.
   The softmax scale is not folded in; the kernels multiply by it.
-* :func:`int8_reference` computes exactly what an int8 kernel computes (exact integer dot
-  products, then the scales) in float64 on top of :mod:`hybrid_kernels.reference`. It is the
-  tight oracle for the int8 kernels.
+* :func:`int8_reference` emulates an int8 kernel: exact integer dot products, then the scales,
+  in float64 on top of :mod:`hybrid_kernels.reference`, and PV with P and V rounded to bf16
+  (SageAttention's PV precision, which the CPU kernels use for every input dtype) or, with
+  ``pv_dtype=torch.float64``, exact. The kernels are tested against the exact emulation with a
+  tolerance derived from the bf16 one (tests/oracle.py).
 
 Note on lse: with ``smooth_k`` the lse of the int8 path is that of the smoothed scores, i.e. the
 exact lse minus ``scale * q . mean(k)``. ``quantize_qk(..., return_k_mean=True)`` returns the
@@ -15,6 +17,7 @@ mean so a caller can add it back.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -173,13 +176,25 @@ def int8_reference(
     q_block: int = 64,
     k_block: int = 64,
     smooth_k: bool = True,
+    pv_dtype: torch.dtype = torch.bfloat16,
 ) -> Tuple[Tensor, Tensor]:
-    """What the int8 kernels compute, exactly: quantize with :func:`quantize_qk`, integer q8.k8
-    (exact in float64), times q_scale * k_scale * scale, masked softmax and PV in float64.
+    """What the int8 kernels compute: quantize with :func:`quantize_qk`, integer q8.k8 (exact in
+    float64), times q_scale * k_scale * scale, masked softmax in float64, then PV:
+
+    * ``pv_dtype=torch.bfloat16`` (the kernels' precision): p = 2^(s log2(e) - M) with M the row
+      max rounded up to an integer, and v, are rounded to fp32 and then to bf16 (nearest even),
+      multiplied and summed in float64, and divided by the row sum of the *unrounded* p (the
+      kernels' softmax sum uses fp32 p before rounding). The AVX-512/AMX kernels shift by an
+      integer max too (bf16 rounding commutes with the power-of-2 difference); the AVX2/portable
+      ones by their running max, and all use an fp32 exp2, so this is an emulation, not a
+      bit-exact copy.
+    * ``pv_dtype=torch.float64``: exact PV, the oracle.
 
     Returns (out float32 (B, Hq, Nq, Dv), lse float32 (B, Hq, Nq)); lse is that of the smoothed
     scores (see the module note). Dense: O(Nq * Nk) memory, for tests.
     """
+    if pv_dtype not in (torch.bfloat16, torch.float64):
+        raise ValueError(f"pv_dtype must be torch.bfloat16 or torch.float64; got {pv_dtype}")
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
@@ -200,4 +215,25 @@ def int8_reference(
                            device=q.device)
     p, lse = masked_softmax_lse(scores, mask)
     vd = v.double().repeat_interleave(g, dim=1)
-    return torch.matmul(p, vd).float(), lse.float()
+    if pv_dtype == torch.float64:
+        return torch.matmul(p, vd).float(), lse.float()
+    return _pv_bf16(scores, mask, vd).float(), lse.float()
+
+
+def _round_bf16(x: Tensor) -> Tensor:
+    """x rounded to fp32, then to the nearest bf16 value (ties to even), as float64."""
+    return x.float().to(torch.bfloat16).double()
+
+
+def _pv_bf16(scores: Tensor, mask: Tensor, v: Tensor) -> Tensor:
+    """sum_j bf16(p_ij) bf16(v_j) / sum_j p_ij over visible keys (float64 scores and v), rows that
+    see nothing give 0, with p_ij = 2^(t_ij - ceil(max_j t_ij)), t = s * log2(e): the kernels work
+    in base 2 and shift by a max rounded up to an integer, so their p differs from this one by a
+    power of 2 only, which bf16 rounding commutes with."""
+    t = scores.masked_fill(~mask, float("-inf")) * math.log2(math.e)
+    m = torch.ceil(t.amax(dim=-1, keepdim=True))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp2(t - m)
+    l = e.sum(dim=-1, keepdim=True)
+    out = torch.matmul(_round_bf16(e), _round_bf16(v))
+    return out / torch.where(l > 0, l, torch.ones_like(l))

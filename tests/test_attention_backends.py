@@ -9,7 +9,7 @@ import hybrid_kernels as hk
 from hybrid_kernels.dispatch import get_backend
 
 from cases import CASES, FAST_CASES, ref_kwargs
-from oracle import assert_matches_oracle, reference_grads, reference_pair
+from oracle import assert_matches_oracle, max_err, reference_grads, reference_pair, tolerance
 
 BACKENDS = ["cpu", "reference"]
 
@@ -113,15 +113,69 @@ def test_int8_accuracy(backend):
     assert torch.equal(k, k.clone()), "the caller's K is never mutated"
 
 
-def test_int8_cpu_matches_int8_emulation():
-    """The CPU int8 kernel computes exactly the quantized scores the torch emulation does."""
-    _require("cpu")
+def assert_int8_matches_emulation(name, out, q, k, v, pattern):
+    """The int8 kernel vs the exact int8 emulation (float64 PV), within twice the error of the
+    bf16-PV emulation (the kernels' PV precision, output rounded to the output dtype like the
+    kernel's) plus fp32 rounding."""
     from hybrid_kernels.quant import int8_reference
+    kw = ref_kwargs(pattern, q, k)
+    emu64, _ = int8_reference(q, k, v, **kw, pv_dtype=torch.float64)
+    emu_bf16, _ = int8_reference(q, k, v, **kw, pv_dtype=torch.bfloat16)
+    emu_bf16 = emu_bf16.to(out.dtype)
+    assert_matches_oracle(name, out, emu64, emu_bf16, depth=q.shape[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_int8_cpu_matches_int8_emulation(dtype):
+    """The CPU int8 kernel computes the quantized scores of the torch emulation and its bf16 PV."""
+    _require("cpu")
     case = CASES[0]
-    q, k, v, pattern = case.make(torch.float32)
+    q, k, v, pattern = case.make(dtype)
     out = hk.attention(q, k, v, **pattern, quant="int8", backend="cpu")
-    emu, _ = int8_reference(q, k, v, **ref_kwargs(pattern, q, k))
-    torch.testing.assert_close(out, emu.float(), rtol=1e-4, atol=1e-4)
+    assert out.dtype == dtype
+    assert_int8_matches_emulation(f"int8 {dtype}", out, q, k, v, pattern)
+
+
+INT8_ISA_CASES = [c for c in CASES if c.id in {
+    "odd_D59_gqa_window_lm_pad", "causal_window_stride", "nq_gt_nk_negative_rows",
+    "n1025_d64_causal_pad", "full_mqa_d128", "left_only_unlimited_right", "single_query",
+    "empty_rows"}]
+
+
+@pytest.mark.parametrize("case", INT8_ISA_CASES, ids=lambda c: c.id)
+def test_int8_every_isa_agrees(monkeypatch, case):
+    """quant="int8" forced onto each instruction set this CPU has (amx, avx512, avx2, scalar):
+    every one matches the int8 emulation, and any two differ by at most that same bound (outputs
+    are NaN-poisoned first, so unwritten elements show)."""
+    _require("cpu")
+    from hybrid_kernels.backends.cpu import load_module
+    mod = load_module()
+    q, k, v, pattern = case.make(torch.float32)
+    outs, lses = {}, {}
+    for isa in ("amx", "avx512", "avx2", "scalar"):
+        monkeypatch.setenv("HYBRID_KERNELS_CPU_ISA", isa)
+        try:
+            assert mod.selected_isa() == isa
+        except ValueError:  # this CPU lacks it
+            continue
+        outs[isa], lses[isa] = hk.attention(q, k, v, **pattern, quant="int8", backend="cpu",
+                                            return_lse=True)
+        assert_int8_matches_emulation(f"int8 {isa}", outs[isa], q, k, v, pattern)
+    if "amx" in lses and "avx512" in lses:
+        # Same int32 scores (tdpbusd vs vpdpbusd) and the same softmax: the lse is bit-equal.
+        assert torch.equal(lses["amx"], lses["avx512"]), "amx and avx512 QK must agree exactly"
+    monkeypatch.delenv("HYBRID_KERNELS_CPU_ISA")
+    if mod.selected_isa() in outs:
+        assert torch.equal(hk.attention(q, k, v, **pattern, quant="int8", backend="cpu"),
+                           outs[mod.selected_isa()]), "the default ISA is one of those forced"
+    from hybrid_kernels.quant import int8_reference
+    emu_bf16, _ = int8_reference(q, k, v, **ref_kwargs(pattern, q, k))
+    emu64, _ = int8_reference(q, k, v, **ref_kwargs(pattern, q, k), pv_dtype=torch.float64)
+    tol = tolerance(max_err(emu_bf16, emu64), emu64, depth=case.D)
+    names = list(outs)
+    for a, b in zip(names, names[1:]):
+        err = max_err(outs[a], outs[b])
+        assert err <= tol, f"int8 {a} vs {b}: max difference {err:.3e} > {tol:.3e}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -189,10 +243,8 @@ def test_cpu_lower_isas(monkeypatch, isa, case):
         for name, g, g64, gb in zip(("dq", "dk", "dv"), grads, oracle, baseline):
             assert_matches_oracle(f"{isa} {dtype} {name}", g, g64, gb, depth=case.D)
     q, k, v, pattern = case.make(torch.float32)
-    from hybrid_kernels.quant import int8_reference
     out = hk.attention(q, k, v, **pattern, quant="int8", backend="cpu")
-    emu, _ = int8_reference(q, k, v, **ref_kwargs(pattern, q, k))
-    torch.testing.assert_close(out, emu, rtol=1e-4, atol=1e-4)
+    assert_int8_matches_emulation(f"{isa} int8", out, q, k, v, pattern)
 
 
 def test_cpu_thread_counts_agree(monkeypatch):

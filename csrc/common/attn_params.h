@@ -61,7 +61,7 @@ struct AttnBwdParams {
 // INT8 forward (SageAttention-style): q/k quantized per block, by the caller (q8/k8 given) or by
 // the kernel (q8 == k8 == nullptr, CPU: see k_mean below).
 // S_ij = (sum_d q8[i,d] * k8[j,d]) * q_scale[i / q_block] * k_scale[j / k_block] * scale.
-// With q8/k8 given, fwd.q / fwd.k are ignored; fwd.v / fwd.o use fwd.dtype (PV in fp32 on CPU).
+// With q8/k8 given, fwd.q / fwd.k are ignored; fwd.v / fwd.o use fwd.dtype (PV in bf16 on CPU).
 struct AttnInt8Params {
   AttnParams fwd;
   const int8_t* q8 = nullptr;  // (B, Hq, Nq, D) contiguous

@@ -1,8 +1,9 @@
-// CPU INT8 forward (SageAttention-style): INT8 QK^T with int32 accumulation, online softmax and
-// PV in fp32. Same tile visiting as the fp32 forward: per query block of kTile rows, the window
-// band (tiles of kTile keys) plus the landmark keys outside it (gathered, pre-packed per kv head);
-// landmark query rows are recomputed afterwards over their full key range. Only edge tiles are
-// masked per element. The pattern logic lives here; the per-tile math is in int8_kernels_*.cpp.
+// CPU INT8 forward (SageAttention-style): INT8 QK^T with int32 accumulation, fp32 online softmax,
+// PV with P and V rounded to bf16 and fp32 accumulation (every input dtype and ISA; see
+// int8_kernels.h "PV precision"). Same tile visiting as the fp32 forward: per query block of
+// kTile rows, the window band (tiles of kTile keys) plus the landmark keys outside it (gathered,
+// pre-packed per kv head); landmark query rows are computed by their own tasks over their full
+// key range (band blocks skip writing them). Only edge tiles are masked per element. The pattern logic lives here; the per-tile math is in int8_kernels_*.cpp.
 // Fused mode (q8 == nullptr): Q is quantized per query block as it is loaded (begin_block) and K
 // per kv head straight into the packed layout (pack_one); see int8_quantize.h.
 #include <algorithm>
@@ -86,7 +87,8 @@ void validate(const AttnInt8Params& p) {
 }
 
 // Per (b, kv head): K packed for vpdpbusd, the +128 correction, per-key scales; the landmark keys
-// packed the same way with their V rows in fp32; V in fp32 when the input is bf16/fp16.
+// packed the same way; V (and the landmark V rows) as bf16 key pairs for Kernels::pv_bf16, else
+// as fp32 rows rounded to bf16 values for Kernels::pv.
 struct KvPack {
   int8::AlignedBuf<int8_t> k;          // ceil(Nk / 16) chunks of 16 * Dp bytes
   int8::AlignedBuf<int32_t> colcorr;   // -128 * sum_d k[j][d]
@@ -94,31 +96,75 @@ struct KvPack {
   int8::AlignedBuf<int8_t> lk;         // landmark keys, same layout
   int8::AlignedBuf<int32_t> lcolcorr;
   int8::AlignedBuf<float> lkscale;
-  int8::AlignedBuf<float> lv;          // (G, Dv) fp32, row stride ldv_lm
-  int8::AlignedBuf<float> v;           // (Nk, Dv) fp32 when dtype is F16 (or BF16 without pv_bf16)
+  int8::AlignedBuf<float> lv;          // (G, Dv) bf16-rounded fp32, row stride Dvp
+  int8::AlignedBuf<float> v;           // (Nk, Dv) bf16-rounded fp32 (sets without pv_bf16)
   int8::AlignedBuf<uint16_t> vp, lvp;  // bf16 V / landmark V in key pairs (Kernels::pv_bf16)
 };
 
-// bf16 rows src[j * ld] (n rows, Dv each) -> key-pair layout dst[(j / 2) * 2 * Dvp + 2 * d + j % 2],
-// zero past Dv and for the missing partner of an odd last row. SSE2 (baseline) interleaving.
-void pack_v_pairs(const uint16_t* base, int64_t ld, const int32_t* idx, int64_t n, int64_t Dv,
-                  int64_t Dvp, uint16_t* dst) {
+// bf16 rows a, b (b nullptr: zeros) -> dst[2 d] = a[d], dst[2 d + 1] = b[d], d < n. SSE2
+// (baseline) interleaving.
+void interleave_bf16(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* dst) {
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    const __m128i va = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + d));
+    const __m128i vb = b ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + d))
+                         : _mm_setzero_si128();
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * d), _mm_unpacklo_epi16(va, vb));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 2 * d + 8), _mm_unpackhi_epi16(va, vb));
+  }
+  for (; d < n; ++d) {
+    dst[2 * d] = a[d];
+    dst[2 * d + 1] = b ? b[d] : 0;
+  }
+}
+
+// V rows of one (b, kv head) packed as bf16 key pairs (round to nearest even).
+struct VPairPacker {
+  const Kernels* kern;
+  const char* base;  // row 0 of the head
+  int64_t ld, Dv;    // row stride (elements), row length
+  DType dtype;
+  int8::AlignedBuf<float> wide[2];  // fp16 rows widened to fp32
+  VPairPacker(const Kernels* k, const AttnParams& f, int64_t b, int64_t hk)
+      : kern(k), ld(f.v_stride[2]), Dv(f.Dv), dtype(f.dtype) {
+    const size_t esz = f.dtype == DType::F32 ? 4 : 2;
+    base = static_cast<const char*>(f.v) + (b * f.v_stride[0] + hk * f.v_stride[1]) * esz;
+    if (dtype == DType::F16) {
+      wide[0].alloc(Dv);
+      wide[1].alloc(Dv);
+    }
+  }
+  // Rows ja and jb (jb < 0: a zero partner) -> dst[2 d + 0 / 1], d < Dv.
+  void pack(int64_t ja, int64_t jb, uint16_t* dst) {
+    const uint16_t* h = reinterpret_cast<const uint16_t*>(base);
+    if (dtype == DType::BF16) {
+      interleave_bf16(h + ja * ld, jb >= 0 ? h + jb * ld : nullptr, Dv, dst);
+      return;
+    }
+    const float* a = reinterpret_cast<const float*>(base) + ja * ld;
+    const float* b = jb >= 0 ? reinterpret_cast<const float*>(base) + jb * ld : nullptr;
+    if (dtype == DType::F16) {
+      kern->widen(h + ja * ld, false, Dv, wide[0].p);
+      a = wide[0].p;
+      if (b) {
+        kern->widen(h + jb * ld, false, Dv, wide[1].p);
+        b = wide[1].p;
+      }
+    }
+    kern->pack_pair_bf16(a, b, Dv, dst);
+  }
+};
+
+// V rows idx[j] (j itself when idx is null; n rows) -> key-pair layout
+// dst[(j / 2) * 2 * Dvp + 2 * d + j % 2], zero past Dv and for the missing partner of an odd last
+// row.
+void pack_v_pairs(VPairPacker& src, const int32_t* idx, int64_t n, int64_t Dv, int64_t Dvp,
+                  uint16_t* dst) {
   for (int64_t j = 0; j < n; j += 2) {
-    const uint16_t* a = base + (idx ? int64_t(idx[j]) : j) * ld;
-    const uint16_t* b = j + 1 < n ? base + (idx ? int64_t(idx[j + 1]) : j + 1) * ld : nullptr;
+    const int64_t ja = idx ? int64_t(idx[j]) : j;
+    const int64_t jb = j + 1 < n ? (idx ? int64_t(idx[j + 1]) : j + 1) : -1;
     uint16_t* out = dst + (j / 2) * 2 * Dvp;
-    int64_t d = 0;
-    for (; d + 8 <= Dv; d += 8) {
-      const __m128i va = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + d));
-      const __m128i vb = b ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + d))
-                           : _mm_setzero_si128();
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * d), _mm_unpacklo_epi16(va, vb));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * d + 8), _mm_unpackhi_epi16(va, vb));
-    }
-    for (; d < Dv; ++d) {
-      out[2 * d] = a[d];
-      out[2 * d + 1] = b ? b[d] : 0;
-    }
+    src.pack(ja, jb, out);
     std::memset(out + 2 * Dv, 0, sizeof(uint16_t) * size_t(2 * (Dvp - Dv)));
   }
 }
@@ -175,13 +221,14 @@ struct Ctx {
   bool fused;  // p.q8 == nullptr: Q quantized per block in begin_block, K in pack_one
 };
 
-// V row (Dv values of fwd.dtype) -> fp32.
+// V row (Dv values of fwd.dtype) -> fp32 rounded to bf16 values (the pv operand).
 void widen_v_row(const Ctx& c, const char* src, float* dst) {
   const AttnParams& f = c.p->fwd;
   if (f.dtype == DType::F32)
     std::memcpy(dst, src, sizeof(float) * size_t(f.Dv));
   else
     c.kern->widen(reinterpret_cast<const uint16_t*>(src), f.dtype == DType::BF16, f.Dv, dst);
+  if (f.dtype != DType::BF16) int8::round_to_bf16(dst, f.Dv);
 }
 
 const int32_t* landmarks_of(const AttnParams& f, int64_t b) {
@@ -218,14 +265,14 @@ void pack_one(const Ctx& c, int64_t b, int64_t hk) {
   const size_t esz = f.dtype == DType::F32 ? 4 : 2;
   const int64_t voff = b * f.v_stride[0] + hk * f.v_stride[1];
   if (c.bf16_pv) {
-    const uint16_t* vb = static_cast<const uint16_t*>(f.v) + voff;
+    VPairPacker rows(c.kern, f, b, hk);
     kv.vp.alloc((f.Nk + 1) / 2 * 2 * c.Dvp);
-    pack_v_pairs(vb, f.v_stride[2], nullptr, f.Nk, f.Dv, c.Dvp, kv.vp.p);
+    pack_v_pairs(rows, nullptr, f.Nk, f.Dv, c.Dvp, kv.vp.p);
     if (c.G > 0) {
       kv.lvp.alloc((c.G + 1) / 2 * 2 * c.Dvp);
-      pack_v_pairs(vb, f.v_stride[2], landmarks_of(f, b), c.G, f.Dv, c.Dvp, kv.lvp.p);
+      pack_v_pairs(rows, landmarks_of(f, b), c.G, f.Dv, c.Dvp, kv.lvp.p);
     }
-  } else if (f.dtype != DType::F32) {
+  } else {
     kv.v.alloc(f.Nk * f.Dv);
     for (int64_t j = 0; j < f.Nk; ++j)
       widen_v_row(c, vbase + (voff + j * f.v_stride[2]) * esz, kv.v.p + j * f.Dv);
@@ -260,11 +307,14 @@ struct Scratch {
   uint8_t kflags[kTile];
   float lse_shift[kTile];
   int8::AlignedBuf<float> xrow;  // one fp32 row of q (fused quantization)
+  // q and O are zeroed once: tile kernels may read whole 16-row groups past a block's rows.
   explicit Scratch(const Ctx& c) {
     q.alloc(kTile * c.Dp);
     xrow.alloc(c.p->fwd.D);
     S.alloc(kTile * kTile);
     O.alloc(kTile * c.Dvp);
+    std::memset(q.p, 0, size_t(kTile * c.Dp));
+    std::memset(O.p, 0, sizeof(float) * size_t(kTile * c.Dvp));
   }
 };
 
@@ -301,7 +351,8 @@ void begin_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, const int64_t* 
 }
 
 // One tile: scores, optional mask, online softmax, PV.
-// V: fp32 rows (stride ldv), or with c.bf16_pv the key-pair bf16 V starting at this tile's key.
+// V: bf16-rounded fp32 rows (stride ldv), or with c.bf16_pv the key-pair bf16 V starting at this
+// tile's key.
 void run_tile(const Ctx& c, Scratch& s, int rows, int cols, const int8_t* k,
               const int32_t* colcorr, const float* kscale, bool masked, const void* V,
               int64_t ldv) {
@@ -320,12 +371,21 @@ void run_tile(const Ctx& c, Scratch& s, int rows, int cols, const int8_t* k,
          ldv, c.p->fwd.Dv);
 }
 
-void end_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, const int64_t* rows_i,
-               int rows) {
+// Query row i of batch b is a landmark row (landmark_rows_block computes it).
+bool is_landmark_row(const Ctx& c, int64_t b, int64_t i) {
+  const int64_t j = i + c.offset;
+  return c.G > 0 && j >= 0 && j < c.p->fwd.Nk && landmark_flags_of(c.p->fwd, b)[j] != 0;
+}
+
+// Normalizes and writes the block's rows; with skip_landmark_rows, not the landmark rows (the
+// landmark pass writes them, possibly at the same time).
+void end_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, const int64_t* rows_i, int rows,
+               bool skip_landmark_rows) {
   const AttnParams& f = c.p->fwd;
   const size_t esz = f.dtype == DType::F32 ? 4 : 2;
   for (int r = 0; r < rows; ++r) {
     const int64_t i = rows_i[r];
+    if (skip_landmark_rows && is_landmark_row(c, b, i)) continue;
     char* dst = static_cast<char*>(f.o) +
                 (b * f.o_stride[0] + h * f.o_stride[1] + i * f.o_stride[2]) * esz;
     float* o = s.O.p + r * c.Dvp;
@@ -348,13 +408,8 @@ const void* v_rows(const Ctx& c, int64_t b, int64_t hk, int64_t j0, int64_t* ldv
     *ldv = 2 * c.Dvp;
     return kv.vp.p + j0 / 2 * 2 * c.Dvp;
   }
-  if (f.dtype != DType::F32) {
-    *ldv = f.Dv;
-    return kv.v.p + j0 * f.Dv;
-  }
-  *ldv = f.v_stride[2];
-  return static_cast<const float*>(f.v) + b * f.v_stride[0] + hk * f.v_stride[1] +
-         j0 * f.v_stride[2];
+  *ldv = f.Dv;
+  return kv.v.p + j0 * f.Dv;
 }
 
 // Key tiles [t0, t0 + kTile) over [lo, hi) (lo a multiple of kChunk) from the packed K.
@@ -430,7 +485,7 @@ void band_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, int64_t qb) {
                true, V, c.Dvp);
     }
   }
-  end_block(c, s, b, h, rows_i, rows);
+  end_block(c, s, b, h, rows_i, rows, true);
 }
 
 // Landmark query rows (they see every key up to the causal limit), chunk `ci` of batch b's list.
@@ -480,8 +535,21 @@ void landmark_rows_block(const Ctx& c, Scratch& s, int64_t b, int64_t h, int64_t
                V, ldv);
     }
   }
-  end_block(c, s, b, h, rows_i, rows);
+  end_block(c, s, b, h, rows_i, rows, false);
 }
+
+// Kernels::begin_thread / end_thread around one thread's share of a parallel region.
+struct ThreadTiles {
+  const Kernels& k;
+  explicit ThreadTiles(const Kernels& kern) : k(kern) {
+    if (k.begin_thread) k.begin_thread();
+  }
+  ~ThreadTiles() {
+    if (k.end_thread) k.end_thread();
+  }
+  ThreadTiles(const ThreadTiles&) = delete;
+  ThreadTiles& operator=(const ThreadTiles&) = delete;
+};
 
 }  // namespace
 
@@ -492,14 +560,14 @@ void attention_forward_int8(const AttnInt8Params& p) {
   Ctx c;
   c.p = &p;
   c.kern = int8::select_kernels(selected_isa());
-  c.Dp = round_up(f.D, 4);
+  c.Dp = round_up(f.D, c.kern->dp_align > 0 ? c.kern->dp_align : 4);
   c.Dvp = round_up(f.Dv, 16);
   c.nqb = ceil_div(f.Nq, p.q_block);
   c.nkb = ceil_div(f.Nk, p.k_block);
   c.groups = f.Hq / f.Hk;
   c.offset = f.Nk - f.Nq;
   c.G = f.Nk > 0 ? f.num_landmarks : 0;
-  c.bf16_pv = f.dtype == DType::BF16 && c.kern->pv_bf16 != nullptr;
+  c.bf16_pv = c.kern->pv_bf16 != nullptr;
   const int nthreads = f.num_threads > 0 ? f.num_threads : int8::default_threads();
 
   std::vector<int32_t> real_prefix;
@@ -516,29 +584,26 @@ void attention_forward_int8(const AttnInt8Params& p) {
 
   c.fused = p.q8 == nullptr;
   const int64_t n_kv = f.Nk > 0 ? f.B * f.Hk : 0;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-  for (int64_t t = 0; t < n_kv; ++t) pack_one(c, t / f.Hk, t % f.Hk);
-
   const int64_t nblocks = ceil_div(f.Nq, kTile);
   const int64_t n_band = f.B * f.Hq * nblocks;
+  const int64_t nchunks = ceil_div(c.G, kTile);
+  const int64_t n_lm = f.B * f.Hq * nchunks;
+  // One region: packing, then the landmark-row tasks (the big ones, first for balance) and the
+  // band blocks in one dynamic loop; band blocks leave the landmark rows to their tasks.
 #pragma omp parallel num_threads(nthreads)
   {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_kv; ++t) pack_one(c, t / f.Hk, t % f.Hk);
     Scratch s(c);
+    ThreadTiles tiles(*c.kern);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < n_band; ++t)
-      band_block(c, s, t / (f.Hq * nblocks), (t / nblocks) % f.Hq, t % nblocks);
-  }
-
-  if (c.G > 0) {
-    // Landmark query rows overwrite what the band pass wrote for them.
-    const int64_t nchunks = ceil_div(c.G, kTile);
-    const int64_t n_lm = f.B * f.Hq * nchunks;
-#pragma omp parallel num_threads(nthreads)
-    {
-      Scratch s(c);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t t = 0; t < n_lm; ++t)
+    for (int64_t t = 0; t < n_lm + n_band; ++t) {
+      if (t < n_lm) {
         landmark_rows_block(c, s, t / (f.Hq * nchunks), (t / nchunks) % f.Hq, t % nchunks);
+      } else {
+        const int64_t u = t - n_lm;
+        band_block(c, s, u / (f.Hq * nblocks), (u / nblocks) % f.Hq, u % nblocks);
+      }
     }
   }
 }

@@ -246,8 +246,21 @@ void pv_rows(float* O, int64_t ldo, const float* P, int rows, int cols, const in
   }
 }
 
-void pv_avx2(float* O, int64_t ldo, const float* P, int rows, int cols, const int32_t* first,
+// x rounded to the nearest bf16 value (ties to even); NaN lanes pass through unchanged.
+inline __m256 bf16_round(__m256 x) {
+  const __m256i b = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))),
+                                     _mm256_set1_epi32(int(0xffff0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+void pv_avx2(float* O, int64_t ldo, const float* P_in, int rows, int cols, const int32_t* first,
              const int32_t* last, const float* alpha, const float* V, int64_t ldv, int64_t Dv) {
+  alignas(32) float P[kTile * kTile];  // P rounded to bf16 values (the PV precision contract)
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; c += 8)
+      _mm256_store_ps(P + r * kTile + c, bf16_round(_mm256_loadu_ps(P_in + r * kTile + c)));
   for (int64_t d0 = 0; d0 < Dv; d0 += 32) {
     const int nd = Dv - d0 < 32 ? int(Dv - d0) : 32;
     __m256i dm[4];

@@ -10,6 +10,7 @@
 
 #include "cpu/int8_kernels.h"
 #include "cpu/int8_quantize_avx2.h"
+#include "cpu/int8_softmax_avx512.h"
 
 namespace hk {
 namespace cpu {
@@ -23,21 +24,6 @@ inline int32_t load_i32(const uint8_t* p) {
 }
 
 inline __mmask16 tail_mask(int n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
-
-// 2^x for x <= 0 (x = -inf gives exactly 0); Cephes exp2f polynomial on [-0.5, 0.5].
-inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-151.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
 
 template <int R, int C>
 inline void qk_block(const uint8_t* q, int64_t Dp, const int8_t* k, const int32_t* colcorr,
@@ -127,42 +113,7 @@ void mask_avx512(float* S, int rows, int cols, const int32_t* kidx, const uint8_
 }
 
 void softmax_avx512(float* S, int rows, int cols, float* m, float* l, float* alpha) {
-  const float ninf = -__builtin_inff();
-  const int nvec = (cols + 15) / 16;
-  float mnew[kTile];
-  for (int r = 0; r < rows; ++r) {
-    const float* s = S + r * kTile;
-    __m512 mx = _mm512_set1_ps(m[r]);
-    for (int v = 0; v < nvec; ++v)
-      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(ninf), tail_mask(cols - 16 * v), s + 16 * v));
-    mnew[r] = _mm512_reduce_max_ps(mx);
-  }
-  // alpha = exp2(m_old - m_new), 1 where the max does not move (incl. rows still at -inf).
-  for (int r0 = 0; r0 < rows; r0 += 16) {
-    const __mmask16 t = tail_mask(rows - r0);
-    const __m512 mo = _mm512_maskz_loadu_ps(t, m + r0), mn = _mm512_maskz_loadu_ps(t, mnew + r0);
-    const __mmask16 same = _mm512_cmp_ps_mask(mo, mn, _CMP_EQ_OQ) | _mm512_cmp_ps_mask(mn, _mm512_set1_ps(ninf), _CMP_EQ_OQ);
-    const __m512 a = _mm512_mask_blend_ps(same, exp2_ps(_mm512_sub_ps(mo, mn)), _mm512_set1_ps(1.f));
-    _mm512_mask_storeu_ps(alpha + r0, t, a);
-  }
-  for (int r = 0; r < rows; ++r) {
-    float* s = S + r * kTile;
-    const float mr = mnew[r];
-    if (mr == ninf) {
-      for (int v = 0; v < nvec; ++v) _mm512_storeu_ps(s + 16 * v, _mm512_setzero_ps());
-      continue;
-    }
-    const __m512 mv = _mm512_set1_ps(mr);
-    __m512 sum = _mm512_setzero_ps();
-    for (int v = 0; v < nvec; ++v) {
-      const __mmask16 t = tail_mask(cols - 16 * v);
-      const __m512 e = _mm512_maskz_mov_ps(t, exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * v), mv)));
-      _mm512_storeu_ps(s + 16 * v, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
-    m[r] = mr;
-  }
+  softmax_tile<false>(S, rows, cols, m, l, alpha);
 }
 
 template <int R, int C>
@@ -231,18 +182,26 @@ void pv_avx512(float* O, int64_t ldo, const float* P, int rows, int cols, const 
 }
 
 // ---- PV with bf16 V: key pairs through vdpbf16ps (2 multiply-adds per fp32 lane).
+constexpr __mmask32 kAllKeys = 0xffffffffu;
+constexpr __mmask32 kEvenKeys = 0x55555555u;  // bf16 lanes of the even key of each pair
+constexpr __mmask32 kOddKeys = 0xaaaaaaaau;
+
+// Pairs [p0, p1); the V halves outside the key range are zeroed by vm0 (pair p0) and vm1 (pair
+// p1 - 1), so a non-finite V there never meets a zero P.
 template <int R, int C>
 inline void pv_bf16_block(float* O, int64_t ldo, const uint32_t* Pb, int p0, int p1,
-                          const float* alpha, const uint16_t* Vp, int64_t ldvp) {
+                          __mmask32 vm0, __mmask32 vm1, const float* alpha, const uint16_t* Vp,
+                          int64_t ldvp) {
   __m512 acc[R][C];
   HK_INT8_UNROLL for (int r = 0; r < R; ++r) {
     const __m512 a = _mm512_set1_ps(alpha[r]);
     HK_INT8_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(O + r * ldo + 16 * c), a);
   }
   for (int jp = p0; jp < p1; ++jp) {
+    const __mmask32 vm = (jp == p0 ? vm0 : kAllKeys) & (jp == p1 - 1 ? vm1 : kAllKeys);
     __m512bh vv[C];
     HK_INT8_UNROLL for (int c = 0; c < C; ++c)
-      vv[c] = (__m512bh)_mm512_loadu_si512(Vp + jp * ldvp + 32 * c);
+      vv[c] = (__m512bh)_mm512_maskz_loadu_epi16(vm, Vp + jp * ldvp + 32 * c);
     HK_INT8_UNROLL for (int r = 0; r < R; ++r) {
       const __m512bh pb = (__m512bh)_mm512_set1_epi32(int(Pb[r * (kTile / 2) + jp]));
       HK_INT8_UNROLL for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pb, vv[c]);
@@ -269,15 +228,16 @@ void pv_bf16_rows(float* O, int64_t ldo, const uint32_t* Pb, int rows, int cols,
       }
     }
     const int p0 = c0 / 2, p1 = (c1 + 1) / 2;
+    const __mmask32 vm0 = c0 % 2 ? kOddKeys : kAllKeys, vm1 = c1 % 2 ? kEvenKeys : kAllKeys;
     float* o = O + r * ldo;
     const uint32_t* pb = Pb + r * (kTile / 2);
     switch (n) {
-      case 6: pv_bf16_block<6, C>(o, ldo, pb, p0, p1, alpha + r, Vp, ldvp); break;
-      case 5: pv_bf16_block<5, C>(o, ldo, pb, p0, p1, alpha + r, Vp, ldvp); break;
-      case 4: pv_bf16_block<4, C>(o, ldo, pb, p0, p1, alpha + r, Vp, ldvp); break;
-      case 3: pv_bf16_block<3, C>(o, ldo, pb, p0, p1, alpha + r, Vp, ldvp); break;
-      case 2: pv_bf16_block<2, C>(o, ldo, pb, p0, p1, alpha + r, Vp, ldvp); break;
-      default: pv_bf16_block<1, C>(o, ldo, pb, p0, p1, alpha + r, Vp, ldvp); break;
+      case 6: pv_bf16_block<6, C>(o, ldo, pb, p0, p1, vm0, vm1, alpha + r, Vp, ldvp); break;
+      case 5: pv_bf16_block<5, C>(o, ldo, pb, p0, p1, vm0, vm1, alpha + r, Vp, ldvp); break;
+      case 4: pv_bf16_block<4, C>(o, ldo, pb, p0, p1, vm0, vm1, alpha + r, Vp, ldvp); break;
+      case 3: pv_bf16_block<3, C>(o, ldo, pb, p0, p1, vm0, vm1, alpha + r, Vp, ldvp); break;
+      case 2: pv_bf16_block<2, C>(o, ldo, pb, p0, p1, vm0, vm1, alpha + r, Vp, ldvp); break;
+      default: pv_bf16_block<1, C>(o, ldo, pb, p0, p1, vm0, vm1, alpha + r, Vp, ldvp); break;
     }
   }
 }
@@ -310,8 +270,23 @@ void pv_bf16_avx512(float* O, int64_t ldo, const float* P, int rows, int cols,
   }
 }
 
+void pack_pair_bf16_avx512(const float* a, const float* b, int64_t n, uint16_t* dst) {
+  // cvtne2ps_pbh(b, a) holds a[0..15] then b[0..15]; the permute interleaves them.
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                       23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t d = 0; d < n; d += 16) {
+    const int m = int(n - d < 16 ? n - d : 16);
+    const __mmask16 t = tail_mask(m);
+    const __m512 va = _mm512_maskz_loadu_ps(t, a + d);
+    const __m512 vb = b ? _mm512_maskz_loadu_ps(t, b + d) : _mm512_setzero_ps();
+    const __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(vb, va);
+    const __mmask32 t2 = m >= 16 ? __mmask32(0xffffffffu) : __mmask32((1u << (2 * m)) - 1);
+    _mm512_mask_storeu_epi16(dst + 2 * d, t2, _mm512_permutexvar_epi16(idx, ab));
+  }
+}
+
 const Kernels kAvx512 = {"avx512", qk_avx512, mask_avx512, softmax_avx512, pv_avx512, pv_bf16_avx512,
-                          absmax_avx2, quantize_avx2, widen_avx2};
+                          absmax_avx2, quantize_avx2, widen_avx2, pack_pair_bf16_avx512};
 
 }  // namespace
 

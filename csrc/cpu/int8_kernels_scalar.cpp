@@ -72,6 +72,13 @@ void softmax_scalar(float* S, int rows, int cols, float* m, float* l, float* alp
   }
 }
 
+// p rounded to the nearest bf16 value (ties to even; NaN stays NaN).
+float bf16_round(float p) {
+  float r = p;
+  round_to_bf16(&r, 1);
+  return r;
+}
+
 void pv_scalar(float* O, int64_t ldo, const float* P, int rows, int cols, const int32_t* first,
                const int32_t* last, const float* alpha, const float* V, int64_t ldv,
                int64_t Dv) {
@@ -81,7 +88,7 @@ void pv_scalar(float* O, int64_t ldo, const float* P, int rows, int cols, const 
       for (int64_t d = 0; d < Dv; ++d) o[d] *= alpha[r];
     const int c0 = first ? first[r] : 0, c1 = last ? last[r] + 1 : cols;
     for (int c = c0; c < c1; ++c) {
-      const float p = P[r * kTile + c];
+      const float p = bf16_round(P[r * kTile + c]);
       const float* v = V + c * ldv;
       for (int64_t d = 0; d < Dv; ++d) o[d] += p * v[d];
     }

@@ -94,8 +94,9 @@ void quantize_q_rows(const Kernels& kern, const AttnParams& f, int64_t b, int64_
     const float* x = row_f32(kern, f, f.q, f.q_stride, b, h, i, buf);
     uint8_t* dst = qu8 + r * Dp;
     kern.quantize(x, nullptr, inv, f.D, reinterpret_cast<int8_t*>(dst));
-    for (int64_t d = 0; d < f.D; ++d) dst[d] ^= 0x80u;
-    for (int64_t d = f.D; d < Dp; ++d) dst[d] = 0x80u;
+    const int64_t D = f.D;  // a local: dst (uint8_t) may alias f, which would block vectorizing
+    for (int64_t d = 0; d < D; ++d) dst[d] ^= 0x80u;
+    for (int64_t d = D; d < Dp; ++d) dst[d] = 0x80u;
     q_scale[r] = scale;
     if (mean) lse_shift[r] = dot8(x, mean, f.D) * f.scale;
   }

@@ -1,9 +1,14 @@
 // Baseline-ISA helpers of the INT8 forward (see int8_support.h).
 #include "cpu/int8_support.h"
 
-#include <cpuid.h>
+#include "cpu/attention_cpu.h"
 
+#include <cpuid.h>
+#include <sys/mman.h>
+
+#include <cstdlib>
 #include <cstring>
+#include <new>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -56,7 +61,33 @@ Isa probe() {
   return isa;
 }
 
+// AMX tiles usable by this process (cpuid, OS state and the Linux permission grant).
+bool has_amx_int8_tiles() {
+  const CpuFeatures f = detect_cpu_features();
+  return f.amx_tile && f.amx_bf16 && f.amx_int8;
+}
+
 }  // namespace
+
+void* aligned_bytes(size_t bytes) {
+  constexpr size_t kHuge = size_t(1) << 21;
+  void* p;
+  if (bytes >= kHuge / 2) {
+    bytes = (bytes + kHuge - 1) / kHuge * kHuge;
+    p = std::aligned_alloc(kHuge, bytes);
+#ifdef MADV_HUGEPAGE
+    if (p) madvise(p, bytes, MADV_HUGEPAGE);  // advisory: on failure the pages stay 4 KiB
+#endif
+  } else {
+    p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  }
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+
+void round_to_bf16(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_float(float_to_bf16(x[i]));
+}
 
 void to_float(const void* src, DType dtype, int64_t n, float* dst) {
   if (dtype == DType::F32) {
@@ -87,6 +118,7 @@ const Kernels* select_kernels(const std::string& name) {
 #ifdef HK_INT8_TEST_NO_AVX_VNNI  // developer builds: exercise the vpmaddwd path on VNNI machines
   if (name == "avx2" && isa.avx2 && std::getenv("HK_INT8_NO_AVX_VNNI")) return kernels_avx2(false);
 #endif
+  if (name == "amx" && isa.avx512 && has_amx_int8_tiles()) return kernels_amx();
   if ((name == "amx" || name == "avx512") && isa.avx512) return kernels_avx512();
   if ((name == "amx" || name == "avx512" || name == "avx2") && isa.avx2) return kernels_avx2(isa.avx_vnni);
   return kernels_scalar();

@@ -14,6 +14,11 @@ namespace hk {
 namespace cpu {
 namespace int8 {
 
+// `bytes` (> 0) of uninitialized memory, 64-byte aligned. Buffers of 1 MiB and more (the packed
+// K / V of a head, fresh on every forward call) ask for transparent huge pages: 4 KiB page
+// faults on them cost a good part of a forward call.
+void* aligned_bytes(size_t bytes);
+
 // 64-byte aligned, uninitialized, move-only array.
 template <class T>
 struct AlignedBuf {
@@ -25,19 +30,19 @@ struct AlignedBuf {
   ~AlignedBuf() { std::free(p); }
   void alloc(int64_t n) {
     std::free(p);
-    const size_t bytes = (size_t(n > 0 ? n : 1) * sizeof(T) + 63) / 64 * 64;
-    p = static_cast<T*>(std::aligned_alloc(64, bytes));
-    if (!p) throw std::bad_alloc();
+    p = static_cast<T*>(aligned_bytes(size_t(n > 0 ? n : 1) * sizeof(T)));
   }
 };
 
 // n elements of `dtype` at src -> fp32 dst.
 void to_float(const void* src, DType dtype, int64_t n, float* dst);
+// x[i] <- the nearest bf16 value (ties to even; NaN stays NaN).
+void round_to_bf16(float* x, int64_t n);
 // n fp32 -> `dtype` at dst (round to nearest even).
 void from_float(const float* src, DType dtype, int64_t n, void* dst);
 
-// Kernel set for the ISA name from selected_isa() ("avx512", "avx2", "scalar"), downgraded to
-// what this CPU really supports for the int8 path (AVX-512 needs VNNI).
+// Kernel set for the ISA name from selected_isa() ("amx", "avx512", "avx2", "scalar"), downgraded
+// to what this CPU really supports for the int8 path (AVX-512 needs VNNI, amx the AMX tiles).
 const Kernels* select_kernels(const std::string& isa);
 
 int default_threads();
