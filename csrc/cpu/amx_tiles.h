@@ -6,29 +6,27 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstring>
 
 namespace hk {
 namespace cpu {
 
-// Loads the one tile shape the kernels use, 8 tiles of 16 rows x 64 bytes (a 16 x 16 fp32/int32
-// accumulator, a 16 x 32 bf16 / 16 x 64 int8 operand), into the calling thread.
-inline void amx_configure_16x64() {
-  struct alignas(64) {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-  } cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
+// The one tile shape the kernels use: 8 tiles of 16 rows x 64 bytes (a 16 x 16 fp32/int32
+// accumulator, a 16 x 32 bf16 or 16 x 64 int8 operand).
+struct alignas(64) AmxTileConfig {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// A constant in memory: GCC 12 does not see ldtilecfg read its operand and may drop the stores
+// that would build the configuration on the stack.
+inline constexpr AmxTileConfig kAmxTiles16x64 = {
+    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+// Loads kAmxTiles16x64 into the calling thread.
+inline void amx_configure_16x64() { _tile_loadconfig(&kAmxTiles16x64); }
 
 // Tile configuration is per thread: hold one of these for the body of each parallel region
 // (configures on entry when `use`, releases the tile state on exit).

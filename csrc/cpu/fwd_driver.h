@@ -89,7 +89,8 @@ class ForwardDriver {
   template <class Fn>
   static void for_each_item(const AttnParams& p, int nthreads, int64_t n, Fn&& fn) {
     if (n <= 0) return;
-    std::unique_ptr<std::unique_ptr<ThreadState>[]> states(new std::unique_ptr<ThreadState>[nthreads]);
+    nthreads = std::max(1, nthreads);
+    std::unique_ptr<std::unique_ptr<ThreadState>[]> states(new std::unique_ptr<ThreadState>[size_t(nthreads)]);
     for (int t = 0; t < nthreads; ++t) states[t].reset(new ThreadState(p));
 #pragma omp parallel num_threads(nthreads)
     {

@@ -11,6 +11,7 @@
 
 #include <cstring>
 
+#include "cpu/amx_tiles.h"
 #include "cpu/int8_kernels.h"
 #include "cpu/int8_softmax_avx512.h"
 
@@ -25,22 +26,7 @@ namespace {
 constexpr int kTileRows = 16;
 constexpr int kTileBytes = 64;
 
-struct alignas(64) TileConfig {
-  uint8_t palette;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// A constant in memory: GCC 12 does not see ldtilecfg read its operand and drops the stores
-// that would build the configuration on the stack.
-constexpr TileConfig kTileConfig = {
-    1, 0, {}, {kTileBytes, kTileBytes, kTileBytes, kTileBytes, kTileBytes, kTileBytes, kTileBytes,
-               kTileBytes},
-    {kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, kTileRows, kTileRows}};
-
-void begin_thread_amx() { _tile_loadconfig(&kTileConfig); }
+void begin_thread_amx() { amx_configure_16x64(); }
 
 void end_thread_amx() { _tile_release(); }
 

@@ -62,10 +62,12 @@ Isa probe() {
 }
 
 // AMX tiles usable by this process (cpuid, OS state and the Linux permission grant).
+#ifndef HK_NO_AMX
 bool has_amx_int8_tiles() {
   const CpuFeatures f = detect_cpu_features();
   return f.amx_tile && f.amx_bf16 && f.amx_int8;
 }
+#endif
 
 }  // namespace
 
@@ -118,7 +120,9 @@ const Kernels* select_kernels(const std::string& name) {
 #ifdef HK_INT8_TEST_NO_AVX_VNNI  // developer builds: exercise the vpmaddwd path on VNNI machines
   if (name == "avx2" && isa.avx2 && std::getenv("HK_INT8_NO_AVX_VNNI")) return kernels_avx2(false);
 #endif
+#ifndef HK_NO_AMX  // built without the amx kernels when the compiler lacks AMX (CMakeLists.txt)
   if (name == "amx" && isa.avx512 && has_amx_int8_tiles()) return kernels_amx();
+#endif
   if ((name == "amx" || name == "avx512") && isa.avx512) return kernels_avx512();
   if ((name == "amx" || name == "avx512" || name == "avx2") && isa.avx2) return kernels_avx2(isa.avx_vnni);
   return kernels_scalar();
