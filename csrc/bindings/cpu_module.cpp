@@ -9,6 +9,7 @@
 
 #include "bindings/params_bindings.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/scratch_cache.h"
 
 namespace py = pybind11;
 PYBIND11_MODULE(_C_cpu, m) {
@@ -32,6 +33,9 @@ PYBIND11_MODULE(_C_cpu, m) {
     return d;
   });
   m.def("selected_isa", &hk::cpu::selected_isa);
+  m.def("scratch_cache_bytes", &hk::cpu::scratch_cache_bytes,
+        "Bytes of packed-K/V scratch kept for reuse (HYBRID_KERNELS_CPU_CACHE_MB caps it)");
+  m.def("scratch_cache_clear", &hk::cpu::scratch_cache_clear, "Frees the kept scratch buffers");
   // The kernels never touch Python objects: release the GIL while they run.
   m.def("attention_forward", &hk::cpu::attention_forward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());

@@ -6,6 +6,7 @@
 #include <new>
 
 #include "common/attn_params.h"
+#include "cpu/scratch_cache.h"
 
 namespace hk {
 namespace cpu {
@@ -18,28 +19,30 @@ void attention_forward_scalar(const AttnParams& p);
 
 namespace {
 
-// 64-byte aligned scratch buffer (no std::vector: see simd_common.h on ISA-specific inlines).
+// 64-byte aligned scratch buffer (no std::vector: see simd_common.h on ISA-specific inlines);
+// large ones come from the scratch cache (scratch_cache.h).
 template <class T>
 class AlignedBuf {
  public:
   AlignedBuf() = default;
   explicit AlignedBuf(int64_t n) { reset(n); }
-  ~AlignedBuf() { std::free(ptr_); }
+  ~AlignedBuf() { scratch_free(ptr_, bytes_); }
   AlignedBuf(const AlignedBuf&) = delete;
   AlignedBuf& operator=(const AlignedBuf&) = delete;
   void reset(int64_t n) {
-    std::free(ptr_);
+    scratch_free(ptr_, bytes_);
     ptr_ = nullptr;
+    bytes_ = 0;
     if (n <= 0) return;
-    size_t bytes = (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64;
-    ptr_ = static_cast<T*>(std::aligned_alloc(64, bytes));
-    if (!ptr_) throw std::bad_alloc();
+    bytes_ = static_cast<size_t>(n) * sizeof(T);
+    ptr_ = static_cast<T*>(scratch_alloc(bytes_));
   }
   T* get() const { return ptr_; }
   T& operator[](int64_t i) const { return ptr_[i]; }
 
  private:
   T* ptr_ = nullptr;
+  size_t bytes_ = 0;
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

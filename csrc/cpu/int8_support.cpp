@@ -4,7 +4,6 @@
 #include "cpu/attention_cpu.h"
 
 #include <cpuid.h>
-#include <sys/mman.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -70,22 +69,6 @@ bool has_amx_int8_tiles() {
 #endif
 
 }  // namespace
-
-void* aligned_bytes(size_t bytes) {
-  constexpr size_t kHuge = size_t(1) << 21;
-  void* p;
-  if (bytes >= kHuge / 2) {
-    bytes = (bytes + kHuge - 1) / kHuge * kHuge;
-    p = std::aligned_alloc(kHuge, bytes);
-#ifdef MADV_HUGEPAGE
-    if (p) madvise(p, bytes, MADV_HUGEPAGE);  // advisory: on failure the pages stay 4 KiB
-#endif
-  } else {
-    p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-  }
-  if (!p) throw std::bad_alloc();
-  return p;
-}
 
 void round_to_bf16(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_float(float_to_bf16(x[i]));

@@ -8,29 +8,28 @@
 #include <string>
 
 #include "common/attn_params.h"
+#include "cpu/scratch_cache.h"
 #include "cpu/int8_kernels.h"
 
 namespace hk {
 namespace cpu {
 namespace int8 {
 
-// `bytes` (> 0) of uninitialized memory, 64-byte aligned. Buffers of 1 MiB and more (the packed
-// K / V of a head, fresh on every forward call) ask for transparent huge pages: 4 KiB page
-// faults on them cost a good part of a forward call.
-void* aligned_bytes(size_t bytes);
-
-// 64-byte aligned, uninitialized, move-only array.
+// 64-byte aligned, uninitialized, move-only array; large ones come from the scratch cache.
 template <class T>
 struct AlignedBuf {
   T* p = nullptr;
+  size_t bytes = 0;
   AlignedBuf() = default;
   AlignedBuf(const AlignedBuf&) = delete;
   AlignedBuf& operator=(const AlignedBuf&) = delete;
-  AlignedBuf(AlignedBuf&& o) noexcept : p(o.p) { o.p = nullptr; }
-  ~AlignedBuf() { std::free(p); }
+  AlignedBuf(AlignedBuf&& o) noexcept : p(o.p), bytes(o.bytes) { o.p = nullptr; }
+  ~AlignedBuf() { scratch_free(p, bytes); }
   void alloc(int64_t n) {
-    std::free(p);
-    p = static_cast<T*>(aligned_bytes(size_t(n > 0 ? n : 1) * sizeof(T)));
+    scratch_free(p, bytes);
+    p = nullptr;
+    bytes = size_t(n > 0 ? n : 1) * sizeof(T);
+    p = static_cast<T*>(scratch_alloc(bytes));
   }
 };
 

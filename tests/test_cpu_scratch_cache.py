@@ -1,0 +1,47 @@
+"""The CPU kernels' scratch cache (packed K/V reused across calls): results never depend on what
+a reused buffer held, HYBRID_KERNELS_CPU_CACHE_MB caps (or disables) what is kept."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hybrid_kernels as hk
+from hybrid_kernels.backends.cpu import load_module
+
+# Large enough for 1 MiB+ pack buffers per kv head (the cached size class).
+SHAPE = (1, 2, 8192, 64)
+PATTERN = dict(window=(64, 64), landmarks=512, backend="cpu")
+
+
+def _calls(dtype, quant):
+    outs = []
+    for seed in (1, 2):  # the second call reuses the first call's buffers
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(*SHAPE, generator=g).to(dtype) for _ in range(3))
+        outs.append(hk.attention(q, k, v, quant=quant, **PATTERN))
+    return outs
+
+
+@pytest.mark.parametrize("dtype,quant", [(torch.float32, "int8"), (torch.bfloat16, None),
+                                         (torch.bfloat16, "int8")], ids=str)
+def test_reused_buffers_give_the_same_bits(monkeypatch, dtype, quant):
+    mod = load_module()
+    monkeypatch.setenv("HYBRID_KERNELS_CPU_CACHE_MB", "0")
+    mod.scratch_cache_clear()
+    fresh = _calls(dtype, quant)
+    assert mod.scratch_cache_bytes() == 0, "HYBRID_KERNELS_CPU_CACHE_MB=0 keeps nothing"
+    monkeypatch.setenv("HYBRID_KERNELS_CPU_CACHE_MB", "256")
+    cached = _calls(dtype, quant)
+    assert 0 < mod.scratch_cache_bytes() <= 256 << 20
+    for a, b in zip(fresh, cached):
+        assert torch.equal(a, b)
+
+
+def test_the_cap_is_respected(monkeypatch):
+    mod = load_module()
+    mod.scratch_cache_clear()
+    monkeypatch.setenv("HYBRID_KERNELS_CPU_CACHE_MB", "3")
+    _calls(torch.float32, "int8")
+    assert mod.scratch_cache_bytes() <= 3 << 20
+    mod.scratch_cache_clear()
+    assert mod.scratch_cache_bytes() == 0
