@@ -19,6 +19,7 @@
 #include "cpu/amx_tiles.h"
 #include "cpu/bwd_common.h"
 #include "cpu/fp_env.h"
+#include "cpu/scratch_cache.h"
 
 namespace hk {
 namespace cpu {

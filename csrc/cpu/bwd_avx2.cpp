@@ -15,6 +15,7 @@
 #include "common/pattern.h"
 #include "cpu/bwd_common.h"
 #include "cpu/fp_env.h"
+#include "cpu/scratch_cache.h"
 
 namespace hk {
 namespace cpu {

@@ -446,8 +446,8 @@ static void run(const AttnBwdParams& p, int num_threads) {
   const int64_t kv_floats = f.Nk * (f.D + f.Dv);  // one item's dK and dV
   const int64_t partial_bytes = parts > 1 ? units * kv_floats * int64_t(sizeof(float)) : 0;
   const int64_t total = per_thread * nth + round_up(partial_bytes, 64);
-  void* mem = std::aligned_alloc(64, static_cast<size_t>(total));
-  if (mem == nullptr) throw std::bad_alloc();
+  // cpu/scratch_cache.h (included by the translation unit): reused across calls.
+  void* mem = ::hk::cpu::scratch_alloc(static_cast<size_t>(total));
   std::memset(mem, 0, static_cast<size_t>(per_thread * nth));
   char* base = static_cast<char*>(mem);
   float* partial = reinterpret_cast<float*>(base + per_thread * nth);
@@ -495,5 +495,5 @@ static void run(const AttnBwdParams& p, int num_threads) {
       }
     }
   }
-  std::free(mem);
+  ::hk::cpu::scratch_free(mem, static_cast<size_t>(total));
 }
