@@ -7,7 +7,7 @@ namespace hk {
 namespace cpu {
 namespace {
 template <int DC, int DVC>
-using CoreAvx512F32 = CoreF32<VecAvx512, 2, 8, 8, DC, DVC>;
+using CoreAvx512F32 = CoreF32<VecAvx512, 2, 12, 8, DC, DVC>;  // 24 + 3 of the 32 zmm registers in qk
 }  // namespace
 
 void attention_forward_avx512(const AttnParams& p) {
