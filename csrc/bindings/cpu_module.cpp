@@ -36,6 +36,8 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("scratch_cache_bytes", &hk::cpu::scratch_cache_bytes,
         "Bytes of packed-K/V scratch kept for reuse (HYBRID_KERNELS_CPU_CACHE_MB caps it)");
   m.def("scratch_cache_clear", &hk::cpu::scratch_cache_clear, "Frees the kept scratch buffers");
+  m.def("scratch_cache_limit", &hk::cpu::scratch_cache_limit,
+        "The cap on kept scratch bytes (HYBRID_KERNELS_CPU_CACHE_MB, default 256 MiB)");
   // The kernels never touch Python objects: release the GIL while they run.
   m.def("attention_forward", &hk::cpu::attention_forward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());

@@ -1,4 +1,5 @@
-// AMX tile configuration shared by the amx kernels (include from *_amx.cpp only).
+// AMX tile configuration and the bf16 tile GEMM shared by the amx kernels (include from
+// *_amx.cpp only).
 #pragma once
 #if !defined(__AMX_TILE__)
 #error "amx_tiles.h needs -mamx-tile (include it from *_amx.cpp only)"
@@ -44,6 +45,71 @@ class AmxThreadScope {
  private:
   bool on_;
 };
+
+#if defined(__AMX_BF16__)
+// C rows [0, 16 G) x columns [0, 32) (+)= A B over K2 pairs (G = 1 or 2, see amx_gemm_bf16).
+// Tiles 0-3: C (16-row group x 16-column half; four independent tdpbf16ps chains hide the
+// latency), 4-5: A, 6-7: B.
+template <bool ACC, int G>
+inline void amx_block_bf16(int64_t K2, const char* a, int64_t sa, const uint32_t* b, int64_t ldb,
+                           float* c, int64_t ldc) {
+  const int64_t sb = ldb * 4, sc = ldc * 4;
+  if (ACC) {
+    _tile_loadd(0, c, sc);
+    _tile_loadd(1, c + 16, sc);
+    if constexpr (G == 2) {
+      _tile_loadd(2, c + 16 * ldc, sc);
+      _tile_loadd(3, c + 16 * ldc + 16, sc);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (G == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  }
+  for (int64_t t = 0; t < K2; t += 16) {
+    _tile_loadd(4, a + t * 4, sa);
+    _tile_loadd(6, b + t * ldb, sb);
+    _tile_loadd(7, b + t * ldb + 16, sb);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (G == 2) {
+      _tile_loadd(5, a + 16 * sa + t * 4, sa);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, sc);
+  _tile_stored(1, c + 16, sc);
+  if constexpr (G == 2) {
+    _tile_stored(2, c + 16 * ldc, sc);
+    _tile_stored(3, c + 16 * ldc + 16, sc);
+  }
+}
+
+// C (M x N fp32, row stride ldc floats) (+)= A B in bf16 pairs with fp32 accumulation
+// (tdpbf16ps; ACC: add to C, else overwrite it). A: M rows of K2 pair words (32-bit, the even
+// element in the low half), row r at A + r * a_row_bytes; B: K2 pair rows (VNNI layout) of N
+// words, row t at B + t * ldb. M a multiple of 16, N of 32, K2 of 16. Each C tile accumulates
+// over t in order, so results do not depend on M or N.
+template <bool ACC>
+inline void amx_gemm_bf16(int64_t M, int64_t N, int64_t K2, const void* A, int64_t a_row_bytes,
+                          const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
+  const char* a = static_cast<const char*>(A);
+  for (int64_t r0 = 0; r0 < M; r0 += 32) {
+    const char* ar = a + r0 * a_row_bytes;
+    for (int64_t c0 = 0; c0 < N; c0 += 32) {
+      float* c = C + r0 * ldc + c0;
+      if (M - r0 >= 32)
+        amx_block_bf16<ACC, 2>(K2, ar, a_row_bytes, B + c0, ldb, c, ldc);
+      else
+        amx_block_bf16<ACC, 1>(K2, ar, a_row_bytes, B + c0, ldb, c, ldc);
+    }
+  }
+}
+#endif
 
 }  // namespace cpu
 }  // namespace hk

@@ -3,7 +3,8 @@
 // int8_kernels.h "PV precision"). Same tile visiting as the fp32 forward: per query block of
 // kTile rows, the window band (tiles of kTile keys) plus the landmark keys outside it (gathered,
 // pre-packed per kv head); landmark query rows are computed by their own tasks over their full
-// key range (band blocks skip writing them). Only edge tiles are masked per element. The pattern logic lives here; the per-tile math is in int8_kernels_*.cpp.
+// key range (band blocks skip writing them). Only edge tiles are masked per element. The
+// pattern logic lives here; the per-tile math is in int8_kernels_*.cpp.
 // Fused mode (q8 == nullptr): Q is quantized per query block as it is loaded (begin_block) and K
 // per kv head straight into the packed layout (pack_one); see int8_quantize.h.
 #include <algorithm>

@@ -21,48 +21,7 @@
 constexpr bool kAmx = true;
 
 using ::hk::cpu::AmxThreadScope;  // cpu/amx_tiles.h, included by bwd_amx.cpp
-
-// ------------------------------------------------------------------------- tile GEMM
-// C (M x N fp32, ldc floats) (+)= A B over K2 pairs. A: row r at A + r*lda (words, A layout),
-// B: pair row t at B + t*ldb (words, VNNI). M, N multiples of 32, K2 a multiple of 16.
-// Tiles 0-3 hold a 32 x 32 block of C (four independent tdpbf16ps chains), 4-5 A, 6-7 B.
-template <bool ACC>
-static void amx_gemm(int64_t M, int64_t N, int64_t K2, const uint32_t* A, int64_t lda,
-                     const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
-  const int64_t sa = lda * 4, sb = ldb * 4, sc = ldc * 4;
-  for (int64_t r0 = 0; r0 < M; r0 += 32) {
-    for (int64_t c0 = 0; c0 < N; c0 += 32) {
-      float* c = C + r0 * ldc + c0;
-      if (ACC) {
-        _tile_loadd(0, c, sc);
-        _tile_loadd(1, c + 16, sc);
-        _tile_loadd(2, c + 16 * ldc, sc);
-        _tile_loadd(3, c + 16 * ldc + 16, sc);
-      } else {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-      }
-      for (int64_t t = 0; t < K2; t += 16) {
-        const uint32_t* a = A + r0 * lda + t;
-        const uint32_t* b = B + t * ldb + c0;
-        _tile_loadd(4, a, sa);
-        _tile_loadd(5, a + 16 * lda, sa);
-        _tile_loadd(6, b, sb);
-        _tile_loadd(7, b + 16, sb);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      _tile_stored(0, c, sc);
-      _tile_stored(1, c + 16, sc);
-      _tile_stored(2, c + 16 * ldc, sc);
-      _tile_stored(3, c + 16 * ldc + 16, sc);
-    }
-  }
-}
+using ::hk::cpu::amx_gemm_bf16;   // A row strides in bytes: 4 per pair word
 
 // ------------------------------------------------------------------------- transposes
 // Pair rows of a tile product (B layout, [x2][j], kKeys words a row) -> A layout ([j][x2],
@@ -78,18 +37,18 @@ static void pairs_to_a_layout(const uint32_t* src, int64_t m2, int64_t n, uint32
 static void tile_step_amx(const Ctx& c, Tile& t, int64_t mq, HeadBlock& hb, Scratch& s) {
   const int64_t m = round_up(mq, 32), n = round_up(t.nt, 32);
   for (int64_t x = mq; x < m; ++x) s.mask[x] = 0;  // padded rows: P = dS = 0
-  amx_gemm<false>(m, n, c.D / 2, hb.Qb, c.Dp / 2, t.Ktp, kKeys, s.S, kKeys);
-  amx_gemm<false>(m, n, c.Dv / 2, hb.dOb, c.Dvp / 2, t.Vtp, kKeys, s.dP, kKeys);
+  amx_gemm_bf16<false>(m, n, c.D / 2, hb.Qb, c.Dp * 2, t.Ktp, kKeys, s.S, kKeys);
+  amx_gemm_bf16<false>(m, n, c.Dv / 2, hb.dOb, c.Dvp * 2, t.Vtp, kKeys, s.dP, kKeys);
   softmax_pack_bf16(m, n, c.p->fwd.scale, hb, s);
   pairs_to_a_layout(s.Pt, m / 2, n, s.PtA);
   pairs_to_a_layout(s.dSt, m / 2, n, s.dStA);
   if (t.fresh) {  // first product into this tile: store instead of zero-fill + add
-    amx_gemm<false>(n, c.Dvp, m / 2, s.PtA, kRows / 2, hb.dOp, c.Dvp, t.dV, c.Dvp);  // P^T dO
-    amx_gemm<false>(n, c.Dp, m / 2, s.dStA, kRows / 2, hb.Qp, c.Dp, t.dK, c.Dp);     // dS^T Q
+    amx_gemm_bf16<false>(n, c.Dvp, m / 2, s.PtA, kRows * 2, hb.dOp, c.Dvp, t.dV, c.Dvp);  // P^T dO
+    amx_gemm_bf16<false>(n, c.Dp, m / 2, s.dStA, kRows * 2, hb.Qp, c.Dp, t.dK, c.Dp);     // dS^T Q
     t.fresh = false;
   } else {
-    amx_gemm<true>(n, c.Dvp, m / 2, s.PtA, kRows / 2, hb.dOp, c.Dvp, t.dV, c.Dvp);
-    amx_gemm<true>(n, c.Dp, m / 2, s.dStA, kRows / 2, hb.Qp, c.Dp, t.dK, c.Dp);
+    amx_gemm_bf16<true>(n, c.Dvp, m / 2, s.PtA, kRows * 2, hb.dOp, c.Dvp, t.dV, c.Dvp);
+    amx_gemm_bf16<true>(n, c.Dp, m / 2, s.dStA, kRows * 2, hb.Qp, c.Dp, t.dK, c.Dp);
   }
-  amx_gemm<true>(m, c.Dp, n / 2, s.dSb, kKeys / 2, t.Kpk, c.Dp, hb.dQ, c.Dp);  // dQ += dS K
+  amx_gemm_bf16<true>(m, c.Dp, n / 2, s.dSb, kKeys * 2, t.Kpk, c.Dp, hb.dQ, c.Dp);  // dQ += dS K
 }

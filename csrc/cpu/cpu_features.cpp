@@ -109,7 +109,8 @@ std::string selected_isa() {
   if (want == "avx512" && has_avx512()) return want;
   if (want == "amx" && has_amx()) return want;
   if (want == "avx2" || want == "avx512" || want == "amx")
-    throw std::invalid_argument("HYBRID_KERNELS_CPU_ISA=" + want + " but this CPU (or this build of hybrid_kernels) does not support it");
+    throw std::invalid_argument("HYBRID_KERNELS_CPU_ISA=" + want +
+                                " but this CPU (or this build of hybrid_kernels) does not support it");
   throw std::invalid_argument("HYBRID_KERNELS_CPU_ISA must be amx, avx512, avx2 or scalar, got '" + want + "'");
 }
 

@@ -2,8 +2,6 @@
 // own translation unit, compiled with that ISA's flags) and a few ISA-free helpers.
 #pragma once
 #include <cstdint>
-#include <cstdlib>
-#include <new>
 
 #include "common/attn_params.h"
 #include "cpu/scratch_cache.h"

@@ -1,5 +1,5 @@
-// bf16 compute core of the forward driver (fwd_driver.h) on AMX tiles (tdpbf16ps, fp32
-// accumulation). Every tile is 16 rows x 64 bytes, so one tile configuration serves all:
+// bf16 compute core of the forward driver (fwd_driver.h) on AMX tiles (amx_gemm_bf16, fp32
+// accumulation):
 //   qk: S^T tile [16 keys][16 lanes] = K[16 keys][32 dims] . Qpair[16 dim pairs][16 lanes]
 //       (K read in place, Q packed as bf16 pairs exactly as in CoreBF16)
 //   pv: Ot tile [16 features][16 lanes] += Vt[16 features][32 keys] . Ppair[16 key pairs][16 lanes]
@@ -91,27 +91,21 @@ class PrepAmx {
   const uint16_t* v_row(int64_t b, int64_t h, int64_t j) const {
     return static_cast<const uint16_t*>(p_.v) + b * p_.v_stride[0] + h * p_.v_stride[1] + j * p_.v_stride[2];
   }
-  // dst[e * ld + j] = rows[j][e] for j < n, 0 for n <= j < 32 (ld even): keys are paired into
-  // 32-bit words (even key low), and 16 pairs x 16 features transposed as 32-bit values.
+  // dst[e * ld + j] = rows[j][e] for j < n, 0 for n <= j < 32 (ld even, Dv % 16 == 0): keys are
+  // paired into 32-bit words (even key low), and 16 pairs x 16 features transposed as 32-bit
+  // values.
   void transpose_keys(const uint16_t* const* rows, int n, uint16_t* dst, int64_t ld) const {
     alignas(64) uint32_t X[16 * 16];
     for (int64_t e0 = 0; e0 < p_.Dv; e0 += 16) {
-      const int ne = int(std::min<int64_t>(16, p_.Dv - e0));
-      const __mmask16 m = __mmask16((1u << ne) - 1);
       for (int jp = 0; jp < 16; ++jp) {
         const int j = 2 * jp;
-        const __m512i lo = j < n ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, rows[j] + e0)) : _mm512_setzero_si512();
-        const __m512i hi = j + 1 < n ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, rows[j + 1] + e0)) : _mm512_setzero_si512();
+        const __m512i lo = j < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + e0)))
+                                 : _mm512_setzero_si512();
+        const __m512i hi = j + 1 < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j + 1] + e0)))
+                                     : _mm512_setzero_si512();
         _mm512_store_si512(X + jp * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
       }
-      if (ne == 16) {
-        VecAvx512::transpose(reinterpret_cast<const float*>(X), 16, reinterpret_cast<float*>(dst + e0 * ld), ld / 2);
-      } else {
-        for (int e = 0; e < ne; ++e) {
-          uint32_t* d = reinterpret_cast<uint32_t*>(dst + (e0 + e) * ld);
-          for (int jp = 0; jp < 16; ++jp) d[jp] = X[jp * 16 + e];
-        }
-      }
+      VecAvx512::transpose(reinterpret_cast<const float*>(X), 16, reinterpret_cast<float*>(dst + e0 * ld), ld / 2);
     }
   }
 
@@ -158,13 +152,10 @@ struct CoreAmx {
   // with vdpbf16ps.
   static void qk(Work& w, const KV& kv, int64_t j0, int n, float* S) {
     const int64_t D = DC ? DC : w.D2 * 2;
-    const int nc = int(D / 32);
     const uint32_t* Qp = w.Qp.get();
     const uint16_t* kp = kv.k + j0 * kv.ks;
     const int groups = kv.keys ? int(ceil_div(n, 16)) : n / 16;
-    int g = 0;
-    for (; g + 2 <= groups; g += 2) qk_groups<2>(Qp, kp + (16 * g) * kv.ks, kv.ks, nc, S + (16 * g) * BQ);
-    if (g < groups) qk_groups<1>(Qp, kp + (16 * g) * kv.ks, kv.ks, nc, S + (16 * g) * BQ);
+    if (groups > 0) amx_gemm_bf16<false>(16 * groups, BQ, D / 2, kp, kv.ks * 2, Qp, BQ, S, BQ);
     // S stays unscaled when softmax() can fold a positive scale into its exponent.
     const float cs = softmax_scale(w) == 1.f ? w.c : 1.f;
     const int done = std::min(n, 16 * groups);
@@ -189,11 +180,7 @@ struct CoreAmx {
     if (_mm512_cmp_ps_mask(alpha[0], one, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(alpha[1], one, _CMP_NEQ_UQ))
       for (int64_t i = 0; i < Dv * QV; ++i)
         _mm512_storeu_ps(Ot + i * W, _mm512_mul_ps(_mm512_loadu_ps(Ot + i * W), alpha[i % QV]));
-    if (chunks > 0) {
-      int64_t e0 = 0;
-      for (; e0 + 32 <= Dv; e0 += 32) pv_groups<2>(Pp, kv.vt + e0 * kv.vts + j0, kv.vts, chunks, Ot + e0 * BQ);
-      if (e0 < Dv) pv_groups<1>(Pp, kv.vt + e0 * kv.vts + j0, kv.vts, chunks, Ot + e0 * BQ);  // Dv % 32 == 16
-    }
+    if (chunks > 0) amx_gemm_bf16<true>(Dv, BQ, 16 * chunks, kv.vt + j0, kv.vts * 2, Pp, BQ, Ot, BQ);
     // Keys of a partial chunk at the end of the band: fp32 FMAs (P widened back from bf16).
     for (int j = tiled; j < n; ++j) {
       const uint16_t* vrow = kv.v + (j0 + j) * kv.vs;
@@ -208,69 +195,6 @@ struct CoreAmx {
   }
 
  private:
-  // S^T rows of G (1 or 2) 16-key groups starting at key row k0, both lane halves, over nc
-  // 32-dim chunks. Tiles 0-3: accumulators (group x half: independent tdpbf16ps chains hide the
-  // latency), 4-5: K, 6-7: the Q pairs of one chunk.
-  template <int G>
-  static void qk_groups(const uint32_t* Qp, const uint16_t* k0, int64_t ks, int nc, float* S) {
-    const int64_t kb = ks * 2;
-    _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (G == 2) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-    for (int c = 0; c < nc; ++c) {
-      _tile_loadd(6, Qp + (16 * c) * BQ, BQ * 4);
-      _tile_loadd(7, Qp + (16 * c) * BQ + 16, BQ * 4);
-      _tile_loadd(4, k0 + 32 * c, kb);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      if constexpr (G == 2) {
-        _tile_loadd(5, k0 + 16 * ks + 32 * c, kb);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-    _tile_stored(0, S, BQ * 4);
-    _tile_stored(1, S + 16, BQ * 4);
-    if constexpr (G == 2) {
-      _tile_stored(2, S + 16 * BQ, BQ * 4);
-      _tile_stored(3, S + 16 * BQ + 16, BQ * 4);
-    }
-  }
-
-  // Ot rows of G (1 or 2) 16-feature groups (vt: their first Vt row at the tile's first key)
-  // += Vt . P over `chunks` 32-key chunks. Tiles 0-3: Ot (group x half), 4-5: Vt, 6-7: P pairs.
-  template <int G>
-  static void pv_groups(const uint32_t* Pp, const uint16_t* vt, int64_t vts, int chunks, float* o) {
-    const int64_t vb = vts * 2;
-    _tile_loadd(0, o, BQ * 4);
-    _tile_loadd(1, o + 16, BQ * 4);
-    if constexpr (G == 2) {
-      _tile_loadd(2, o + 16 * BQ, BQ * 4);
-      _tile_loadd(3, o + 16 * BQ + 16, BQ * 4);
-    }
-    for (int c = 0; c < chunks; ++c) {
-      _tile_loadd(6, Pp + (16 * c) * BQ, BQ * 4);
-      _tile_loadd(7, Pp + (16 * c) * BQ + 16, BQ * 4);
-      _tile_loadd(4, vt + 32 * c, vb);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      if constexpr (G == 2) {
-        _tile_loadd(5, vt + 16 * vts + 32 * c, vb);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-    _tile_stored(0, o, BQ * 4);
-    _tile_stored(1, o + 16, BQ * 4);
-    if constexpr (G == 2) {
-      _tile_stored(2, o + 16 * BQ, BQ * 4);
-      _tile_stored(3, o + 16 * BQ + 16, BQ * 4);
-    }
-  }
-
   // The factor softmax() applies to raw scores: w.c when positive (max commutes with it), else
   // 1 (qk scaled S itself).
   static float softmax_scale(const Work& w) { return w.c > 0.f ? w.c : 1.f; }
@@ -288,8 +212,6 @@ struct CoreAmx {
   // (zero up to a whole number of 32-key chunks), l = l * alpha + sum of the fp32 P.
   static constexpr bool kOwnSoftmax = true;
   static void softmax(Work& w, const float* S, int n, R* m, R* l, R* alpha) {
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const R c = _mm512_set1_ps(softmax_scale(w));
     const int np = (n + 1) / 2, np_pad = int(ceil_div(np, 16) * 16);
     uint32_t* Pp = w.Pp.get();
@@ -300,23 +222,16 @@ struct CoreAmx {
       const R m_use = V::neg_inf_to_zero(m_new);  // rows that saw nothing yet keep p = 0
       alpha[v] = exp2(_mm512_sub_ps(m[v], m_use));
       R sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-      int jp = 0;
-      for (; 2 * jp + 1 < n; ++jp) {
+      for (int jp = 0; jp < np; ++jp) {  // an odd n pairs its last key with p = 0
         const R p0 = exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + 2 * jp * BQ + v * W), c, m_use));
-        const R p1 = exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + (2 * jp + 1) * BQ + v * W), c, m_use));
+        const R p1 = 2 * jp + 1 < n
+                         ? exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + (2 * jp + 1) * BQ + v * W), c, m_use))
+                         : _mm512_setzero_ps();
         sum0 = _mm512_add_ps(sum0, p0);
         sum1 = _mm512_add_ps(sum1, p1);
-        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // lanes 0-15: p0, 16-31: p1
-        _mm512_storeu_si512(Pp + jp * BQ + v * W, _mm512_permutexvar_epi16(interleave, both));
+        _mm512_storeu_si512(Pp + jp * BQ + v * W, bf16_pairs(p0, p1));
       }
-      if (jp < np) {  // odd n: the last key pairs with p = 0
-        const R p0 = exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + 2 * jp * BQ + v * W), c, m_use));
-        sum0 = _mm512_add_ps(sum0, p0);
-        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), p0);
-        _mm512_storeu_si512(Pp + jp * BQ + v * W, _mm512_permutexvar_epi16(interleave, both));
-        ++jp;
-      }
-      for (; jp < np_pad; ++jp) _mm512_storeu_si512(Pp + jp * BQ + v * W, _mm512_setzero_si512());
+      for (int jp = np; jp < np_pad; ++jp) _mm512_storeu_si512(Pp + jp * BQ + v * W, _mm512_setzero_si512());
       l[v] = _mm512_fmadd_ps(l[v], alpha[v], _mm512_add_ps(sum0, sum1));
       m[v] = m_new;
     }

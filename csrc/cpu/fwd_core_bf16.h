@@ -222,16 +222,13 @@ struct CoreBF16 {
 
   static void pv(Work& w, const KV& kv, int64_t j0, int n, const float* P, const R* alpha, float* Ot) {
     // Interleave P rows 2jp, 2jp+1 into bf16 pairs (a missing odd key counts as p = 0).
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const int np = (n + 1) / 2;
     uint32_t* Pp = w.Pp.get();
     for (int jp = 0; jp < np; ++jp) {
       for (int v = 0; v < QV; ++v) {
         const R p0 = _mm512_loadu_ps(P + 2 * jp * BQ + v * W);
         const R p1 = 2 * jp + 1 < n ? _mm512_loadu_ps(P + (2 * jp + 1) * BQ + v * W) : _mm512_setzero_ps();
-        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // lanes 0-15: p0, 16-31: p1
-        _mm512_storeu_si512(Pp + jp * BQ + v * W, _mm512_permutexvar_epi16(interleave, both));
+        _mm512_storeu_si512(Pp + jp * BQ + v * W, bf16_pairs(p0, p1));
       }
     }
     const int64_t Dv = DVC ? DVC : w.Dv;

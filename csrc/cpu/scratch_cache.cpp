@@ -20,14 +20,6 @@ size_t rounded(size_t bytes) {
   return bytes >= kMinCachedBytes ? (bytes + kHuge - 1) / kHuge * kHuge : (bytes + 63) / 64 * 64;
 }
 
-size_t limit_from_env() {
-  const char* env = std::getenv("HYBRID_KERNELS_CPU_CACHE_MB");
-  if (!env || !*env) return size_t(256) << 20;
-  char* end = nullptr;
-  const long mb = std::strtol(env, &end, 10);
-  return (end && *end == '\0' && mb > 0) ? size_t(mb) << 20 : 0;
-}
-
 struct Block {
   void* p;
   size_t bytes;  // rounded size
@@ -49,7 +41,7 @@ class Cache {
   }
   // Keeps the block if it fits under the limit (evicting the oldest ones first), else frees it.
   void give(void* p, size_t bytes) {
-    const size_t limit = limit_from_env();
+    const size_t limit = scratch_cache_limit();
     std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -123,6 +115,14 @@ void scratch_free(void* p, size_t bytes) {
 void scratch_cache_clear() { cache().clear(); }
 
 size_t scratch_cache_bytes() { return cache().held(); }
+
+size_t scratch_cache_limit() {
+  const char* env = std::getenv("HYBRID_KERNELS_CPU_CACHE_MB");
+  if (!env || !*env) return size_t(256) << 20;
+  char* end = nullptr;
+  const long mb = std::strtol(env, &end, 10);
+  return (end && *end == '\0' && mb > 0) ? size_t(mb) << 20 : 0;
+}
 
 }  // namespace cpu
 }  // namespace hk

@@ -22,6 +22,9 @@ void scratch_free(void* p, size_t bytes);
 void scratch_cache_clear();
 // Bytes held by the cache now.
 size_t scratch_cache_bytes();
+// The cap, read from HYBRID_KERNELS_CPU_CACHE_MB on every call (unset: 256 MiB; 0, negative or
+// not a number: 0, nothing is kept).
+size_t scratch_cache_limit();
 
 }  // namespace cpu
 }  // namespace hk

@@ -271,6 +271,18 @@ struct VecAvx512 {
 };
 #endif
 
+#if defined(__AVX512BF16__)
+// 16 words (bf16(lo[i]), bf16(hi[i])), round to nearest even: a row of key pairs, the operand
+// layout of vdpbf16ps and of AMX B tiles.
+inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
+  // cvtne2ps_pbh(hi, lo) holds lo in 16-bit lanes 0-15 and hi in 16-31; the permute interleaves.
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25,
+                                              9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2,
+                                              17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+#endif
+
 }  // namespace
 }  // namespace cpu
 }  // namespace hk

@@ -24,25 +24,18 @@ def new_output(shape, dtype, device) -> torch.Tensor:
 _WORKSPACE = threading.local()
 
 
-def cache_limit_bytes() -> int:
-    """HYBRID_KERNELS_CPU_CACHE_MB (default 256; 0 disables), the CPU kernels' scratch cap."""
-    try:
-        return max(0, int(os.environ.get("HYBRID_KERNELS_CPU_CACHE_MB", "256"))) << 20
-    except ValueError:
-        return 256 << 20
-
-
-def float32_workspace(shapes: Sequence[Sequence[int]], device) -> List[torch.Tensor]:
+def float32_workspace(shapes: Sequence[Sequence[int]], device,
+                      keep_limit_bytes: int) -> List[torch.Tensor]:
     """fp32 tensors of these shapes for results the backend converts before returning them (the
     fp32 gradients of bf16/fp16 inputs). They are views of one buffer kept per thread while it
-    fits under :func:`cache_limit_bytes`: freshly allocated memory costs a page fault and the OS
+    fits under ``keep_limit_bytes``: freshly allocated memory costs a page fault and the OS
     zeroing each page, a few percent of a backward call."""
     sizes = [math.prod(s) for s in shapes]
     total = sum(sizes)
     buf = getattr(_WORKSPACE, "buf", None)
     if buf is None or buf.numel() < total or buf.device != torch.device(device):
         buf = torch.empty(total, dtype=torch.float32, device=device)
-        _WORKSPACE.buf = buf if total * 4 <= cache_limit_bytes() else None
+        _WORKSPACE.buf = buf if total * 4 <= keep_limit_bytes else None
     if poison_enabled():
         buf[:total].fill_(float("nan"))
     return [t.view(shape) for t, shape in zip(buf[:total].split(sizes), shapes)]

@@ -132,7 +132,8 @@ class CpuBackend(Backend):
         if q.dtype == torch.float32:
             dq, dk, dv = (new_output(t.shape, torch.float32, q.device) for t in (q, k, v))
         else:  # fp32 accumulators, converted below: reuse one workspace
-            dq, dk, dv = float32_workspace([q.shape, k.shape, v.shape], q.device)
+            dq, dk, dv = float32_workspace([q.shape, k.shape, v.shape], q.device,
+                                           mod.scratch_cache_limit())
         params.dq, params.dk, params.dv = keep(dq), keep(dk), keep(dv)
         mod.attention_backward(params)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
