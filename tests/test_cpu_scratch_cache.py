@@ -45,3 +45,37 @@ def test_the_cap_is_respected(monkeypatch):
     assert mod.scratch_cache_bytes() <= 3 << 20
     mod.scratch_cache_clear()
     assert mod.scratch_cache_bytes() == 0
+
+
+def test_large_outputs_reuse_cached_memory(monkeypatch):
+    """A 1 MiB+ CPU output views scratch-cache memory: once it dies the next call's output
+    lands on the same (already mapped) pages, and the values are those of a plain allocation."""
+    mod = load_module()
+    monkeypatch.setenv("HYBRID_KERNELS_CPU_CACHE_MB", "256")
+    mod.scratch_cache_clear()
+    q, k, v = (torch.randn(*SHAPE) for _ in range(3))
+    first = hk.attention(q, k, v, **PATTERN)
+    assert first.numel() * 4 >= mod.SCRATCH_MIN_CACHED_BYTES
+    ptr, expected = first.data_ptr(), first.clone()
+    del first
+    second = hk.attention(q, k, v, **PATTERN)
+    assert second.data_ptr() == ptr, "the freed output's buffer is handed out again"
+    assert torch.equal(second, expected)
+    mod.scratch_cache_clear()  # frees only unused buffers: the live output stays valid
+    assert torch.equal(second, expected)
+    # Usable like any tensor: in-place updates, autograd through the op, serialization.
+    second.add_(1.0)
+    assert torch.equal(second, expected + 1.0)
+    qg = q.clone().requires_grad_()
+    hk.attention(qg, k, v, **PATTERN).sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+
+
+def test_outputs_are_plain_tensors_when_the_cache_is_off(monkeypatch):
+    mod = load_module()
+    monkeypatch.setenv("HYBRID_KERNELS_CPU_CACHE_MB", "0")
+    mod.scratch_cache_clear()
+    q, k, v = (torch.randn(*SHAPE) for _ in range(3))
+    out = hk.attention(q, k, v, **PATTERN)
+    out.untyped_storage().resize_(out.untyped_storage().nbytes())  # resizable: torch-owned
+    assert mod.scratch_cache_bytes() == 0

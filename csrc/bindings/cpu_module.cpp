@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
 
 #include "bindings/params_bindings.h"
@@ -12,6 +13,23 @@
 #include "cpu/scratch_cache.h"
 
 namespace py = pybind11;
+
+namespace {
+
+// Memory from the scratch cache behind a Python buffer (torch.frombuffer views it as an output
+// tensor); it goes back to the cache when the last view of it dies, so the next call's output
+// lands on pages that are already mapped instead of fresh ones the OS must fault in and zero.
+struct CachedBuffer {
+  void* p;
+  size_t bytes;
+  explicit CachedBuffer(size_t n) : p(hk::cpu::scratch_alloc(n)), bytes(n) {}
+  ~CachedBuffer() { hk::cpu::scratch_free(p, bytes); }
+  CachedBuffer(const CachedBuffer&) = delete;
+  CachedBuffer& operator=(const CachedBuffer&) = delete;
+};
+
+}  // namespace
+
 PYBIND11_MODULE(_C_cpu, m) {
   m.doc() = "hybrid_kernels CPU attention kernels (torch-free)";
   hk::bind_params(m);
@@ -38,6 +56,15 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("scratch_cache_clear", &hk::cpu::scratch_cache_clear, "Frees the kept scratch buffers");
   m.def("scratch_cache_limit", &hk::cpu::scratch_cache_limit,
         "The cap on kept scratch bytes (HYBRID_KERNELS_CPU_CACHE_MB, default 256 MiB)");
+  m.attr("SCRATCH_MIN_CACHED_BYTES") = py::int_(hk::cpu::kMinCachedBytes);
+  py::class_<CachedBuffer>(m, "CachedBuffer", py::buffer_protocol(),
+                           "Writable bytes from the scratch cache, returned to it on release")
+      .def(py::init<size_t>(), py::arg("nbytes"))
+      .def("__len__", [](const CachedBuffer& b) { return b.bytes; })
+      .def_buffer([](CachedBuffer& b) {
+        return py::buffer_info(b.p, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {py::ssize_t(b.bytes)}, {py::ssize_t(1)});
+      });
   // The kernels never touch Python objects: release the GIL while they run.
   m.def("attention_forward", &hk::cpu::attention_forward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());

@@ -2,11 +2,17 @@
 
 With ``HYBRID_KERNELS_POISON=1`` (set by the test-suite) outputs are NaN-filled before a kernel
 runs, so any element a kernel forgets to write shows up as NaN instead of stale memory.
+
+Large CPU outputs come from the native module's scratch cache (see csrc/cpu/scratch_cache.h):
+glibc maps every block above 32 MiB afresh and unmaps it on free, so a (1, 8, 16384, 64) fp32
+output otherwise costs a page fault and the OS zeroing of each page on every call (about 10% of
+an fp32 forward, 20% of an int8 one). The tensor views a buffer that returns to the cache when
+the tensor dies; it behaves like any CPU tensor except that its storage cannot be resized.
+``HYBRID_KERNELS_CPU_CACHE_MB=0`` turns this off (plain ``torch.empty``).
 """
 import math
 import os
-import threading
-from typing import List, Sequence
+from typing import Optional
 
 import torch
 
@@ -15,27 +21,26 @@ def poison_enabled() -> bool:
     return os.environ.get("HYBRID_KERNELS_POISON", "0") == "1"
 
 
+def _cached_cpu_empty(shape, dtype) -> Optional[torch.Tensor]:
+    """An uninitialized CPU tensor over scratch-cache memory, or None where that does not pay
+    (small or empty, cache disabled, native module not built)."""
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
+    try:
+        from .. import _C_cpu as mod
+    except ImportError:
+        return None
+    if nbytes < mod.SCRATCH_MIN_CACHED_BYTES or nbytes > mod.scratch_cache_limit():
+        return None
+    return torch.frombuffer(mod.CachedBuffer(nbytes), dtype=dtype, count=numel).view(shape)
+
+
 def new_output(shape, dtype, device) -> torch.Tensor:
+    out = None
+    if torch.device(device).type == "cpu":
+        out = _cached_cpu_empty(tuple(shape), dtype)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=device)
     if poison_enabled():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-_WORKSPACE = threading.local()
-
-
-def float32_workspace(shapes: Sequence[Sequence[int]], device,
-                      keep_limit_bytes: int) -> List[torch.Tensor]:
-    """fp32 tensors of these shapes for results the backend converts before returning them (the
-    fp32 gradients of bf16/fp16 inputs). They are views of one buffer kept per thread while it
-    fits under ``keep_limit_bytes``: freshly allocated memory costs a page fault and the OS
-    zeroing each page, a few percent of a backward call."""
-    sizes = [math.prod(s) for s in shapes]
-    total = sum(sizes)
-    buf = getattr(_WORKSPACE, "buf", None)
-    if buf is None or buf.numel() < total or buf.device != torch.device(device):
-        buf = torch.empty(total, dtype=torch.float32, device=device)
-        _WORKSPACE.buf = buf if total * 4 <= keep_limit_bytes else None
-    if poison_enabled():
-        buf[:total].fill_(float("nan"))
-    return [t.view(shape) for t, shape in zip(buf[:total].split(sizes), shapes)]
+        out.fill_(float("nan"))
+    return out

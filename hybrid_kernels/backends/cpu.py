@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..dispatch import Backend
 from ..pattern import Pattern
-from ._alloc import float32_workspace, new_output
+from ._alloc import new_output
 from ..quant import smoothing_mean
 from ._params import QUANT_BLOCK, Keep, fill_params, last_dim_contiguous, strides3
 
@@ -129,11 +129,8 @@ class CpuBackend(Backend):
         fwd.num_threads = num_threads()
         params.fwd = fwd
         params.dout, params.dout_stride = keep(dout), strides3(dout)
-        if q.dtype == torch.float32:
-            dq, dk, dv = (new_output(t.shape, torch.float32, q.device) for t in (q, k, v))
-        else:  # fp32 accumulators, converted below: reuse one workspace
-            dq, dk, dv = float32_workspace([q.shape, k.shape, v.shape], q.device,
-                                           mod.scratch_cache_limit())
+        # fp32 accumulators for every input dtype (converted below for bf16/fp16 inputs).
+        dq, dk, dv = (new_output(t.shape, torch.float32, q.device) for t in (q, k, v))
         params.dq, params.dk, params.dv = keep(dq), keep(dk), keep(dv)
         mod.attention_backward(params)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
