@@ -7,7 +7,8 @@
 //   Ot[e][lane] (Dv x BQ, the unnormalized output, transposed)
 // Work per block: the window band [lo, hi) in tiles (only the edge tiles get a per-element mask),
 // then one tile of the landmark keys outside the band. Landmark *query* rows, which see every key,
-// are recomputed afterwards in a second pass that overwrites them.
+// ride along the window pass (see "Landmark query rows" below) and overwrite what it wrote for
+// them.
 //
 // Core concept (see fwd_core_f32.h, fwd_core_bf16_avx512.h):
 //   using V; QV, BQ = QV * V::W, JT; kPairKeys (band tiles must start at even keys)
@@ -64,27 +65,213 @@ class ForwardDriver {
  public:
   static void run(const AttnParams& p) {
     const typename Core::Prep prep(p);
-    const int nthreads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+    const int nthreads = std::max(1, p.num_threads > 0 ? p.num_threads : omp_get_max_threads());
     const int64_t nqb = ceil_div(p.Nq, BQ);
-    const int64_t block_items = p.B * p.Hq * nqb;
-    for_each_item(p, nthreads, block_items, [&](ThreadState& ts, int64_t it) {
+    if (p.num_landmarks > 0 && nqb > 0) {
+      run_with_landmark_rows(p, prep, nthreads, nqb);
+      return;
+    }
+    for_each_item(p, nthreads, p.B * p.Hq * nqb, [&](ThreadState& ts, int64_t it) {
       const int64_t qb = it % nqb, bh = it / nqb;
       window_block(p, prep, ts, bh / p.Hq, bh % p.Hq, qb * BQ);
     });
-    // Landmark rows overwrite what the window pass wrote for them. There are few of them (often
-    // fewer than BQ), so a core with narrower blocks may take them.
-    using Lm = ForwardDriver<typename Core::LandmarkCore>;
-    if (p.num_landmarks > 0) Lm::landmark_pass(p, prep, nthreads);
-  }
-
-  template <class Prep>
-  static void landmark_pass(const AttnParams& p, const Prep& prep, int nthreads) {
-    static_assert(std::is_same<Prep, typename Core::Prep>::value, "a landmark core shares its K/V prep");
-    for_each_item(p, nthreads, p.B * p.Hq,
-                  [&](ThreadState& ts, int64_t it) { landmark_rows(p, prep, ts, it / p.Hq, it % p.Hq); });
   }
 
  private:
+  template <class>
+  friend class ForwardDriver;  // the window driver runs its LandmarkCore's driver
+
+  // ---- Landmark query rows.
+  // They see every key. A pass of their own would stream all of K/V once more per head, bound
+  // by memory bandwidth; instead every window block also runs them over the key tiles it owns
+  // (those starting in its diagonal range, just brought into cache by its band). Their
+  // online-softmax state lives per segment (SEG consecutive blocks of one head: one work item,
+  // one thread, in order), and the segments are merged in order at the end, so results do not
+  // depend on the thread count. The LandmarkCore's driver (Lm) computes them, in blocks of
+  // Lm::BQ rows.
+  using Lm = ForwardDriver<typename Core::LandmarkCore>;
+
+  // Which landmark rows each batch has, and where their partial states live.
+  struct LandmarkPlan {
+    LandmarkPlan(const AttnParams& p, int64_t nqb)
+        : G(p.num_landmarks), count(p.B), row(p.B * G), pos(p.B * G) {
+      const int64_t off = p.Nk - p.Nq;
+      int64_t most = 0;
+      for (int64_t b = 0; b < p.B; ++b) {
+        const int32_t* lm = p.landmarks + b * p.landmarks_batch_stride;
+        int64_t n = 0;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t i = lm[g] - off;
+          if (i < 0 || i >= p.Nq) continue;
+          row[b * G + n] = i;
+          pos[b * G + n] = lm[g];
+          ++n;
+        }
+        count[b] = n;
+        most = std::max(most, n);
+      }
+      nlb = ceil_div(most, Lm::BQ);
+      // About 64 work items for balance, fewer where the partial states would pass 64 MiB. Only
+      // the shapes decide (never the thread count).
+      const int64_t heads = p.B * p.Hq;
+      slot_floats = p.Dv * Lm::BQ + 2 * Lm::BQ;
+      int64_t nseg = std::min(nqb, ceil_div(64, heads));
+      const int64_t budget = (int64_t(64) << 20) / 4;
+      while (nseg > 1 && heads * nseg * nlb * slot_floats > budget) nseg = (nseg + 1) / 2;
+      seg = ceil_div(nqb, nseg);
+      segs = ceil_div(nqb, seg);
+      partial.reset(heads * segs * std::max<int64_t>(nlb, 1) * slot_floats);
+    }
+    float* slot(int64_t bh, int64_t s, int64_t lb) const {
+      return partial.get() + ((bh * segs + s) * nlb + lb) * slot_floats;
+    }
+    int64_t G, nlb = 0, seg = 1, segs = 1, slot_floats = 0;
+    AlignedBuf<int64_t> count, row, pos;  // per batch: rows and key positions, by position
+    AlignedBuf<float> partial;  // per (b * Hq + h, segment, row block): Ot, m, l of Lm's state
+  };
+
+  // Landmark rows of one (b, h) segment: Lm thread states, one per block of Lm::BQ rows.
+  struct LandmarkRows {
+    LandmarkRows(const AttnParams& p, int64_t nlb)
+        : ts(new std::unique_ptr<typename Lm::ThreadState>[size_t(std::max<int64_t>(nlb, 0))]) {
+      for (int64_t i = 0; i < nlb; ++i) ts[i].reset(new typename Lm::ThreadState(p));
+    }
+    std::unique_ptr<std::unique_ptr<typename Lm::ThreadState>[]> ts;
+  };
+
+  static void run_with_landmark_rows(const AttnParams& p, const typename Core::Prep& prep, int nthreads,
+                                     int64_t nqb) {
+    const LandmarkPlan plan(p, nqb);
+    nthreads = std::max(1, nthreads);
+    std::unique_ptr<std::unique_ptr<ThreadState>[]> states(new std::unique_ptr<ThreadState>[size_t(nthreads)]);
+    for (int t = 0; t < nthreads; ++t) states[t].reset(new ThreadState(p));
+    const int64_t items = p.B * p.Hq * plan.segs;
+#pragma omp parallel num_threads(nthreads)
+    {
+      ThreadState& ts = *states[omp_get_thread_num()];
+      LandmarkRows lrows(p, plan.nlb);
+      const FlushDenormals ftz;
+      Core::thread_enter();
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t bh = it / plan.segs, sg = it % plan.segs, b = bh / p.Hq, h = bh % p.Hq;
+        const int64_t nr = plan.count[b], nlb = ceil_div(nr, Lm::BQ);
+        for (int64_t lb = 0; lb < nlb; ++lb)
+          Lm::landmark_begin(p, plan, *lrows.ts[lb], b, h, lb);
+        const int64_t qb1 = std::min(nqb, (sg + 1) * plan.seg);
+        for (int64_t qb = sg * plan.seg; qb < qb1; ++qb) {
+          window_block(p, prep, ts, b, h, qb * BQ);
+          const int64_t k0 = owned_keys_start(p, qb, nqb), k1 = owned_keys_start(p, qb + 1, nqb);
+          for (int64_t lb = 0; lb < nlb; ++lb)
+            Lm::landmark_keys(p, prep, plan, *lrows.ts[lb], b, h, lb, k0, k1);
+        }
+        for (int64_t lb = 0; lb < nlb; ++lb) Lm::landmark_save(p, *lrows.ts[lb], plan.slot(bh, sg, lb));
+      }
+      Core::thread_exit();
+    }
+    // Merge the segments of each (b, h, row block) and write those rows (over the window pass's).
+    const int64_t merges = p.B * p.Hq * plan.nlb;
+#pragma omp parallel num_threads(nthreads)
+    {
+      typename Lm::ThreadState lts(p);
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < merges; ++it) {
+        const int64_t bh = it / plan.nlb, lb = it % plan.nlb, b = bh / p.Hq;
+        if (lb * Lm::BQ < plan.count[b]) Lm::landmark_finish(p, plan, lts, bh, lb);
+      }
+    }
+  }
+
+  // First key of the tiles (of Lm::JT keys) block qb owns for the landmark rows: tile starts in
+  // the block's diagonal range [qb * BQ, (qb + 1) * BQ) + Nk - Nq; the first block also owns
+  // everything before it, the last everything after.
+  static int64_t owned_keys_start(const AttnParams& p, int64_t qb, int64_t nqb) {
+    if (qb <= 0) return 0;
+    if (qb >= nqb) return p.Nk;
+    const int64_t d = std::max<int64_t>(0, qb * BQ + p.Nk - p.Nq);
+    return std::min<int64_t>(p.Nk, ceil_div(d, Lm::JT) * Lm::JT);
+  }
+
+  // (Lm side) Starts row block lb of batch b's landmark rows for head h: packs their queries.
+  template <class Plan>
+  static void landmark_begin(const AttnParams& p, const Plan& plan, ThreadState& ts, int64_t b, int64_t h,
+                             int64_t lb) {
+    const int64_t g0 = lb * BQ;
+    const int nr = int(std::min<int64_t>(BQ, plan.count[b] - g0));
+    const void* qrows[BQ];
+    for (int i = 0; i < nr; ++i) qrows[i] = q_row(p, b, h, plan.row[b * plan.G + g0 + i]);
+    Core::pack_q(ts.core, p, qrows, nr);
+    begin_block(ts, p);
+  }
+
+  // (Lm side) Row block lb over the key tiles starting in [k0, k1) (multiples of JT), causally
+  // clipped; only padding and causality need masks.
+  template <class Plan, class Prep>
+  static void landmark_keys(const AttnParams& p, const Prep& prep, const Plan& plan, ThreadState& ts,
+                            int64_t b, int64_t h, int64_t lb, int64_t k0, int64_t k1) {
+    static_assert(std::is_same<Prep, typename Core::Prep>::value, "a landmark core shares its K/V prep");
+    const int64_t g0 = lb * BQ;
+    const int nr = int(std::min<int64_t>(BQ, plan.count[b] - g0));
+    const int64_t* pos = plan.pos.get() + b * plan.G + g0;
+    const int64_t hi = p.causal ? std::min<int64_t>(p.Nk, pos[nr - 1] + 1) : p.Nk;
+    if (k0 >= hi) return;
+    const uint8_t* pad = padding_of(p, b);
+    const typename Core::KV kv = prep.band(b, h / (p.Hq / p.Hk));
+    for (int64_t j0 = k0; j0 < std::min(k1, hi); j0 += JT) {
+      const int n = int(std::min<int64_t>(JT, hi - j0));
+      const bool masked = (p.causal && j0 + n - 1 > pos[0]) || tile_has_padding(pad, j0, n);
+      if (masked) {
+        for (int j = 0; j < n; ++j) {
+          const int64_t key = j0 + j;
+          if (pad && !pad[key]) { ts.lo[j] = 1; ts.hi[j] = 0; continue; }
+          // Rows are sorted by position: the lanes with pos >= key form a suffix.
+          ts.lo[j] = p.causal ? int(std::lower_bound(pos, pos + nr, key) - pos) : 0;
+          ts.hi[j] = BQ;
+        }
+      }
+      tile(ts, kv, j0, n, masked);
+    }
+  }
+
+  // (Lm side) Saves the block's state (Ot, then m and l per lane) into a partial slot.
+  static void landmark_save(const AttnParams& p, const ThreadState& ts, float* slot) {
+    std::memcpy(slot, ts.Ot.get(), sizeof(float) * p.Dv * BQ);
+    for (int v = 0; v < QV; ++v) {
+      V::store(slot + p.Dv * BQ + v * W, ts.m[v]);
+      V::store(slot + p.Dv * BQ + BQ + v * W, ts.l[v]);
+    }
+  }
+
+  // (Lm side) Merges row block lb of (b * Hq + h) over the segments, in order, and writes it.
+  template <class Plan>
+  static void landmark_finish(const AttnParams& p, const Plan& plan, ThreadState& ts, int64_t bh, int64_t lb) {
+    const int64_t b = bh / p.Hq, h = bh % p.Hq, Dv = p.Dv, g0 = lb * BQ;
+    alignas(64) float m[BQ], l[BQ], f[BQ];
+    for (int i = 0; i < BQ; ++i) {
+      m[i] = kNegInf;
+      for (int64_t s = 0; s < plan.segs; ++s) m[i] = std::max(m[i], plan.slot(bh, s, lb)[Dv * BQ + i]);
+      l[i] = 0.f;
+    }
+    float* Ot = ts.Ot.get();
+    std::memset(Ot, 0, sizeof(float) * Dv * BQ);
+    for (int64_t s = 0; s < plan.segs; ++s) {
+      const float* slot = plan.slot(bh, s, lb);
+      for (int i = 0; i < BQ; ++i) {
+        const float ms = slot[Dv * BQ + i];
+        f[i] = ms == kNegInf ? 0.f : std::exp2(ms - m[i]);  // a segment that saw nothing adds 0
+        l[i] += f[i] * slot[Dv * BQ + BQ + i];
+      }
+      for (int64_t e = 0; e < Dv; ++e)
+        for (int i = 0; i < BQ; ++i) Ot[e * BQ + i] += f[i] * slot[e * BQ + i];
+    }
+    for (int v = 0; v < QV; ++v) {
+      ts.m[v] = V::load(m + v * W);
+      ts.l[v] = V::load(l + v * W);
+    }
+    const int nr = int(std::min<int64_t>(BQ, plan.count[b] - g0));
+    finish_block(p, ts, b, h, plan.row.get() + b * plan.G + g0, nr);
+  }
+
   // Runs fn(thread state, item) for items [0, n) on a static OpenMP schedule (deterministic).
   template <class Fn>
   static void for_each_item(const AttnParams& p, int nthreads, int64_t n, Fn&& fn) {
@@ -271,49 +458,6 @@ class ForwardDriver {
       }
     }
     finish_block(p, ts, b, h, rows, nr);
-  }
-
-  // Landmark query rows of (b, h) see every key (causally clipped): full-range blocks of BQ rows.
-  static void landmark_rows(const AttnParams& p, const typename Core::Prep& prep, ThreadState& ts,
-                            int64_t b, int64_t h) {
-    const int32_t* lm = landmarks_of(p, b);
-    const int64_t off = p.Nk - p.Nq;
-    const int64_t kvh = h / (p.Hq / p.Hk);
-    const uint8_t* pad = padding_of(p, b);
-    const typename Core::KV kv = prep.band(b, kvh);
-    int64_t g = 0;
-    while (g < p.num_landmarks) {
-      int64_t rows[BQ], pos[BQ];
-      const void* qrows[BQ];
-      int nr = 0;
-      for (; g < p.num_landmarks && nr < BQ; ++g) {
-        const int64_t i = lm[g] - off;
-        if (i < 0 || i >= p.Nq) continue;
-        rows[nr] = i;
-        pos[nr] = lm[g];
-        qrows[nr] = q_row(p, b, h, i);
-        ++nr;
-      }
-      if (nr == 0) break;
-      Core::pack_q(ts.core, p, qrows, nr);
-      begin_block(ts, p);
-      const int64_t hi = p.causal ? std::min<int64_t>(p.Nk, pos[nr - 1] + 1) : p.Nk;
-      for (int64_t j0 = 0; j0 < hi; j0 += JT) {
-        const int n = int(std::min<int64_t>(JT, hi - j0));
-        const bool masked = (p.causal && j0 + n - 1 > pos[0]) || tile_has_padding(pad, j0, n);
-        if (masked) {
-          for (int j = 0; j < n; ++j) {
-            const int64_t key = j0 + j;
-            if (pad && !pad[key]) { ts.lo[j] = 1; ts.hi[j] = 0; continue; }
-            // Rows are sorted by position: the lanes with pos >= key form a suffix.
-            ts.lo[j] = p.causal ? int(std::lower_bound(pos, pos + nr, key) - pos) : 0;
-            ts.hi[j] = BQ;
-          }
-        }
-        tile(ts, kv, j0, n, masked);
-      }
-      finish_block(p, ts, b, h, rows, nr);
-    }
   }
 };
 
