@@ -21,6 +21,7 @@
 //   static void pack_q(Work&, const AttnParams&, const void* const* rows, int nr);
 //   static void qk(Work&, const KV&, int64_t j0, int n, float* S);
 //   static void pv(Work&, const KV&, int64_t j0, int n, const float* P, const R* alpha, float* Ot);
+//   optional: static float lse_shift(const Work&, int lane);  (added to the lse of that lane)
 #pragma once
 #include <omp.h>
 
@@ -38,6 +39,13 @@
 namespace hk {
 namespace cpu {
 namespace {
+
+// Core::lse_shift(const Work&, int lane): an optional per-lane offset added to the lse of the
+// rows last packed (e.g. a score shift the core's S leaves out).
+template <class Core, class = void>
+struct HasLseShift : std::false_type {};
+template <class Core>
+struct HasLseShift<Core, std::void_t<decltype(&Core::lse_shift)>> : std::true_type {};
 
 template <class Core>
 class ForwardDriver {
@@ -62,8 +70,10 @@ class ForwardDriver {
   };
 
  public:
-  static void run(const AttnParams& p) {
-    const typename Core::Prep prep(p);
+  static void run(const AttnParams& p) { run(p, typename Core::Prep(p)); }
+
+  // With a K/V prep built by the caller (a core whose Prep needs more than AttnParams).
+  static void run(const AttnParams& p, const typename Core::Prep& prep) {
     const int nthreads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
     const int64_t nqb = ceil_div(p.Nq, BQ);
     const int64_t block_items = p.B * p.Hq * nqb;
@@ -189,7 +199,10 @@ class ForwardDriver {
         const int64_t o_off = b * p.o_stride[0] + h * p.o_stride[1] + row * p.o_stride[2];
         const bool empty = l[lane] == 0.f;  // NaN (from NaN/inf inputs) propagates, as in SDPA
         const float inv = empty ? 0.f : 1.f / l[lane];
-        p.lse[(b * p.Hq + h) * p.Nq + row] = empty ? kNegInf : (m[lane] + std::log2(l[lane])) * kLn2;
+        float lse = empty ? kNegInf : (m[lane] + std::log2(l[lane])) * kLn2;
+        if constexpr (HasLseShift<Core>::value)
+          if (!empty) lse += Core::lse_shift(ts.core, lane);
+        p.lse[(b * p.Hq + h) * p.Nq + row] = lse;
         float* t = T + i * DvP;
         for (int64_t e = 0; e < Dv; ++e) t[e] *= inv;
         if (p.dtype == DType::F32) {
