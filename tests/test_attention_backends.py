@@ -162,8 +162,15 @@ def test_int8_every_isa_agrees(monkeypatch, case):
                                             return_lse=True)
         assert_int8_matches_emulation(f"int8 {isa}", outs[isa], q, k, v, pattern)
     if "amx" in lses and "avx512" in lses:
-        # Same int32 scores (tdpbusd vs vpdpbusd) and the same softmax: the lse is bit-equal.
-        assert torch.equal(lses["amx"], lses["avx512"]), "amx and avx512 QK must agree exactly"
+        # Same fp32 scores (exact int32 dot products times the same scale products) and the same
+        # exp2 polynomial and integer max rule; the amx forward driver tiles the keys differently
+        # (test_int8_amx_driver.py derives this bound), so only the summation order of the softmax
+        # sum and where the max moves differ.
+        from test_int8_amx_driver import _lse_tolerance
+        a, b = lses["amx"], lses["avx512"]
+        assert torch.equal(torch.isinf(a), torch.isinf(b)), "amx and avx512: the same empty rows"
+        fin = torch.isfinite(b)
+        assert torch.all((a - b)[fin].abs() <= _lse_tolerance(b[fin])), "amx and avx512 QK must agree"
     monkeypatch.delenv("HYBRID_KERNELS_CPU_ISA")
     if mod.selected_isa() in outs:
         assert torch.equal(hk.attention(q, k, v, **pattern, quant="int8", backend="cpu"),

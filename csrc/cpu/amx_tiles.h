@@ -1,4 +1,4 @@
-// AMX tile configuration and the bf16 tile GEMM shared by the amx kernels (include from
+// AMX tile configuration and the tile GEMM (bf16 or int8) shared by the amx kernels (include from
 // *_amx.cpp only).
 #pragma once
 #if !defined(__AMX_TILE__)
@@ -46,13 +46,26 @@ class AmxThreadScope {
   bool on_;
 };
 
-#if defined(__AMX_BF16__)
-// C rows [0, 16 G) x columns [0, 32) (+)= A B over K2 pairs (G = 1 or 2, see amx_gemm_bf16).
-// Tiles 0-3: C (16-row group x 16-column half; four independent tdpbf16ps chains hide the
-// latency), 4-5: A, 6-7: B.
-template <bool ACC, int G>
-inline void amx_block_bf16(int64_t K2, const char* a, int64_t sa, const uint32_t* b, int64_t ldb,
-                           float* c, int64_t ldc) {
+#if defined(__AMX_BF16__) && defined(__AMX_INT8__)
+// The tile dot product of amx_gemm: bf16 pairs -> fp32 (tdpbf16ps), or signed int8 quads ->
+// int32 (tdpbssd).
+enum class AmxDot { kBf16, kS8 };
+
+// The tile intrinsics take literal register numbers (they are pasted into the asm).
+#define HK_AMX_DOT(OP, C, A, B)   \
+  do {                            \
+    if constexpr (OP == AmxDot::kBf16) \
+      _tile_dpbf16ps(C, A, B);    \
+    else                          \
+      _tile_dpbssd(C, A, B);      \
+  } while (0)
+
+// C rows [0, 16 G) x columns [0, 32) (+)= A B over K4 32-bit words (G = 1 or 2, see amx_gemm).
+// Tiles 0-3: C (16-row group x 16-column half; four independent dot chains hide the latency),
+// 4-5: A, 6-7: B.
+template <AmxDot OP, bool ACC, int G>
+inline void amx_block(int64_t K4, const char* a, int64_t sa, const uint32_t* b, int64_t ldb,
+                      uint32_t* c, int64_t ldc) {
   const int64_t sb = ldb * 4, sc = ldc * 4;
   if (ACC) {
     _tile_loadd(0, c, sc);
@@ -69,16 +82,16 @@ inline void amx_block_bf16(int64_t K2, const char* a, int64_t sa, const uint32_t
       _tile_zero(3);
     }
   }
-  for (int64_t t = 0; t < K2; t += 16) {
+  for (int64_t t = 0; t < K4; t += 16) {
     _tile_loadd(4, a + t * 4, sa);
     _tile_loadd(6, b + t * ldb, sb);
     _tile_loadd(7, b + t * ldb + 16, sb);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
+    HK_AMX_DOT(OP, 0, 4, 6);
+    HK_AMX_DOT(OP, 1, 4, 7);
     if constexpr (G == 2) {
       _tile_loadd(5, a + 16 * sa + t * 4, sa);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+      HK_AMX_DOT(OP, 2, 5, 6);
+      HK_AMX_DOT(OP, 3, 5, 7);
     }
   }
   _tile_stored(0, c, sc);
@@ -89,25 +102,36 @@ inline void amx_block_bf16(int64_t K2, const char* a, int64_t sa, const uint32_t
   }
 }
 
-// C (M x N fp32, row stride ldc floats) (+)= A B in bf16 pairs with fp32 accumulation
-// (tdpbf16ps; ACC: add to C, else overwrite it). A: M rows of K2 pair words (32-bit, the even
-// element in the low half), row r at A + r * a_row_bytes; B: K2 pair rows (VNNI layout) of N
-// words, row t at B + t * ldb. M a multiple of 16, N of 32, K2 of 16. Each C tile accumulates
-// over t in order, so results do not depend on M or N.
-template <bool ACC>
-inline void amx_gemm_bf16(int64_t M, int64_t N, int64_t K2, const void* A, int64_t a_row_bytes,
-                          const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
+// C (M x N 32-bit accumulators, row stride ldc) (+)= A B over K4 32-bit words (ACC: add to C,
+// else overwrite it): bf16 pairs (the even element in the low half) with fp32 C, or 4 signed
+// int8 (the lowest-index one in the low byte) with int32 C. A: M rows of K4 words, row r at
+// A + r * a_row_bytes; B: K4 word rows (VNNI layout) of N words, row t at B + t * ldb. M a
+// multiple of 16, N of 32, K4 of 16. Each C tile accumulates over t in order, so results do not
+// depend on M or N.
+template <AmxDot OP, bool ACC>
+inline void amx_gemm(int64_t M, int64_t N, int64_t K4, const void* A, int64_t a_row_bytes,
+                     const uint32_t* B, int64_t ldb, void* C, int64_t ldc) {
   const char* a = static_cast<const char*>(A);
+  uint32_t* cw = static_cast<uint32_t*>(C);
   for (int64_t r0 = 0; r0 < M; r0 += 32) {
     const char* ar = a + r0 * a_row_bytes;
     for (int64_t c0 = 0; c0 < N; c0 += 32) {
-      float* c = C + r0 * ldc + c0;
+      uint32_t* c = cw + r0 * ldc + c0;
       if (M - r0 >= 32)
-        amx_block_bf16<ACC, 2>(K2, ar, a_row_bytes, B + c0, ldb, c, ldc);
+        amx_block<OP, ACC, 2>(K4, ar, a_row_bytes, B + c0, ldb, c, ldc);
       else
-        amx_block_bf16<ACC, 1>(K2, ar, a_row_bytes, B + c0, ldb, c, ldc);
+        amx_block<OP, ACC, 1>(K4, ar, a_row_bytes, B + c0, ldb, c, ldc);
     }
   }
+}
+
+#undef HK_AMX_DOT
+
+// amx_gemm on bf16 pairs (K2 pair words) into fp32 C.
+template <bool ACC>
+inline void amx_gemm_bf16(int64_t M, int64_t N, int64_t K2, const void* A, int64_t a_row_bytes,
+                          const uint32_t* B, int64_t ldb, float* C, int64_t ldc) {
+  amx_gemm<AmxDot::kBf16, ACC>(M, N, K2, A, a_row_bytes, B, ldb, C, ldc);
 }
 #endif
 

@@ -6,7 +6,8 @@
 // key range (band blocks skip writing them). Only edge tiles are masked per element. The
 // pattern logic lives here; the per-tile math is in int8_kernels_*.cpp.
 // Fused mode (q8 == nullptr): Q is quantized per query block as it is loaded (begin_block) and K
-// per kv head straight into the packed layout (pack_one); see int8_quantize.h.
+// per kv head straight into the packed layout (pack_one); see int8_quantize.h. On the amx set the
+// fused mode runs on the forward driver instead (fwd_int8_amx.cpp, see amx_driver_applies).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -552,6 +553,15 @@ struct ThreadTiles {
   ThreadTiles& operator=(const ThreadTiles&) = delete;
 };
 
+// The fused path on the amx set runs on the forward driver (fwd_int8_amx.cpp), unless the
+// shape does not fit it or HYBRID_KERNELS_INT8_AMX_DRIVER=0 asks for the tile kernels here (tests
+// compare the two).
+bool amx_driver_applies(const AttnInt8Params& p) {
+  const char* env = std::getenv("HYBRID_KERNELS_INT8_AMX_DRIVER");
+  if (env && std::string(env) == "0") return false;
+  return p.q8 == nullptr && p.fwd.Nk > 0 && p.fwd.Dv % 16 == 0;
+}
+
 }  // namespace
 
 void attention_forward_int8(const AttnInt8Params& p) {
@@ -561,6 +571,12 @@ void attention_forward_int8(const AttnInt8Params& p) {
   Ctx c;
   c.p = &p;
   c.kern = int8::select_kernels(selected_isa());
+#ifndef HK_NO_AMX
+  if (c.kern == int8::kernels_amx() && amx_driver_applies(p)) {
+    int8::attention_forward_int8_amx(p, *c.kern);
+    return;
+  }
+#endif
   c.Dp = round_up(f.D, c.kern->dp_align > 0 ? c.kern->dp_align : 4);
   c.Dvp = round_up(f.Dv, 16);
   c.nqb = ceil_div(f.Nq, p.q_block);

@@ -7,7 +7,8 @@
 // Key groups / chunks that run past the tile (band edges) are finished with vdpbf16ps (qk) and
 // fp32 FMAs (pv), so keys outside the tile are never touched: a NaN/inf there cannot leak in.
 // Landmark K/V are gathered into zero-padded buffers, which the tiles may read whole.
-// Needs D % 32 == 0 and Dv % 16 == 0 (see attention_forward_amx).
+// Needs D % 32 == 0 and Dv % 16 == 0 (see attention_forward_amx). The softmax and PV steps
+// (AmxLanes) and the V transpose are shared with the int8 core (fwd_core_int8_amx.h).
 #pragma once
 #if !defined(__AMX_BF16__) || !defined(__AMX_TILE__)
 #error "fwd_core_amx.h needs -mamx-tile -mamx-bf16 (include it from *_amx.cpp only)"
@@ -25,6 +26,28 @@
 namespace hk {
 namespace cpu {
 namespace {
+
+// dst[e * ld + j] = key j's feature e as bf16, keys j < 32, e < Dv (Dv % 16 == 0, ld even). key(j,
+// e0) gives key j's features e0 .. e0 + 15 as bf16 in the low halves of 16 32-bit lanes (zeros
+// for a missing key). Keys are paired into 32-bit words (even key low), and 16 pairs x 16
+// features transposed as 32-bit values. kStream: non-temporal stores (dst and ld * 2 bytes
+// 64-byte aligned; the caller fences): no read-for-ownership of dst.
+template <bool kStream = false, class KeyBf16>
+inline void transpose_key_pairs(int64_t Dv, uint16_t* dst, int64_t ld, KeyBf16&& key) {
+  alignas(64) uint32_t X[16 * 16];
+  for (int64_t e0 = 0; e0 < Dv; e0 += 16) {
+    for (int jp = 0; jp < 16; ++jp)
+      _mm512_store_si512(X + jp * 16, _mm512_or_si512(key(2 * jp, e0), _mm512_slli_epi32(key(2 * jp + 1, e0), 16)));
+    if constexpr (kStream) {
+      alignas(64) uint32_t T[16 * 16];
+      VecAvx512::transpose(reinterpret_cast<const float*>(X), 16, reinterpret_cast<float*>(T), 16);
+      for (int r = 0; r < 16; ++r)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + (e0 + r) * ld), _mm512_load_si512(T + 16 * r));
+    } else {
+      VecAvx512::transpose(reinterpret_cast<const float*>(X), 16, reinterpret_cast<float*>(dst + e0 * ld), ld / 2);
+    }
+  }
+}
 
 struct KVAmx {
   const uint16_t* k;  // key row j at k + j * ks (bf16)
@@ -91,27 +114,76 @@ class PrepAmx {
   const uint16_t* v_row(int64_t b, int64_t h, int64_t j) const {
     return static_cast<const uint16_t*>(p_.v) + b * p_.v_stride[0] + h * p_.v_stride[1] + j * p_.v_stride[2];
   }
-  // dst[e * ld + j] = rows[j][e] for j < n, 0 for n <= j < 32 (ld even, Dv % 16 == 0): keys are
-  // paired into 32-bit words (even key low), and 16 pairs x 16 features transposed as 32-bit
-  // values.
+  // dst[e * ld + j] = rows[j][e] for j < n, 0 for n <= j < 32.
   void transpose_keys(const uint16_t* const* rows, int n, uint16_t* dst, int64_t ld) const {
-    alignas(64) uint32_t X[16 * 16];
-    for (int64_t e0 = 0; e0 < p_.Dv; e0 += 16) {
-      for (int jp = 0; jp < 16; ++jp) {
-        const int j = 2 * jp;
-        const __m512i lo = j < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + e0)))
-                                 : _mm512_setzero_si512();
-        const __m512i hi = j + 1 < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j + 1] + e0)))
-                                     : _mm512_setzero_si512();
-        _mm512_store_si512(X + jp * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-      }
-      VecAvx512::transpose(reinterpret_cast<const float*>(X), 16, reinterpret_cast<float*>(dst + e0 * ld), ld / 2);
-    }
+    transpose_key_pairs(p_.Dv, dst, ld, [&](int j, int64_t e0) {
+      return j < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + e0)))
+                   : _mm512_setzero_si512();
+    });
   }
 
   const AttnParams& p_;
   int64_t G_, NKP_, GP_;
   AlignedBuf<uint16_t> vt_, klm_, vtlm_;
+};
+
+// The softmax and PV steps shared by the amx cores (CoreAmx, CoreInt8Amx): S^T tiles of n keys x
+// BQ = 32 query lanes (two vectors), P as bf16 key pairs Pp[jp * BQ + lane], O^T as Ot[e * BQ +
+// lane].
+struct AmxLanes {
+  using R = __m512;
+  static constexpr int W = 16;
+  static constexpr int QV = 2;
+  static constexpr int BQ = 32;
+
+  // Online softmax step: per lane half, m_new = Rule::next_max(m, c * max_j S), P =
+  // Rule::exp2(c * S - m_new) written into Pp as bf16 key pairs (zero up to a whole number of
+  // 32-key chunks), alpha = Rule::alpha(m, m_new, m_use), l = l * alpha + sum of the fp32 P.
+  template <class Rule>
+  static void softmax(uint32_t* Pp, float scale, const float* S, int n, R* m, R* l, R* alpha) {
+    const R c = _mm512_set1_ps(scale);
+    const int np = (n + 1) / 2, np_pad = int(ceil_div(np, 16) * 16);
+    for (int v = 0; v < QV; ++v) {
+      const R mt = tile_max(S + v * W, n);
+      const R m_new = Rule::next_max(m[v], _mm512_mul_ps(mt, c));
+      const R m_use = VecAvx512::neg_inf_to_zero(m_new);  // rows that saw nothing yet keep p = 0
+      alpha[v] = Rule::alpha(m[v], m_new, m_use);
+      R sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+      for (int jp = 0; jp < np; ++jp) {  // an odd n pairs its last key with p = 0
+        const R p0 = Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + 2 * jp * BQ + v * W), c, m_use));
+        const R p1 = 2 * jp + 1 < n
+                         ? Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + (2 * jp + 1) * BQ + v * W), c, m_use))
+                         : _mm512_setzero_ps();
+        sum0 = _mm512_add_ps(sum0, p0);
+        sum1 = _mm512_add_ps(sum1, p1);
+        _mm512_storeu_si512(Pp + jp * BQ + v * W, bf16_pairs(p0, p1));
+      }
+      for (int jp = np; jp < np_pad; ++jp) _mm512_storeu_si512(Pp + jp * BQ + v * W, _mm512_setzero_si512());
+      l[v] = _mm512_fmadd_ps(l[v], alpha[v], _mm512_add_ps(sum0, sum1));
+      m[v] = m_new;
+    }
+  }
+
+  // max_j S[j * BQ] over 16 lanes (four chains: max is exact, the order does not matter).
+  static R tile_max(const float* S, int n) {
+    R mt[4] = {_mm512_set1_ps(kNegInf), _mm512_set1_ps(kNegInf), _mm512_set1_ps(kNegInf), _mm512_set1_ps(kNegInf)};
+    int j = 0;
+    for (; j + 4 <= n; j += 4)
+      for (int u = 0; u < 4; ++u) mt[u] = _mm512_max_ps(mt[u], _mm512_loadu_ps(S + (j + u) * BQ));
+    for (; j < n; ++j) mt[0] = _mm512_max_ps(mt[0], _mm512_loadu_ps(S + j * BQ));
+    return _mm512_max_ps(_mm512_max_ps(mt[0], mt[1]), _mm512_max_ps(mt[2], mt[3]));
+  }
+
+  // Ot = Ot * alpha + Vt . P over `chunks` whole 32-key chunks (vt: feature e of key j at
+  // vt[e * vts + j], from the tile's first key; Dv % 16 == 0).
+  static void pv_chunks(const uint32_t* Pp, const uint16_t* vt, int64_t vts, int64_t Dv, int chunks,
+                        const R* alpha, float* Ot) {
+    const R one = _mm512_set1_ps(1.f);
+    if (_mm512_cmp_ps_mask(alpha[0], one, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(alpha[1], one, _CMP_NEQ_UQ))
+      for (int64_t i = 0; i < Dv * QV; ++i)
+        _mm512_storeu_ps(Ot + i * W, _mm512_mul_ps(_mm512_loadu_ps(Ot + i * W), alpha[i % QV]));
+    if (chunks > 0) amx_gemm_bf16<true>(Dv, BQ, 16 * chunks, vt, vts * 2, Pp, BQ, Ot, BQ);
+  }
 };
 
 template <int DC, int DVC>
@@ -122,9 +194,9 @@ struct CoreAmx {
   using KV = KVAmx;
   using Prep = PrepAmx;
   using Work = typename Base::Work;
-  static constexpr int W = 16;
-  static constexpr int QV = 2;
-  static constexpr int BQ = 32;
+  static constexpr int W = AmxLanes::W;
+  static constexpr int QV = AmxLanes::QV;
+  static constexpr int BQ = AmxLanes::BQ;
   static constexpr int JT = 64;
   static constexpr bool kPairKeys = true;
   static_assert(Base::BQ == BQ, "the Q pair layout is shared with CoreBF16");
@@ -176,11 +248,7 @@ struct CoreAmx {
     const int tiled = std::min(n, 32 * chunks);
     (void)P;  // softmax() left P as bf16 pairs in w.Pp
     const uint32_t* Pp = w.Pp.get();
-    const R one = _mm512_set1_ps(1.f);
-    if (_mm512_cmp_ps_mask(alpha[0], one, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(alpha[1], one, _CMP_NEQ_UQ))
-      for (int64_t i = 0; i < Dv * QV; ++i)
-        _mm512_storeu_ps(Ot + i * W, _mm512_mul_ps(_mm512_loadu_ps(Ot + i * W), alpha[i % QV]));
-    if (chunks > 0) amx_gemm_bf16<true>(Dv, BQ, 16 * chunks, kv.vt + j0, kv.vts * 2, Pp, BQ, Ot, BQ);
+    AmxLanes::pv_chunks(Pp, kv.vt + j0, kv.vts, Dv, chunks, alpha, Ot);
     // Keys of a partial chunk at the end of the band: fp32 FMAs (P widened back from bf16).
     for (int j = tiled; j < n; ++j) {
       const uint16_t* vrow = kv.v + (j0 + j) * kv.vs;
@@ -207,35 +275,13 @@ struct CoreAmx {
   }
 
  public:
-  // Online softmax step of the driver (replaces its generic one): per lane half, m_new =
-  // max(m, c * max_j S), P = exp2(c * S - m_new) written straight into w.Pp as bf16 key pairs
-  // (zero up to a whole number of 32-key chunks), l = l * alpha + sum of the fp32 P.
+  // The driver's online-softmax step (AmxLanes::softmax with the running max, P into w.Pp).
   static constexpr bool kOwnSoftmax = true;
   static void softmax(Work& w, const float* S, int n, R* m, R* l, R* alpha) {
-    const R c = _mm512_set1_ps(softmax_scale(w));
-    const int np = (n + 1) / 2, np_pad = int(ceil_div(np, 16) * 16);
-    uint32_t* Pp = w.Pp.get();
-    for (int v = 0; v < QV; ++v) {
-      R mt = _mm512_set1_ps(kNegInf);
-      for (int j = 0; j < n; ++j) mt = _mm512_max_ps(mt, _mm512_loadu_ps(S + j * BQ + v * W));
-      const R m_new = _mm512_max_ps(m[v], _mm512_mul_ps(mt, c));
-      const R m_use = V::neg_inf_to_zero(m_new);  // rows that saw nothing yet keep p = 0
-      alpha[v] = exp2(_mm512_sub_ps(m[v], m_use));
-      R sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-      for (int jp = 0; jp < np; ++jp) {  // an odd n pairs its last key with p = 0
-        const R p0 = exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + 2 * jp * BQ + v * W), c, m_use));
-        const R p1 = 2 * jp + 1 < n
-                         ? exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + (2 * jp + 1) * BQ + v * W), c, m_use))
-                         : _mm512_setzero_ps();
-        sum0 = _mm512_add_ps(sum0, p0);
-        sum1 = _mm512_add_ps(sum1, p1);
-        _mm512_storeu_si512(Pp + jp * BQ + v * W, bf16_pairs(p0, p1));
-      }
-      for (int jp = np; jp < np_pad; ++jp) _mm512_storeu_si512(Pp + jp * BQ + v * W, _mm512_setzero_si512());
-      l[v] = _mm512_fmadd_ps(l[v], alpha[v], _mm512_add_ps(sum0, sum1));
-      m[v] = m_new;
-    }
+    AmxLanes::softmax<CoreAmx>(w.Pp.get(), softmax_scale(w), S, n, m, l, alpha);
   }
+  static R next_max(R m, R tile_max) { return _mm512_max_ps(m, tile_max); }
+  static R alpha(R m, R, R m_use) { return exp2(_mm512_sub_ps(m, m_use)); }
 };
 
 }  // namespace

@@ -22,6 +22,7 @@
 //   static void pack_q(Work&, const AttnParams&, const void* const* rows, int nr);
 //   static void qk(Work&, const KV&, int64_t j0, int n, float* S);
 //   static void pv(Work&, const KV&, int64_t j0, int n, const float* P, const R* alpha, float* Ot);
+//   optional: static float lse_shift(const Work&, int lane);  (added to the lse of that lane)
 #pragma once
 #include <omp.h>
 
@@ -39,6 +40,13 @@
 namespace hk {
 namespace cpu {
 namespace {
+
+// Core::lse_shift(const Work&, int lane): an optional per-lane offset added to the lse of the
+// rows last packed (e.g. a score shift the core's S leaves out).
+template <class Core, class = void>
+struct HasLseShift : std::false_type {};
+template <class Core>
+struct HasLseShift<Core, std::void_t<decltype(&Core::lse_shift)>> : std::true_type {};
 
 template <class Core>
 class ForwardDriver {
@@ -63,8 +71,10 @@ class ForwardDriver {
   };
 
  public:
-  static void run(const AttnParams& p) {
-    const typename Core::Prep prep(p);
+  static void run(const AttnParams& p) { run(p, typename Core::Prep(p)); }
+
+  // With a K/V prep built by the caller (a core whose Prep needs more than AttnParams).
+  static void run(const AttnParams& p, const typename Core::Prep& prep) {
     const int nthreads = std::max(1, p.num_threads > 0 ? p.num_threads : omp_get_max_threads());
     const int64_t nqb = ceil_div(p.Nq, BQ);
     if (p.num_landmarks > 0 && nqb > 0) {
@@ -268,8 +278,13 @@ class ForwardDriver {
       ts.m[v] = V::load(m + v * W);
       ts.l[v] = V::load(l + v * W);
     }
+    // finish_block may ask the core about the rows it last packed (Core::lse_shift).
     const int nr = int(std::min<int64_t>(BQ, plan.count[b] - g0));
-    finish_block(p, ts, b, h, plan.row.get() + b * plan.G + g0, nr);
+    const int64_t* rows = plan.row.get() + b * plan.G + g0;
+    const void* qrows[BQ];
+    for (int i = 0; i < nr; ++i) qrows[i] = q_row(p, b, h, rows[i]);
+    Core::pack_q(ts.core, p, qrows, nr);
+    finish_block(p, ts, b, h, rows, nr);
   }
 
   // Runs fn(thread state, item) for items [0, n) on a static OpenMP schedule (deterministic).
@@ -376,7 +391,10 @@ class ForwardDriver {
         const int64_t o_off = b * p.o_stride[0] + h * p.o_stride[1] + row * p.o_stride[2];
         const bool empty = l[lane] == 0.f;  // NaN (from NaN/inf inputs) propagates, as in SDPA
         const float inv = empty ? 0.f : 1.f / l[lane];
-        p.lse[(b * p.Hq + h) * p.Nq + row] = empty ? kNegInf : (m[lane] + std::log2(l[lane])) * kLn2;
+        float lse = empty ? kNegInf : (m[lane] + std::log2(l[lane])) * kLn2;
+        if constexpr (HasLseShift<Core>::value)
+          if (!empty) lse += Core::lse_shift(ts.core, lane);
+        p.lse[(b * p.Hq + h) * p.Nq + row] = lse;
         float* t = T + i * DvP;
         for (int64_t e = 0; e < Dv; ++e) t[e] *= inv;
         if (p.dtype == DType::F32) {

@@ -19,6 +19,8 @@
 #pragma once
 #include <cstdint>
 
+#include "common/attn_params.h"
+
 // Fully unroll the fixed-size register-tile loops early: GCC 12 at -O3 otherwise keeps the
 // accumulator arrays in memory and stores them on every iteration of the key loop.
 #define HK_INT8_UNROLL _Pragma("GCC unroll 16")
@@ -83,6 +85,11 @@ const Kernels* kernels_scalar();
 const Kernels* kernels_avx2(bool avx_vnni);  // vpdpbusd (VEX) when avx_vnni, else vpmaddwd
 const Kernels* kernels_avx512();             // AVX-512 F/BW/VL + VNNI
 const Kernels* kernels_amx();                // avx512 plus AMX tiles for QK (int8) and PV (bf16)
+
+// The fused-quantization forward (p.q8 == nullptr) on the forward driver of fwd_driver.h with
+// AMX tiles (fwd_int8_amx.cpp): same contract, for Nk > 0 and Dv % 16 == 0; kern is the amx set
+// (its quantization rows). attention_forward_int8 takes it when the amx set is selected.
+void attention_forward_int8_amx(const AttnInt8Params& p, const Kernels& kern);
 
 }  // namespace int8
 }  // namespace cpu
