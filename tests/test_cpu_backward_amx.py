@@ -112,3 +112,47 @@ def test_amx_backward_dq_deterministic_with_split_items(monkeypatch):
         runs.append(_grads(q, k, v, dout, pattern))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][0], runs[2][0])
     assert torch.equal(_grads(q, k, v, dout, pattern)[1], runs[2][1]), "same thread count, same dK"
+
+
+def _fp32_accumulated_grads(q, k, v, dout, pattern):
+    """The CPU backward of bf16/fp16 inputs with its fp32 accumulators returned unrounded
+    (grad_dtype F32), through the module directly."""
+    from hybrid_kernels.api import plan
+    from hybrid_kernels.backends import cpu as cpu_backend
+    from hybrid_kernels.backends._params import Keep, fill_params, strides3
+    mod = load_module()
+    pat, _ = plan(q, k, v, **pattern)
+    out, lse = cpu_backend.CpuBackend().forward(q, k, v, pat, None)
+    keep = Keep()
+    params = mod.AttnBwdParams()
+    fwd = params.fwd
+    fill_params(mod, fwd, q, k, v, out, lse, pat, keep)
+    fwd.num_threads = cpu_backend.num_threads()
+    params.fwd = fwd
+    params.dout, params.dout_stride = keep(dout), strides3(dout)
+    grads = [torch.full(t.shape, float("nan")) for t in (q, k, v)]
+    params.dq, params.dk, params.dv = (keep(g) for g in grads)
+    mod.attention_backward(params)
+    return grads
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("isa", ["amx", "avx512", "avx2", "scalar"])
+def test_low_precision_grads_are_the_fp32_accumulators_rounded_once(monkeypatch, isa, dtype):
+    """For bf16/fp16 inputs the kernel writes dQ/dK/dV in the input dtype itself: each is its
+    fp32 accumulator rounded to nearest even, bit for bit what torch's conversion gives (NaN
+    poisoned outputs first: every element is written)."""
+    monkeypatch.setenv("HYBRID_KERNELS_CPU_ISA", isa)
+    try:
+        load_module().selected_isa()
+    except ValueError:
+        pytest.skip(f"this CPU has no {isa}")
+    for case in (CASES[0], CASES[4]):  # D=59 GQA padding per-batch landmarks; N=1025 causal
+        q, k, v, pattern = case.make(dtype, requires_grad=True)
+        out = hk.attention(q, k, v, **pattern, backend="cpu")
+        dout = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        want = _fp32_accumulated_grads(q.detach(), k.detach(), v.detach(), dout, pattern)
+        for name, g, w in zip(("dq", "dk", "dv"), got, want):
+            assert g.dtype == dtype
+            assert torch.equal(g, w.to(dtype)), f"{isa} {dtype} {name}"

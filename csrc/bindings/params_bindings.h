@@ -67,7 +67,11 @@ inline void bind_params(py::module_& m) {
       .HK_STRIDE_PROP(AttnBwdParams, dout_stride)
       .HK_PTR_PROP(AttnBwdParams, dq, float*)
       .HK_PTR_PROP(AttnBwdParams, dk, float*)
-      .HK_PTR_PROP(AttnBwdParams, dv, float*);
+      .HK_PTR_PROP(AttnBwdParams, dv, float*)
+      .def_readwrite("grad_dtype", &AttnBwdParams::grad_dtype)
+      .HK_PTR_PROP(AttnBwdParams, dq_lp, uint16_t*)
+      .HK_PTR_PROP(AttnBwdParams, dk_lp, uint16_t*)
+      .HK_PTR_PROP(AttnBwdParams, dv_lp, uint16_t*);
 
   py::class_<AttnInt8Params>(m, "AttnInt8Params", py::module_local())
       .def(py::init<>())

@@ -56,6 +56,14 @@ struct AttnBwdParams {
   float* dq = nullptr;         // (B, Hq, Nq, D) contiguous fp32, fully written by the kernel
   float* dk = nullptr;         // (B, Hk, Nk, D) contiguous fp32, fully written by the kernel
   float* dv = nullptr;         // (B, Hk, Nk, Dv) contiguous fp32, fully written by the kernel
+  // Gradients rounded to bf16 / fp16 (grad_dtype; F32: none), same shapes, contiguous: the kernel
+  // writes each item's rounded results as soon as they are final, so callers need no separate
+  // conversion pass. With them dq may be null (dQ rows go straight to dq_lp); dk / dv stay
+  // required as the fp32 accumulators.
+  DType grad_dtype = DType::F32;
+  uint16_t* dq_lp = nullptr;
+  uint16_t* dk_lp = nullptr;
+  uint16_t* dv_lp = nullptr;
 };
 
 // INT8 forward (SageAttention-style): q/k quantized per block, by the caller (q8/k8 given) or by

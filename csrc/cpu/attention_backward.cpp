@@ -38,19 +38,25 @@ void validate(const AttnBwdParams& p) {
   require(f.dtype == DType::F32 || f.dtype == DType::BF16 || f.dtype == DType::F16,
           "dtype must be F32, BF16 or F16");
   require(std::isfinite(f.scale), "scale must be finite");
+  require(p.grad_dtype == DType::F32 || p.grad_dtype == DType::BF16 || p.grad_dtype == DType::F16,
+          "grad_dtype must be F32, BF16 or F16");
+  const bool lp = p.grad_dtype != DType::F32;
   const bool has_q = f.B > 0 && f.Nq > 0, has_k = f.B > 0 && f.Nk > 0;
   if (has_q) {
     require(f.q != nullptr, "q is null");
     require(f.o != nullptr, "o is null");
     require(f.lse != nullptr, "lse is null");
     require(p.dout != nullptr, "dout is null");
-    require(p.dq != nullptr, "dq is null");
+    require(p.dq != nullptr || lp, "dq is null");
+    require(!lp || p.dq_lp != nullptr, "dq_lp is null (grad_dtype is not F32)");
   }
   if (has_k) {
     require(f.k != nullptr, "k is null");
     require(f.v != nullptr, "v is null");
     require(p.dk != nullptr, "dk is null");
     require(p.dv != nullptr, "dv is null");
+    require(!lp || (p.dk_lp != nullptr && p.dv_lp != nullptr),
+            "dk_lp / dv_lp are null (grad_dtype is not F32)");
   }
   require(f.num_landmarks >= 0, "num_landmarks must be >= 0");
   if (f.num_landmarks > 0 && f.B > 0) {

@@ -16,6 +16,7 @@
 #include "cpu/bwd_common.h"
 #include "cpu/fp_env.h"
 #include "cpu/scratch_cache.h"
+#include "cpu/simd_common.h"
 
 namespace hk {
 namespace cpu {

@@ -56,6 +56,30 @@ static inline void load_row(const void* base, DType dtype, int64_t off, int64_t 
   }
 }
 
+// dst[d] = src[d] rounded to bf16 / fp16 (`dtype`; nearest even, NaN stays NaN), d < n. The
+// scalar conversions are cpu/simd_common.h's (included by every backward translation unit).
+static inline void store_row_lp(const float* src, DType dtype, int64_t n, uint16_t* dst) {
+  int64_t d = 0;
+#if defined(__AVX512BF16__)
+  if (dtype == DType::BF16)
+    for (; d + 16 <= n; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + d)));
+#endif
+#if defined(__AVX512F__)
+  if (dtype == DType::F16)
+    for (; d + 16 <= n; d += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d),
+                          _mm512_cvtps_ph(_mm512_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+  if (dtype == DType::F16)
+    for (; d + 8 <= n; d += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; d < n; ++d) dst[d] = dtype == DType::BF16 ? f32_to_bf16(src[d]) : f32_to_f16(src[d]);
+}
+
 // ------------------------------------------------------------------------- GEMM micro-kernels
 // C (M x N, row-major, ldc) (+)= A (M x T, element (r, t) at A[r*ars + t*ats]) * B (T x N, ldb).
 // N is a multiple of Vec::W. The strided A lets one kernel serve Q K^T, P^T dO, dS^T Q and dS K.

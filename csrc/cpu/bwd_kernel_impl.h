@@ -81,10 +81,14 @@ static void load_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode m
 static void store_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode mode,
                              const HeadBlock& hb) {
   const AttnBwdParams& p = *c.p;
-  float* dq = p.dq + (c.b * p.fwd.Hq + h) * p.fwd.Nq * c.D;
-  for (int64_t x = 0; x < rows.n; ++x)
-    if (mode == RowMode::kLandmark || !row_is_landmark(c, rows.r[x]))
-      copy_f32(dq + rows.i[x] * c.D, hb.dQ + x * c.Dp, c.D);
+  const int64_t head = (c.b * p.fwd.Hq + h) * p.fwd.Nq * c.D;
+  for (int64_t x = 0; x < rows.n; ++x) {
+    if (mode != RowMode::kLandmark && row_is_landmark(c, rows.r[x])) continue;
+    if (p.grad_dtype != DType::F32)
+      store_row_lp(hb.dQ + x * c.Dp, p.grad_dtype, c.D, p.dq_lp + head + rows.i[x] * c.D);
+    else
+      copy_f32(p.dq + head + rows.i[x] * c.D, hb.dQ + x * c.Dp, c.D);
+  }
 }
 
 // ------------------------------------------------------------------------- the tile step
@@ -428,6 +432,16 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
 }
 
 // ------------------------------------------------------------------------- entry
+// dK / dV rows [j0, j1) of item `it` (b * Hk + kv head), final in fp32, rounded into dk_lp /
+// dv_lp (when grad_dtype asks for them) while still in cache.
+static void round_kv_grads(const AttnBwdParams& p, int64_t it, int64_t j0, int64_t j1) {
+  if (p.grad_dtype == DType::F32) return;
+  const AttnParams& f = p.fwd;
+  const int64_t k0 = (it * f.Nk + j0) * f.D, v0 = (it * f.Nk + j0) * f.Dv;
+  store_row_lp(p.dk + k0, p.grad_dtype, (j1 - j0) * f.D, p.dk_lp + k0);
+  store_row_lp(p.dv + v0, p.grad_dtype, (j1 - j0) * f.Dv, p.dv_lp + v0);
+}
+
 static void run(const AttnBwdParams& p, int num_threads) {
   const AttnParams& f = p.fwd;
   const int64_t items = f.B * f.Hk;
@@ -473,6 +487,7 @@ static void run(const AttnBwdParams& p, int num_threads) {
       float* dv = parts > 1 ? dk + f.Nk * f.D : p.dv + it * f.Nk * f.Dv;
       run_item(p, it / f.Hk, it % f.Hk, part * blocks / parts, (part + 1) * blocks / parts,
                part == 0, dk, dv, L, ws, ring);
+      if (parts == 1) round_kv_grads(p, it, 0, f.Nk);
     }
     if (parts > 1) {
       // dk[it] = sum over parts in part order (deterministic), split over rows of keys.
@@ -492,6 +507,7 @@ static void run(const AttnBwdParams& p, int num_threads) {
           for (int64_t e = j0 * f.D; e < j1 * f.D; ++e) dk[e] = part == 0 ? sk[e] : dk[e] + sk[e];
           for (int64_t e = j0 * f.Dv; e < j1 * f.Dv; ++e) dv[e] = part == 0 ? sv[e] : dv[e] + sv[e];
         }
+        round_kv_grads(p, it, j0, j1);
       }
     }
   }

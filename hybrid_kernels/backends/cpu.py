@@ -129,8 +129,17 @@ class CpuBackend(Backend):
         fwd.num_threads = num_threads()
         params.fwd = fwd
         params.dout, params.dout_stride = keep(dout), strides3(dout)
-        # fp32 accumulators for every input dtype (converted below for bf16/fp16 inputs).
-        dq, dk, dv = (new_output(t.shape, torch.float32, q.device) for t in (q, k, v))
-        params.dq, params.dk, params.dv = keep(dq), keep(dk), keep(dv)
+        # dK / dV accumulate in fp32; for bf16 / fp16 inputs the kernel also writes all three
+        # gradients rounded to that dtype (no separate conversion pass, no fp32 dQ).
+        dk, dv = (new_output(t.shape, torch.float32, q.device) for t in (k, v))
+        params.dk, params.dv = keep(dk), keep(dv)
+        if q.dtype == torch.float32:
+            dq = new_output(q.shape, torch.float32, q.device)
+            params.dq = keep(dq)
+            mod.attention_backward(params)
+            return dq, dk, dv
+        grads = [new_output(t.shape, q.dtype, q.device) for t in (q, k, v)]
+        params.grad_dtype = fwd.dtype
+        params.dq_lp, params.dk_lp, params.dv_lp = (keep(g) for g in grads)
         mod.attention_backward(params)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return tuple(grads)
