@@ -138,7 +138,8 @@ struct AmxLanes {
 
   // Online softmax step: per lane half, m_new = Rule::next_max(m, c * max_j S), P =
   // Rule::exp2(c * S - m_new) written into Pp as bf16 key pairs (zero up to a whole number of
-  // 32-key chunks), alpha = Rule::alpha(m, m_new, m_use), l = l * alpha + sum of the fp32 P.
+  // 32-key chunks), alpha = Rule::exp2(m - m_new) (1 where the max stays), l = l * alpha + sum
+  // of the fp32 P.
   template <class Rule>
   static void softmax(uint32_t* Pp, float scale, const float* S, int n, R* m, R* l, R* alpha) {
     const R c = _mm512_set1_ps(scale);
@@ -147,7 +148,11 @@ struct AmxLanes {
       const R mt = tile_max(S + v * W, n);
       const R m_new = Rule::next_max(m[v], _mm512_mul_ps(mt, c));
       const R m_use = VecAvx512::neg_inf_to_zero(m_new);  // rows that saw nothing yet keep p = 0
-      alpha[v] = Rule::alpha(m[v], m_new, m_use);
+      // Exactly 1 where the max did not move (Rule::exp2(0) need not be 1): earlier tiles keep
+      // their weight, and pv_chunks skips rescaling O.
+      const __mmask16 same = _mm512_cmp_ps_mask(m[v], m_new, _CMP_EQ_OQ) |
+                             _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
+      alpha[v] = _mm512_mask_blend_ps(same, Rule::exp2(_mm512_sub_ps(m[v], m_use)), _mm512_set1_ps(1.f));
       R sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
       for (int jp = 0; jp < np; ++jp) {  // an odd n pairs its last key with p = 0
         const R p0 = Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + 2 * jp * BQ + v * W), c, m_use));
@@ -281,7 +286,6 @@ struct CoreAmx {
     AmxLanes::softmax<CoreAmx>(w.Pp.get(), softmax_scale(w), S, n, m, l, alpha);
   }
   static R next_max(R m, R tile_max) { return _mm512_max_ps(m, tile_max); }
-  static R alpha(R m, R, R m_use) { return exp2(_mm512_sub_ps(m, m_use)); }
 };
 
 }  // namespace

@@ -297,13 +297,6 @@ struct CoreInt8Amx {
     const __mmask16 keep = _mm512_cmp_ps_mask(mx, _mm512_add_ps(m, _mm512_set1_ps(8.f)), _CMP_LE_OQ);
     return _mm512_mask_blend_ps(keep, _mm512_roundscale_ps(mx, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC), m);
   }
-  // Exactly 1 where the max did not move (pv then skips rescaling O).
-  static R alpha(R m, R m_new, R) {
-    const __mmask16 same = _mm512_cmp_ps_mask(m, m_new, _CMP_EQ_OQ) |
-                           _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
-    return _mm512_mask_blend_ps(same, exp2(_mm512_sub_ps(m, m_new)), _mm512_set1_ps(1.f));
-  }
-
   // Ot = Ot * alpha + Vt . P: whole 32-key chunks straight from Vt, a partial one from a copy.
   static void pv(Work& w, const KV& kv, int64_t j0, int n, const float*, const R* alpha, float* Ot) {
     const int64_t Dv = w.Dv;
