@@ -55,7 +55,7 @@ PYBIND11_MODULE(_C_cpu, m) {
         "Bytes of packed-K/V scratch kept for reuse (HYBRID_KERNELS_CPU_CACHE_MB caps it)");
   m.def("scratch_cache_clear", &hk::cpu::scratch_cache_clear, "Frees the kept scratch buffers");
   m.def("scratch_cache_limit", &hk::cpu::scratch_cache_limit,
-        "The cap on kept scratch bytes (HYBRID_KERNELS_CPU_CACHE_MB, default 256 MiB)");
+        "The cap on kept scratch bytes (HYBRID_KERNELS_CPU_CACHE_MB, default 1024 MiB)");
   m.attr("SCRATCH_MIN_CACHED_BYTES") = py::int_(hk::cpu::kMinCachedBytes);
   py::class_<CachedBuffer>(m, "CachedBuffer", py::buffer_protocol(),
                            "Writable bytes from the scratch cache, returned to it on release")

@@ -118,7 +118,7 @@ size_t scratch_cache_bytes() { return cache().held(); }
 
 size_t scratch_cache_limit() {
   const char* env = std::getenv("HYBRID_KERNELS_CPU_CACHE_MB");
-  if (!env || !*env) return size_t(256) << 20;
+  if (!env || !*env) return size_t(1024) << 20;
   char* end = nullptr;
   const long mb = std::strtol(env, &end, 10);
   return (end && *end == '\0' && mb > 0) ? size_t(mb) << 20 : 0;

@@ -3,7 +3,7 @@
 // A forward call packs K/V into fresh buffers of up to a few hundred MiB; freshly mapped memory
 // costs a page fault and the kernel's zeroing of every page on first touch, which measured ~10%
 // of an int8 forward. Freed buffers of at least kMinCachedBytes are kept (up to
-// HYBRID_KERNELS_CPU_CACHE_MB in all, default 256; 0 disables) and handed out again for requests
+// HYBRID_KERNELS_CPU_CACHE_MB in all, default 1024; 0 disables) and handed out again for requests
 // of the same size class. Thread-safe; contents are uninitialized.
 #pragma once
 #include <cstddef>
@@ -22,7 +22,7 @@ void scratch_free(void* p, size_t bytes);
 void scratch_cache_clear();
 // Bytes held by the cache now.
 size_t scratch_cache_bytes();
-// The cap, read from HYBRID_KERNELS_CPU_CACHE_MB on every call (unset: 256 MiB; 0, negative or
+// The cap, read from HYBRID_KERNELS_CPU_CACHE_MB on every call (unset: 1024 MiB; 0, negative or
 // not a number: 0, nothing is kept).
 size_t scratch_cache_limit();
 
