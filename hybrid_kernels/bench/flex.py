@@ -24,8 +24,13 @@ __all__ = ["FlexProvider"]
 @functools.lru_cache(maxsize=None)
 def _flex(compiled: bool = True):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def block_mask(*args, **kwargs):
+        # Compiled mask evaluation: the eager one materializes every (q, kv) pair at once
+        # (34 GB at N = 65536).
+        return create_block_mask(*args, _compile=compiled, **kwargs)
     return (torch.compile(flex_attention, dynamic=False) if compiled else flex_attention,
-            create_block_mask)
+            block_mask)
 
 
 def _band(r, j, left: int, right: int, causal: bool):
