@@ -38,12 +38,22 @@ def device_name(device: str) -> str:
 
 
 def git_revision() -> str:
-    """`git describe --always --dirty` of the checkout holding this package, else 'unknown'."""
+    """`git describe --always --dirty` of the checkout this package is imported from; 'installed'
+    for an installed copy (even one under a checkout's directory, e.g. in its .venv: that
+    checkout's revision would say nothing about the copy), else 'unknown'."""
     here = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(here)
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=here,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
+        top = git("rev-parse", "--show-toplevel")
+        if not top:
+            return "unknown"
+        if os.path.realpath(os.path.join(top, "hybrid_kernels")) != os.path.realpath(package):
+            return "installed"
+        return git("describe", "--always", "--dirty") or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
