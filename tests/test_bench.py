@@ -213,3 +213,32 @@ def test_issue2_ratios_from_results():
     assert rows["hk bf16 bwd time / bf16 fwd time"] == (pytest.approx(4.0), False)
     text = format_issue2(rep, [n], 2)
     assert "peak memory / (q+k+v+out)" in text and "NOT met" in text  # (24+100)/32 > 2
+
+
+def test_issue2_ratios_prefer_the_round_robin():
+    """With a round-robin (rep.paired) the hk-vs-hk and hk-vs-mm ratios come from it; flex and
+    pure torch still from the table. paired_medians times every function each round."""
+    from hybrid_kernels.bench.cpu_report import (Issue2, format_issue2, issue2_case,
+                                                 paired_medians, ratio_rows)
+    from hybrid_kernels.bench.runner import Result
+    n = 4096
+    fp32 = issue2_case(n)
+    rep = Issue2(mm_fp32=1.0, results=[
+        Result(fp32, "hk-cpu", "ok", ms_median=99.0, ms_p20=99.0, ms_p80=99.0, max_abs_err=0.0),
+        Result(fp32, "flex", "ok", ms_median=30.0, ms_p20=30.0, ms_p80=30.0, max_abs_err=0.0)])
+    mm_ms = 2.0 * 4096 ** 3 / (200.0 * 1e6)  # 200 GF/s
+    rep.paired[n] = {"fp32": 10.0, "bf16": 4.0, "int8": 5.0, "bwd fp32": 25.0, "bwd bf16": 12.0,
+                     "mm": mm_ms}
+    rows = {what.split(" (")[0]: (value, met) for what, value, _, met in ratio_rows(rep, n)}
+    gf = 4 * fp32.pairs() * 64 * 8 / (10.0 * 1e6)
+    assert rows["hk fp32 fwd GF/s / torch.mm fp32 GF/s"][0] == pytest.approx(gf / 200.0)
+    assert rows["hk fp32 fwd speedup vs flex"][0] == pytest.approx(30.0 / 99.0)
+    assert rows["hk bf16 fwd speedup vs hk fp32 fwd"] == (pytest.approx(2.5), True)
+    assert rows["hk int8 fwd speedup vs hk fp32 fwd"] == (pytest.approx(2.0), True)
+    assert rows["hk fp32 bwd time / fwd time"] == (pytest.approx(2.5), True)
+    assert rows["hk bf16 bwd time / bf16 fwd time"] == (pytest.approx(3.0), True)
+    assert "round-robin" in format_issue2(rep, [n], 2)
+    calls = []
+    med = paired_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                         rounds=3)
+    assert calls == ["a", "a", "b", "b"] * 3 and set(med) == {"a", "b"}
