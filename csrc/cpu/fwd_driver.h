@@ -152,44 +152,25 @@ class ForwardDriver {
   static void run_with_landmark_rows(const AttnParams& p, const typename Core::Prep& prep, int nthreads,
                                      int64_t nqb) {
     const LandmarkPlan plan(p, nqb);
-    nthreads = std::max(1, nthreads);
-    std::unique_ptr<std::unique_ptr<ThreadState>[]> states(new std::unique_ptr<ThreadState>[size_t(nthreads)]);
-    for (int t = 0; t < nthreads; ++t) states[t].reset(new ThreadState(p));
-    const int64_t items = p.B * p.Hq * plan.segs;
-#pragma omp parallel num_threads(nthreads)
-    {
-      ThreadState& ts = *states[omp_get_thread_num()];
-      LandmarkRows lrows(p, plan.nlb);
-      const FlushDenormals ftz;
-      Core::thread_enter();
-#pragma omp for schedule(static)
-      for (int64_t it = 0; it < items; ++it) {
-        const int64_t bh = it / plan.segs, sg = it % plan.segs, b = bh / p.Hq, h = bh % p.Hq;
-        const int64_t nr = plan.count[b], nlb = ceil_div(nr, Lm::BQ);
-        for (int64_t lb = 0; lb < nlb; ++lb)
-          Lm::landmark_begin(p, plan, *lrows.ts[lb], b, h, lb);
-        const int64_t qb1 = std::min(nqb, (sg + 1) * plan.seg);
-        for (int64_t qb = sg * plan.seg; qb < qb1; ++qb) {
-          window_block(p, prep, ts, b, h, qb * BQ);
-          const int64_t k0 = owned_keys_start(p, qb, nqb), k1 = owned_keys_start(p, qb + 1, nqb);
-          for (int64_t lb = 0; lb < nlb; ++lb)
-            Lm::landmark_keys(p, prep, plan, *lrows.ts[lb], b, h, lb, k0, k1);
-        }
-        for (int64_t lb = 0; lb < nlb; ++lb) Lm::landmark_save(p, *lrows.ts[lb], plan.slot(bh, sg, lb));
+    const auto lrows = per_thread<LandmarkRows>(nthreads, p, plan.nlb);
+    for_each_item(p, nthreads, p.B * p.Hq * plan.segs, [&](ThreadState& ts, int64_t it) {
+      LandmarkRows& lr = *lrows[omp_get_thread_num()];
+      const int64_t bh = it / plan.segs, sg = it % plan.segs, b = bh / p.Hq, h = bh % p.Hq;
+      const int64_t nlb = ceil_div(plan.count[b], Lm::BQ);
+      for (int64_t lb = 0; lb < nlb; ++lb) Lm::landmark_begin(p, plan, *lr.ts[lb], b, h, lb);
+      const int64_t qb1 = std::min(nqb, (sg + 1) * plan.seg);
+      for (int64_t qb = sg * plan.seg; qb < qb1; ++qb) {
+        window_block(p, prep, ts, b, h, qb * BQ);
+        const int64_t k0 = owned_keys_start(p, qb, nqb), k1 = owned_keys_start(p, qb + 1, nqb);
+        for (int64_t lb = 0; lb < nlb; ++lb) Lm::landmark_keys(p, prep, plan, *lr.ts[lb], b, h, lb, k0, k1);
       }
-      Core::thread_exit();
-    }
+      for (int64_t lb = 0; lb < nlb; ++lb) Lm::landmark_save(p, *lr.ts[lb], plan.slot(bh, sg, lb));
+    });
     // Merge the segments of each (b, h, row block) and write those rows (over the window pass's).
-    const int64_t merges = p.B * p.Hq * plan.nlb;
-#pragma omp parallel num_threads(nthreads)
-    {
-      typename Lm::ThreadState lts(p);
-#pragma omp for schedule(static)
-      for (int64_t it = 0; it < merges; ++it) {
-        const int64_t bh = it / plan.nlb, lb = it % plan.nlb, b = bh / p.Hq;
-        if (lb * Lm::BQ < plan.count[b]) Lm::landmark_finish(p, plan, lts, bh, lb);
-      }
-    }
+    Lm::for_each_item(p, nthreads, p.B * p.Hq * plan.nlb, [&](typename Lm::ThreadState& lts, int64_t it) {
+      const int64_t bh = it / plan.nlb, lb = it % plan.nlb;
+      if (lb * Lm::BQ < plan.count[bh / p.Hq]) Lm::landmark_finish(p, plan, lts, bh, lb);
+    });
   }
 
   // First key of the tiles (of Lm::JT keys) block qb owns for the landmark rows: tile starts in
@@ -202,15 +183,24 @@ class ForwardDriver {
     return std::min<int64_t>(p.Nk, ceil_div(d, Lm::JT) * Lm::JT);
   }
 
-  // (Lm side) Starts row block lb of batch b's landmark rows for head h: packs their queries.
+  // (Lm side) Packs the queries of row block lb of batch b's landmark rows for head h; returns
+  // how many rows the block has.
+  template <class Plan>
+  static int pack_landmark_rows(const AttnParams& p, const Plan& plan, ThreadState& ts, int64_t b, int64_t h,
+                                int64_t lb) {
+    const int64_t* rows = plan.row.get() + b * plan.G + lb * BQ;
+    const int nr = int(std::min<int64_t>(BQ, plan.count[b] - lb * BQ));
+    const void* qrows[BQ];
+    for (int i = 0; i < nr; ++i) qrows[i] = q_row(p, b, h, rows[i]);
+    Core::pack_q(ts.core, p, qrows, nr);
+    return nr;
+  }
+
+  // (Lm side) Starts row block lb of batch b's landmark rows for head h.
   template <class Plan>
   static void landmark_begin(const AttnParams& p, const Plan& plan, ThreadState& ts, int64_t b, int64_t h,
                              int64_t lb) {
-    const int64_t g0 = lb * BQ;
-    const int nr = int(std::min<int64_t>(BQ, plan.count[b] - g0));
-    const void* qrows[BQ];
-    for (int i = 0; i < nr; ++i) qrows[i] = q_row(p, b, h, plan.row[b * plan.G + g0 + i]);
-    Core::pack_q(ts.core, p, qrows, nr);
+    pack_landmark_rows(p, plan, ts, b, h, lb);
     begin_block(ts, p);
   }
 
@@ -255,7 +245,7 @@ class ForwardDriver {
   // (Lm side) Merges row block lb of (b * Hq + h) over the segments, in order, and writes it.
   template <class Plan>
   static void landmark_finish(const AttnParams& p, const Plan& plan, ThreadState& ts, int64_t bh, int64_t lb) {
-    const int64_t b = bh / p.Hq, h = bh % p.Hq, Dv = p.Dv, g0 = lb * BQ;
+    const int64_t b = bh / p.Hq, h = bh % p.Hq, Dv = p.Dv;
     alignas(64) float m[BQ], l[BQ], f[BQ];
     for (int i = 0; i < BQ; ++i) {
       m[i] = kNegInf;
@@ -279,21 +269,24 @@ class ForwardDriver {
       ts.l[v] = V::load(l + v * W);
     }
     // finish_block may ask the core about the rows it last packed (Core::lse_shift).
-    const int nr = int(std::min<int64_t>(BQ, plan.count[b] - g0));
-    const int64_t* rows = plan.row.get() + b * plan.G + g0;
-    const void* qrows[BQ];
-    for (int i = 0; i < nr; ++i) qrows[i] = q_row(p, b, h, rows[i]);
-    Core::pack_q(ts.core, p, qrows, nr);
-    finish_block(p, ts, b, h, rows, nr);
+    const int nr = pack_landmark_rows(p, plan, ts, b, h, lb);
+    finish_block(p, ts, b, h, plan.row.get() + b * plan.G + lb * BQ, nr);
   }
 
-  // Runs fn(thread state, item) for items [0, n) on a static OpenMP schedule (deterministic).
+  // One T(args...) per thread, indexed by omp_get_thread_num(); nthreads >= 1.
+  template <class T, class... Args>
+  static std::unique_ptr<std::unique_ptr<T>[]> per_thread(int nthreads, const Args&... args) {
+    std::unique_ptr<std::unique_ptr<T>[]> all(new std::unique_ptr<T>[size_t(std::max(1, nthreads))]);
+    for (int t = 0; t < nthreads; ++t) all[t].reset(new T(args...));
+    return all;
+  }
+
+  // Runs fn(thread state, item) for items [0, n) on a static OpenMP schedule (deterministic);
+  // nthreads >= 1.
   template <class Fn>
   static void for_each_item(const AttnParams& p, int nthreads, int64_t n, Fn&& fn) {
     if (n <= 0) return;
-    nthreads = std::max(1, nthreads);
-    std::unique_ptr<std::unique_ptr<ThreadState>[]> states(new std::unique_ptr<ThreadState>[size_t(nthreads)]);
-    for (int t = 0; t < nthreads; ++t) states[t].reset(new ThreadState(p));
+    const auto states = per_thread<ThreadState>(nthreads, p);
 #pragma omp parallel num_threads(nthreads)
     {
       ThreadState& ts = *states[omp_get_thread_num()];
