@@ -81,6 +81,25 @@ struct Kernels {
   int dp_align;  // Dp alignment the qk kernel needs (0: 4)
 };
 
+namespace {  // internal linkage: each ISA translation unit keeps its own copy
+
+// [c0, c1): the union of the visible column ranges [first[i], last[i]] of rows [r0, r0 + n)
+// (first nullptr: all `cols` columns). Empty (c0 >= c1) when no row sees anything.
+inline void group_cols(const int32_t* first, const int32_t* last, int r0, int n, int cols, int* c0,
+                       int* c1) {
+  *c0 = 0;
+  *c1 = cols;
+  if (!first) return;
+  *c0 = cols;
+  *c1 = 0;
+  for (int i = r0; i < r0 + n; ++i) {
+    *c0 = first[i] < *c0 ? first[i] : *c0;
+    *c1 = last[i] + 1 > *c1 ? last[i] + 1 : *c1;
+  }
+}
+
+}  // namespace
+
 const Kernels* kernels_scalar();
 const Kernels* kernels_avx2(bool avx_vnni);  // vpdpbusd (VEX) when avx_vnni, else vpmaddwd
 const Kernels* kernels_avx512();             // AVX-512 F/BW/VL + VNNI

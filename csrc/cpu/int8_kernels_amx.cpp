@@ -213,15 +213,8 @@ void pv_bf16_amx(float* O, int64_t ldo, const float* P, int rows, int cols, cons
   const int nv = int((Dv + 15) / 16);
   for (int r0 = 0; r0 < rows; r0 += kTileRows) {
     const int n = rows - r0 < kTileRows ? rows - r0 : kTileRows;
-    int c0 = 0, c1 = cols;
-    if (first) {
-      c0 = cols;
-      c1 = 0;
-      for (int i = r0; i < r0 + n; ++i) {
-        c0 = first[i] < c0 ? first[i] : c0;
-        c1 = last[i] + 1 > c1 ? last[i] + 1 : c1;
-      }
-    }
+    int c0, c1;
+    group_cols(first, last, r0, n, cols, &c0, &c1);
     const uint32_t* pb = Pb + r0 * kPbStride;
     float* o = O + r0 * ldo;
     const bool unit = all_one(alpha + r0, n);

@@ -230,15 +230,8 @@ void pv_rows(float* O, int64_t ldo, const float* P, int rows, int cols, const in
              const __m256i* dm) {
   for (int r = 0; r < rows; r += 2) {
     const int n = rows - r < 2 ? 1 : 2;
-    int c0 = 0, c1 = cols;
-    if (first) {
-      c0 = cols;
-      c1 = 0;
-      for (int i = r; i < r + n; ++i) {
-        c0 = first[i] < c0 ? first[i] : c0;
-        c1 = last[i] + 1 > c1 ? last[i] + 1 : c1;
-      }
-    }
+    int c0, c1;
+    group_cols(first, last, r, n, cols, &c0, &c1);
     if (n == 2)
       pv_block<2, C>(O + r * ldo, ldo, P + r * kTile, c0, c1, alpha + r, V, ldv, dm);
     else

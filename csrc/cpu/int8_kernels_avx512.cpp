@@ -143,15 +143,8 @@ void pv_rows(float* O, int64_t ldo, const float* P, int rows, int cols, const in
   constexpr int R = 6;
   for (int r = 0; r < rows; r += R) {
     const int n = rows - r < R ? rows - r : R;
-    int c0 = 0, c1 = cols;
-    if (first) {
-      c0 = cols;
-      c1 = 0;
-      for (int i = r; i < r + n; ++i) {
-        c0 = first[i] < c0 ? first[i] : c0;
-        c1 = last[i] + 1 > c1 ? last[i] + 1 : c1;
-      }
-    }
+    int c0, c1;
+    group_cols(first, last, r, n, cols, &c0, &c1);
     float* o = O + r * ldo;
     const float* p = P + r * kTile;
     switch (n) {
@@ -218,15 +211,8 @@ void pv_bf16_rows(float* O, int64_t ldo, const uint32_t* Pb, int rows, int cols,
   constexpr int R = 6;
   for (int r = 0; r < rows; r += R) {
     const int n = rows - r < R ? rows - r : R;
-    int c0 = 0, c1 = cols;
-    if (first) {
-      c0 = cols;
-      c1 = 0;
-      for (int i = r; i < r + n; ++i) {
-        c0 = first[i] < c0 ? first[i] : c0;
-        c1 = last[i] + 1 > c1 ? last[i] + 1 : c1;
-      }
-    }
+    int c0, c1;
+    group_cols(first, last, r, n, cols, &c0, &c1);
     const int p0 = c0 / 2, p1 = (c1 + 1) / 2;
     const __mmask32 vm0 = c0 % 2 ? kOddKeys : kAllKeys, vm1 = c1 % 2 ? kEvenKeys : kAllKeys;
     float* o = O + r * ldo;
