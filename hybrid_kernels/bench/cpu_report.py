@@ -25,7 +25,7 @@ import torch
 
 from .cases import Case, make_inputs, parse_pattern
 from .providers import get_providers
-from .runner import Result, run_case
+from .runner import Result, run_case, timed_callable
 from .timing import TimingConfig, measure, set_threads
 
 __all__ = ["issue2_case", "mm_gflops", "Issue2", "ratio_rows", "format_issue2", "main",
@@ -75,25 +75,14 @@ PAIRED_CASES = {  # name -> issue2_case arguments after n
     "bwd bf16": (torch.bfloat16, "bwd", False)}
 
 
-def _hk_callable(hk, case: Case) -> Callable[[], object]:
-    """hk's forward (no grad) or backward (gradients of a kept forward) on ``case``."""
-    q, k, v = make_inputs(case, seed=0, requires_grad=case.mode == "bwd")
-    fn = hk.build(case, q, k, v)
-    if case.mode == "fwd":
-        def forward():
-            with torch.no_grad():
-                return fn()
-        return forward
-    out = fn()
-    dout = torch.randn_like(out)
-    return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
-
-
 def paired_run(hk, n: int, dtypes, n_mm: int = 4096) -> Dict[str, float]:
     """paired_medians of hk's issue-2 cases at ``n`` (bf16 ones if bf16 is in ``dtypes``) and
     torch.mm of n_mm^2 fp32 ('mm')."""
-    fns = {name: _hk_callable(hk, issue2_case(n, dt, mode, quant))
-           for name, (dt, mode, quant) in PAIRED_CASES.items() if dt in dtypes}
+    fns = {}
+    for name, (dt, mode, quant) in PAIRED_CASES.items():
+        if dt in dtypes:
+            case = issue2_case(n, dt, mode, quant)
+            fns[name] = timed_callable(hk, case, *make_inputs(case, requires_grad=mode == "bwd"))
     a, b = torch.randn(n_mm, n_mm), torch.randn(n_mm, n_mm)
     fns["mm"] = lambda: torch.mm(a, b)
     return paired_medians(fns)

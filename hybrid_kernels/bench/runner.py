@@ -78,6 +78,24 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg[0] if msg else ''}"[:240]
 
 
+def timed_callable(provider: Provider, case: Case, q, k, v,
+                   dout: Optional[torch.Tensor] = None) -> Optional[Callable[[], object]]:
+    """What is timed for ``case``: the provider's forward under no_grad, or (mode 'bwd') the
+    gradients w.r.t. q, k, v of one kept forward for upstream gradient ``dout`` (random when
+    None). None when that forward's output is not differentiable."""
+    fn = provider.build(case, q, k, v)
+    if case.mode == "fwd":
+        def forward():
+            with torch.no_grad():
+                return fn()
+        return forward
+    out = fn()
+    if not out.requires_grad:
+        return None
+    dout = torch.randn_like(out) if dout is None else dout.to(out.dtype)
+    return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+
 def prepare(provider: Provider, case: Case, inputs, expected):
     """Build ``provider``'s timed callable for ``case`` and check it against ``expected``.
 
@@ -88,23 +106,11 @@ def prepare(provider: Provider, case: Case, inputs, expected):
     why = provider.skip_reason(case)
     if why:
         return None, Result(case, provider.name, SKIP, why)
-    q, k, v = inputs
     try:
-        fn = provider.build(case, q, k, v)
-        if case.mode == "fwd":
-            def timed():
-                with torch.no_grad():
-                    return fn()
-            got = (timed(),)
-        else:
-            out = fn()
-            if not out.requires_grad:
-                return None, Result(case, provider.name, ERROR, "output is not differentiable")
-            dout = expected.dout.to(out.dtype)
-
-            def timed():
-                return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
-            got = timed()
+        timed = timed_callable(provider, case, *inputs, dout=expected.dout)
+        if timed is None:
+            return None, Result(case, provider.name, ERROR, "output is not differentiable")
+        got = (timed(),) if case.mode == "fwd" else timed()
     except Exception as exc:  # a provider failing must not stop the sweep
         return None, Result(case, provider.name, ERROR, _short(exc))
     verdict = compare(case, got, expected)
