@@ -10,6 +10,7 @@ from . import ops  # noqa: F401  (registers the custom ops)
 from .dispatch import Problem, _ensure_registered, select_backend
 from .pattern import (Pattern, normalize_key_padding_mask, normalize_landmarks, normalize_scale,
                       normalize_window)
+from .score_mods import combine_bias, normalize_sinks, normalize_softcap
 
 __all__ = ["attention", "plan"]
 
@@ -46,7 +47,9 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def plan(q: Tensor, k: Tensor, v: Tensor, *, window=None, landmarks=None, causal: bool = False,
          key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None,
-         quant: Optional[str] = None) -> Tuple[Pattern, Optional[str]]:
+         quant: Optional[str] = None, softcap: Optional[float] = None,
+         alibi_slopes: Optional[Tensor] = None,
+         position_bias: Optional[Tensor] = None) -> Tuple[Pattern, Optional[str]]:
     """Validate the arguments of :func:`attention` and return (Pattern, quant)."""
     _check_qkv(q, k, v)
     if not isinstance(causal, bool):
@@ -60,6 +63,8 @@ def plan(q: Tensor, k: Tensor, v: Tensor, *, window=None, landmarks=None, causal
         landmarks=normalize_landmarks(landmarks, B, Nk, q.device),
         key_padding_mask=normalize_key_padding_mask(key_padding_mask, B, Nk, q.device),
         scale=normalize_scale(scale, q.shape[-1]),
+        softcap=normalize_softcap(softcap),
+        bias=combine_bias(alibi_slopes, position_bias, q.shape[1], q.shape[2], Nk, q.device),
     ), quant
 
 
@@ -74,6 +79,10 @@ def attention(
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
     quant: Optional[str] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    position_bias: Optional[Tensor] = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -90,7 +99,16 @@ def attention(
         key_padding_mask: bool (B, Nk), True = real token.
         scale: softmax scale, default 1/sqrt(D).
         quant: None or "int8" (INT8 QK^T with int32 accumulation; backward is exact).
-        return_lse: also return the log-sum-exp (B, Hq, Nq) float32 (-inf for empty rows).
+        softcap: None or a float c > 0: scores s become c * tanh(s / c) (Gemma 2).
+        sinks: None or (Hq,) float logits that join each row's softmax denominator without a
+            value (attention sinks, GPT-OSS ``s_aux``); differentiable.
+        alibi_slopes: None or (Hq,) float: adds -slope * |j - r| to the score of key j from
+            query i (r = i + Nk - Nq), as FlashAttention's ``alibi_slopes``.
+        position_bias: None or (Hq, Nq + Nk - 1) float: adds position_bias[h, (j - r) + Nk - 1],
+            a bias that depends only on the query-key offset (T5's bucketed relative bias);
+            differentiable. Softcap applies before the biases.
+        return_lse: also return the log-sum-exp (B, Hq, Nq) float32 (-inf for empty rows; with
+            sinks, the sink is part of it).
         backend: "auto" | "cpu" | "triton" | "cuda" | "reference".
 
     Returns:
@@ -102,24 +120,31 @@ def attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool; got {type(return_lse).__name__}")
     pattern, quant = plan(q, k, v, window=window, landmarks=landmarks, causal=causal,
-                          key_padding_mask=key_padding_mask, scale=scale, quant=quant)
+                          key_padding_mask=key_padding_mask, scale=scale, quant=quant,
+                          softcap=softcap, alibi_slopes=alibi_slopes, position_bias=position_bias)
+    sinks = normalize_sinks(sinks, q.shape[1], q.device)
     B, Hq, Nq, _ = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     if B == 0 or Nq == 0 or Nk == 0 or Dv == 0:
-        return _empty_result(q, k, v, return_lse)
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        return _empty_result(q, k, v, return_lse, sinks)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, pattern.bias, sinks))
     impl = select_backend(Problem.from_inputs(q, v, pattern, quant, needs_grad), backend)
     out, lse = torch.ops.hybrid_kernels.attention_fwd(
         q, k, v, pattern.landmarks, pattern.key_padding_mask, pattern.window_left,
-        pattern.window_right, pattern.causal, pattern.scale, quant or "", impl.name)
+        pattern.window_right, pattern.causal, pattern.scale, pattern.softcap, pattern.bias,
+        sinks, quant or "", impl.name)
     return (out, lse) if return_lse else out
 
 
-def _empty_result(q: Tensor, k: Tensor, v: Tensor, return_lse: bool):
-    """No keys (or no queries): zeros and lse = -inf, still connected to the autograd graph."""
+def _empty_result(q: Tensor, k: Tensor, v: Tensor, return_lse: bool, sinks: Optional[Tensor]):
+    """No keys (or no queries): zeros and lse = -inf (the sink's logit with sinks), still
+    connected to the autograd graph."""
     B, Hq, Nq, _ = q.shape
     out = q.new_zeros((B, Hq, Nq, v.shape[3]))
     if q.requires_grad or k.requires_grad or v.requires_grad:
         out = out + 0 * (q.sum() + k.sum() + v.sum())
     lse = torch.full((B, Hq, Nq), float("-inf"), dtype=torch.float32, device=q.device)
+    if sinks is not None:
+        lse = sinks.float()[None, :, None].expand(B, Hq, Nq)
     return (out, lse) if return_lse else out

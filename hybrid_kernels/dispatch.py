@@ -22,7 +22,7 @@ from torch import Tensor
 from .pattern import Pattern
 
 __all__ = ["Problem", "Backend", "NoBackendError", "register_backend", "get_backend",
-           "backend_names", "select_backend", "explain"]
+           "backend_names", "select_backend", "explain", "SCORE_MODS", "score_mods_of"]
 
 BACKEND_ENV = "HYBRID_KERNELS_BACKEND"
 
@@ -43,6 +43,7 @@ class Problem:
     causal: bool = False
     num_landmarks: int = 0
     has_padding: bool = False
+    score_mods: frozenset = frozenset()  # subset of SCORE_MODS the call uses
 
     @staticmethod
     def from_inputs(q: Tensor, v: Tensor, pattern: Pattern, quant: Optional[str],
@@ -50,14 +51,30 @@ class Problem:
         return Problem(device_type=q.device.type, dtype=q.dtype, head_dim=q.shape[-1],
                        head_dim_v=v.shape[-1], quant=quant, needs_grad=needs_grad,
                        causal=pattern.causal, num_landmarks=pattern.num_landmarks,
-                       has_padding=pattern.key_padding_mask is not None)
+                       has_padding=pattern.key_padding_mask is not None,
+                       score_mods=score_mods_of(pattern))
+
+
+SCORE_MODS = ("softcap", "bias")
+
+
+def score_mods_of(pattern: Pattern) -> frozenset:
+    """The score modifiers ``pattern`` uses (sinks are applied above every backend)."""
+    mods = set()
+    if pattern.softcap > 0:
+        mods.add("softcap")
+    if pattern.bias is not None:
+        mods.add("bias")
+    return frozenset(mods)
 
 
 class Backend:
     """Base class: subclasses set the declarations and implement forward/backward.
 
     forward(q, k, v, pattern, quant) -> (out (B, Hq, Nq, Dv) in q.dtype, lse (B, Hq, Nq) fp32)
-    backward(dout, q, k, v, out, lse, pattern) -> (dq, dk, dv) in the inputs' dtypes
+    backward(dout, q, k, v, out, lse, pattern, *, bias_grad=False)
+        -> (dq, dk, dv) in the inputs' dtypes, and dbias (Hq, Nq + Nk - 1) fp32 if bias_grad
+           else None
     """
     name: str = ""
     device_types: frozenset = frozenset()
@@ -65,6 +82,8 @@ class Backend:
     quants: frozenset = frozenset({None})
     supports_backward: bool = True
     auto_select: bool = True  # considered by backend="auto"
+    score_mods: frozenset = frozenset()       # score modifiers the exact forward/backward take
+    int8_score_mods: frozenset = frozenset()  # ... and those the quant="int8" forward takes
 
     def unavailable_reason(self) -> Optional[str]:
         """None when the backend can run on this install, else why not."""
@@ -96,6 +115,11 @@ class Backend:
                            f"(supports {sorted(str(x) for x in self.quants)})")
         if problem.needs_grad and not self.supports_backward:
             reasons.append("no backward (inputs require grad)")
+        supported = self.int8_score_mods if problem.quant == "int8" else self.score_mods
+        missing = sorted(problem.score_mods - supported)
+        if missing:
+            what = "with quant='int8'" if problem.quant == "int8" else "(forward/backward)"
+            reasons.append(f"score modifier(s) {missing} not supported {what}")
         why = self.head_dim_reason(problem.head_dim, problem.head_dim_v)
         if why:
             reasons.append(why)
@@ -180,7 +204,8 @@ def select_backend(problem: Problem, requested: str = "auto") -> Backend:
 
 def _describe(p: Problem) -> str:
     return (f"device={p.device_type}, dtype={p.dtype}, head_dim={p.head_dim}, "
-            f"head_dim_v={p.head_dim_v}, quant={p.quant!r}, needs_grad={p.needs_grad}")
+            f"head_dim_v={p.head_dim_v}, quant={p.quant!r}, needs_grad={p.needs_grad}"
+            + (f", score_mods={sorted(p.score_mods)}" if p.score_mods else ""))
 
 
 def _format_all(problem: Problem) -> str:

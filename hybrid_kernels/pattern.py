@@ -7,6 +7,17 @@ the softmax scale. Visibility, with r = i + Nk - Nq::
     query i sees key j  iff  key j is real, and
                              (r - left <= j <= r + right  or  j is a landmark  or  r is a landmark),
                              and, if causal, j <= r.
+
+Score modifiers, applied to each visible score in this order (FlexAttention's ``score_mod``
+in closed form, so no Nq x Nk tensor exists)::
+
+    s = scale * q_i . k_j
+    s = softcap * tanh(s / softcap)          if softcap > 0   (Gemma 2, Grok)
+    s = s + bias[h, (j - r) + Nk - 1]        if bias is given (ALiBi, T5 buckets: offset-only)
+
+``bias`` is (Hq, Nq + Nk - 1) float32: one value per head and query-key offset j - r, which runs
+from -(Nk - 1) to Nq - 1. Attention sinks are not part of the pattern: they only rescale a
+finished row (see :mod:`hybrid_kernels.ops`).
 """
 from __future__ import annotations
 
@@ -29,6 +40,12 @@ class Pattern:
     landmarks: Optional[Tensor] = None         # (B, G) int64, sorted unique key positions
     key_padding_mask: Optional[Tensor] = None  # (B, Nk) bool, True = real token
     scale: float = 1.0
+    softcap: float = 0.0                       # > 0: s -> softcap * tanh(s / softcap)
+    bias: Optional[Tensor] = None              # (Hq, Nq + Nk - 1) float32, by offset j - r
+
+    @property
+    def has_score_mods(self) -> bool:
+        return self.softcap > 0 or self.bias is not None
 
     @property
     def num_landmarks(self) -> int:
@@ -43,7 +60,8 @@ class Pattern:
         """Keyword arguments for hybrid_kernels.reference functions."""
         return dict(window_left=self.window_left, window_right=self.window_right,
                     causal=self.causal, landmarks=self.landmarks,
-                    key_padding_mask=self.key_padding_mask, scale=self.scale)
+                    key_padding_mask=self.key_padding_mask, scale=self.scale,
+                    softcap=self.softcap, bias=self.bias)
 
 
 def _is_int(x) -> bool:

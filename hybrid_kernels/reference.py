@@ -12,6 +12,8 @@ These are the oracle for every kernel test and the last-resort fallback backend.
 Shapes: q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), Hq % Hk == 0.
 landmarks: LongTensor (B, G) of sorted unique key positions, or None.
 key_padding_mask: bool (B, Nk), True = real token, or None.
+softcap: float, > 0 caps scores as softcap * tanh(s / softcap); bias: (Hq, Nq + Nk - 1) added by
+query-key offset (see :mod:`hybrid_kernels.pattern`).
 Returns (out (B, Hq, Nq, Dv), lse (B, Hq, Nq)) in ``compute_dtype`` (float32 by default).
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["visibility_mask", "dense_reference", "blocked_reference", "blocked_reference_backward",
-           "masked_softmax_lse"]
+           "masked_softmax_lse", "modified_scores", "offset_index"]
 
 
 def visibility_mask(
@@ -91,6 +93,25 @@ def masked_softmax_lse(scores: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
     return p, lse.squeeze(-1)
 
 
+def offset_index(rows: Tensor, cols: Tensor, nk: int) -> Tensor:
+    """(len(rows), len(cols)) index into a bias table's last dim: (j - r) + Nk - 1 for aligned
+    query positions ``rows`` (r) and key positions ``cols`` (j)."""
+    return cols[None, :] - rows[:, None] + (nk - 1)
+
+
+def modified_scores(s: Tensor, rows: Tensor, cols: Tensor, nk: int, softcap: float,
+                    bias: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+    """Apply the score modifiers to scaled scores s (..., Hq, R, C); returns (scores, dcap)
+    where dcap = d(capped)/d(s) (None without softcap), for the backward."""
+    dcap = None
+    if softcap > 0:
+        t = torch.tanh(s / softcap)
+        s, dcap = softcap * t, 1 - t * t
+    if bias is not None:
+        s = s + bias.to(s.dtype)[:, offset_index(rows, cols, nk)]
+    return s, dcap
+
+
 def _repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
@@ -106,6 +127,8 @@ def dense_reference(
     landmarks: Optional[Tensor] = None,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    softcap: float = 0.0,
+    bias: Optional[Tensor] = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> Tuple[Tensor, Tensor]:
     """The oracle: explicit mask, math in ``compute_dtype``. Returns (out, lse)."""
@@ -118,6 +141,8 @@ def dense_reference(
                            causal=causal, landmarks=landmarks,
                            key_padding_mask=key_padding_mask, device=q.device)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    rows = torch.arange(Nq, device=q.device) + (Nk - Nq)
+    scores, _ = modified_scores(scores, rows, torch.arange(Nk, device=q.device), Nk, softcap, bias)
     p, lse = masked_softmax_lse(scores, mask)
     return torch.matmul(p, vf), lse
 
@@ -172,6 +197,8 @@ def blocked_reference(
     landmarks: Optional[Tensor] = None,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    softcap: float = 0.0,
+    bias: Optional[Tensor] = None,
     block_size: int = 256,
     compute_dtype: torch.dtype = torch.float32,
 ) -> Tuple[Tensor, Tensor]:
@@ -196,6 +223,7 @@ def blocked_reference(
                                                 landmarks, key_padding_mask, flags, block_size,
                                                 q.device):
             s = torch.matmul(qb[:, rows], kb[:, cols].transpose(-1, -2)) * scale
+            s, _ = modified_scores(s, rows + (Nk - Nq), cols, Nk, softcap, bias)
             p, l = masked_softmax_lse(s, mask)
             has_rows = mask.any(dim=1)
             sel = rows[has_rows]
@@ -218,14 +246,19 @@ def blocked_reference_backward(
     landmarks: Optional[Tensor] = None,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    softcap: float = 0.0,
+    bias: Optional[Tensor] = None,
+    bias_grad: bool = False,
     block_size: int = 256,
     compute_dtype: torch.dtype = torch.float32,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Explicit gradients (dq, dk, dv) of :func:`blocked_reference` given its ``lse``.
+):
+    """Explicit gradients (dq, dk, dv) of :func:`blocked_reference` given its ``lse``; with
+    ``bias_grad`` also dbias (Hq, Nq + Nk - 1), as a fourth element.
 
-    With P = exp(scale * q k^T - lse) on visible pairs: dV = P^T dO, dP = dO V^T,
-    dS = P * (dP - rowsum(dO * O) + dlse), dQ = scale dS K, dK = scale dS^T Q. Same blocks as
-    the forward, so memory stays O(N * (window + landmarks)).
+    With S the modified scores and P = exp(S - lse) on visible pairs: dV = P^T dO, dP = dO V^T,
+    dS = P * (dP - rowsum(dO * O) + dlse), dbias[h, offset] = sum of dS over that offset,
+    dQ = scale dS' K, dK = scale dS'^T Q with dS' = dS * (1 - tanh^2) under a softcap. Same
+    blocks as the forward, so memory stays O(N * (window + landmarks)).
     """
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -235,6 +268,8 @@ def blocked_reference_backward(
     dq = q.new_zeros(q.shape, dtype=compute_dtype)
     dk = q.new_zeros((B, Hq, Nk, D), dtype=compute_dtype)
     dv = q.new_zeros((B, Hq, Nk, Dv), dtype=compute_dtype)
+    dbias = (torch.zeros(Hq, Nq + Nk - 1, dtype=compute_dtype, device=q.device)
+              if bias_grad and bias is not None else None)
     lse = lse.to(compute_dtype)
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     for b in range(B):
@@ -246,6 +281,7 @@ def blocked_reference_backward(
                                                 landmarks, key_padding_mask, flags, block_size,
                                                 q.device):
             s = torch.matmul(qb[:, rows], kb[:, cols].transpose(-1, -2)) * scale
+            s, dcap = modified_scores(s, rows + (Nk - Nq), cols, Nk, softcap, bias)
             p = torch.exp(s - lse_safe[b][:, rows, None]).masked_fill(~mask, 0.0)
             do_r = dob[:, rows]
             o_r = torch.matmul(p, vb[:, cols])
@@ -254,10 +290,15 @@ def blocked_reference_backward(
                 delta = delta - dlse[b][:, rows, None].to(compute_dtype)
             dp = torch.matmul(do_r, vb[:, cols].transpose(-1, -2))
             ds = p * (dp - delta)
+            if dbias is not None:
+                idx = offset_index(rows + (Nk - Nq), cols, Nk).reshape(-1)
+                dbias.index_add_(1, idx, ds.reshape(Hq, -1))
+            if dcap is not None:
+                ds = ds * dcap
             dq[b].index_add_(1, rows, torch.matmul(ds, kb[:, cols]) * scale)
             dk[b].index_add_(1, cols, torch.matmul(ds.transpose(-1, -2), qb[:, rows]) * scale)
             dv[b].index_add_(1, cols, torch.matmul(p.transpose(-1, -2), do_r))
     if groups > 1:
         dk = dk.view(B, Hk, groups, Nk, D).sum(2)
         dv = dv.view(B, Hk, groups, Nk, Dv).sum(2)
-    return dq, dk, dv
+    return (dq, dk, dv, dbias) if bias_grad else (dq, dk, dv)

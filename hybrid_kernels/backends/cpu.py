@@ -119,7 +119,7 @@ class CpuBackend(Backend):
         mod.attention_forward_int8(params)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, pattern: Pattern):
+    def backward(self, dout, q, k, v, out, lse, pattern: Pattern, bias_grad: bool = False):
         mod = load_module()
         q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
         keep = Keep()
@@ -137,9 +137,9 @@ class CpuBackend(Backend):
             dq = new_output(q.shape, torch.float32, q.device)
             params.dq = keep(dq)
             mod.attention_backward(params)
-            return dq, dk, dv
+            return dq, dk, dv, None
         grads = [new_output(t.shape, q.dtype, q.device) for t in (q, k, v)]
         params.grad_dtype = fwd.dtype
         params.dq_lp, params.dk_lp, params.dv_lp = (keep(g) for g in grads)
         mod.attention_backward(params)
-        return tuple(grads)
+        return (*grads, None)

@@ -45,6 +45,8 @@ class ReferenceBackend(Backend):
     device_types = frozenset({"cpu", "cuda", "meta", "xpu", "mps"})
     quants = frozenset({None, "int8"})
     supports_backward = True
+    score_mods = frozenset({"softcap", "bias"})
+    int8_score_mods = frozenset({"softcap", "bias"})
 
     def forward(self, q, k, v, pattern: Pattern, quant: Optional[str]):
         if quant == "int8":
@@ -53,10 +55,12 @@ class ReferenceBackend(Backend):
             out, lse = reference_forward_fp32(q, k, v, pattern)
         return out.to(q.dtype), lse.float()
 
-    def backward(self, dout, q, k, v, out, lse, pattern: Pattern, dlse: Optional[Tensor] = None):
-        # The lse saved by an int8 forward is not the exact one: recompute it (cheap next to
-        # the backward itself) so the gradients are exactly those of the pattern.
-        _, lse = reference_forward_fp32(q, k, v, pattern)
-        dq, dk, dv = blocked_reference_backward(dout, q, k, v, lse, dlse=dlse,
-                                                **pattern.reference_kwargs())
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    def backward(self, dout, q, k, v, out, lse, pattern: Pattern, dlse: Optional[Tensor] = None,
+                 bias_grad: bool = False):
+        # ops.py hands over the lse of the exact forward (it recomputes an int8 one first), with
+        # any sink folded in: P = exp(S - lse) is then the sink-normalized probability.
+        dq, dk, dv, dbias = blocked_reference_backward(dout, q, k, v, lse, dlse=dlse,
+                                                       bias_grad=True,
+                                                       **pattern.reference_kwargs())
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+                dbias.float() if bias_grad and dbias is not None else None)

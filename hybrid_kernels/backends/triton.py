@@ -82,7 +82,7 @@ class TritonBackend(Backend):
         return out, lse
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                 pattern: Pattern, dlse: Optional[Tensor] = None):
+                 pattern: Pattern, dlse: Optional[Tensor] = None, bias_grad: bool = False):
         if dlse is not None:
             raise ValueError("the triton backward does not take a gradient for lse "
                              "(ops.py routes that case to the reference backend)")
@@ -92,7 +92,7 @@ class TritonBackend(Backend):
         dv = new_output(v.shape, v.dtype, q.device)
         with _on_device(q):
             kern.backward.attention_backward(dout, q, k, v, out, lse, pattern, dq, dk, dv)
-        return dq, dk, dv
+        return dq, dk, dv, None
 
 
 def _on_device(t: Tensor):
