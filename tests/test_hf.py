@@ -41,7 +41,7 @@ def _pattern_mask(B, N, window, stride, real, causal=False):
 def paths(monkeypatch):
     """Counts of attention calls that ran on the kernels vs transformers' SDPA fallback."""
     counts = {"kernels": 0, "sdpa": 0}
-    attend, sdpa = hkt.attend, hkt._sdpa
+    attend, sdpa = hkt.hk_attention, hkt._sdpa
 
     def counting_attend(*args, **kwargs):
         counts["kernels"] += 1
@@ -51,7 +51,7 @@ def paths(monkeypatch):
         counts["sdpa"] += 1
         return sdpa(*args, **kwargs)
 
-    monkeypatch.setattr(hkt, "attend", counting_attend)
+    monkeypatch.setattr(hkt, "hk_attention", counting_attend)
     monkeypatch.setattr(hkt, "_sdpa", counting_sdpa)
     return counts
 
@@ -266,9 +266,9 @@ def test_t5_encoder_decoder_cache_generate(paths):
         ga = ref.generate(ids, attention_mask=am, max_new_tokens=8, do_sample=False)
         gb = hyb.generate(ids, attention_mask=am, max_new_tokens=8, do_sample=False)
     assert torch.equal(ga, gb)
-    # Self-attention carries T5's relative position bias (SDPA fallback); cross-attention's
-    # all-zero bias is dropped and runs on the kernels.
-    assert paths["kernels"] > 0 and paths["sdpa"] > 0
+    # Self-attention's relative position bias runs as an offset table; cross-attention's
+    # all-zero bias is dropped: everything on the kernels.
+    assert paths["kernels"] > 0 and paths["sdpa"] == 0
 
 
 def test_bert_decoder_cross_attention(paths):
@@ -288,7 +288,7 @@ def test_bert_decoder_cross_attention(paths):
     assert paths == {"kernels": 4, "sdpa": 0}
 
 
-def test_t5_window_position_bias_falls_back_with_pattern():
+def test_t5_window_position_bias_on_kernels_with_pattern():
     ref, hyb = _twins(transformers.T5EncoderModel, _t5_config())
     hkt.enable(hyb, window=(3, 3), landmarks=6)
     ids = torch.randint(2, 128, (2, 17))
@@ -332,19 +332,25 @@ def test_mask_builder_padding_is_stride_zero_and_equals_sdpa():
     assert ours.shape == (2, 1, 9, 9) and ours.stride(-2) == 0
     assert torch.equal(ours, sdpa_mask(**kw))
     assert hkt.hybrid_attention_mask(**{**kw, "attention_mask": torch.ones(2, 9, dtype=torch.bool)}) is None
-    assert hkt.read_mask(ours, 2, 9, 9)[1] is False
-    assert torch.equal(hkt.read_mask(ours, 2, 9, 9)[0], am)
+    assert hkt.read_mask(ours, 2, 9, 9).causal is False
+    assert torch.equal(hkt.read_mask(ours, 2, 9, 9).key_padding_mask, am)
 
 
 def test_read_mask_causal_padding_and_bias():
     real = torch.ones(2, 7, dtype=torch.bool)
     real[0, :2] = False
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
-    kpm, is_causal = hkt.read_mask((causal & real[:, None, :])[:, None], 2, 7, 7)
-    assert is_causal and torch.equal(kpm, real)
+    read = hkt.read_mask((causal & real[:, None, :])[:, None], 2, 7, 7)
+    assert read.causal and torch.equal(read.key_padding_mask, real)
     additive = torch.zeros(2, 1, 7, 7).masked_fill(~causal, float("-inf"))
-    assert hkt.read_mask(additive, 2, 7, 7) == (None, True)
+    read = hkt.read_mask(additive, 2, 7, 7)
+    assert read.causal and read.key_padding_mask is None and read.window == (-1, -1)
     assert hkt.read_mask(torch.randn(2, 1, 7, 7), 2, 7, 7) is None
+    # A materialized sliding-window causal mask is recognized for the window the layer declares.
+    sliding = causal & ~torch.ones(7, 7, dtype=torch.bool).tril(-3)
+    read = hkt.read_mask((sliding & real[:, None, :])[:, None], 2, 7, 7, window=(2, 2))
+    assert read.causal and read.window == (2, 0) and torch.equal(read.key_padding_mask, real)
+    assert hkt.read_mask(sliding[None, None].expand(2, 1, 7, 7), 2, 7, 7) is None
 
 
 def test_per_layer_config_and_cross_attention():
