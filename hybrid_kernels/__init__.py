@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import importlib
 
-from .api import attention, plan
-from .dispatch import NoBackendError, backend_names, explain, select_backend
+from .api import Explanation, attention, explain, plan
+from .dispatch import NoBackendError, backend_names, select_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "plan", "NoBackendError", "backend_names", "explain", "select_backend",
-           "__version__"]
+__all__ = ["attention", "plan", "NoBackendError", "backend_names", "explain", "Explanation",
+           "select_backend", "__version__"]
 
 # Subpackages with heavier imports (transformers, faiss, ...) load on first use.
-_LAZY = {"nn", "integrations", "models", "streaming", "retrieval", "rag", "quant", "reference",
+_LAZY = {"backends", "nn", "integrations", "models", "streaming", "retrieval", "rag", "quant", "reference",
          "bench", "cli", "training"}
 
 

@@ -1,18 +1,19 @@
 """The public entry point: :func:`attention`."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers the custom ops)
-from .dispatch import Problem, _ensure_registered, select_backend
+from .dispatch import NoBackendError, Problem, _ensure_registered, select_backend
+from .dispatch import explain as _explain_problem
 from .pattern import (Pattern, normalize_key_padding_mask, normalize_landmarks, normalize_scale,
                       normalize_window)
 from .score_mods import combine_bias, normalize_sinks, normalize_softcap
 
-__all__ = ["attention", "plan"]
+__all__ = ["attention", "plan", "explain", "Explanation"]
 
 _ensure_registered()
 
@@ -148,3 +149,40 @@ def _empty_result(q: Tensor, k: Tensor, v: Tensor, return_lse: bool, sinks: Opti
     if sinks is not None:
         lse = sinks.float()[None, :, None].expand(B, Hq, Nq)
     return (out, lse) if return_lse else out
+
+
+class Explanation(dict):
+    """backend name -> reasons it rejects the call (empty list = it accepts), in the order
+    ``backend="auto"`` tries them; ``selected`` is the backend the call would run on (None when
+    none can)."""
+
+    def __init__(self, reasons: Dict[str, List[str]], selected: Optional[str], problem: Problem):
+        super().__init__(reasons)
+        self.selected = selected
+        self.problem = problem
+
+    def __str__(self) -> str:
+        lines = [f"selected: {self.selected}"]
+        for name, why in self.items():
+            lines.append(f"  {name}: " + ("accepted" if not why else "; ".join(why)))
+        return "\n".join(lines)
+
+
+def explain(q, k: Optional[Tensor] = None, v: Optional[Tensor] = None, *, backend: str = "auto",
+            **kwargs):
+    """Which backend :func:`attention` would run ``(q, k, v, **kwargs)`` on, and why each other
+    one would not: an :class:`Explanation`. ``explain(problem)`` with a
+    :class:`~hybrid_kernels.dispatch.Problem` returns the plain reasons dict."""
+    if isinstance(q, Problem):
+        return _explain_problem(q)
+    kwargs.pop("return_lse", None)
+    sinks = kwargs.pop("sinks", None)
+    pattern, quant = plan(q, k, v, **kwargs)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, pattern.bias, sinks))
+    problem = Problem.from_inputs(q, v, pattern, quant, needs_grad)
+    try:
+        selected = select_backend(problem, backend).name
+    except NoBackendError:
+        selected = None
+    return Explanation(_explain_problem(problem), selected, problem)

@@ -200,3 +200,33 @@ def test_bad_inputs_raise_clear_errors(models):
     with pytest.raises(ValueError, match="impl"):
         int8_attention(torch.randn(1, 1, 1, 4), *(torch.zeros(1, 1, 2, 4, dtype=torch.int8), torch.ones(1, 1, 2)) * 2,
                        None, impl="fast")
+
+
+def test_self_attention_runs_on_the_kernels_without_sdpa(models, monkeypatch):
+    """Encoder and decoder self-attention go through hk.attention (T5's relative bias as an
+    offset table); cross-attention through HKCrossAttention; torch's SDPA is never called."""
+    import hybrid_kernels as hk
+    hkt = hk.integrations.transformers
+    counts = {"self": 0, "sdpa": 0}
+    kernels, sdpa = hkt.hk_attention, torch.nn.functional.scaled_dot_product_attention
+
+    def counting_kernels(*args, **kwargs):
+        counts["self"] += 1
+        assert kwargs["position_bias"] is not None  # every self-attention layer has T5's bias
+        return kernels(*args, **kwargs)
+
+    def counting_sdpa(*args, **kwargs):
+        counts["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(hkt, "hk_attention", counting_kernels)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    _, fid = models
+    ids, mask = padded_inputs(2, 3, 10, seed=5)
+    dec = torch.randint(2, 97, (2, 5))
+    with torch.no_grad():
+        fid(ids, mask, decoder_input_ids=dec)
+    assert counts == {"self": 2 + 2, "sdpa": 0}  # 2 encoder + 2 decoder layers
+    counts["self"] = 0
+    fid.generate(ids, mask, max_new_tokens=4)
+    assert counts["sdpa"] == 0 and counts["self"] == 2 + 2 * 4

@@ -5,6 +5,9 @@ states are concatenated to (B, n_passages * L, d) and the decoder cross-attends 
 The decoder's cross-attention modules are replaced by :class:`HKCrossAttention`, which reuses the
 original q/k/v/o projections (so state-dict keys and saved checkpoints stay plain T5) and runs the
 attention on hybrid-kernels (T5: scale 1.0, no position bias in cross-attention, key padding mask).
+The encoder's and decoder's self-attention run on the kernels too, through the transformers
+integration (``attn_implementation="hybrid_kernels"``: T5's relative position bias becomes an
+offset table, the decoder's cache and causal mask are read as such).
 
 Options (constructor or attributes):
     cross_attention_quant: None or "int8" -- keep the cross-attention K/V as int8 (see
@@ -108,6 +111,8 @@ class FiDT5(nn.Module):
         self.backend = backend
         self.int8_impl = "auto"
         self._ctx = _CrossContext()
+        from ..integrations.transformers import register
+        t5.set_attn_implementation(register())
         for i, block in enumerate(t5.decoder.block):
             layer = block.layer[1]
             if not isinstance(layer.EncDecAttention, HKCrossAttention):
