@@ -108,8 +108,12 @@ def main(argv=None) -> list:
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
     rows = []
+    try:
+        isa = hk.backends.cpu.load_module().selected_isa()
+    except ImportError as exc:
+        isa = f"none ({exc})"
     print(f"{_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{args.dtype}, kernel ISA {hk.backends.cpu.load_module().selected_isa()}")
+          f"{args.dtype}, CPU kernel ISA {isa}")
     print(f"{'model':<11} {'tokens':>7} {'default ms':>11} {'hk ms':>9} {'speedup':>8} {'max rel diff':>13}")
     for name in args.models:
         torch.manual_seed(0)

@@ -30,3 +30,11 @@ def test_streaming_demo():
 def test_fid_qa_end_to_end_with_a_random_reader():
     out = run("fid_qa.py", "--questions", "3", "--embedder", "hashing")
     assert "gold passage in top-10: 100.0%" in out, out
+
+
+def test_models_on_kernels_quick():
+    out = run("models_on_kernels.py", "--quick")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("mistral", "modernbert"))]
+    assert [r[0] for r in rows] == ["mistral", "modernbert"], out
+    for r in rows:
+        assert float(r[-1]) < 1e-4, out  # max relative difference to the default attention
