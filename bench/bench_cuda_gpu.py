@@ -1,4 +1,4 @@
-"""Issue 4's GPU benchmark: the CUDA C++ kernels against Triton, FlexAttention and SDPA.
+"""GPU benchmark of the CUDA backend: the CUDA C++ kernels against Triton, FlexAttention and SDPA.
 
     python bench/bench_cuda_gpu.py            # on a machine with a CUDA GPU
 

@@ -1,4 +1,4 @@
-"""GPU benchmark of the Triton backend (issue 3).
+"""GPU benchmark of the Triton backend.
 
     python bench/bench_triton_gpu.py [--n 4096 16384 65536] [--d 64 128] [--reps 20]
 

@@ -6,7 +6,7 @@ timed.
     pytest bench/ --benchmark-compare             # compare with the last saved run
 Environment: HYBRID_KERNELS_NUM_THREADS (CPU threads), HK_BENCH_SIZES, HK_BENCH_DTYPES,
 HK_BENCH_MODES, HK_BENCH_PROVIDERS (comma lists) for bench/test_attention.py;
-HK_ISSUE2_SIZES for bench/test_cpu_attention.py.
+HK_CPU_REPORT_SIZES for bench/test_cpu_attention.py.
 """
 import os
 
@@ -65,18 +65,18 @@ def bench_provider(benchmark, request):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     results = getattr(config, "_hk_results", [])
-    issue2 = [r for r in results if r.case.pattern.num_landmarks == 16
+    report_rows = [r for r in results if r.case.pattern.num_landmarks == 16
               and r.case.window_lr == (256, 256) and r.case.head_dim == 64]
-    if not issue2 or "mm_fp32" not in config._hk_extra:
+    if not report_rows or "mm_fp32" not in config._hk_extra:
         return
-    from hybrid_kernels.bench.cpu_report import Issue2, format_issue2
+    from hybrid_kernels.bench.cpu_report import CpuReport, format_report
     from hybrid_kernels.bench.env import environment
     env = environment("cpu", config._hk_threads)
     env_line = (f"{env['device_name']}, torch {env['versions']['torch']}, hybrid_kernels "
                 f"{env['versions']['hybrid_kernels']} ({env['git_revision']})"
                 + (f", kernel ISA {env['cpu_isa']}" if env.get("cpu_isa") else ""))
-    rep = Issue2(mm_fp32=config._hk_extra.get("mm_fp32"), mm_bf16=config._hk_extra.get("mm_bf16"),
-                 results=issue2, memory=config._hk_extra.get("memory", {}))
-    sizes = sorted({r.case.n for r in issue2})
-    terminalreporter.write_sep("=", "issue 2 CPU benchmark")
-    terminalreporter.write_line(format_issue2(rep, sizes, config._hk_threads, env_line))
+    rep = CpuReport(mm_fp32=config._hk_extra.get("mm_fp32"), mm_bf16=config._hk_extra.get("mm_bf16"),
+                 results=report_rows, memory=config._hk_extra.get("memory", {}))
+    sizes = sorted({r.case.n for r in report_rows})
+    terminalreporter.write_sep("=", "CPU attention benchmark")
+    terminalreporter.write_line(format_report(rep, sizes, config._hk_threads, env_line))

@@ -1,4 +1,4 @@
-"""Print issue 2's CPU benchmark table in one run (see hybrid_kernels/bench/cpu_report.py).
+"""Print the CPU attention benchmark table in one run (see hybrid_kernels/bench/cpu_report.py).
 
     python bench/cpu_attention_report.py [--sizes 4096,16384,65536] [--threads N]
 """

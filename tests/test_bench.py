@@ -186,21 +186,21 @@ def test_default_providers_registered():
     assert {"hk-cpu", "hk-triton", "hk-cuda", "sdpa", "flex", "reference"} <= set(names)
 
 
-def test_issue2_ratios_from_results():
-    """The issue-2 report's ratios are computed from the measured medians as the issue states."""
-    from hybrid_kernels.bench.cpu_report import Issue2, format_issue2, issue2_case, ratio_rows
+def test_cpu_report_ratios_from_results():
+    """The report's ratios are computed from the measured medians as the targets state."""
+    from hybrid_kernels.bench.cpu_report import CpuReport, format_report, report_case, ratio_rows
     from hybrid_kernels.bench.runner import Result
     n = 4096
-    fp32 = issue2_case(n)
+    fp32 = report_case(n)
 
     def res(provider, ms, case=fp32):
         return Result(case, provider, "ok", ms_median=ms, ms_p20=ms, ms_p80=ms, max_abs_err=0.0)
-    rep = Issue2(mm_fp32=100.0, results=[
+    rep = CpuReport(mm_fp32=100.0, results=[
         res("hk-cpu", 10.0), res("flex", 20.0), res("sdpa", 50.0), res("reference", 40.0),
-        res("hk-cpu", 4.0, issue2_case(n, torch.bfloat16)),
-        res("hk-cpu", 5.0, issue2_case(n, quant=True)),
-        res("hk-cpu", 25.0, issue2_case(n, mode="bwd")),
-        res("hk-cpu", 16.0, issue2_case(n, torch.bfloat16, mode="bwd"))],
+        res("hk-cpu", 4.0, report_case(n, torch.bfloat16)),
+        res("hk-cpu", 5.0, report_case(n, quant=True)),
+        res("hk-cpu", 25.0, report_case(n, mode="bwd")),
+        res("hk-cpu", 16.0, report_case(n, torch.bfloat16, mode="bwd"))],
         memory={n: {"peak_bytes": 100 << 20, "qkv_bytes": 24 << 20, "io_bytes": 32 << 20}})
     rows = {what.split(" (")[0]: (value, met) for what, value, _, met in ratio_rows(rep, n)}
     gf = 4 * fp32.pairs() * 64 * 8 / (10.0 * 1e6)
@@ -211,19 +211,19 @@ def test_issue2_ratios_from_results():
     assert rows["hk int8 fwd speedup vs hk fp32 fwd"] == (pytest.approx(2.0), True)
     assert rows["hk fp32 bwd time / fwd time"] == (pytest.approx(2.5), True)
     assert rows["hk bf16 bwd time / bf16 fwd time"] == (pytest.approx(4.0), False)
-    text = format_issue2(rep, [n], 2)
+    text = format_report(rep, [n], 2)
     assert "peak memory / (q+k+v+out)" in text and "NOT met" in text  # (24+100)/32 > 2
 
 
-def test_issue2_ratios_prefer_the_round_robin():
+def test_cpu_report_ratios_prefer_the_round_robin():
     """With a round-robin (rep.paired) the hk-vs-hk and hk-vs-mm ratios come from it; flex and
     pure torch still from the table. paired_medians times every function each round."""
-    from hybrid_kernels.bench.cpu_report import (Issue2, format_issue2, issue2_case,
+    from hybrid_kernels.bench.cpu_report import (CpuReport, format_report, report_case,
                                                  paired_medians, ratio_rows)
     from hybrid_kernels.bench.runner import Result
     n = 4096
-    fp32 = issue2_case(n)
-    rep = Issue2(mm_fp32=1.0, results=[
+    fp32 = report_case(n)
+    rep = CpuReport(mm_fp32=1.0, results=[
         Result(fp32, "hk-cpu", "ok", ms_median=99.0, ms_p20=99.0, ms_p80=99.0, max_abs_err=0.0),
         Result(fp32, "flex", "ok", ms_median=30.0, ms_p20=30.0, ms_p80=30.0, max_abs_err=0.0)])
     mm_ms = 2.0 * 4096 ** 3 / (200.0 * 1e6)  # 200 GF/s
@@ -237,7 +237,7 @@ def test_issue2_ratios_prefer_the_round_robin():
     assert rows["hk int8 fwd speedup vs hk fp32 fwd"] == (pytest.approx(2.0), True)
     assert rows["hk fp32 bwd time / fwd time"] == (pytest.approx(2.5), True)
     assert rows["hk bf16 bwd time / bf16 fwd time"] == (pytest.approx(3.0), True)
-    assert "round-robin" in format_issue2(rep, [n], 2)
+    assert "round-robin" in format_report(rep, [n], 2)
     calls = []
     med = paired_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                          rounds=3)

@@ -1,4 +1,4 @@
-"""The CPU attention benchmark of issue 2, in one run, with the ratios its targets are stated in.
+"""The CPU attention benchmark report, in one run, with the ratios its performance targets are stated in.
 
 B=1, Hq=8, D=64, window (256, 256), 16 landmarks, N in {4096, 16384, 65536}, fp32 and bf16:
 hk (cpu), the blocked reference, SDPA with an explicit bool mask (where it fits) and
@@ -28,7 +28,7 @@ from .providers import get_providers
 from .runner import Result, run_case, timed_callable
 from .timing import TimingConfig, measure, set_threads
 
-__all__ = ["issue2_case", "mm_gflops", "Issue2", "ratio_rows", "format_issue2", "main",
+__all__ = ["report_case", "mm_gflops", "CpuReport", "ratio_rows", "format_report", "main",
            "SIZES", "TARGET_N", "COMPETITORS"]
 
 SIZES = (4096, 16384, 65536)
@@ -39,7 +39,7 @@ REPORT_TIMING = TimingConfig(warmup=1, min_repeats=3, max_repeats=20, target_sec
 PAIRED_ROUNDS = 9
 
 
-def issue2_case(n: int, dtype: torch.dtype = torch.float32, mode: str = "fwd",
+def report_case(n: int, dtype: torch.dtype = torch.float32, mode: str = "fwd",
                 quant: bool = False) -> Case:
     spec = parse_pattern("int8" if quant else "window+landmarks", (256, 256), 16)
     return Case(spec, n, dtype, mode, batch=1, heads_q=8, heads_kv=8, head_dim=64, device="cpu")
@@ -69,19 +69,19 @@ def paired_medians(fns: Dict[str, Callable[[], object]], rounds: int = PAIRED_RO
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-PAIRED_CASES = {  # name -> issue2_case arguments after n
+PAIRED_CASES = {  # name -> report_case arguments after n
     "fp32": (torch.float32, "fwd", False), "bf16": (torch.bfloat16, "fwd", False),
     "int8": (torch.float32, "fwd", True), "bwd fp32": (torch.float32, "bwd", False),
     "bwd bf16": (torch.bfloat16, "bwd", False)}
 
 
 def paired_run(hk, n: int, dtypes, n_mm: int = 4096) -> Dict[str, float]:
-    """paired_medians of hk's issue-2 cases at ``n`` (bf16 ones if bf16 is in ``dtypes``) and
+    """paired_medians of hk's report cases at ``n`` (bf16 ones if bf16 is in ``dtypes``) and
     torch.mm of n_mm^2 fp32 ('mm')."""
     fns = {}
     for name, (dt, mode, quant) in PAIRED_CASES.items():
         if dt in dtypes:
-            case = issue2_case(n, dt, mode, quant)
+            case = report_case(n, dt, mode, quant)
             fns[name] = timed_callable(hk, case, *make_inputs(case, requires_grad=mode == "bwd"))
     a, b = torch.randn(n_mm, n_mm), torch.randn(n_mm, n_mm)
     fns["mm"] = lambda: torch.mm(a, b)
@@ -89,7 +89,7 @@ def paired_run(hk, n: int, dtypes, n_mm: int = 4096) -> Dict[str, float]:
 
 
 @dataclass
-class Issue2:
+class CpuReport:
     """Results of one report run, indexed for the ratios."""
     mm_fp32: Optional[float] = None
     mm_bf16: Optional[float] = None
@@ -115,8 +115,8 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a and b else None
 
 
-def ratio_rows(rep: Issue2, n: int) -> List[Tuple[str, Optional[float], str, Optional[bool]]]:
-    """(what, value, target, met) for the issue's targets at sequence length ``n``: hk against
+def ratio_rows(rep: CpuReport, n: int) -> List[Tuple[str, Optional[float], str, Optional[bool]]]:
+    """(what, value, target, met) for the performance targets at sequence length ``n``: hk against
     itself and torch.mm from the round-robin (rep.paired) when it ran, else from the table."""
     f32 = rep.get("hk-cpu", n)
     ms = lambda r: r.ms_median if r else None  # noqa: E731
@@ -158,7 +158,7 @@ def ratio_rows(rep: Issue2, n: int) -> List[Tuple[str, Optional[float], str, Opt
     return out
 
 
-def _memory_row(rep: Issue2):
+def _memory_row(rep: CpuReport):
     """(what, value, target, met) for peak memory at the largest measured N, or None."""
     if not rep.memory:
         return None
@@ -173,8 +173,8 @@ def _memory_row(rep: Issue2):
             f"{mem['io_bytes'] / 2**20:.0f} MiB)", value, "<= 2", value <= 2)
 
 
-def format_issue2(rep: Issue2, sizes: Sequence[int], threads: int, env_line: str = "") -> str:
-    lines = ["Issue 2 CPU benchmark: B=1, Hq=8, D=64, window (256, 256), 16 landmarks "
+def format_report(rep: CpuReport, sizes: Sequence[int], threads: int, env_line: str = "") -> str:
+    lines = ["CPU attention benchmark (window + landmarks): B=1, Hq=8, D=64, window (256, 256), 16 landmarks "
              f"(evenly spaced), threads={threads}"]
     if env_line:
         lines.append(env_line)
@@ -202,7 +202,7 @@ def format_issue2(rep: Issue2, sizes: Sequence[int], threads: int, env_line: str
                      f"{status}")
     for n in sizes:
         paired = rep.paired.get(n)
-        lines += ["", f"targets at N={n}" + (" (the issue's reference size)" if n == TARGET_N
+        lines += ["", f"targets at N={n}" + (" (the reference size)" if n == TARGET_N
                                                 else "")
                   + (f": hk and torch.mm {PAIRED_ROUNDS} rounds round-robin (fp32 fwd "
                      f"{paired['fp32']:.2f} ms, torch.mm {2 * 4096 ** 3 / (paired['mm'] * 1e6):.0f}"
@@ -220,11 +220,11 @@ def format_issue2(rep: Issue2, sizes: Sequence[int], threads: int, env_line: str
 
 def run_report(sizes: Sequence[int] = SIZES, dtypes=(torch.float32, torch.bfloat16),
                timing: TimingConfig = REPORT_TIMING, threads: Optional[int] = None,
-               memory: bool = True, progress=print) -> Tuple[Issue2, int]:
+               memory: bool = True, progress=print) -> Tuple[CpuReport, int]:
     from .env import load_warning
     from .memory import peak_memory_subprocess
     threads = set_threads(threads)
-    rep = Issue2()
+    rep = CpuReport()
     rep.warning = load_warning()
     if rep.warning:
         progress(rep.warning)
@@ -236,17 +236,17 @@ def run_report(sizes: Sequence[int] = SIZES, dtypes=(torch.float32, torch.bfloat
     for n in sizes:
         for dtype in dtypes:
             progress(f"N={n} {dtype}: {', '.join(COMPETITORS)} ...")
-            rep.add(run_case(issue2_case(n, dtype), competitors, timing))
+            rep.add(run_case(report_case(n, dtype), competitors, timing))
         progress(f"N={n}: hk int8 forward, hk backward ...")
-        rep.add(run_case(issue2_case(n, quant=True), [hk], timing))
+        rep.add(run_case(report_case(n, quant=True), [hk], timing))
         for dtype in dtypes:
-            rep.add(run_case(issue2_case(n, dtype, mode="bwd"), [hk], timing))
+            rep.add(run_case(report_case(n, dtype, mode="bwd"), [hk], timing))
         progress(f"N={n}: hk and torch.mm round-robin for the target ratios ...")
         rep.paired[n] = paired_run(hk, n, dtypes)
     if memory:
         n = max(sizes)
         progress(f"N={n}: hk peak memory (fresh process) ...")
-        rep.memory[n] = peak_memory_subprocess(issue2_case(n), "hk-cpu")
+        rep.memory[n] = peak_memory_subprocess(report_case(n), "hk-cpu")
     return rep, threads
 
 
@@ -266,7 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"hybrid_kernels {env['versions']['hybrid_kernels']} ({env['git_revision']})"
                 + (f", kernel ISA {env['cpu_isa']}" if env.get("cpu_isa") else ""))
     print()
-    print(format_issue2(rep, sizes, threads, env_line))
+    print(format_report(rep, sizes, threads, env_line))
     return 0
 
 
