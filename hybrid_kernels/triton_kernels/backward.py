@@ -1,4 +1,6 @@
-"""Backward (dQ, dK, dV) by recomputation from the saved LSE; deterministic (no atomics).
+"""Backward (dQ, dK, dV, and dbias when asked) by recomputation from the saved LSE. dQ, dK, dV are
+deterministic (no atomics); dbias is summed with atomic adds in the dQ pass, so its low bits may
+vary from run to run.
 
 * dQ: query-tile-major, the same key sets as the forward (window band + gathered landmark keys;
   landmark query rows in a second LM_MODE launch over every key, overwriting those rows).
