@@ -219,9 +219,60 @@ def test_public_api_with_sinks_and_autograd(device):
         assert_matches_oracle(name, gt, g64, gr, depth=depth)
 
 
+def _int8_quality(out, ref):
+    cos = torch.nn.functional.cosine_similarity(out.double().flatten(), ref.double().flatten(), dim=0)
+    rel_l1 = (out.double() - ref.double()).abs().sum() / ref.double().abs().sum()
+    return float(cos), float(rel_l1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_int8_with_modifiers(device, dtype):
+    """quant="int8" with softcap and bias vs exact attention (the thresholds of test_triton.py's
+    int8 test). K carries a large shared offset: the smoothing shift must be added back before
+    the softcap, not only to lse."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hk, N, D = 1, 2, 1, 97, 64
+    q, k, v = (torch.randn(B, h, N, D, generator=g) for h in (Hq, Hk, Hk))
+    k = k + 3.0
+    pb = torch.randn(Hq, 2 * N - 1, generator=g)
+    kpm = torch.rand(B, N, generator=g) > 0.2
+    for pattern in (dict(window=(16, 16), landmarks=20, key_padding_mask=kpm, softcap=2.0,
+                         position_bias=pb),
+                    dict(window=(8, 0), landmarks=torch.tensor([0, 40, 90]), causal=True,
+                         softcap=4.0),
+                    dict(window=(8, 8), alibi_slopes=torch.tensor([0.5, 0.25]))):
+        qd, kd, vd = (t.to(dtype).to(device) for t in (q, k, v))
+        pd = {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in pattern.items()}
+        out, lse = hk.attention(qd, kd, vd, **pd, quant="int8", return_lse=True, backend="triton")
+        ref, ref_lse = hk.attention(q, k, v, **pattern, return_lse=True, backend="reference")
+        out, lse = out.cpu(), lse.cpu()
+        assert not torch.isnan(out).any()
+        cos, rel_l1 = _int8_quality(out, ref)
+        assert cos >= 0.999 and rel_l1 <= 0.02, (sorted(pattern), cos, rel_l1)
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+        fin = torch.isfinite(ref_lse)
+        assert (lse[fin] - ref_lse[fin]).abs().max() < 0.05, "lse of the modified scores"
+
+
+def test_int8_backward_with_modifiers_is_exact(device):
+    case, mods = MOD_CASES[3]
+    q, k, v, pattern, mod_kw = _inputs(case, mods, torch.float32, device)
+    pb = mod_kw["position_bias"]
+    out = hk.attention(q, k, v, **pattern, **mod_kw, quant="int8", backend="triton")
+    g8 = torch.autograd.grad(out.sum(), (q, k, v, pb))
+    out = hk.attention(q, k, v, **pattern, **mod_kw, backend="triton")
+    g = torch.autograd.grad(out.sum(), (q, k, v, pb))
+    for a, b in zip(g8, g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_declarations():
     backend = TritonBackend()
     assert backend.score_mods == frozenset({"softcap", "bias"})
+    assert backend.int8_score_mods == frozenset({"softcap", "bias"})
     problem = Problem(device_type="cuda", dtype=torch.float16, head_dim=64, head_dim_v=64,
                       quant=None, needs_grad=True, score_mods=frozenset({"softcap", "bias"}))
     assert not any("score modifier" in r for r in backend.rejection_reasons(problem))
+    int8 = Problem(device_type="cuda", dtype=torch.float16, head_dim=64, head_dim_v=64,
+                   quant="int8", needs_grad=False, score_mods=frozenset({"softcap", "bias"}))
+    assert not any("score modifier" in r for r in backend.rejection_reasons(int8))

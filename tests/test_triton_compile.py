@@ -87,6 +87,7 @@ def test_kernels_compile_for_sm90():
     launches += _captured_launches(lambda: backend.forward(q, k, v, mods, None))
     launches += _captured_launches(lambda: backend.backward(q, q, k, v, out, lse, mods,
                                                             bias_grad=True))
+    launches += _captured_launches(lambda: backend.forward(q, k, v, mods, "int8")[0])
     seen = set()
     for kernel, args, kwargs in launches:
         jit = kernel.fn if hasattr(kernel, "configs") else kernel
@@ -98,4 +99,4 @@ def test_kernels_compile_for_sm90():
         assert compiled.asm.get("cubin"), key
     names = {name for name, _ in seen}
     assert names == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_quantize_kernel"}
-    assert len(seen) >= 15  # regular + split landmark launches, fp16, int8, score modifiers
+    assert len(seen) >= 17  # regular + split landmark launches, fp16, int8, score modifiers

@@ -48,6 +48,7 @@ class TritonBackend(Backend):
     quants = frozenset({None, "int8"})
     supports_backward = True
     score_mods = frozenset({"softcap", "bias"})
+    int8_score_mods = frozenset({"softcap", "bias"})
 
     def device_types_now(self) -> frozenset:
         return self.device_types | ({"cpu"} if _interpreting() else set())
