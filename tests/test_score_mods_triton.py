@@ -56,7 +56,8 @@ def test_interpreter_runs():
     proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x",
                            "-p", "no:cacheprovider"], cwd=root, env=env, capture_output=True,
                           text=True, timeout=900)
-    assert proc.returncode == 0, "interpreter run failed:\n" + proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, ("interpreter run failed:\n" + proc.stdout[-6000:]
+                                  + proc.stderr[-3000:])
     assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 
@@ -126,7 +127,8 @@ def test_forward_backward_dbias(device, case, mods, dtype):
     grads = [g.detach().cpu() for g in torch.autograd.grad(out, wrt, dout.to(device))]
     out, lse = out.detach().cpu(), lse.detach().cpu()
     q, k, v = (t.detach().cpu() for t in (q, k, v))
-    cpu_kw = {n: (x.detach().cpu() if isinstance(x, torch.Tensor) else x) for n, x in mod_kw.items()}
+    cpu_kw = {n: (x.detach().cpu() if isinstance(x, torch.Tensor) else x)
+              for n, x in mod_kw.items()}
     p, _ = plan(q, k, v, **{n: (x.cpu() if isinstance(x, torch.Tensor) else x)
                             for n, x in pattern.items()}, **cpu_kw)
     kwargs = p.reference_kwargs()
@@ -220,7 +222,8 @@ def test_public_api_with_sinks_and_autograd(device):
 
 
 def _int8_quality(out, ref):
-    cos = torch.nn.functional.cosine_similarity(out.double().flatten(), ref.double().flatten(), dim=0)
+    cos = torch.nn.functional.cosine_similarity(out.double().flatten(), ref.double().flatten(),
+                                                dim=0)
     rel_l1 = (out.double() - ref.double()).abs().sum() / ref.double().abs().sum()
     return float(cos), float(rel_l1)
 

@@ -57,9 +57,9 @@ def online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE: tl.constexpr, MASKED: tl
 
 
 @triton.jit
-def key_tiles(acc, m_i, l_i, q, qs, qshift, r, row_ok, n_from, n_to, lo, hi, b, k_base, v_base, sk_n, sv_n,
-              FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV, scale_log2,
-              bias_h, Nk, n_off, softcap2,
+def key_tiles(acc, m_i, l_i, q, qs, qshift, r, row_ok, n_from, n_to, lo, hi, b, k_base, v_base,
+              sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV,
+              scale_log2, bias_h, Nk, n_off, softcap2,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_LM: tl.constexpr,
               HAS_PAD: tl.constexpr, LM_MODE: tl.constexpr, MASKED: tl.constexpr,
@@ -89,8 +89,8 @@ def key_tiles(acc, m_i, l_i, q, qs, qshift, r, row_ok, n_from, n_to, lo, hi, b, 
                     mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
         v = tl.load(v_base + j[:, None].to(tl.int64) * sv_n + dv[None, :],
                     mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        s = scores(q, k, qs, qshift, KS, ks_base, r, j, kv_ok, k_block, scale_log2, bias_h, Nk, n_off,
-                   softcap2, IEEE, QUANT, SOFTCAP, HAS_BIAS)
+        s = scores(q, k, qs, qshift, KS, ks_base, r, j, kv_ok, k_block, scale_log2, bias_h, Nk,
+                   n_off, softcap2, IEEE, QUANT, SOFTCAP, HAS_BIAS)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE, MASKED)
     return acc, m_i, l_i
 
@@ -101,7 +101,8 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD, BIAS,
                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
                 lm_sb, fl_sb, pad_sb, bias_sh, softcap2,
                 Hq, Nq, Nk, D, DV, G, left, right, scale_log2,
-                QS, KS, QSHIFT, q_block, k_block, n_qblocks, n_kblocks, WS, WS_ML, split_len, n_splits,
+                QS, KS, QSHIFT, q_block, k_block, n_qblocks, n_kblocks, WS, WS_ML, split_len,
+                n_splits,
                 GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr,
                 LM_MODE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
@@ -157,7 +158,8 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD, BIAS,
         # Tiles [a, c) are visible to every row of the tile: no mask (none with padding).
         a, c = interior_tiles(r0, r1, lo, hi, start, left, right, BLOCK_N, CAUSAL, HAS_PAD)
         acc, m_i, l_i = key_tiles(
-            acc, m_i, l_i, q, qs, qshift, r, row_ok, start, a, lo, hi, b, k_base, v_base, sk_n, sv_n,
+            acc, m_i, l_i, q, qs, qshift, r, row_ok, start, a, lo, hi, b, k_base, v_base, sk_n,
+            sv_n,
             FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV, scale_log2,
             bias_h, Nk, n_off, softcap2, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM,
             HAS_PAD, False, True, IEEE, QUANT, SOFTCAP, HAS_BIAS)
@@ -185,8 +187,8 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD, BIAS,
                         mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
             v = tl.load(v_base + j[:, None] * sv_n + dv[None, :],
                         mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
-            s = scores(q, k, qs, qshift, KS, ks_base, r, j, col_ok, k_block, scale_log2, bias_h, Nk,
-                       n_off, softcap2, IEEE, QUANT, SOFTCAP, HAS_BIAS)
+            s = scores(q, k, qs, qshift, KS, ks_base, r, j, col_ok, k_block, scale_log2, bias_h,
+                       Nk, n_off, softcap2, IEEE, QUANT, SOFTCAP, HAS_BIAS)
             acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE)
 
     if SPLIT:
