@@ -196,7 +196,9 @@ def test_int8_accuracy(device, dtype):
             from hybrid_kernels.quant import int8_reference
         except ImportError:
             continue
-        emu, _ = int8_reference(q.to(dtype), k.to(dtype), v.to(dtype), **ref_kwargs(pattern, q, k),
+        kw = ref_kwargs(pattern, q, k)
+        assert kw.pop("softcap") == 0.0 and kw.pop("bias") is None  # no score modifiers here
+        emu, _ = int8_reference(q.to(dtype), k.to(dtype), v.to(dtype), **kw,
                                 pv_dtype=torch.float64)
         _, emu_l1 = _int8_quality(emu.float(), ref)
         assert rel_l1 <= 2 * emu_l1 + 1e-3, (pattern, rel_l1, emu_l1)

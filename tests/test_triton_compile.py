@@ -81,6 +81,13 @@ def test_kernels_compile_for_sm90():
     launches = _captured_launches(lambda: backend.forward(q, k, v, pattern, None))
     launches += _captured_launches(lambda: backend.backward(q, q, k, v, out, lse, pattern))
     launches += _captured_launches(lambda: backend.forward(q, k, v, pattern, "int8")[0])
+    # score modifiers (SOFTCAP, HAS_BIAS, and BIAS_GRAD's atomic adds into dbias)
+    mods, _ = plan(q, k, v, window=(256, 0), landmarks=16, causal=True, softcap=30.0,
+                   position_bias=torch.zeros(Hq, 2 * N - 1))
+    launches += _captured_launches(lambda: backend.forward(q, k, v, mods, None))
+    launches += _captured_launches(lambda: backend.backward(q, q, k, v, out, lse, mods,
+                                                            bias_grad=True))
+    launches += _captured_launches(lambda: backend.forward(q, k, v, mods, "int8")[0])
     seen = set()
     for kernel, args, kwargs in launches:
         jit = kernel.fn if hasattr(kernel, "configs") else kernel
@@ -92,4 +99,4 @@ def test_kernels_compile_for_sm90():
         assert compiled.asm.get("cubin"), key
     names = {name for name, _ in seen}
     assert names == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_quantize_kernel"}
-    assert len(seen) >= 9  # regular + split landmark launches, fp16 and int8
+    assert len(seen) >= 17  # regular + split landmark launches, fp16, int8, score modifiers

@@ -47,6 +47,8 @@ class TritonBackend(Backend):
     device_types = frozenset({"cuda"})
     quants = frozenset({None, "int8"})
     supports_backward = True
+    score_mods = frozenset({"softcap", "bias"})
+    int8_score_mods = frozenset({"softcap", "bias"})
 
     def device_types_now(self) -> frozenset:
         return self.device_types | ({"cpu"} if _interpreting() else set())
@@ -90,9 +92,14 @@ class TritonBackend(Backend):
         dq = new_output(q.shape, q.dtype, q.device)
         dk = new_output(k.shape, k.dtype, q.device)
         dv = new_output(v.shape, v.dtype, q.device)
+        dbias = None
+        if bias_grad and pattern.bias is not None:
+            Nq, Nk = q.shape[2], k.shape[2]
+            dbias = torch.zeros((q.shape[1], Nq + Nk - 1), dtype=torch.float32, device=q.device)
         with _on_device(q):
-            kern.backward.attention_backward(dout, q, k, v, out, lse, pattern, dq, dk, dv)
-        return dq, dk, dv, None
+            kern.backward.attention_backward(dout, q, k, v, out, lse, pattern, dq, dk, dv,
+                                             dbias=dbias)
+        return dq, dk, dv, dbias
 
 
 def _on_device(t: Tensor):

@@ -11,8 +11,8 @@ import sys
 
 from .configs import interpreting
 
-_SUBMODULES = ("configs", "masking", "pattern_args", "splits", "quantize", "forward", "backward",
-               "int8")
+_SUBMODULES = ("configs", "masking", "modifiers", "pattern_args", "splits", "quantize", "forward",
+               "backward", "int8")
 _built_for = None
 
 

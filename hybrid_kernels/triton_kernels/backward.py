@@ -1,4 +1,6 @@
-"""Backward (dQ, dK, dV) by recomputation from the saved LSE; deterministic (no atomics).
+"""Backward (dQ, dK, dV, and dbias when asked) by recomputation from the saved LSE. dQ, dK, dV are
+deterministic (no atomics); dbias is summed with atomic adds in the dQ pass, so its low bits may
+vary from run to run.
 
 * dQ: query-tile-major, the same key sets as the forward (window band + gathered landmark keys;
   landmark query rows in a second LM_MODE launch over every key, overwriting those rows).
@@ -20,6 +22,7 @@ from .configs import (PATTERN_KEYS, backward_configs, dot_precision, landmark_ke
 from .forward import LOG2E, last_dim_contiguous
 from .masking import (dot, interior_query_tiles, interior_tiles, landmark_visible, query_band,
                       query_rows, to_dtype, visible, window_band)
+from .modifiers import add_bias_grad, modify_scores
 from .pattern_args import pattern_args
 from .splits import scatter_split_sums
 
@@ -39,25 +42,40 @@ def load_query_side(q_base, do_base, LSE, DELTA, row_base, i, row_ok, d, dv, sq_
 
 
 @triton.jit
-def probabilities(q, k, lse2, vis, scale_log2, IEEE: tl.constexpr):
+def probabilities(q, k, lse2, vis, scale_log2, r, j, bias_h, Nk, n_off, softcap2,
+                  IEEE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """P of the modified scores, and d(capped)/d(raw score) (1 without softcap)."""
     s = dot(q, tl.trans(k), IEEE) * scale_log2
-    return tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+    s, dcap = modify_scores(s, r, j, bias_h, Nk, n_off, softcap2, SOFTCAP, HAS_BIAS)
+    return tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0), dcap
 
 
 @triton.jit
-def dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, IEEE: tl.constexpr):
-    p = probabilities(q, k, lse2, vis, scale_log2, IEEE)
+def dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, r, j, bias_h, dbias_h, bias_rows, Nk,
+            n_off, softcap2, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+            BIAS_GRAD: tl.constexpr):
+    """dQ of one key block; BIAS_GRAD: also dS into dbias, for the rows of bias_rows."""
+    p, dcap = probabilities(q, k, lse2, vis, scale_log2, r, j, bias_h, Nk, n_off, softcap2,
+                            IEEE, SOFTCAP, HAS_BIAS)
     dp = dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
+    if BIAS_GRAD:
+        add_bias_grad(dbias_h, ds, r, j, Nk, n_off, vis & bias_rows[:, None])
+    if SOFTCAP:
+        ds = ds * dcap
     return dq + dot(to_dtype(ds, k.dtype, IEEE), k, IEEE)
 
 
 @triton.jit
-def dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE: tl.constexpr):
-    p = probabilities(q, k, lse2, vis, scale_log2, IEEE)
+def dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, r, j, bias_h, Nk, n_off,
+              softcap2, IEEE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    p, dcap = probabilities(q, k, lse2, vis, scale_log2, r, j, bias_h, Nk, n_off, softcap2,
+                            IEEE, SOFTCAP, HAS_BIAS)
     dv = dv + dot(tl.trans(to_dtype(p, do.dtype, IEEE)), do, IEEE)
     dp = dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * dcap
     dk = dk + dot(tl.trans(to_dtype(ds, q.dtype, IEEE)), q, IEEE)
     return dk, dv
 
@@ -65,10 +83,12 @@ def dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE: tl.conste
 @triton.jit
 def dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, n_from, n_to, lo, hi, b, k_base, v_base,
                  sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, left, right, D, DV, scale_log2,
+                 bias_h, dbias_h, bias_rows, Nk, n_off, softcap2,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_LM: tl.constexpr,
                  HAS_PAD: tl.constexpr, LM_MODE: tl.constexpr, MASKED: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 IEEE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BIAS_GRAD: tl.constexpr):
     """dQ over the key tiles n_from, n_from + BLOCK_N, ... < n_to (keys clipped to [lo, hi));
     MASKED=False: every pair is visible."""
     d = tl.arange(0, BLOCK_D)
@@ -93,17 +113,19 @@ def dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, n_from, n_to, lo, hi, b, k_b
                     mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
         v = tl.load(v_base + j[:, None].to(tl.int64) * sv_n + dvr[None, :],
                     mask=kv_ok[:, None] & (dvr[None, :] < DV), other=0.0)
-        dq = dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
+        dq = dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, r, j, bias_h, dbias_h,
+                     bias_rows, Nk, n_off, softcap2, IEEE, SOFTCAP, HAS_BIAS, BIAS_GRAD)
     return dq
 
 
 @triton.jit
 def dkdv_query_tiles(dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE, DELTA,
                      row_base, m_from, m_to, i_lo, i_hi, off, Nk, FLAGS, fl_sb, b, sq_n, sdo_n,
-                     left, right, D, DV, scale_log2, BLOCK_M: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr, LM_MODE: tl.constexpr,
-                     MASKED: tl.constexpr, IEEE: tl.constexpr):
+                     left, right, D, DV, scale_log2, bias_h, n_off, softcap2,
+                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr,
+                     LM_MODE: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+                     SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr):
     """dK, dV of one key tile over the query tiles m_from, m_from + BLOCK_M, ... < m_to (rows
     clipped to [i_lo, i_hi)); MASKED=False: every pair is visible."""
     d = tl.arange(0, BLOCK_D)
@@ -127,20 +149,25 @@ def dkdv_query_tiles(dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE
             vis = row_ok[:, None] & col_ok[None, :]
         q, do, lse2, delta = load_query_side(q_base, do_base, LSE, DELTA, row_base, i,
                                              row_ok, d, dvr, sq_n, sdo_n, D, DV)
-        dk, dv = dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
+        dk, dv = dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, r, j, bias_h, Nk,
+                           n_off, softcap2, IEEE, SOFTCAP, HAS_BIAS)
     return dk, dv
 
 
-@triton.autotune(configs=backward_configs(), key=PATTERN_KEYS + ["SPLIT"])
+# restore_value: the autotuner's benchmark runs must not add into dbias (the atomic adds of the
+# chosen config's run accumulate onto what the previous launches left there).
+@triton.autotune(configs=backward_configs(), key=PATTERN_KEYS + ["SPLIT", "BIAS_GRAD"],
+                 restore_value=["DBIAS"])
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD, BIAS, DBIAS,
                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                    sdo_b, sdo_h, sdo_n, sdq_b, sdq_h, sdq_n,
-                   lm_sb, fl_sb, pad_sb,
+                   lm_sb, fl_sb, pad_sb, bias_sh, softcap2,
                    Hq, Nq, Nk, D, DV, G, left, right, scale, scale_log2, WS, split_len, n_splits,
                    GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr,
                    LM_MODE: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+                   SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     split = 0
@@ -163,6 +190,15 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
         DO + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h,
         LSE, DELTA, bh.to(tl.int64) * Nq, i, row_ok, d, dvr, sq_n, sdo_n, D, DV)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    bias_h = BIAS + h.to(tl.int64) * bias_sh
+    dbias_h = DBIAS + h.to(tl.int64) * bias_sh
+    n_off = Nq + Nk - 1
+    # dbias takes each visible pair once: landmark query rows only from the LM_MODE launch
+    # (the regular launch computes them too, for dQ rows that LM_MODE then overwrites).
+    bias_rows = row_ok
+    if BIAS_GRAD and HAS_LM and not LM_MODE:
+        row_lm = tl.load(FLAGS + b * fl_sb + r, mask=row_ok & (r >= 0) & (r < Nk), other=0)
+        bias_rows = row_ok & (row_lm == 0)
 
     if LM_MODE:
         lo = split * split_len
@@ -171,8 +207,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
             hi = tl.minimum(tl.max(tl.where(row_ok, r, -1), 0) + 1, hi)
         dq = dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, lo, hi, lo, hi, b, k_base, v_base,
                           sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, left, right, D, DV, scale_log2,
+                          bias_h, dbias_h, bias_rows, Nk, n_off, softcap2,
                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
-                          True, True, IEEE)
+                          True, True, IEEE, SOFTCAP, HAS_BIAS, BIAS_GRAD)
     else:
         r0 = pid_m * BLOCK_M + off
         r1 = tl.minimum(r0 + BLOCK_M, Nq + off)
@@ -181,16 +218,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
         a, c = interior_tiles(r0, r1, lo, hi, start, left, right, BLOCK_N, CAUSAL, HAS_PAD)
         dq = dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, start, a, lo, hi, b, k_base, v_base,
                           sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, left, right, D, DV, scale_log2,
+                          bias_h, dbias_h, bias_rows, Nk, n_off, softcap2,
                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
-                          False, True, IEEE)
+                          False, True, IEEE, SOFTCAP, HAS_BIAS, BIAS_GRAD)
         dq = dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, a, c, lo, hi, b, k_base, v_base,
                           sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, left, right, D, DV, scale_log2,
+                          bias_h, dbias_h, bias_rows, Nk, n_off, softcap2,
                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
-                          False, False, IEEE)
+                          False, False, IEEE, SOFTCAP, HAS_BIAS, BIAS_GRAD)
         dq = dq_key_tiles(dq, q, do, lse2, delta, r, row_ok, c, hi, lo, hi, b, k_base, v_base,
                           sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, left, right, D, DV, scale_log2,
+                          bias_h, dbias_h, bias_rows, Nk, n_off, softcap2,
                           BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
-                          False, True, IEEE)
+                          False, True, IEEE, SOFTCAP, HAS_BIAS, BIAS_GRAD)
 
     if HAS_LM and not LM_MODE:
         for g0 in range(0, G, BLOCK_N):
@@ -204,7 +244,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
                         mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
             v = tl.load(v_base + j[:, None] * sv_n + dvr[None, :],
                         mask=kv_ok[:, None] & (dvr[None, :] < DV), other=0.0)
-            dq = dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
+            dq = dq_step(dq, q, do, lse2, delta, k, v, vis, scale_log2, r, j, bias_h, dbias_h,
+                         bias_rows, Nk, n_off, softcap2, IEEE, SOFTCAP, HAS_BIAS, BIAS_GRAD)
 
     if SPLIT:  # partial sum of this key split; summed in order by splits.py
         g = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -219,15 +260,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD,
 
 @triton.autotune(configs=backward_configs(), key=PATTERN_KEYS + ["SPLIT"])
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD, BIAS,
                      sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                      sdo_b, sdo_h, sdo_n, sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n,
-                     lm_sb, fl_sb, pad_sb,
+                     lm_sb, fl_sb, pad_sb, bias_sh, softcap2,
                      Hk, Nq, Nk, D, DV, G, left, right, scale, scale_log2, WS, WS_V, split_len,
                      n_splits,
                      GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr,
                      LM_MODE: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+                     SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     split = 0
@@ -273,29 +315,30 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD,
         q_base = Q + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
         do_base = DO + b.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h
         row_base = (b * Hq + h).to(tl.int64) * Nq
+        bias_h = BIAS + h.to(tl.int64) * bias_sh
         m_start = (i_lo // BLOCK_M) * BLOCK_M
         if LM_MODE:
             dk, dv = dkdv_query_tiles(
                 dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE, DELTA, row_base,
                 m_start, i_hi, i_lo, i_hi, off, Nk, FLAGS, fl_sb, b, sq_n, sdo_n, left, right,
-                D, DV, scale_log2, BLOCK_M, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
-                True, True, IEEE)
+                D, DV, scale_log2, bias_h, Nq + Nk - 1, softcap2, BLOCK_M, BLOCK_D, BLOCK_DV,
+                CAUSAL, HAS_LM, HAS_PAD, True, True, IEEE, SOFTCAP, HAS_BIAS)
         else:
             dk, dv = dkdv_query_tiles(
                 dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE, DELTA, row_base,
                 m_start, a, i_lo, i_hi, off, Nk, FLAGS, fl_sb, b, sq_n, sdo_n, left, right,
-                D, DV, scale_log2, BLOCK_M, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
-                False, True, IEEE)
+                D, DV, scale_log2, bias_h, Nq + Nk - 1, softcap2, BLOCK_M, BLOCK_D, BLOCK_DV,
+                CAUSAL, HAS_LM, HAS_PAD, False, True, IEEE, SOFTCAP, HAS_BIAS)
             dk, dv = dkdv_query_tiles(
                 dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE, DELTA, row_base,
                 a, c, i_lo, i_hi, off, Nk, FLAGS, fl_sb, b, sq_n, sdo_n, left, right,
-                D, DV, scale_log2, BLOCK_M, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
-                False, False, IEEE)
+                D, DV, scale_log2, bias_h, Nq + Nk - 1, softcap2, BLOCK_M, BLOCK_D, BLOCK_DV,
+                CAUSAL, HAS_LM, HAS_PAD, False, False, IEEE, SOFTCAP, HAS_BIAS)
             dk, dv = dkdv_query_tiles(
                 dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE, DELTA, row_base,
                 c, i_hi, i_lo, i_hi, off, Nk, FLAGS, fl_sb, b, sq_n, sdo_n, left, right,
-                D, DV, scale_log2, BLOCK_M, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD,
-                False, True, IEEE)
+                D, DV, scale_log2, bias_h, Nq + Nk - 1, softcap2, BLOCK_M, BLOCK_D, BLOCK_DV,
+                CAUSAL, HAS_LM, HAS_PAD, False, True, IEEE, SOFTCAP, HAS_BIAS)
         if HAS_LM and not LM_MODE:
             # Landmark query rows outside the inverse band see these keys too.
             for g0 in range(0, G, BLOCK_M):
@@ -306,7 +349,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD,
                 vis = landmark_visible(pos, j, row_ok, col_ok, real, CAUSAL, HAS_PAD)
                 q, do, lse2, delta = load_query_side(q_base, do_base, LSE, DELTA, row_base, i,
                                                      row_ok, d, dvr, sq_n, sdo_n, D, DV)
-                dk, dv = dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, IEEE)
+                dk, dv = dkdv_step(dk, dv, q, do, lse2, delta, k, v, vis, scale_log2, pos, j,
+                                   bias_h, Nk, Nq + Nk - 1, softcap2, IEEE, SOFTCAP, HAS_BIAS)
 
     if SPLIT:  # partial sums of this query split; summed in order by splits.py
         ws_row = (bh.to(tl.int64) * n_splits + split) * G + g
@@ -324,8 +368,10 @@ def _s3(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def attention_backward(dout, q, k, v, out, lse, pattern, dq, dk, dv):
-    """Fill dq, dk, dv (same shapes and dtypes as q, k, v; last dim contiguous)."""
+def attention_backward(dout, q, k, v, out, lse, pattern, dq, dk, dv, dbias=None):
+    """Fill dq, dk, dv (same shapes and dtypes as q, k, v; last dim contiguous) and, when given,
+    dbias (Hq, Nq + Nk - 1) fp32 contiguous zeros, with the gradient of pattern.bias (sum of dS
+    over the batch and the visible pairs of each offset; atomic adds, so not bit-deterministic)."""
     q, k, v, dout = (last_dim_contiguous(t) for t in (q, k, v, dout))
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -334,16 +380,18 @@ def attention_backward(dout, q, k, v, out, lse, pattern, dq, dk, dv):
     pa = pattern_args(pattern, Nq, Nk, q.device)
     meta = dict(GROUPS=Hq // Hk, BLOCK_D=padded_head_dim(D), BLOCK_DV=padded_head_dim(Dv),
                 CAUSAL=pa.causal, HAS_LM=pa.has_landmarks, HAS_PAD=pa.has_padding,
-                IEEE=dot_precision(q.dtype))
-    tail = (pa.lm_sb, pa.flags_sb, pa.padding_sb)
+                IEEE=dot_precision(q.dtype), SOFTCAP=pa.has_softcap, HAS_BIAS=pa.has_bias)
+    bias_grad = dbias is not None and pa.has_bias
+    tail = (pa.lm_sb, pa.flags_sb, pa.padding_sb, pa.bias_sh, pa.softcap2)
     common = (Nq, Nk, D, Dv, pa.num_landmarks, pa.left, pa.right, pa.scale, pa.scale * LOG2E)
     G = pa.num_landmarks
-    dq_args = (q, k, v, dout, lse, delta, dq, pa.landmarks, pa.flags, pa.padding,
+    dq_args = (q, k, v, dout, lse, delta, dq, pa.landmarks, pa.flags, pa.padding, pa.bias,
+               dbias if bias_grad else pa.bias,
                *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dq), *tail, Hq, *common)
-    kv_args = (q, k, v, dout, lse, delta, dk, dv, pa.landmarks, pa.flags, pa.padding,
+    kv_args = (q, k, v, dout, lse, delta, dk, dv, pa.landmarks, pa.flags, pa.padding, pa.bias,
                *_s3(q), *_s3(k), *_s3(v), *_s3(dout), *_s3(dk), *_s3(dv), *tail, Hk, *common)
     _bwd_dq_kernel[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)](
-        *dq_args, lse, Nk, 1, LM_MODE=False, SPLIT=False, **meta)
+        *dq_args, lse, Nk, 1, LM_MODE=False, SPLIT=False, BIAS_GRAD=bias_grad, **meta)
     _bwd_dkdv_kernel[lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * Hk)](
         *kv_args, lse, lse, Nq, 1, LM_MODE=False, SPLIT=False, **meta)
     if G == 0:
@@ -353,12 +401,13 @@ def attention_backward(dout, q, k, v, out, lse, pattern, dq, dk, dv):
     split_len, n_splits = landmark_key_splits(Nk, B * Hq)
     if n_splits == 1:
         _bwd_dq_kernel[lambda m: (triton.cdiv(G, m["BLOCK_M"]), B * Hq)](
-            *dq_args, lse, split_len, 1, LM_MODE=True, SPLIT=False, **meta)
+            *dq_args, lse, split_len, 1, LM_MODE=True, SPLIT=False, BIAS_GRAD=bias_grad, **meta)
     else:
         ws = torch.empty((B * Hq, n_splits, G, meta["BLOCK_D"]), dtype=torch.float32,
                          device=q.device)
         _bwd_dq_kernel[lambda m: (triton.cdiv(G, m["BLOCK_M"]) * n_splits, B * Hq)](
-            *dq_args, ws, split_len, n_splits, LM_MODE=True, SPLIT=True, **meta)
+            *dq_args, ws, split_len, n_splits, LM_MODE=True, SPLIT=True, BIAS_GRAD=bias_grad,
+            **meta)
         scatter_split_sums(ws, dq, pa.landmarks, Nk - Nq)
     split_len, n_splits = landmark_key_splits(Nq, B * Hk)
     if n_splits == 1:

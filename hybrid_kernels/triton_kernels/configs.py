@@ -11,7 +11,8 @@ import os
 import triton
 
 # Autotune keys shared by the attention kernels (constexpr arguments of every kernel).
-PATTERN_KEYS = ["BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_LM", "HAS_PAD", "LM_MODE"]
+PATTERN_KEYS = ["BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_LM", "HAS_PAD", "LM_MODE", "SOFTCAP",
+                "HAS_BIAS"]
 
 
 def interpreting() -> bool:

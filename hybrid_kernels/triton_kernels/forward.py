@@ -16,6 +16,7 @@ from .configs import (PATTERN_KEYS, dot_precision, forward_configs, landmark_key
                       padded_head_dim)
 from .masking import (dot, interior_tiles, landmark_visible, query_rows, to_dtype, visible,
                       window_band)
+from .modifiers import modify_scores
 from .pattern_args import pattern_args
 from .quantize import int8_scores
 from .splits import combine_splits, split_workspace
@@ -24,15 +25,21 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def scores(q, k, qs, KS, ks_base, j, col_ok, k_block, scale_log2, IEEE: tl.constexpr,
-           QUANT: tl.constexpr):
-    """scale * q.k in base 2 for one key block; QUANT: int8 q, k with per-block scales."""
+def scores(q, k, qs, qshift, KS, ks_base, r, j, col_ok, k_block, scale_log2, bias_h, Nk, n_off,
+           softcap2, IEEE: tl.constexpr, QUANT: tl.constexpr, SOFTCAP: tl.constexpr,
+           HAS_BIAS: tl.constexpr):
+    """The modified scores in base 2 for rows r and one key block j: scale * q.k, then the
+    score modifiers; QUANT: int8 q, k with per-block scales (k smoothed: q.(k - mean); under a
+    softcap the per-row shift qshift = scale * log2(e) * q.mean is added back before the cap)."""
     if QUANT:
         ks = tl.load(KS + ks_base + j // k_block, mask=col_ok, other=0.0)
-        s = int8_scores(q, k, qs, ks)
+        s = int8_scores(q, k, qs, ks) * scale_log2
+        if SOFTCAP:
+            s = s + qshift[:, None]
     else:
-        s = dot(q, tl.trans(k), IEEE)
-    return s * scale_log2
+        s = dot(q, tl.trans(k), IEEE) * scale_log2
+    s, _ = modify_scores(s, r, j, bias_h, Nk, n_off, softcap2, SOFTCAP, HAS_BIAS)
+    return s
 
 
 @triton.jit
@@ -50,12 +57,14 @@ def online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE: tl.constexpr, MASKED: tl
 
 
 @triton.jit
-def key_tiles(acc, m_i, l_i, q, qs, r, row_ok, n_from, n_to, lo, hi, b, k_base, v_base, sk_n, sv_n,
-              FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV, scale_log2,
+def key_tiles(acc, m_i, l_i, q, qs, qshift, r, row_ok, n_from, n_to, lo, hi, b, k_base, v_base,
+              sk_n, sv_n, FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV,
+              scale_log2, bias_h, Nk, n_off, softcap2,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr, HAS_LM: tl.constexpr,
               HAS_PAD: tl.constexpr, LM_MODE: tl.constexpr, MASKED: tl.constexpr,
-              IEEE: tl.constexpr, QUANT: tl.constexpr):
+              IEEE: tl.constexpr, QUANT: tl.constexpr, SOFTCAP: tl.constexpr,
+              HAS_BIAS: tl.constexpr):
     """Fold the key tiles starting at n_from, n_from + BLOCK_N, ... < n_to (keys clipped to
     [lo, hi)). MASKED=False: every pair of these tiles is visible (interior of the band)."""
     d = tl.arange(0, BLOCK_D)
@@ -80,22 +89,24 @@ def key_tiles(acc, m_i, l_i, q, qs, r, row_ok, n_from, n_to, lo, hi, b, k_base, 
                     mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
         v = tl.load(v_base + j[:, None].to(tl.int64) * sv_n + dv[None, :],
                     mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
-        s = scores(q, k, qs, KS, ks_base, j, kv_ok, k_block, scale_log2, IEEE, QUANT)
+        s = scores(q, k, qs, qshift, KS, ks_base, r, j, kv_ok, k_block, scale_log2, bias_h, Nk,
+                   n_off, softcap2, IEEE, QUANT, SOFTCAP, HAS_BIAS)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE, MASKED)
     return acc, m_i, l_i
 
 
 @triton.autotune(configs=forward_configs(), key=PATTERN_KEYS + ["QUANT", "SPLIT"])
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
+def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD, BIAS,
                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
-                lm_sb, fl_sb, pad_sb,
+                lm_sb, fl_sb, pad_sb, bias_sh, softcap2,
                 Hq, Nq, Nk, D, DV, G, left, right, scale_log2,
-                QS, KS, q_block, k_block, n_qblocks, n_kblocks, WS, WS_ML, split_len, n_splits,
+                QS, KS, QSHIFT, q_block, k_block, n_qblocks, n_kblocks, WS, WS_ML, split_len,
+                n_splits,
                 GROUPS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_LM: tl.constexpr, HAS_PAD: tl.constexpr,
                 LM_MODE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
-                SPLIT: tl.constexpr,
+                SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     split = 0
@@ -118,7 +129,13 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
     qs = tl.load(QS + bh.to(tl.int64) * n_qblocks + i // q_block, mask=row_ok,
                  other=0.0) if QUANT else 0.0
+    qshift = 0.0
+    if QUANT:
+        if SOFTCAP:
+            qshift = tl.load(QSHIFT + bh.to(tl.int64) * Nq + i, mask=row_ok, other=0.0)
     ks_base = (b * (Hq // GROUPS) + hk).to(tl.int64) * n_kblocks
+    bias_h = BIAS + h.to(tl.int64) * bias_sh
+    n_off = Nq + Nk - 1
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -129,9 +146,10 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
         if CAUSAL:
             hi = tl.minimum(tl.max(tl.where(row_ok, r, -1), 0) + 1, hi)
         acc, m_i, l_i = key_tiles(
-            acc, m_i, l_i, q, qs, r, row_ok, lo, hi, lo, hi, b, k_base, v_base, sk_n, sv_n,
+            acc, m_i, l_i, q, qs, qshift, r, row_ok, lo, hi, lo, hi, b, k_base, v_base, sk_n, sv_n,
             FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV, scale_log2,
-            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD, True, True, IEEE, QUANT)
+            bias_h, Nk, n_off, softcap2, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM,
+            HAS_PAD, True, True, IEEE, QUANT, SOFTCAP, HAS_BIAS)
     else:
         r0 = pid_m * BLOCK_M + off
         r1 = tl.minimum(r0 + BLOCK_M, Nq + off)
@@ -140,17 +158,21 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
         # Tiles [a, c) are visible to every row of the tile: no mask (none with padding).
         a, c = interior_tiles(r0, r1, lo, hi, start, left, right, BLOCK_N, CAUSAL, HAS_PAD)
         acc, m_i, l_i = key_tiles(
-            acc, m_i, l_i, q, qs, r, row_ok, start, a, lo, hi, b, k_base, v_base, sk_n, sv_n,
+            acc, m_i, l_i, q, qs, qshift, r, row_ok, start, a, lo, hi, b, k_base, v_base, sk_n,
+            sv_n,
             FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV, scale_log2,
-            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD, False, True, IEEE, QUANT)
+            bias_h, Nk, n_off, softcap2, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM,
+            HAS_PAD, False, True, IEEE, QUANT, SOFTCAP, HAS_BIAS)
         acc, m_i, l_i = key_tiles(
-            acc, m_i, l_i, q, qs, r, row_ok, a, c, lo, hi, b, k_base, v_base, sk_n, sv_n,
+            acc, m_i, l_i, q, qs, qshift, r, row_ok, a, c, lo, hi, b, k_base, v_base, sk_n, sv_n,
             FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV, scale_log2,
-            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD, False, False, IEEE, QUANT)
+            bias_h, Nk, n_off, softcap2, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM,
+            HAS_PAD, False, False, IEEE, QUANT, SOFTCAP, HAS_BIAS)
         acc, m_i, l_i = key_tiles(
-            acc, m_i, l_i, q, qs, r, row_ok, c, hi, lo, hi, b, k_base, v_base, sk_n, sv_n,
+            acc, m_i, l_i, q, qs, qshift, r, row_ok, c, hi, lo, hi, b, k_base, v_base, sk_n, sv_n,
             FLAGS, fl_sb, PAD, pad_sb, KS, ks_base, k_block, left, right, D, DV, scale_log2,
-            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM, HAS_PAD, False, True, IEEE, QUANT)
+            bias_h, Nk, n_off, softcap2, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, CAUSAL, HAS_LM,
+            HAS_PAD, False, True, IEEE, QUANT, SOFTCAP, HAS_BIAS)
 
     if HAS_LM and not LM_MODE:
         # Landmark keys outside the band, gathered by position.
@@ -165,7 +187,8 @@ def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD,
                         mask=kv_ok[:, None] & (d[None, :] < D), other=0.0)
             v = tl.load(v_base + j[:, None] * sv_n + dv[None, :],
                         mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
-            s = scores(q, k, qs, KS, ks_base, j, col_ok, k_block, scale_log2, IEEE, QUANT)
+            s = scores(q, k, qs, qshift, KS, ks_base, r, j, col_ok, k_block, scale_log2, bias_h,
+                       Nk, n_off, softcap2, IEEE, QUANT, SOFTCAP, HAS_BIAS)
             acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, vis, IEEE)
 
     if SPLIT:
@@ -194,26 +217,29 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def launch_forward(q, k, v, out, lse, pattern, quantized=None):
     """Launch the forward (regular mode, then LM_MODE when there are landmarks).
 
-    ``quantized``: None, or (q8, q_scale, k8, k_scale, q_block, k_block) from quantize.py, in
-    which case q and k are only used for shapes and v stays in its dtype."""
+    ``quantized``: None, or (q8, q_scale, k8, k_scale, q_block, k_block, q_shift) from
+    quantize.py and int8.py, in which case q and k are only used for shapes and v stays in its
+    dtype; q_shift (B, Hq, Nq) fp32 (base 2) is read under a softcap only."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     pa = pattern_args(pattern, Nq, Nk, q.device)
     if quantized is not None:
-        q8, q_scale, k8, k_scale, q_block, k_block = quantized
-        quant_args = (q_scale, k_scale, q_block, k_block, q_scale.shape[-1], k_scale.shape[-1])
+        q8, q_scale, k8, k_scale, q_block, k_block, q_shift = quantized
+        quant_args = (q_scale, k_scale, q_shift, q_block, k_block, q_scale.shape[-1],
+                      k_scale.shape[-1])
         q, k = q8, k8
     else:
-        quant_args = (lse, lse, 1, 1, 0, 0)  # unused
-    args = (q, k, v, out, lse, pa.landmarks, pa.flags, pa.padding,
+        quant_args = (lse, lse, lse, 1, 1, 0, 0)  # unused
+    args = (q, k, v, out, lse, pa.landmarks, pa.flags, pa.padding, pa.bias,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            pa.lm_sb, pa.flags_sb, pa.padding_sb,
+            pa.lm_sb, pa.flags_sb, pa.padding_sb, pa.bias_sh, pa.softcap2,
             Hq, Nq, Nk, D, Dv, pa.num_landmarks, pa.left, pa.right, pa.scale * LOG2E,
             *quant_args)
     meta = dict(GROUPS=Hq // Hk, BLOCK_D=padded_head_dim(D), BLOCK_DV=padded_head_dim(Dv),
                 CAUSAL=pa.causal, HAS_LM=pa.has_landmarks, HAS_PAD=pa.has_padding,
-                IEEE=dot_precision(v.dtype), QUANT=quantized is not None)
+                IEEE=dot_precision(v.dtype), QUANT=quantized is not None,
+                SOFTCAP=pa.has_softcap, HAS_BIAS=pa.has_bias)
     no_split = (lse, lse, Nk, 1)  # unused workspace arguments
     _fwd_kernel[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * Hq)](
         *args, *no_split, LM_MODE=False, SPLIT=False, **meta)

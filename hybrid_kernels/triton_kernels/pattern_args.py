@@ -1,4 +1,5 @@
-"""The pattern as kernel arguments: landmark positions and flags, padding, resolved window."""
+"""The pattern as kernel arguments: landmark positions and flags, padding, resolved window, and
+the score modifiers in the kernels' base-2 units (softcap and bias multiplied by log2(e))."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +8,8 @@ import torch
 from torch import Tensor
 
 from ..pattern import Pattern
+
+LOG2E = 1.4426950408889634
 
 
 @dataclass
@@ -22,6 +25,17 @@ class PatternArgs:
     flags_sb: int
     padding: Tensor     # (B, Nk) int8, 1 = real key; dummy when none
     padding_sb: int
+    softcap2: float     # softcap * log2(e); 0.0 = off
+    bias: Tensor        # (Hq, Nq + Nk - 1) fp32 contiguous, bias * log2(e); dummy when none
+    bias_sh: int        # head stride of bias (0 = none)
+
+    @property
+    def has_softcap(self) -> bool:
+        return self.softcap2 > 0
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias_sh > 0
 
     @property
     def has_landmarks(self) -> bool:
@@ -54,5 +68,12 @@ def pattern_args(pattern: Pattern, nq: int, nk: int, device: torch.device) -> Pa
         pad_args = dict(padding=pad, padding_sb=nk)
     else:
         pad_args = dict(padding=dummy8, padding_sb=0)
+    if pattern.bias is not None:
+        bias = (pattern.bias.to(device=device, dtype=torch.float32) * LOG2E).contiguous()
+        bias_args = dict(bias=bias, bias_sh=max(nq + nk - 1, 1))
+    else:
+        bias_args = dict(bias=torch.zeros(1, dtype=torch.float32, device=device), bias_sh=0)
+    softcap = float(pattern.softcap)
     return PatternArgs(left=left, right=right, causal=bool(pattern.causal),
-                       scale=float(pattern.scale), **lm_args, **pad_args)
+                       scale=float(pattern.scale), **lm_args, **pad_args,
+                       softcap2=softcap * LOG2E if softcap > 0 else 0.0, **bias_args)
