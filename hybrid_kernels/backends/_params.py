@@ -62,7 +62,11 @@ def fill_params(mod, params, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
     if pattern.softcap > 0:
         params.softcap = pattern.softcap
     if pattern.bias is not None:
-        params.bias = keep(pattern.bias.to(torch.float32).contiguous())
+        bias, want = pattern.bias, (Hq, max(Nq + Nk - 1, 0))
+        if tuple(bias.shape) != want:  # the kernels read exactly this many floats
+            raise ValueError(f"pattern.bias must have shape (Hq, Nq + Nk - 1) = {want}; "
+                             f"got {tuple(bias.shape)}")
+        params.bias = keep(bias.to(device=q.device, dtype=torch.float32).contiguous())
 
 
 def int8_forward_via(backend, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern):
