@@ -209,3 +209,56 @@ def test_int8_with_modifiers_is_refused():
     q = k = v = torch.randn(1, 2, 16, 32)
     with pytest.raises(Exception, match="softcap"):
         hk.attention(q, k, v, quant="int8", softcap=5.0, backend="cpu")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("softcap", [0.05, 50.0], ids=["saturated", "nearly_linear"])
+def test_softcap_extremes(monkeypatch, isa, softcap):
+    """A softcap far below the scores (tanh saturates: its exp underflows) and far above them
+    (tanh near its Taylor branch), forward and backward."""
+    _force(monkeypatch, isa)
+    case = Case("mods_softcap_extremes", B=1, Hq=4, Hk=2, Nq=70, Nk=90, D=48, window=(20, 5),
+                landmarks=6, causal=True)
+    q, k, v, pattern = case.make(torch.float32, requires_grad=True)
+    q2 = (4.0 * q).detach().requires_grad_(True)  # scores up to ~30: |s / c| up to ~600
+    out, lse = hk.attention(q2, k, v, **pattern, softcap=softcap, return_lse=True, backend="cpu")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    grads = torch.autograd.grad(out, (q2, k, v), dout)
+    kw = ref_kwargs(pattern, q2, k)
+    kw["softcap"] = softcap
+    for compute_dtype in (torch.float64, torch.float32):
+        qs, ks, vs = (t.detach().to(compute_dtype).requires_grad_(True) for t in (q2, k, v))
+        o, l = dense_reference(qs, ks, vs, compute_dtype=compute_dtype, **kw)
+        g = torch.autograd.grad(o, (qs, ks, vs), dout.to(compute_dtype))
+        if compute_dtype == torch.float64:
+            oracle = (o.detach(), l.detach()) + g
+        else:
+            baseline = (o.detach(), l.detach()) + g
+    for name, a, o, b in zip(("out", "lse", "dq", "dk", "dv"), (out.detach(), lse.detach()) + grads, oracle,
+                              baseline):
+        assert_matches_oracle(f"{isa} softcap={softcap} {name}", a, o, b, depth=case.D)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in {
+    "mods_odd_D59_gqa_window_lm_pad", "mods_decode_nq1_nk1025"}], ids=lambda c: c.id)
+def test_float16(case):
+    """fp16 inputs (converted to fp32 in the kernels) with both modifiers, forward and backward."""
+    grads, oracle, baseline = _grads(case, torch.float16, "both")
+    for name, g, g64, gb in zip(("dq", "dk", "dv", "dbias"), grads, oracle, baseline):
+        assert_matches_oracle(f"fp16 {name}", g, g64, gb, depth=case.D)
+    _check_forward(case, torch.float16, "both", "default")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_thread_counts_agree(monkeypatch, dtype):
+    """The forward with modifiers gives the same bits with 1, 2 and 3 threads (the blocked driver
+    with landmark rows and the decode path)."""
+    for case in (CASES[4], CASES[6]):
+        q, k, v, pattern = case.make(dtype)
+        mods = _mods("both", case)
+        outs = []
+        for n in ("1", "2", "3"):
+            monkeypatch.setenv("HYBRID_KERNELS_NUM_THREADS", n)
+            outs.append(hk.attention(q, k, v, **pattern, **mods, return_lse=True, backend="cpu"))
+        for o, l in outs[1:]:
+            assert torch.equal(o, outs[0][0]) and torch.equal(l, outs[0][1])
