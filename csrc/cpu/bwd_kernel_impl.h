@@ -137,7 +137,11 @@ static void softmax_ds_mods(const Ctx& c, const Tile& t, const Rows& rows, int64
       continue;
     }
     const int64_t o0 = nk1 - rows.r[x];  // offset index of key j: j + o0
-    if (bias != nullptr) {
+    // A whole contiguous tile reads its biases (and adds its dbias) in place: offsets
+    // t.keys[0] + o0 + jj; otherwise one key at a time through brow / dsr.
+    const bool direct = !t.gathered && t.nt == ncols;
+    const float* brow = direct && bias != nullptr ? bias + t.keys[0] + o0 : s.brow;
+    if (bias != nullptr && !direct) {
       for (int64_t jj = 0; jj < t.nt; ++jj) s.brow[jj] = bias[t.keys[jj] + o0];
       for (int64_t jj = t.nt; jj < ncols; ++jj) s.brow[jj] = 0.f;
     }
@@ -152,14 +156,19 @@ static void softmax_ds_mods(const Ctx& c, const Tile& t, const Rows& rows, int64
         sv = Vec::mul(vcap, th);
         fac = Vec::mul(vscale, Vec::sub(one, Vec::mul(th, th)));
       }
-      if (bias != nullptr) sv = Simd::add(sv, Vec::load(s.brow + j));
+      if (bias != nullptr) sv = Simd::add(sv, Vec::load(brow + j));
       const R pv = Vec::maskz(bits, Vec::exp(Simd::add(sv, neg_lse)));
       const R ds = Vec::maskz(bits, Vec::mul(pv, Vec::sub(Vec::load(dProw + j), delta)));
       Vec::store(Srow + j, pv);
-      Vec::store(s.dsr + j, ds);
+      if (direct && dbias != nullptr) {  // hidden pairs add +0
+        float* db = dbias + t.keys[0] + o0 + j;
+        Vec::store(db, Simd::add(Vec::load(db), ds));
+      } else {
+        Vec::store(s.dsr + j, ds);
+      }
       Vec::store(dProw + j, Vec::maskz(bits, Vec::mul(ds, fac)));
     }
-    if (dbias != nullptr)
+    if (dbias != nullptr && !direct)
       for (int64_t jj = 0; jj < t.nt; ++jj)
         if ((m >> jj) & 1) dbias[t.keys[jj] + o0] += s.dsr[jj];
   }
