@@ -18,6 +18,9 @@
 //       S = Q K^T, dP = dO V^T, P = exp(scale*S - lse) on visible pairs, dS = scale*P*(dP - Delta)
 //       dV_tile += P^T dO, dK_tile += dS^T Q, dQ_block += dS K
 //   then landmark query rows (which see every key) in batches of up to 64 rows over all tiles.
+// Score modifiers (softcap, offset bias) and dbias: the softmax step is then softmax_ds_mods,
+// for the fp32 and the bf16 products alike (never the AMX tile step); dbias partials live per
+// work unit and are summed in unit order at the end.
 // With fewer items than threads, an item's query blocks are split into ranges with private
 // dK/dV partials summed in a fixed order. Every summation order depends only on the shapes and
 // the thread count, so two runs are bit-identical.
