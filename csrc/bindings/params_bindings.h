@@ -58,7 +58,9 @@ inline void bind_params(py::module_& m) {
       .HK_PTR_PROP(AttnParams, landmark_flags, const uint8_t*)
       .def_readwrite("landmark_flags_batch_stride", &AttnParams::landmark_flags_batch_stride)
       .HK_PTR_PROP(AttnParams, key_padding, const uint8_t*)
-      .def_readwrite("num_threads", &AttnParams::num_threads);
+      .def_readwrite("num_threads", &AttnParams::num_threads)
+      .def_readwrite("softcap", &AttnParams::softcap)
+      .HK_PTR_PROP(AttnParams, bias, const float*);
 
   py::class_<AttnBwdParams>(m, "AttnBwdParams", py::module_local())
       .def(py::init<>())
@@ -71,7 +73,8 @@ inline void bind_params(py::module_& m) {
       .def_readwrite("grad_dtype", &AttnBwdParams::grad_dtype)
       .HK_PTR_PROP(AttnBwdParams, dq_lp, uint16_t*)
       .HK_PTR_PROP(AttnBwdParams, dk_lp, uint16_t*)
-      .HK_PTR_PROP(AttnBwdParams, dv_lp, uint16_t*);
+      .HK_PTR_PROP(AttnBwdParams, dv_lp, uint16_t*)
+      .HK_PTR_PROP(AttnBwdParams, dbias, float*);
 
   py::class_<AttnInt8Params>(m, "AttnInt8Params", py::module_local())
       .def(py::init<>())

@@ -46,6 +46,12 @@ struct AttnParams {
   // Key padding (B, Nk) uint8 contiguous, 1 = real token; nullptr = no padding.
   const uint8_t* key_padding = nullptr;
   int num_threads = 0;         // <= 0: OpenMP default
+  // Score modifiers, applied in this order to s = scale * q_i . k_j of every visible pair:
+  //   s = softcap * tanh(s / softcap)        if softcap > 0
+  //   s = s + bias[h, (j - r) + Nk - 1]      if bias != nullptr (r = i + Nk - Nq, h the q head)
+  // The lse written is that of the modified scores. (The int8 kernels take neither.)
+  float softcap = 0.f;         // <= 0: off
+  const float* bias = nullptr; // (Hq, Nq + Nk - 1) fp32 contiguous; nullptr = none
 };
 
 // Backward: reads q, k, v, o, lse (from AttnParams) and dout; writes fp32 gradients.
@@ -64,6 +70,10 @@ struct AttnBwdParams {
   uint16_t* dq_lp = nullptr;
   uint16_t* dk_lp = nullptr;
   uint16_t* dv_lp = nullptr;
+  // Gradient of fwd.bias: dbias[h, o] = sum over batches and visible pairs (i, j) with
+  // (j - r) + Nk - 1 = o of dS (before the softcap factor). (Hq, Nq + Nk - 1) fp32 contiguous,
+  // fully written by the kernel when non-null (also without fwd.bias: the gradient at bias = 0).
+  float* dbias = nullptr;
 };
 
 // INT8 forward (SageAttention-style): q/k quantized per block, by the caller (q8/k8 given) or by

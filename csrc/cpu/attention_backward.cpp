@@ -38,6 +38,7 @@ void validate(const AttnBwdParams& p) {
   require(f.dtype == DType::F32 || f.dtype == DType::BF16 || f.dtype == DType::F16,
           "dtype must be F32, BF16 or F16");
   require(std::isfinite(f.scale), "scale must be finite");
+  require(!std::isnan(f.softcap) && !std::isinf(f.softcap), "softcap must be finite");
   require(p.grad_dtype == DType::F32 || p.grad_dtype == DType::BF16 || p.grad_dtype == DType::F16,
           "grad_dtype must be F32, BF16 or F16");
   const bool lp = p.grad_dtype != DType::F32;
@@ -108,7 +109,10 @@ void attention_backward(const AttnBwdParams& p) {
   // changes the bf16 products; fp32 / fp16 inputs run the avx512 build.)
   const bool avx512 = isa == "amx" || isa == "avx512";
   const bool avx512_ok = cpu.avx512f && cpu.avx512bw && cpu.avx512vl && cpu.avx512bf16;
-  if (isa == "amx" && p.fwd.dtype == DType::BF16 && avx512_ok && cpu.amx_tile && cpu.amx_bf16) {
+  // Score modifiers are applied by one fp32 helper of the backward (bwd_kernel_impl.h) that the
+  // AMX tile step does not call: calls with them run the avx512 build.
+  if (isa == "amx" && p.fwd.dtype == DType::BF16 && avx512_ok && cpu.amx_tile && cpu.amx_bf16 &&
+      !has_score_mods(p)) {
     attention_backward_amx(p, nth);
   } else if (avx512 && avx512_ok) {
     attention_backward_avx512(p, nth);

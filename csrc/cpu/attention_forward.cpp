@@ -51,6 +51,7 @@ void validate(const AttnParams& p) {
   require(p.Nk < (int64_t(1) << 31), "Nk must be < 2^31");
   require(p.dtype == DType::F32 || p.dtype == DType::BF16 || p.dtype == DType::F16, "dtype is invalid");
   require(std::isfinite(p.scale), "scale must be finite");
+  require(!std::isnan(p.softcap) && !std::isinf(p.softcap), "softcap must be finite");
   check_strides(p.q_stride, "q_stride");
   check_strides(p.k_stride, "k_stride");
   check_strides(p.v_stride, "v_stride");
@@ -81,6 +82,8 @@ void attention_forward(const AttnParams& params) {
     p.landmarks = nullptr;
     p.landmark_flags = nullptr;
   }
+  if (!(p.softcap > 0.f)) p.softcap = 0.f;
+  const bool mods = p.softcap > 0.f || p.bias != nullptr;
   const std::string isa = selected_isa();
   if (decode_path_applies(p)) {
     if (isa == "amx" || isa == "avx512") {
@@ -92,8 +95,13 @@ void attention_forward(const AttnParams& params) {
     }
     return;
   }
-  if (isa == "amx") {
+  // The AMX bf16 core folds the scale into its own softmax and never holds the scores in the
+  // driver's units, so the score modifiers cannot be applied to its tiles: calls with a modifier
+  // take the avx512 kernels (same instruction set minus the tiles).
+  if (isa == "amx" && !mods) {
     attention_forward_amx(p);
+  } else if (isa == "amx") {
+    attention_forward_avx512(p);
   } else if (isa == "avx512") {
     attention_forward_avx512(p);
   } else if (isa == "avx2") {

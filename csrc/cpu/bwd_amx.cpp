@@ -32,7 +32,7 @@ namespace bwd_amx {
 }  // namespace bwd_amx
 
 void attention_backward_amx(const AttnBwdParams& p, int num_threads) {
-  if (bwd_amx::use_amx(p.fwd)) {
+  if (bwd_amx::use_amx(p.fwd) && !has_score_mods(p)) {
     bwd_amx::run(p, num_threads);
   } else {
     attention_backward_avx512(p, num_threads);

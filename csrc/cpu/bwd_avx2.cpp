@@ -27,6 +27,7 @@ struct Vec {
   static constexpr int MR = 6;     // 6 x 2 accumulators + 2 loads + 1 broadcast = 15 ymm
   static constexpr int NVMAX = 2;
   using R = __m256;
+  using Simd = VecAvx2;  // cpu/simd_common.h: tanh, add for the score modifiers
   static inline R zero() { return _mm256_setzero_ps(); }
   static inline R load(const float* p) { return _mm256_loadu_ps(p); }
   static inline void store(float* p, R v) { _mm256_storeu_ps(p, v); }

@@ -279,12 +279,43 @@ static void softmax_pack_bf16(int64_t mq, int64_t ncols, float scale, const Head
   }
 }
 
-// One q head's products for one tile (process_tile in bwd_kernel_impl.h computed the masks).
-static void tile_step_bf16(const Ctx& c, Tile& t, int64_t mq, int64_t ncols, HeadBlock& hb,
-                           Scratch& s) {
+// P and dS already in fp32 (S and dP, zero on hidden pairs, see softmax_ds_mods) into the bf16
+// operands, as softmax_pack_bf16 stores them.
+static void pack_p_ds_bf16(int64_t mq, int64_t ncols, Scratch& s) {
+  for (int64_t x0 = 0; x0 < mq; x0 += 2) {
+    const bool two = x0 + 1 < mq;
+    const float *S0 = s.S + x0 * kKeys, *dP0 = s.dP + x0 * kKeys;
+    uint32_t* pt = s.Pt + x0 / 2 * kKeys;
+    uint32_t* dst = s.dSt + x0 / 2 * kKeys;
+    uint16_t* dsb0 = reinterpret_cast<uint16_t*>(s.dSb + x0 * (kKeys / 2));
+    uint16_t* dsb1 = reinterpret_cast<uint16_t*>(s.dSb + (x0 + 1) * (kKeys / 2));
+    for (int64_t j = 0; j < ncols; j += 16) {
+      const __m512 p0 = _mm512_loadu_ps(S0 + j), ds0 = _mm512_loadu_ps(dP0 + j);
+      const __m512 p1 = two ? _mm512_loadu_ps(S0 + kKeys + j) : _mm512_setzero_ps();
+      const __m512 ds1 = two ? _mm512_loadu_ps(dP0 + kKeys + j) : _mm512_setzero_ps();
+      const __m512i pp = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // words 0-15: row x0, 16-31: x0+1
+      const __m512i dd = (__m512i)_mm512_cvtne2ps_pbh(ds1, ds0);
+      _mm512_storeu_si512(pt + j, interleave_halves(pp));
+      _mm512_storeu_si512(dst + j, interleave_halves(dd));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsb0 + j), _mm512_castsi512_si256(dd));
+      if (two)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsb1 + j), _mm512_extracti64x4_epi64(dd, 1));
+    }
+  }
+}
+
+// One q head's products for one tile (process_tile in bwd_kernel_impl.h computed the masks);
+// g: the head's index in the chunk, for the score modifiers.
+static void tile_step_bf16(const Ctx& c, Tile& t, const Rows& rows, int64_t g, int64_t mq,
+                           int64_t ncols, HeadBlock& hb, Scratch& s) {
   gemm_bf16<false>(mq, ncols, (c.D + 1) / 2, hb.Qb, c.Dp / 2, 1, t.Ktp, kKeys, s.S, kKeys);
   gemm_bf16<false>(mq, ncols, (c.Dv + 1) / 2, hb.dOb, c.Dvp / 2, 1, t.Vtp, kKeys, s.dP, kKeys);
-  softmax_pack_bf16(mq, ncols, c.p->fwd.scale, hb, s);
+  if (c.mods) {
+    softmax_ds_mods(c, t, rows, mq, ncols, g, hb, s);
+    pack_p_ds_bf16(mq, ncols, s);
+  } else {
+    softmax_pack_bf16(mq, ncols, c.p->fwd.scale, hb, s);
+  }
   const int64_t m2 = (mq + 1) / 2, n2 = (t.nt + 1) / 2;
   if (t.fresh) {  // first product into this tile: store instead of zero-fill + add
     gemm_bf16<false>(t.nt, c.Dvp, m2, s.Pt, 1, kKeys, hb.dOp, c.Dvp, t.dV, c.Dvp);  // P^T dO

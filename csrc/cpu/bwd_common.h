@@ -9,6 +9,16 @@
 namespace hk {
 namespace cpu {
 
+namespace {  // internal linkage: this header is compiled with different ISA flags
+
+// A call with score modifiers (or asking for dbias, the gradient at bias = 0 without a bias):
+// these run the avx512 / avx2 / scalar builds, never the AMX tile step.
+inline bool has_score_mods(const AttnBwdParams& p) {
+  return p.fwd.softcap > 0.f || p.fwd.bias != nullptr || p.dbias != nullptr;
+}
+
+}  // namespace
+
 // All expect validated parameters and num_threads >= 1; the amx one bf16 inputs (it hands shapes
 // its tiles cannot take to the avx512 build).
 void attention_backward_amx(const AttnBwdParams& p, int num_threads);

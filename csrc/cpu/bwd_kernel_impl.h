@@ -18,6 +18,9 @@
 //       S = Q K^T, dP = dO V^T, P = exp(scale*S - lse) on visible pairs, dS = scale*P*(dP - Delta)
 //       dV_tile += P^T dO, dK_tile += dS^T Q, dQ_block += dS K
 //   then landmark query rows (which see every key) in batches of up to 64 rows over all tiles.
+// Score modifiers (softcap, offset bias) and dbias: the softmax step is then softmax_ds_mods,
+// for the fp32 and the bf16 products alike (never the AMX tile step); dbias partials live per
+// work unit and are summed in unit order at the end.
 // With fewer items than threads, an item's query blocks are split into ranges with private
 // dK/dV partials summed in a fixed order. Every summation order depends only on the shapes and
 // the thread count, so two runs are bit-identical.
@@ -103,7 +106,76 @@ struct Scratch {
   // AMX A operands (bwd_amx_impl.h), only with Ctx::amx
   uint32_t* PtA = nullptr;   // 64 x 32: rows of P^T (keys), pairs of query rows
   uint32_t* dStA = nullptr;  // 64 x 32: rows of dS^T
+  // Score modifiers (softmax_ds_mods), only with Ctx::mods
+  float* brow = nullptr;  // 64: bias of one row's keys
+  float* dsr = nullptr;   // 64: one row's dS before the scale and the softcap factor
 };
+
+// The softmax step of a tile with score modifiers, shared by the fp32 and the bf16 tile steps.
+// In: S = Q K^T (unscaled) and dP = dO V^T on mq rows x ncols keys of tile t, for head g of the
+// chunk (Ctx::bias / dbias rows). With s = scale * S, the modified score
+//   s' = cap * tanh(s / cap) (cap > 0) + bias[g, (key - r) + Nk - 1],
+// P = exp(s' - lse) and dS = P * (dP - Delta) on the visible pairs:
+// Out: S = P, dP = dS * scale * (1 - tanh^2) (the gradient to s), both zero on hidden pairs, and
+// dS added to the head's dbias by offset (row by row in key order: deterministic).
+static void softmax_ds_mods(const Ctx& c, const Tile& t, const Rows& rows, int64_t mq,
+                            int64_t ncols, int64_t g, const HeadBlock& hb, Scratch& s) {
+  using R = typename Vec::R;
+  using Simd = typename Vec::Simd;
+  const int64_t lanes = Vec::W, nk1 = c.p->fwd.Nk - 1;
+  const uint64_t lane_all = lanes == 64 ? ~uint64_t(0) : ((uint64_t(1) << lanes) - 1);
+  const float scale = c.p->fwd.scale;
+  const bool capped = c.cap > 0.f;
+  const R vscale = Vec::set1(scale), one = Vec::set1(1.f);
+  const R vcap = Vec::set1(c.cap), vicap = Vec::set1(capped ? 1.f / c.cap : 0.f);
+  const float* bias = c.bias != nullptr ? c.bias + g * c.L : nullptr;
+  float* dbias = c.dbias != nullptr ? c.dbias + g * c.L : nullptr;
+  for (int64_t x = 0; x < mq; ++x) {
+    float* Srow = s.S + x * kKeys;
+    float* dProw = s.dP + x * kKeys;
+    const uint64_t m = s.mask[x];
+    if (m == 0) {
+      zero_f32(Srow, ncols);
+      zero_f32(dProw, ncols);
+      continue;
+    }
+    const int64_t o0 = nk1 - rows.r[x];  // offset index of key j: j + o0
+    // A whole contiguous tile reads its biases (and adds its dbias) in place: offsets
+    // t.keys[0] + o0 + jj; otherwise one key at a time through brow / dsr.
+    const bool direct = !t.gathered && t.nt == ncols;
+    const float* brow = direct && bias != nullptr ? bias + t.keys[0] + o0 : s.brow;
+    if (bias != nullptr && !direct) {
+      for (int64_t jj = 0; jj < t.nt; ++jj) s.brow[jj] = bias[t.keys[jj] + o0];
+      for (int64_t jj = t.nt; jj < ncols; ++jj) s.brow[jj] = 0.f;
+    }
+    const R neg_lse = Vec::set1(-hb.lse[x]);
+    const R delta = Vec::set1(hb.delta[x]);
+    for (int64_t j = 0; j < ncols; j += lanes) {
+      const unsigned bits = static_cast<unsigned>((m >> j) & lane_all);
+      R sv = Vec::mul(Vec::load(Srow + j), vscale);
+      R fac = vscale;
+      if (capped) {
+        const R th = Simd::tanh(Vec::mul(sv, vicap));
+        sv = Vec::mul(vcap, th);
+        fac = Vec::mul(vscale, Vec::sub(one, Vec::mul(th, th)));
+      }
+      if (bias != nullptr) sv = Simd::add(sv, Vec::load(brow + j));
+      const R pv = Vec::maskz(bits, Vec::exp(Simd::add(sv, neg_lse)));
+      const R ds = Vec::maskz(bits, Vec::mul(pv, Vec::sub(Vec::load(dProw + j), delta)));
+      Vec::store(Srow + j, pv);
+      if (direct && dbias != nullptr) {  // hidden pairs add +0
+        float* db = dbias + t.keys[0] + o0 + j;
+        Vec::store(db, Simd::add(Vec::load(db), ds));
+      } else {
+        Vec::store(s.dsr + j, ds);
+      }
+      Vec::store(dProw + j, Vec::maskz(bits, Vec::mul(ds, fac)));
+    }
+    if (dbias != nullptr && !direct)
+      for (int64_t jj = 0; jj < t.nt; ++jj)
+        if ((m >> jj) & 1) dbias[t.keys[jj] + o0] += s.dsr[jj];
+  }
+}
 
 #if defined(__AVX512BF16__)
 constexpr bool kBf16Dot = true;
@@ -112,7 +184,8 @@ constexpr bool kBf16Dot = true;
 constexpr bool kBf16Dot = false;
 static void pack_keys_bf16(const Ctx&, Tile&) {}
 static void pack_head_bf16(const Ctx&, const Rows&, HeadBlock&) {}
-static void tile_step_bf16(const Ctx&, Tile&, int64_t, int64_t, HeadBlock&, Scratch&) {}
+static void tile_step_bf16(const Ctx&, Tile&, const Rows&, int64_t, int64_t, int64_t, HeadBlock&,
+                           Scratch&) {}
 #endif
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
@@ -146,12 +219,13 @@ static void process_tile(const Ctx& c, Tile& t, const Rows& rows, RowMode mode, 
       continue;
     }
     if (c.bf16) {
-      tile_step_bf16(c, t, mq, ncols, hb, s);
+      tile_step_bf16(c, t, rows, g, mq, ncols, hb, s);
       continue;
     }
     gemm<false>(mq, ncols, c.D, hb.Q, c.Dp, 1, t.Kt, kKeys, s.S, kKeys);
     gemm<false>(mq, ncols, c.Dv, hb.dO, c.Dvp, 1, t.Vt, kKeys, s.dP, kKeys);
-    for (int64_t x = 0; x < mq; ++x) {
+    if (c.mods) softmax_ds_mods(c, t, rows, mq, ncols, g, hb, s);
+    for (int64_t x = 0; x < mq && !c.mods; ++x) {
       float* Srow = s.S + x * kKeys;
       float* dProw = s.dP + x * kKeys;
       const uint64_t m = s.mask[x];
@@ -228,7 +302,8 @@ static Layout make_layout(const AttnParams& f, int64_t Dp, int64_t Dvp) {
   if (bf16) L.head_floats += 2 * (kRows / 2 * Dp + kRows / 2 * Dvp);
   const int64_t heads = imin(f.Hq / f.Hk, 64);  // run_item handles the group 64 heads at a time
   L.floats = (L.ring + 1) * L.tile_floats + heads * L.head_floats + 2 * kRows * kKeys +
-             2 * kRows /* masks */ + round_up(Dvp, a) + (bf16 ? 3 * kRows * kKeys / 2 : 0) +
+             2 * kRows /* masks */ + 2 * kKeys /* brow, dsr */ + round_up(Dvp, a) +
+             (bf16 ? 3 * kRows * kKeys / 2 : 0) +
              (use_amx(f) ? 2 * kRows * kKeys / 2 : 0);
   L.bytes = round_up(L.floats * 4, 64);
   return L;
@@ -266,9 +341,11 @@ static Tile carve_tile(Arena& a, int64_t D, int64_t Dv, int64_t Dp, int64_t Dvp,
 // ------------------------------------------------------------------------- one work item
 // One unit of work: query blocks [blk0, blk1) of item (b, kv head hk), plus the landmark query
 // rows if `landmark_rows`; dK / dV go to dk / dv ((Nk, D) / (Nk, Dv), zeroed here).
+// With score modifiers, dbias ((Hq / Hk) rows of Nq + Nk - 1, zeroed here, or nullptr) gets this
+// unit's share of the dbias of the item's q heads.
 static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0, int64_t blk1,
-                     bool landmark_rows, float* dk, float* dv, const Layout& L, float* mem,
-                     Tile* ring) {
+                     bool landmark_rows, float* dk, float* dv, float* dbias, const Layout& L,
+                     float* mem, Tile* ring) {
   const AttnParams& f = p.fwd;
   Ctx c;
   c.p = &p;
@@ -287,7 +364,13 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
   c.dk = dk;
   c.dv = dv;
   c.bf16 = use_bf16_dot(f);
-  c.amx = use_amx(f);
+  c.mods = has_score_mods(p);
+  c.amx = use_amx(f) && !c.mods;
+  c.cap = f.softcap > 0.f ? f.softcap : 0.f;
+  c.L = f.Nq + f.Nk - 1;
+  c.bias = f.bias != nullptr ? f.bias + hk * c.group * c.L : nullptr;
+  c.dbias = dbias;
+  if (dbias != nullptr && c.L > 0) std::memset(dbias, 0, sizeof(float) * c.group * c.L);
 
   Arena a{mem};
   for (int64_t s = 0; s < L.ring; ++s) {
@@ -299,6 +382,8 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
   sc.S = a.take(kRows * kKeys);
   sc.dP = a.take(kRows * kKeys);
   sc.mask = reinterpret_cast<uint64_t*>(a.take(2 * kRows));
+  sc.brow = a.take(kKeys);
+  sc.dsr = a.take(kKeys);
   if (c.bf16) {
     sc.Pt = take_u32(a, kRows / 2 * kKeys);
     sc.dSt = take_u32(a, kRows / 2 * kKeys);
@@ -321,6 +406,8 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
     const int64_t ng = imin(64, c.group - g0);
     Ctx cg = c;
     cg.group = ng;
+    if (cg.bias != nullptr) cg.bias += g0 * c.L;
+    if (cg.dbias != nullptr) cg.dbias += g0 * c.L;
     Arena ha{head_mem};
     for (int64_t g = 0; g < ng; ++g) {
       HeadBlock& hb = heads[g];
@@ -445,7 +532,11 @@ static void round_kv_grads(const AttnBwdParams& p, int64_t it, int64_t j0, int64
 static void run(const AttnBwdParams& p, int num_threads) {
   const AttnParams& f = p.fwd;
   const int64_t items = f.B * f.Hk;
-  if (items == 0) return;
+  const int64_t nbias = f.Nq + f.Nk - 1, group = f.Hq / f.Hk;  // dbias: Hq rows of nbias
+  if (items == 0) {
+    if (p.dbias != nullptr && nbias > 0) std::memset(p.dbias, 0, sizeof(float) * f.Hq * nbias);
+    return;
+  }
   const int64_t Dp = round_up(f.D, 16), Dvp = round_up(f.Dv, 16);
   const Layout L = make_layout(f, Dp, Dvp);
   // Fewer (batch, kv head) items than threads: split each item's query blocks into `parts`
@@ -459,18 +550,25 @@ static void run(const AttnBwdParams& p, int num_threads) {
   const int64_t per_thread = L.bytes + ring_bytes;
   const int64_t kv_floats = f.Nk * (f.D + f.Dv);  // one item's dK and dV
   const int64_t partial_bytes = parts > 1 ? units * kv_floats * int64_t(sizeof(float)) : 0;
-  const int64_t total = per_thread * nth + round_up(partial_bytes, 64);
+  // dbias partials: one per work unit (units run in any order on any thread), summed in unit
+  // order at the end, so dbias depends only on the shapes and the thread count.
+  const bool want_dbias = p.dbias != nullptr && nbias > 0;
+  const int64_t dbias_unit = group * nbias;
+  const int64_t dbias_bytes = want_dbias ? units * dbias_unit * int64_t(sizeof(float)) : 0;
+  const int64_t total = per_thread * nth + round_up(partial_bytes, 64) + round_up(dbias_bytes, 64);
   // cpu/scratch_cache.h (included by the translation unit): reused across calls.
   void* mem = ::hk::cpu::scratch_alloc(static_cast<size_t>(total));
   std::memset(mem, 0, static_cast<size_t>(per_thread * nth));
   char* base = static_cast<char*>(mem);
   float* partial = reinterpret_cast<float*>(base + per_thread * nth);
+  float* dbias_parts = want_dbias
+      ? reinterpret_cast<float*>(base + per_thread * nth + round_up(partial_bytes, 64)) : nullptr;
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(nth)
 #endif
   {
     const ::hk::cpu::FlushDenormals ftz;  // cpu/fp_env.h, included by the translation unit
-    const AmxThreadScope amx(use_amx(f));
+    const AmxThreadScope amx(use_amx(f) && !has_score_mods(p));
 #if defined(_OPENMP)
     const int tid = omp_get_thread_num();
 #else
@@ -486,7 +584,7 @@ static void run(const AttnBwdParams& p, int num_threads) {
       float* dk = parts > 1 ? partial + u * kv_floats : p.dk + it * f.Nk * f.D;
       float* dv = parts > 1 ? dk + f.Nk * f.D : p.dv + it * f.Nk * f.Dv;
       run_item(p, it / f.Hk, it % f.Hk, part * blocks / parts, (part + 1) * blocks / parts,
-               part == 0, dk, dv, L, ws, ring);
+               part == 0, dk, dv, want_dbias ? dbias_parts + u * dbias_unit : nullptr, L, ws, ring);
       if (parts == 1) round_kv_grads(p, it, 0, f.Nk);
     }
     if (parts > 1) {
@@ -508,6 +606,25 @@ static void run(const AttnBwdParams& p, int num_threads) {
           for (int64_t e = j0 * f.Dv; e < j1 * f.Dv; ++e) dv[e] = part == 0 ? sv[e] : dv[e] + sv[e];
         }
         round_kv_grads(p, it, j0, j1);
+      }
+    }
+    if (want_dbias) {
+      // dbias[h] = sum over batches, then parts, of the units' partials (fixed order).
+      const int64_t chunk = 1024;
+      const int64_t ochunks = (nbias + chunk - 1) / chunk;
+#if defined(_OPENMP)
+#pragma omp for schedule(static)
+#endif
+      for (int64_t w = 0; w < f.Hq * ochunks; ++w) {
+        const int64_t h = w / ochunks, o0 = (w % ochunks) * chunk, o1 = imin(o0 + chunk, nbias);
+        const int64_t hk = h / group, g = h % group;
+        float* dst = p.dbias + h * nbias;
+        for (int64_t b = 0; b < f.B; ++b)
+          for (int64_t part = 0; part < parts; ++part) {
+            const float* src = dbias_parts + ((b * f.Hk + hk) * parts + part) * dbias_unit + g * nbias;
+            const bool first = b == 0 && part == 0;
+            for (int64_t o = o0; o < o1; ++o) dst[o] = first ? src[o] : dst[o] + src[o];
+          }
       }
     }
   }

@@ -24,6 +24,7 @@ struct Vec {
   static constexpr int MR = 4;
   static constexpr int NVMAX = 4;
   using R = float;
+  using Simd = VecScalar;  // cpu/simd_common.h: tanh, add for the score modifiers
   static inline R zero() { return 0.f; }
   static inline R load(const float* p) { return *p; }
   static inline void store(float* p, R v) { *p = v; }

@@ -47,6 +47,12 @@ struct Ctx {
   float* dv;                // (Nk, Dv)
   bool bf16 = false;        // bf16 inputs on an AVX-512 BF16 build: products on vdpbf16ps
   bool amx = false;         // bf16 on an AMX build, D and Dv multiples of 32: products on tiles
+  // Score modifiers (softmax_ds_mods in bwd_kernel_impl.h); mods also when only dbias is asked.
+  bool mods = false;
+  float cap = 0.f;              // softcap, 0: none
+  int64_t L = 0;                // Nq + Nk - 1: length of a bias / dbias row
+  const float* bias = nullptr;  // bias rows of the heads processed (group), nullptr: none
+  float* dbias = nullptr;       // their dbias accumulators (this work unit's), nullptr: none
 };
 
 static inline bool row_is_landmark(const Ctx& c, int64_t r) {

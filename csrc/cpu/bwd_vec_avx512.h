@@ -6,6 +6,7 @@ struct Vec {
   static constexpr int MR = 6;     // 6 x 4 accumulators = 24 of the 32 zmm registers
   static constexpr int NVMAX = 4;
   using R = __m512;
+  using Simd = VecAvx512;  // cpu/simd_common.h: tanh, add for the score modifiers
   static inline R zero() { return _mm512_setzero_ps(); }
   static inline R load(const float* p) { return _mm512_loadu_ps(p); }
   static inline void store(float* p, R v) { _mm512_storeu_ps(p, v); }

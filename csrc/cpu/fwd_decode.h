@@ -66,6 +66,12 @@ struct DecodeLoad<VecAvx512> {
 };
 #endif
 
+// Score modifiers of one query row (AttnParams::softcap / bias), in the log2 units of the scores.
+struct DecodeRowMods {
+  float cap = 0.f;               // softcap * log2(e); 0: none
+  const float* bias = nullptr;   // the row's bias by key: bias[j] * log2(e) is added; nullptr: none
+};
+
 // Keys seen by one aligned query row: band keys [lo, hi), then landmarks lm[0, ga) and lm[gb, gc).
 struct DecodeRowKeys {
   int64_t lo = 0, hi = 0;
@@ -229,10 +235,23 @@ struct DecodeKernel {
     *l_out = l;
   }
 
-  // Partial softmax of NR rows over keys idx[0, n): part[r] = {m, l, o[Dv]}.
+  // Score modifiers on one row's scores S[0, n) (keys idx), before the padding mask.
+  static void modify(const DecodeRowMods& rm, const int32_t* idx, int n, float* S) {
+    if (rm.cap > 0.f) {
+      const R c = V::set1(rm.cap), ic = V::set1(1.f / rm.cap);
+      int t = 0;
+      for (; t + W <= n; t += W) V::store(S + t, V::mul(c, V::tanh(V::mul(V::load(S + t), ic))));
+      for (; t < n; ++t) S[t] = rm.cap * VecScalar::tanh(S[t] * (1.f / rm.cap));
+    }
+    if (rm.bias)
+      for (int t = 0; t < n; ++t) S[t] += rm.bias[idx[t]] * kLog2e;
+  }
+
+  // Partial softmax of NR rows over keys idx[0, n): part[r] = {m, l, o[Dv]}; mods: per row, or
+  // nullptr without score modifiers.
   template <int NR>
   static void item(const AttnParams& p, const T* k, const T* v, const uint8_t* pad, const int32_t* idx,
-                   int n, DecodeScratch& s, float* const* part) {
+                   int n, DecodeScratch& s, float* const* part, const DecodeRowMods* mods) {
     float* S = s.S.get();
     if (n == 0) {
       for (int r = 0; r < NR; ++r) {
@@ -246,6 +265,7 @@ struct DecodeKernel {
     scores<NR>(s.q.get(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp.get());
     float* o[NR];
     for (int r = 0; r < NR; ++r) {
+      if (mods) modify(mods[r], idx, n, S + r * s.SP);
       softmax(S + r * s.SP, pad, idx, n, part[r], part[r] + 1);
       o[r] = part[r] + 2;
     }
@@ -361,6 +381,7 @@ class DecodeForward {
     std::unique_ptr<std::unique_ptr<DecodeScratch>[]> scratch(new std::unique_ptr<DecodeScratch>[nthreads]);
     for (int t = 0; t < nthreads; ++t) scratch[t].reset(new DecodeScratch(max_chunk, W, p));
     const float c = p.scale * kLog2e;
+    const float cap = p.softcap > 0.f ? p.softcap * kLog2e : 0.f;
     const int64_t items = ng * C;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -375,12 +396,17 @@ class DecodeForward {
         const int64_t t0 = std::min(n, ci * len), t1 = std::min(n, t0 + len);
         const int32_t* lm = p.num_landmarks > 0 ? p.landmarks + b * p.landmarks_batch_stride : nullptr;
         fill_keys(rk, lm, t0, t1, s.idx.get());
+        DecodeRowMods rm[kDecodeGroup];
         for (int r = 0; r < g.nr; ++r) {
           const int64_t row = g.rows[r], i = row % p.Nq, h = (row / p.Nq) % p.Hq;
           const T* qr = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
           float* q = s.q.get() + r * s.DP;
           for (int64_t d = 0; d < p.D; ++d) q[d] = K::ld1(qr + d) * c;
+          rm[r].cap = cap;
+          // bias[h, (j - r) + Nk - 1] with r = i + Nk - Nq: indexed by the key j.
+          if (p.bias) rm[r].bias = p.bias + h * (p.Nq + p.Nk - 1) + (p.Nq - 1 - i);
         }
+        const DecodeRowMods* mods = cap > 0.f || p.bias ? rm : nullptr;
         const T* kb = t1 > t0 ? static_cast<const T*>(p.k) + b * p.k_stride[0] + g.kvh * p.k_stride[1] : nullptr;
         const T* vb = t1 > t0 ? static_cast<const T*>(p.v) + b * p.v_stride[0] + g.kvh * p.v_stride[1] : nullptr;
         const uint8_t* pad = p.key_padding ? p.key_padding + b * p.Nk : nullptr;
@@ -388,10 +414,10 @@ class DecodeForward {
         float* part[kDecodeGroup];
         for (int r = 0; r < g.nr; ++r) part[r] = parts.get() + (g.rows[r] * C + ci) * PS;
         switch (g.nr) {
-          case 1: K::template item<1>(p, kb, vb, pad, s.idx.get(), nk, s, part); break;
-          case 2: K::template item<2>(p, kb, vb, pad, s.idx.get(), nk, s, part); break;
-          case 3: K::template item<3>(p, kb, vb, pad, s.idx.get(), nk, s, part); break;
-          default: K::template item<4>(p, kb, vb, pad, s.idx.get(), nk, s, part); break;
+          case 1: K::template item<1>(p, kb, vb, pad, s.idx.get(), nk, s, part, mods); break;
+          case 2: K::template item<2>(p, kb, vb, pad, s.idx.get(), nk, s, part, mods); break;
+          case 3: K::template item<3>(p, kb, vb, pad, s.idx.get(), nk, s, part, mods); break;
+          default: K::template item<4>(p, kb, vb, pad, s.idx.get(), nk, s, part, mods); break;
         }
       }
 #pragma omp for schedule(static)

@@ -10,6 +10,12 @@
 // ride along the window pass (see "Landmark query rows" below) and overwrite what it wrote for
 // them.
 //
+// Score modifiers (AttnParams::softcap / bias) are applied in tile(), the one place every score
+// tile passes, before the mask: S = C tanh(S / C) + bias * log2(e) with C = softcap * log2(e),
+// in the log2 units of S. This needs S in those units, which the cores with kOwnSoftmax (the AMX
+// bf16 core folds the scale into its softmax; the int8 core) do not give: calls with a modifier
+// never reach them (attention_forward.cpp, attention_int8.cpp).
+//
 // Core concept (see fwd_core_f32.h, fwd_core_bf16_avx512.h):
 //   using V; QV, BQ = QV * V::W, JT; kPairKeys (band tiles must start at even keys)
 //   static R exp2(R x);  (2^x for x <= 0, exactly 0 for -inf)
@@ -48,6 +54,41 @@ struct HasLseShift : std::false_type {};
 template <class Core>
 struct HasLseShift<Core, std::void_t<decltype(&Core::lse_shift)>> : std::true_type {};
 
+// The score modifiers of one call, in the driver's log2 units. The bias table of each head is
+// stored reversed and scaled by log2(e): the bias of aligned row r and key j is
+// rev[kPad + Nq - 1 + r - j], so consecutive rows (lanes) read consecutive floats. kPad zeros on
+// both sides absorb the lanes of a block past the last row.
+struct FwdMods {
+  static constexpr int64_t kPad = 64;  // >= every core's BQ
+  explicit FwdMods(const AttnParams& p)
+      : cap(p.softcap > 0.f ? p.softcap * kLog2e : 0.f), Nq(p.Nq), L(p.Nq + p.Nk - 1) {
+    if (!p.bias || L <= 0) return;
+    stride = L + 2 * kPad;
+    rev.reset(p.Hq * stride);
+    for (int64_t h = 0; h < p.Hq; ++h) {
+      float* row = rev.get() + h * stride;
+      const float* src = p.bias + h * L;
+      std::memset(row, 0, sizeof(float) * stride);
+      for (int64_t o = 0; o < L; ++o) row[kPad + L - 1 - o] = src[o] * kLog2e;
+    }
+  }
+  bool on() const { return cap > 0.f || rev.get() != nullptr; }
+  const float* head(int64_t h) const { return rev.get() ? rev.get() + h * stride : nullptr; }
+  float cap;  // softcap * log2(e); 0: none
+  int64_t Nq, L, stride = 0;
+  AlignedBuf<float> rev;  // Hq rows of `stride`, nullptr: no bias
+};
+
+// Positions of one score tile, for the modifiers: key of column j and aligned row of each lane.
+struct ModTile {
+  const float* rb;      // the head's reversed bias table (FwdMods::head), nullptr: no bias
+  int64_t k0;           // keys == nullptr: column j is key k0 + j
+  const int32_t* keys;  // else key keys[j]
+  int64_t r0;           // rows == nullptr: lane x is row r0 + x
+  const int64_t* rows;  // else rows[x], x < nr (other lanes are left as they are)
+  int nr;
+};
+
 template <class Core>
 class ForwardDriver {
   using V = typename Core::V;
@@ -56,11 +97,12 @@ class ForwardDriver {
   static constexpr int QV = Core::QV;
   static constexpr int BQ = Core::BQ;
   static constexpr int JT = Core::JT;
+  static_assert(BQ <= FwdMods::kPad, "the bias table's padding covers one block of lanes");
 
   struct ThreadState {
-    explicit ThreadState(const AttnParams& p)
+    explicit ThreadState(const AttnParams& p, const FwdMods* m = nullptr)
         : core(p), S(int64_t(JT) * BQ), Ot(p.Dv * BQ), DvP(ceil_div(p.Dv, W) * W), T(W * DvP),
-          lo(JT), hi(JT) {}
+          lo(JT), hi(JT), mods(m && m->on() ? m : nullptr) {}
     typename Core::Work core;
     AlignedBuf<float> S, Ot;
     int64_t DvP;       // Dv rounded up to W
@@ -68,6 +110,7 @@ class ForwardDriver {
 
     AlignedBuf<int> lo, hi;  // per-key visible lane range [lo, hi] of a masked tile
     R m[QV], l[QV], alpha[QV];
+    const FwdMods* mods;     // score modifiers of the call, nullptr: none
   };
 
  public:
@@ -77,11 +120,12 @@ class ForwardDriver {
   static void run(const AttnParams& p, const typename Core::Prep& prep) {
     const int nthreads = std::max(1, p.num_threads > 0 ? p.num_threads : omp_get_max_threads());
     const int64_t nqb = ceil_div(p.Nq, BQ);
+    const FwdMods mods(p);
     if (p.num_landmarks > 0 && nqb > 0) {
-      run_with_landmark_rows(p, prep, nthreads, nqb);
+      run_with_landmark_rows(p, prep, nthreads, nqb, &mods);
       return;
     }
-    for_each_item(p, nthreads, p.B * p.Hq * nqb, [&](ThreadState& ts, int64_t it) {
+    for_each_item(p, nthreads, p.B * p.Hq * nqb, &mods, [&](ThreadState& ts, int64_t it) {
       const int64_t qb = it % nqb, bh = it / nqb;
       window_block(p, prep, ts, bh / p.Hq, bh % p.Hq, qb * BQ);
     });
@@ -142,18 +186,18 @@ class ForwardDriver {
 
   // Landmark rows of one (b, h) segment: Lm thread states, one per block of Lm::BQ rows.
   struct LandmarkRows {
-    LandmarkRows(const AttnParams& p, int64_t nlb)
+    LandmarkRows(const AttnParams& p, int64_t nlb, const FwdMods* mods)
         : ts(new std::unique_ptr<typename Lm::ThreadState>[size_t(std::max<int64_t>(nlb, 0))]) {
-      for (int64_t i = 0; i < nlb; ++i) ts[i].reset(new typename Lm::ThreadState(p));
+      for (int64_t i = 0; i < nlb; ++i) ts[i].reset(new typename Lm::ThreadState(p, mods));
     }
     std::unique_ptr<std::unique_ptr<typename Lm::ThreadState>[]> ts;
   };
 
   static void run_with_landmark_rows(const AttnParams& p, const typename Core::Prep& prep, int nthreads,
-                                     int64_t nqb) {
+                                     int64_t nqb, const FwdMods* mods) {
     const LandmarkPlan plan(p, nqb);
-    const auto lrows = per_thread<LandmarkRows>(nthreads, p, plan.nlb);
-    for_each_item(p, nthreads, p.B * p.Hq * plan.segs, [&](ThreadState& ts, int64_t it) {
+    const auto lrows = per_thread<LandmarkRows>(nthreads, p, plan.nlb, mods);
+    for_each_item(p, nthreads, p.B * p.Hq * plan.segs, mods, [&](ThreadState& ts, int64_t it) {
       LandmarkRows& lr = *lrows[omp_get_thread_num()];
       const int64_t bh = it / plan.segs, sg = it % plan.segs, b = bh / p.Hq, h = bh % p.Hq;
       const int64_t nlb = ceil_div(plan.count[b], Lm::BQ);
@@ -167,7 +211,7 @@ class ForwardDriver {
       for (int64_t lb = 0; lb < nlb; ++lb) Lm::landmark_save(p, *lr.ts[lb], plan.slot(bh, sg, lb));
     });
     // Merge the segments of each (b, h, row block) and write those rows (over the window pass's).
-    Lm::for_each_item(p, nthreads, p.B * p.Hq * plan.nlb, [&](typename Lm::ThreadState& lts, int64_t it) {
+    Lm::for_each_item(p, nthreads, p.B * p.Hq * plan.nlb, nullptr, [&](typename Lm::ThreadState& lts, int64_t it) {
       const int64_t bh = it / plan.nlb, lb = it % plan.nlb;
       if (lb * Lm::BQ < plan.count[bh / p.Hq]) Lm::landmark_finish(p, plan, lts, bh, lb);
     });
@@ -229,7 +273,8 @@ class ForwardDriver {
           ts.hi[j] = BQ;
         }
       }
-      tile(ts, kv, j0, n, masked);
+      const ModTile mt{ts.mods ? ts.mods->head(h) : nullptr, j0, nullptr, 0, pos, nr};
+      tile(ts, kv, j0, n, masked, mt);
     }
   }
 
@@ -284,9 +329,9 @@ class ForwardDriver {
   // Runs fn(thread state, item) for items [0, n) on a static OpenMP schedule (deterministic);
   // nthreads >= 1.
   template <class Fn>
-  static void for_each_item(const AttnParams& p, int nthreads, int64_t n, Fn&& fn) {
+  static void for_each_item(const AttnParams& p, int nthreads, int64_t n, const FwdMods* mods, Fn&& fn) {
     if (n <= 0) return;
-    const auto states = per_thread<ThreadState>(nthreads, p);
+    const auto states = per_thread<ThreadState>(nthreads, p, mods);
 #pragma omp parallel num_threads(nthreads)
     {
       ThreadState& ts = *states[omp_get_thread_num()];
@@ -320,10 +365,35 @@ class ForwardDriver {
     std::memset(ts.Ot.get(), 0, sizeof(float) * p.Dv * BQ);
   }
 
-  // One key tile: scores, optional mask (lo/hi non-null), online softmax update, P V.
-  static void tile(ThreadState& ts, const typename Core::KV& kv, int64_t j0, int n, bool masked) {
+  // Score modifiers on a tile of n keys (see FwdMods), before its mask.
+  static void apply_mods(const FwdMods& mods, const ModTile& mt, float* S, int n) {
+    if (mods.cap > 0.f) {
+      const R c = V::set1(mods.cap), ic = V::set1(1.f / mods.cap);
+      for (int64_t x = 0; x < int64_t(n) * BQ; x += W)
+        V::store(S + x, V::mul(c, V::tanh(V::mul(V::load(S + x), ic))));
+    }
+    if (mt.rb) {
+      const float* rb = mt.rb + FwdMods::kPad + mods.Nq - 1;  // + r - key
+      for (int j = 0; j < n; ++j) {
+        const int64_t key = mt.keys ? int64_t(mt.keys[j]) : mt.k0 + j;
+        float* Sj = S + j * BQ;
+        if (!mt.rows) {
+          const float* b = rb + (mt.r0 - key);
+          for (int v = 0; v < QV; ++v) V::store(Sj + v * W, V::add(V::load(Sj + v * W), V::load(b + v * W)));
+        } else {
+          for (int x = 0; x < mt.nr; ++x) Sj[x] += rb[mt.rows[x] - key];
+        }
+      }
+    }
+  }
+
+  // One key tile: scores, score modifiers, optional mask (lo/hi non-null), online softmax
+  // update, P V.
+  static void tile(ThreadState& ts, const typename Core::KV& kv, int64_t j0, int n, bool masked,
+                   const ModTile& mt) {
     float* S = ts.S.get();
     Core::qk(ts.core, kv, j0, n, S);
+    if (ts.mods) apply_mods(*ts.mods, mt, S, n);
     if (masked) {
       R lanes[QV];
       for (int v = 0; v < QV; ++v) lanes[v] = lane_index(v);
@@ -435,6 +505,7 @@ class ForwardDriver {
 
     const uint8_t* pad = padding_of(p, b);
     const uint8_t* flags = lm_flags_of(p, b);
+    const float* rb = ts.mods ? ts.mods->head(h) : nullptr;
     KeyRange band = window_band(r0, r_last + 1, p.Nk, p.window_left, p.window_right, p.causal);
     if (Core::kPairKeys) band.lo &= ~int64_t(1);
     if (band.lo < band.hi) {
@@ -449,7 +520,7 @@ class ForwardDriver {
         if (masked)
           for (int j = 0; j < n; ++j)
             key_lanes(j0 + j, r0, p, flags && flags[j0 + j], !pad || pad[j0 + j], &ts.lo[j], &ts.hi[j]);
-        tile(ts, kv, j0, n, masked);
+        tile(ts, kv, j0, n, masked, ModTile{rb, j0, nullptr, r0, nullptr, nr});
       }
     }
     if (p.num_landmarks > 0) {
@@ -465,7 +536,7 @@ class ForwardDriver {
           key_lanes(j, r0, p, true, !in_band && (!pad || pad[j]), &ts.lo[g], &ts.hi[g]);
           any |= ts.lo[g] <= ts.hi[g] && ts.hi[g] >= 0 && ts.lo[g] < nr;
         }
-        if (any) tile(ts, kv, g0, n, true);
+        if (any) tile(ts, kv, g0, n, true, ModTile{rb, 0, lm + g0, r0, nullptr, nr});
       }
     }
     finish_block(p, ts, b, h, rows, nr);

@@ -31,6 +31,15 @@ constexpr float kExp2C3 = 5.550332471162809e-2f;
 constexpr float kExp2C2 = 2.402264791363012e-1f;
 constexpr float kExp2C1 = 6.931472028550421e-1f;
 
+// tanh(x) on |x| <= 0.625: x + x^3 P(x^2) (Cephes tanhf); above, (1 - e) / (1 + e) with
+// e = exp(-2|x|). ~2 ulp in fp32.
+constexpr float kTanhSmall = 0.625f;
+constexpr float kTanhC4 = -5.70498872745e-3f;
+constexpr float kTanhC3 = 2.06390887954e-2f;
+constexpr float kTanhC2 = -5.37397155531e-2f;
+constexpr float kTanhC1 = 1.33314422036e-1f;
+constexpr float kTanhC0 = -3.33332819422e-1f;
+
 // ---------------------------------------------------------------- portable scalar conversions
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -102,6 +111,7 @@ struct VecScalar {
   static R fma(R a, R b, R c) { return float(double(a) * double(b) + double(c)); }
   // 2^x for x <= 0; exactly 0 for x = -inf.
   static R exp2(R x) { return std::exp2(x); }
+  static R tanh(R x) { return std::tanh(x); }
   static R neg_inf_to_zero(R m) { return m == kNegInf ? 0.f : m; }
   // s where lo <= pos <= hi, else -inf.
   static R mask_range(R s, R pos, R lo, R hi) { return (pos >= lo && pos <= hi) ? s : kNegInf; }
@@ -146,6 +156,21 @@ struct VecAvx2 {
     // 2^n by building the exponent; n = -127 gives the bit pattern 0, i.e. exactly 0.
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  }
+  static R tanh(R x) {  // see kTanhSmall; NaN stays NaN
+    const R sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+    const R ax = _mm256_andnot_ps(sign, x);
+    const R e = exp2(_mm256_mul_ps(ax, _mm256_set1_ps(-2.f * kLog2e)));
+    const R big = _mm256_or_ps(_mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e)),
+                               _mm256_and_ps(sign, x));
+    const R z = _mm256_mul_ps(x, x);
+    R y = _mm256_set1_ps(kTanhC4);
+    y = _mm256_fmadd_ps(y, z, _mm256_set1_ps(kTanhC3));
+    y = _mm256_fmadd_ps(y, z, _mm256_set1_ps(kTanhC2));
+    y = _mm256_fmadd_ps(y, z, _mm256_set1_ps(kTanhC1));
+    y = _mm256_fmadd_ps(y, z, _mm256_set1_ps(kTanhC0));
+    const R small = _mm256_fmadd_ps(_mm256_mul_ps(y, z), x, x);
+    return _mm256_blendv_ps(small, big, _mm256_cmp_ps(ax, _mm256_set1_ps(kTanhSmall), _CMP_GT_OQ));
   }
   static R neg_inf_to_zero(R m) {
     R is_inf = _mm256_cmp_ps(m, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
@@ -218,6 +243,22 @@ struct VecAvx512 {
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2C1));
     y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
     return _mm512_scalef_ps(y, n);
+  }
+  static R tanh(R x) {  // see kTanhSmall; NaN stays NaN
+    const R one = _mm512_set1_ps(1.f);
+    const R ax = _mm512_abs_ps(x);
+    const R e = exp2(_mm512_mul_ps(ax, _mm512_set1_ps(-2.f * kLog2e)));
+    R big = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    big = _mm512_mask_sub_ps(big, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ),
+                             _mm512_setzero_ps(), big);
+    const R z = _mm512_mul_ps(x, x);
+    R y = _mm512_set1_ps(kTanhC4);
+    y = _mm512_fmadd_ps(y, z, _mm512_set1_ps(kTanhC3));
+    y = _mm512_fmadd_ps(y, z, _mm512_set1_ps(kTanhC2));
+    y = _mm512_fmadd_ps(y, z, _mm512_set1_ps(kTanhC1));
+    y = _mm512_fmadd_ps(y, z, _mm512_set1_ps(kTanhC0));
+    const R small = _mm512_fmadd_ps(_mm512_mul_ps(y, z), x, x);
+    return _mm512_mask_mov_ps(small, _mm512_cmp_ps_mask(ax, _mm512_set1_ps(kTanhSmall), _CMP_GT_OQ), big);
   }
   static R neg_inf_to_zero(R m) {
     __mmask16 k = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);

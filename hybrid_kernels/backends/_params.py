@@ -57,6 +57,16 @@ def fill_params(mod, params, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
         params.landmark_flags_batch_stride = 0 if shared else Nk
     if pattern.key_padding_mask is not None:
         params.key_padding = keep(pattern.key_padding_mask.to(torch.uint8).contiguous())
+    # Score modifiers: only set when used, so a module built before they existed (whose backend
+    # declares no score_mods and so never gets them) still takes these params.
+    if pattern.softcap > 0:
+        params.softcap = pattern.softcap
+    if pattern.bias is not None:
+        bias, want = pattern.bias, (Hq, max(Nq + Nk - 1, 0))
+        if tuple(bias.shape) != want:  # the kernels read exactly this many floats
+            raise ValueError(f"pattern.bias must have shape (Hq, Nq + Nk - 1) = {want}; "
+                             f"got {tuple(bias.shape)}")
+        params.bias = keep(bias.to(device=q.device, dtype=torch.float32).contiguous())
 
 
 def int8_forward_via(backend, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern):

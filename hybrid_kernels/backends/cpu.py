@@ -70,6 +70,7 @@ class CpuBackend(Backend):
     device_types = frozenset({"cpu"})
     quants = frozenset({None, "int8"})
     supports_backward = True
+    score_mods = frozenset({"softcap", "bias"})  # not with quant="int8" (int8_score_mods)
 
     def unavailable_reason(self) -> Optional[str]:
         return _module_error()
@@ -133,13 +134,17 @@ class CpuBackend(Backend):
         # gradients rounded to that dtype (no separate conversion pass, no fp32 dQ).
         dk, dv = (new_output(t.shape, torch.float32, q.device) for t in (k, v))
         params.dk, params.dv = keep(dk), keep(dv)
+        dbias = None
+        if bias_grad and pattern.bias is not None:
+            dbias = new_output((q.shape[1], q.shape[2] + k.shape[2] - 1), torch.float32, q.device)
+            params.dbias = keep(dbias)
         if q.dtype == torch.float32:
             dq = new_output(q.shape, torch.float32, q.device)
             params.dq = keep(dq)
             mod.attention_backward(params)
-            return dq, dk, dv, None
+            return dq, dk, dv, dbias
         grads = [new_output(t.shape, q.dtype, q.device) for t in (q, k, v)]
         params.grad_dtype = fwd.dtype
         params.dq_lp, params.dk_lp, params.dv_lp = (keep(g) for g in grads)
         mod.attention_backward(params)
-        return (*grads, None)
+        return (*grads, dbias)
