@@ -177,8 +177,12 @@ def int8_reference(
     k_block: int = 64,
     smooth_k: bool = True,
     pv_dtype: torch.dtype = torch.bfloat16,
+    softcap: float = 0.0,
+    bias: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """What the int8 kernels compute: quantize with :func:`quantize_qk`, integer q8.k8 (exact in
+    """What the int8 kernels compute (``softcap``/``bias`` are accepted so a Pattern's
+    ``reference_kwargs()`` can be passed, but must be unset: the CPU int8 kernels this emulates
+    take no score modifiers): quantize with :func:`quantize_qk`, integer q8.k8 (exact in
     float64), times q_scale * k_scale * scale, masked softmax in float64, then PV:
 
     * ``pv_dtype=torch.bfloat16`` (the kernels' precision): p = 2^(s log2(e) - M) with M the row
@@ -195,6 +199,9 @@ def int8_reference(
     """
     if pv_dtype not in (torch.bfloat16, torch.float64):
         raise ValueError(f"pv_dtype must be torch.bfloat16 or torch.float64; got {pv_dtype}")
+    if softcap > 0 or bias is not None:
+        raise ValueError("int8_reference emulates the CPU int8 kernels, which take no score "
+                         "modifiers; got softcap or bias")
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     if v.dim() != 4 or v.shape[:3] != k.shape[:3]:
