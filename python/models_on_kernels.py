@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import hybrid_kernels as hk  # noqa: E402
+from hybrid_kernels.bench.env import device_name  # noqa: E402
 
 
 def mistral_like(quick: bool):
@@ -64,17 +64,6 @@ def parse_args(argv=None):
     return args
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _forward(model, ids, am):
     with torch.inference_mode():
         return model(input_ids=ids, attention_mask=am).last_hidden_state
@@ -112,7 +101,7 @@ def main(argv=None) -> list:
         isa = hk.backends.cpu.load_module().selected_isa()
     except ImportError as exc:
         isa = f"none ({exc})"
-    print(f"{_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"{device_name('cpu')}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.dtype}, CPU kernel ISA {isa}")
     print(f"{'model':<11} {'tokens':>7} {'default ms':>11} {'hk ms':>9} {'speedup':>8} {'max rel diff':>13}")
     for name in args.models:
@@ -125,7 +114,7 @@ def main(argv=None) -> list:
                   f"{row['speedup']:>7.2f}x {row['max_rel_diff']:>13.2e}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": _cpu_name(), "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+            json.dump({"cpu": device_name("cpu"), "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
     return rows
 
 
