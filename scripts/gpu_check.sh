@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The prepared GPU check: install on a GPU machine, run the GPU correctness tests, a
+# compute-sanitizer memcheck of a few small cases and the GPU benchmarks, each step under its own
+# time limit (about 8 minutes in all), and print one summary table. Logs go to $OUT (default
+# out/gpu_check). Run it from the repository root:   bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu_check}
+mkdir -p "$OUT"
+unset TRITON_INTERPRET
+SUMMARY=()
+
+step() {  # step NAME LIMIT_S COMMAND...: run, log to $OUT/NAME.log, record status and time
+  local name=$1 limit=$2
+  shift 2
+  local t0 rc
+  t0=$(date +%s)
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  local took=$(( $(date +%s) - t0 ))
+  local status=ok
+  [ "$rc" -eq 124 ] && status="timeout (${limit}s)"
+  [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && status="FAILED (rc $rc)"
+  local last
+  last=$(grep -v '^\s*$' "$OUT/$name.log" | tail -n 1 | cut -c1-90)
+  SUMMARY+=("$(printf '%-12s %-18s %5ss  %s' "$name" "$status" "$took" "$last")")
+  return 0
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv; nvcc --version | tail -n 1;
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+  >"$OUT/device.txt" 2>&1
+step install 170 python -m pip install --no-build-isolation -e .
+step tests 110 python -m pytest -q -x -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
+  tests/test_cuda.py tests/test_triton.py tests/test_score_mods_triton.py
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    python scripts/gpu_sanitize_cases.py
+else
+  step memcheck 60 python scripts/gpu_sanitize_cases.py  # without the sanitizer: results only
+fi
+step bench_triton 130 python bench/bench_triton_gpu.py --n 4096 16384 65536 --d 64 128 --reps 10
+step bench_cuda 50 python bench/bench_cuda_gpu.py --n 16384
+
+echo "== GPU check ($(head -n 2 "$OUT/device.txt" | tail -n 1))"
+printf '%-12s %-18s %6s  %s\n' step status time "last line of the log ($OUT/STEP.log)"
+for row in "${SUMMARY[@]}"; do echo "$row"; done
+grep -q "FAILED\|timeout" <<<"${SUMMARY[*]}" && exit 1
+exit 0
