@@ -50,15 +50,57 @@ def modernbert_like(quick: bool):
 MODELS = {"mistral": mistral_like, "modernbert": modernbert_like}
 
 
+def zoo(quick: bool):
+    """Every architecture the integration covers, at one mid size (2 layers, 8 query / 2 kv
+    heads of 64, sliding windows of 256 where the model has them), random init: name -> model."""
+    import transformers as tf
+    h, w = (64, 16) if quick else (512, 256)
+    common = dict(vocab_size=1000, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=32768,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    alternating = ["sliding_attention", "full_attention"]
+    head = dict(head_dim=h // 8)
+    return {
+        "llama": lambda: tf.LlamaModel(tf.LlamaConfig(**common)),
+        "mistral": lambda: tf.MistralModel(tf.MistralConfig(**common, sliding_window=w)),
+        "qwen2": lambda: tf.Qwen2Model(tf.Qwen2Config(**common, use_sliding_window=True,
+                                                       sliding_window=w, max_window_layers=0)),
+        "phi3": lambda: tf.Phi3Model(tf.Phi3Config(**common, sliding_window=w)),
+        "gemma2": lambda: tf.Gemma2Model(tf.Gemma2Config(**common, **head, sliding_window=w,
+                                                          attn_logit_softcapping=50.0,
+                                                          layer_types=alternating)),
+        "gemma3": lambda: tf.Gemma3TextModel(tf.Gemma3TextConfig(**common, **head, sliding_window=w,
+                                                                  layer_types=alternating)),
+        "cohere2": lambda: tf.Cohere2Model(tf.Cohere2Config(**common, sliding_window=w,
+                                                             layer_types=alternating)),
+        "gpt_oss": lambda: tf.GptOssModel(tf.GptOssConfig(**common, **head, sliding_window=w,
+                                                           num_local_experts=4,
+                                                           num_experts_per_tok=2,
+                                                           layer_types=alternating)),
+        "modernbert": lambda: modernbert_like(quick),
+        "bert": lambda: tf.BertModel(tf.BertConfig(vocab_size=1000, hidden_size=h,
+                                                   num_hidden_layers=2, num_attention_heads=8,
+                                                   intermediate_size=2 * h,
+                                                   max_position_embeddings=32768)),
+        "t5_encoder": lambda: tf.T5EncoderModel(tf.T5Config(vocab_size=1000, d_model=h, d_kv=64,
+                                                            d_ff=2 * h, num_layers=2, num_heads=8)),
+    }
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--zoo", action="store_true",
+                   help="instead: every covered architecture at a mid size (see zoo()), "
+                        "default --seq-lens 4096")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384])
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (each times both)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--quick", action="store_true", help="tiny models, 256 tokens, 1 round")
     args = p.parse_args(argv)
+    if args.zoo and args.seq_lens == [8192, 16384]:
+        args.seq_lens = [4096]
     if args.quick:
         args.seq_lens, args.repeats = [256], 1
     return args
@@ -70,12 +112,14 @@ def _forward(model, ids, am):
 
 
 def measure(name: str, model, seq_len: int, repeats: int) -> dict:
-    """Median prefill seconds of the model's default attention and of hybrid_kernels."""
+    """Median prefill seconds of the model's default attention (what transformers picks: SDPA,
+    or eager for models without SDPA support such as Gemma 2 and GPT-OSS) and of hybrid_kernels."""
     torch.manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, seq_len))
     am = torch.ones_like(ids)
     kernel = hk.integrations.transformers.register()
-    impls = {"default": "sdpa", "hybrid_kernels": kernel}
+    default = model.config._attn_implementation
+    impls = {"default": default, "hybrid_kernels": kernel}
     outs, times = {}, {k: [] for k in impls}
     for label, impl in impls.items():  # warm-up, and the outputs to compare
         model.set_attn_implementation(impl)
@@ -88,7 +132,8 @@ def measure(name: str, model, seq_len: int, repeats: int) -> dict:
             times[label].append(time.perf_counter() - t0)
     ref, got = outs["default"], outs["hybrid_kernels"]
     t_ref, t_hk = statistics.median(times["default"]), statistics.median(times["hybrid_kernels"])
-    return {"model": name, "seq_len": seq_len, "default_ms": t_ref * 1e3, "hybrid_ms": t_hk * 1e3,
+    model.set_attn_implementation(default)
+    return {"model": name, "default": default, "seq_len": seq_len, "default_ms": t_ref * 1e3, "hybrid_ms": t_hk * 1e3,
             "speedup": t_ref / t_hk,
             "max_rel_diff": ((got - ref).abs().max() / ref.abs().max()).item()}
 
@@ -103,15 +148,18 @@ def main(argv=None) -> list:
         isa = f"none ({exc})"
     print(f"{device_name('cpu')}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.dtype}, CPU kernel ISA {isa}")
-    print(f"{'model':<11} {'tokens':>7} {'default ms':>11} {'hk ms':>9} {'speedup':>8} {'max rel diff':>13}")
-    for name in args.models:
+    print(f"{'model':<11} {'default':>8} {'tokens':>7} {'default ms':>11} {'hk ms':>9} "
+          f"{'speedup':>8} {'max rel diff':>13}")
+    builders = zoo(args.quick) if args.zoo else {n: (lambda n=n: MODELS[n](args.quick)) for n in args.models}
+    for name, build in builders.items():
         torch.manual_seed(0)
-        model = MODELS[name](args.quick).eval().to(dtype)
+        model = build().eval().to(dtype)
         for n in args.seq_lens:
             row = measure(name, model, n, args.repeats)
             rows.append(row)
-            print(f"{name:<11} {n:>7} {row['default_ms']:>11.1f} {row['hybrid_ms']:>9.1f} "
-                  f"{row['speedup']:>7.2f}x {row['max_rel_diff']:>13.2e}", flush=True)
+            print(f"{name:<11} {row['default']:>8} {n:>7} {row['default_ms']:>11.1f} "
+                  f"{row['hybrid_ms']:>9.1f} {row['speedup']:>7.2f}x {row['max_rel_diff']:>13.2e}",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": device_name("cpu"), "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)

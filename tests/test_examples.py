@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,9 +34,12 @@ def test_fid_qa_end_to_end_with_a_random_reader():
     assert "gold passage in top-10: 100.0%" in out, out
 
 
-def test_models_on_kernels_quick():
-    out = run("models_on_kernels.py", "--quick")
-    rows = [line.split() for line in out.splitlines() if line.startswith(("mistral", "modernbert"))]
-    assert [r[0] for r in rows] == ["mistral", "modernbert"], out
+@pytest.mark.parametrize("zoo", [False, True])
+def test_models_on_kernels_quick(zoo):
+    out = run("models_on_kernels.py", "--quick", *(["--zoo"] if zoo else []))
+    names = (["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3", "cohere2", "gpt_oss",
+              "modernbert", "bert", "t5_encoder"] if zoo else ["mistral", "modernbert"])
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in names]
+    assert [r[0] for r in rows] == names, out
     for r in rows:
         assert float(r[-1]) < 1e-4, out  # max relative difference to the default attention
