@@ -1,19 +1,45 @@
 """INT8 quantization of q and k for the SageAttention-style int8 forward, and its exact oracle.
 
-* :func:`quantize_qk` turns q and k into int8 with one symmetric absmax scale per block of
-  ``q_block`` / ``k_block`` tokens (per batch and head). K is first *smoothed*: its mean over the
-  sequence is subtracted. That shifts every score of a query row by the same amount, so the
-  softmax (and the output) are unchanged while the int8 range is spent on what varies.
+The one INT8 definition
+-----------------------
+Every backend's ``quant="int8"`` (cpu, cuda, triton, reference) computes exactly this; the
+constants below are the only place its parameters live, and :func:`quantize_qk` is its
+executable form (the backends' quantized integers and scales are bit-equal to it):
+
+* Blocks: Q and K are quantized in blocks of ``QUANT_BLOCK`` (64) consecutive tokens per
+  (batch, head), blocks starting at token 0 (the last one may be short); one float32 scale per
+  block.
+* Smoothing: K's mean over the *real* (non-padded) keys, per (batch, kv head), float32
+  (:func:`smoothing_mean`), is subtracted from K before quantization; padded keys quantize to
+  zero (and so do not enter their block's absmax).
+* Scale: ``scale = fl32(absmax / 127)`` with absmax the max of ``|x - mean|`` (``|x|`` for Q) over
+  the block in float32; an all-zero block gets scale 1 (its integers are zeros).
+* Integers: ``x8 = round_half_to_even(fl32(fl32(x - mean) * fl32(1 / scale)))`` (``QUANT_ROUNDING``),
+  all float32 with IEEE round-to-nearest; |x8| <= 127.
+* Scores: ``scale_softmax * q_scale_i * k_scale_j * (q8_i . k8_j)`` with the integer dot product
+  exact (int32 accumulation). Those are the scores of the smoothed K: smaller than the exact ones
+  by ``shift_i = scale_softmax * q_i . mean`` (q unquantized, float32). Softmax in float32.
+* Score modifiers (where a backend takes them with int8): they act on the exact scores, i.e.
+  ``shift_i`` is added back before the softcap; the bias table is shift-invariant.
+* lse: every backend returns the lse of the exact (unsmoothed) scores: the smoothed scores' lse
+  plus ``shift_i`` (``int8_cache.smoothing_lse_offset``), or directly when the shift was added back.
+* PV: P (and V) in low precision with float32 accumulation; the precision is the backend's
+  (CPU: bf16 for every dtype; Triton/CUDA: V's dtype), the only place backends may differ.
+
+The rest of this module:
+
+* :func:`quantize_qk` turns q and k into int8 as above. ``q_block`` / ``k_block`` default to
+  ``QUANT_BLOCK``; other values are for experiments and tests only (no backend uses them).
   The softmax scale is not folded in; the kernels multiply by it.
 * :func:`int8_reference` emulates an int8 kernel: exact integer dot products, then the scales,
   in float64 on top of :mod:`hybrid_kernels.reference`, and PV with P and V rounded to bf16
-  (SageAttention's PV precision, which the CPU kernels use for every input dtype) or, with
-  ``pv_dtype=torch.float64``, exact. The kernels are tested against the exact emulation with a
-  tolerance derived from the bf16 one (tests/oracle.py).
+  (SageAttention's PV precision, which the CPU kernels use for every input dtype), fp16 (Triton
+  with fp16 V) or, with ``pv_dtype=torch.float64``, exact. The kernels are tested against the
+  exact emulation with a tolerance derived from the bf16 one (tests/oracle.py).
 
-Note on lse: with ``smooth_k`` the lse of the int8 path is that of the smoothed scores, i.e. the
-exact lse minus ``scale * q . mean(k)``. ``quantize_qk(..., return_k_mean=True)`` returns the
-mean so a caller can add it back.
+Note on lse: :func:`int8_reference` returns the lse of the smoothed scores, i.e. the exact lse
+minus ``scale * q . mean(k)``. ``quantize_qk(..., return_k_mean=True)`` returns the mean so a
+caller can add it back (the backends do).
 """
 from __future__ import annotations
 
@@ -25,7 +51,13 @@ from torch import Tensor
 
 from .reference import masked_softmax_lse, visibility_mask
 
-__all__ = ["quantize_qk", "smoothing_mean", "int8_reference", "dequantize"]
+__all__ = ["QUANT_BLOCK", "QUANT_QMAX", "QUANT_ROUNDING", "quantize_qk", "smoothing_mean",
+           "int8_reference", "dequantize"]
+
+# ---- The INT8 definition's parameters (see the module docstring); every backend reads these. ----
+QUANT_BLOCK = 64                   # tokens per scale block, for Q and for K
+QUANT_QMAX = 127                   # scale = absmax / QUANT_QMAX; integers in [-127, 127]
+QUANT_ROUNDING = "half_to_even"    # round-to-nearest, ties to even (IEEE default, rint)
 
 
 def _check_block(name: str, value) -> int:
@@ -82,7 +114,7 @@ def _quantize_blocks(x: Tensor, block: int, shift: Optional[Tensor] = None) -> T
     round((x - shift) / scale) (B, H, N, D) contiguous, scale float32 (B, H, ceil(N / block))).
     Math in float32; bf16/fp16 x is widened chunk by chunk, never as a whole."""
     B, H, N, D = x.shape
-    scale = _block_absmax(x, block, shift) / 127.0
+    scale = _block_absmax(x, block, shift) / float(QUANT_QMAX)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero block -> exact zeros
     inv_tok = (1.0 / scale).repeat_interleave(block, dim=2)[:, :, :N].reshape(B * H, N, 1)
     out = torch.empty(B * H, N, D, dtype=torch.int8, device=x.device)
@@ -121,8 +153,8 @@ def quantize_qk(
     q: Tensor,
     k: Tensor,
     *,
-    q_block: int = 64,
-    k_block: int = 64,
+    q_block: int = QUANT_BLOCK,
+    k_block: int = QUANT_BLOCK,
     smooth_k: bool = True,
     key_padding_mask: Optional[Tensor] = None,
     return_k_mean: bool = False,
@@ -173,8 +205,8 @@ def int8_reference(
     landmarks: Optional[Tensor] = None,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
-    q_block: int = 64,
-    k_block: int = 64,
+    q_block: int = QUANT_BLOCK,
+    k_block: int = QUANT_BLOCK,
     smooth_k: bool = True,
     pv_dtype: torch.dtype = torch.bfloat16,
     softcap: float = 0.0,
@@ -192,13 +224,16 @@ def int8_reference(
       integer max too (bf16 rounding commutes with the power-of-2 difference); the AVX2/portable
       ones by their running max, and all use an fp32 exp2, so this is an emulation, not a
       bit-exact copy.
+    * ``pv_dtype=torch.float16``: the same with fp16 rounding (Triton's PV with fp16 V; fp16
+      has subnormals, so tiny p differ from a power-of-2-shifted kernel's p a little more).
     * ``pv_dtype=torch.float64``: exact PV, the oracle.
 
     Returns (out float32 (B, Hq, Nq, Dv), lse float32 (B, Hq, Nq)); lse is that of the smoothed
     scores (see the module note). Dense: O(Nq * Nk) memory, for tests.
     """
-    if pv_dtype not in (torch.bfloat16, torch.float64):
-        raise ValueError(f"pv_dtype must be torch.bfloat16 or torch.float64; got {pv_dtype}")
+    if pv_dtype not in (torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"pv_dtype must be torch.bfloat16, torch.float16 or torch.float64; "
+                         f"got {pv_dtype}")
     if softcap > 0 or bias is not None:
         raise ValueError("int8_reference emulates the CPU int8 kernels, which take no score "
                          "modifiers; got softcap or bias")
@@ -224,16 +259,16 @@ def int8_reference(
     vd = v.double().repeat_interleave(g, dim=1)
     if pv_dtype == torch.float64:
         return torch.matmul(p, vd).float(), lse.float()
-    return _pv_bf16(scores, mask, vd).float(), lse.float()
+    return _pv_rounded(scores, mask, vd, pv_dtype).float(), lse.float()
 
 
-def _round_bf16(x: Tensor) -> Tensor:
-    """x rounded to fp32, then to the nearest bf16 value (ties to even), as float64."""
-    return x.float().to(torch.bfloat16).double()
+def _round_to(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x rounded to fp32, then to the nearest ``dtype`` value (ties to even), as float64."""
+    return x.float().to(dtype).double()
 
 
-def _pv_bf16(scores: Tensor, mask: Tensor, v: Tensor) -> Tensor:
-    """sum_j bf16(p_ij) bf16(v_j) / sum_j p_ij over visible keys (float64 scores and v), rows that
+def _pv_rounded(scores: Tensor, mask: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
+    """sum_j r(p_ij) r(v_j) / sum_j p_ij (r: rounding to ``dtype``, bf16 or fp16) over visible keys (float64 scores and v), rows that
     see nothing give 0, with p_ij = 2^(t_ij - ceil(max_j t_ij)), t = s * log2(e): the kernels work
     in base 2 and shift by a max rounded up to an integer, so their p differs from this one by a
     power of 2 only, which bf16 rounding commutes with."""
@@ -242,5 +277,5 @@ def _pv_bf16(scores: Tensor, mask: Tensor, v: Tensor) -> Tensor:
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp2(t - m)
     l = e.sum(dim=-1, keepdim=True)
-    out = torch.matmul(_round_bf16(e), _round_bf16(v))
+    out = torch.matmul(_round_to(e, dtype), _round_to(v, dtype))
     return out / torch.where(l > 0, l, torch.ones_like(l))

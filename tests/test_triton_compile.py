@@ -97,6 +97,13 @@ def test_kernels_compile_for_sm90():
         seen.add(key)
         compiled = _compile_sm90(kernel, args, kwargs)
         assert compiled.asm.get("cubin"), key
+        if jit.__name__ == "_quantize_kernel":
+            # The one int8 definition (quant.py): IEEE divisions for the scale and its inverse,
+            # rint (ties to even) for the integers, and no multiply-add contracted into an fma
+            # (that would skip the product's fp32 rounding): bit-equal to quant.quantize_qk.
+            ptx = compiled.asm["ptx"]
+            assert "cvt.rni.f32.f32" in ptx and "div.rn.f32" in ptx, key
+            assert "div.full" not in ptx and "div.approx" not in ptx and "fma." not in ptx, key
     names = {name for name, _ in seen}
     assert names == {"_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_quantize_kernel"}
     assert len(seen) >= 17  # regular + split landmark launches, fp16, int8, score modifiers

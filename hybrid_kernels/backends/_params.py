@@ -6,8 +6,7 @@ import torch
 from torch import Tensor
 
 from ..pattern import Pattern
-
-QUANT_BLOCK = 64  # tokens per int8 scale, for Q and K (quant="int8")
+from ..quant import QUANT_BLOCK  # noqa: F401  (the int8 definition: hybrid_kernels/quant.py)
 
 DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -70,8 +69,9 @@ def fill_params(mod, params, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
 
 
 def int8_forward_via(backend, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern):
-    """quant="int8" for a native backend: smooth and quantize Q/K per block, run the backend's
-    ``forward_int8_quantized``, and give back the lse of the exact (unsmoothed) scores."""
+    """quant="int8" for a native backend: smooth and quantize Q/K per block (quant.quantize_qk,
+    the one int8 definition), run the backend's ``forward_int8_quantized``, and give back the lse
+    of the exact (unsmoothed) scores."""
     from ..int8_cache import smoothing_lse_offset
     from ..quant import quantize_qk
     q8, q_scale, k8, k_scale, k_mean = quantize_qk(

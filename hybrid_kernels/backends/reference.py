@@ -26,17 +26,26 @@ def reference_forward_fp32(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern) ->
 
 
 def int8_forward_emulated(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern) -> Tuple[Tensor, Tensor]:
-    """The int8 path in pure torch: smoothed, block-quantized Q/K dequantized and run through
-    the exact reference (blocked for large inputs, so no N x N matrix). The int8 products are
-    reproduced up to fp32 rounding; the lse is that of the exact (unsmoothed) scores."""
+    """The int8 path in pure torch (the one definition of hybrid_kernels/quant.py): smoothed,
+    block-quantized Q/K dequantized and run through the exact reference (blocked for large
+    inputs, so no N x N matrix). The int8 products are reproduced up to fp32 rounding; the lse is
+    that of the exact (unsmoothed) scores. Under a softcap (not shift-invariant) the smoothing
+    shift scale * q . mean is added back before the cap, as the kernels do: q and k get one more
+    feature each (the shift and a 1), so the reference's scores are q8.k8 * scales + q . mean."""
+    import torch
+
     from ..int8_cache import smoothing_lse_offset
-    from ..quant import dequantize, quantize_qk
-    from ._params import QUANT_BLOCK
+    from ..quant import QUANT_BLOCK, dequantize, quantize_qk
     q8, q_scale, k8, k_scale, k_mean = quantize_qk(
         q, k, q_block=QUANT_BLOCK, k_block=QUANT_BLOCK,
         key_padding_mask=pattern.key_padding_mask, return_k_mean=True)
-    out, lse = reference_forward_fp32(dequantize(q8, q_scale, QUANT_BLOCK),
-                                      dequantize(k8, k_scale, QUANT_BLOCK), v.float(), pattern)
+    qd, kd = dequantize(q8, q_scale, QUANT_BLOCK), dequantize(k8, k_scale, QUANT_BLOCK)
+    if pattern.softcap > 0:
+        q_mean = smoothing_lse_offset(q, k_mean, 1.0)  # q . mean, (B, Hq, Nq)
+        qd = torch.cat([qd, q_mean[..., None]], dim=-1)
+        kd = torch.cat([kd, kd.new_ones(*kd.shape[:3], 1)], dim=-1)
+        return reference_forward_fp32(qd, kd, v.float(), pattern)
+    out, lse = reference_forward_fp32(qd, kd, v.float(), pattern)
     return out, lse + smoothing_lse_offset(q, k_mean, pattern.scale)
 
 

@@ -40,8 +40,10 @@ def backward_configs():
 
 
 def quantize_block_sizes():
-    """Rows per INT8 scale block for Q and for K (independent of the attention tiles)."""
-    return (32, 16) if interpreting() else (128, 64)
+    """Rows per INT8 scale block for Q and for K (independent of the attention tiles): the one
+    INT8 definition's QUANT_BLOCK (hybrid_kernels/quant.py), on a GPU and under the interpreter."""
+    from ..quant import QUANT_BLOCK
+    return QUANT_BLOCK, QUANT_BLOCK
 
 
 SUPPORTED_MAX_HEAD_DIM = 256

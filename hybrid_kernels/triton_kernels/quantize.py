@@ -1,10 +1,16 @@
 """Per-block INT8 quantization of Q and smoothed K, and the INT8 score product.
 
-Each run of ``block`` rows of one (b, h) gets one fp32 scale = max|x| / 127 and
-x8 = round(x / scale). K is smoothed first: its per-(b, h) mean over the real keys is subtracted,
-which shifts every score of a query row by the same constant (softmax unchanged) while shrinking
-the range the int8 grid must cover; the forward adds that constant back into the lse. Padding
-keys are zeroed before quantization so they cannot inflate a block's scale.
+The one INT8 definition of hybrid_kernels/quant.py (its module docstring), bit for bit with
+quant.quantize_qk: blocks of ``quant.QUANT_BLOCK`` tokens for Q and K, one fp32 scale per block
+= absmax / QUANT_QMAX (IEEE division; 1 for an all-zero block), x8 = round-half-to-even of
+(x - mean) * (1 / scale) in fp32. K is smoothed first by quant.smoothing_mean (its per-(b, h)
+mean over the real keys), which shifts every score of a query row by the same constant (softmax
+unchanged) while shrinking the range the int8 grid must cover; the forward adds that constant
+back into the lse. Padding keys are zeroed after smoothing so they cannot inflate a block's scale.
+
+Rounding: on a GPU libdevice ``rint`` (cvt.rni: ties to even; a separate instruction, so no
+multiply-add contraction can skip the product's rounding). libdevice does not exist under the
+interpreter, which rounds with exact floor arithmetic instead (numpy fuses nothing).
 """
 from __future__ import annotations
 
@@ -12,7 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import padded_head_dim, quantize_block_sizes
+from ..quant import QUANT_QMAX, smoothing_mean
+from .configs import interpreting, padded_head_dim, quantize_block_sizes
+
+try:  # the backend-dispatching libdevice (triton >= 3.0)
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older layout
+    from triton.language.math import libdevice  # type: ignore
 
 
 @triton.jit
@@ -23,9 +35,24 @@ def int8_scores(q8, k8, qs, ks):
 
 
 @triton.jit
+def round_half_even(y, RINT: tl.constexpr):
+    """fp32 y rounded to the nearest integer, ties to even (as an fp32 value). RINT: libdevice
+    rint (GPU); else exact floor arithmetic for the interpreter: y - floor(y) is exact in fp32,
+    and so is the parity test on the integer-valued r."""
+    if RINT:
+        return libdevice.rint(y)
+    else:
+        r = tl.floor(y)
+        frac = y - r
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        up = (frac > 0.5) | ((frac == 0.5) & odd)
+        return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
 def _quantize_kernel(X, X8, SCALE, MEAN, PAD, sx_b, sx_h, sx_n, H, N, D, n_blocks, pad_sb,
-                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MEAN: tl.constexpr,
-                     HAS_PAD: tl.constexpr):
+                     QMAX: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HAS_MEAN: tl.constexpr, HAS_PAD: tl.constexpr, RINT: tl.constexpr):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -43,16 +70,14 @@ def _quantize_kernel(X, X8, SCALE, MEAN, PAD, sx_b, sx_h, sx_n, H, N, D, n_block
         x = tl.where(real[:, None] != 0, x, 0.0)
     x = tl.where(ok, x, 0.0)
     amax = tl.max(tl.max(tl.abs(x), 1), 0)
-    scale = tl.where(amax > 0.0, amax / 127.0, 1.0)
-    x8 = _round_half_away(x / scale)
+    # IEEE divisions (fp32 `/` may be approximate on a GPU): scale = fl(amax / QMAX), then
+    # x * fl(1 / scale), exactly as quant.quantize_qk.
+    scale = tl.where(amax > 0.0, tl.div_rn(amax, QMAX * 1.0), 1.0)
+    inv = tl.div_rn(1.0, scale)
+    x8 = round_half_even(x * inv, RINT)
     tl.store(X8 + bh.to(tl.int64) * N * D + n[:, None].to(tl.int64) * D + d[None, :],
              x8.to(tl.int8), mask=ok)
     tl.store(SCALE + bh.to(tl.int64) * n_blocks + blk, scale)
-
-
-@triton.jit
-def _round_half_away(x):
-    return tl.where(x >= 0.0, tl.floor(x + 0.5), -tl.floor(-x + 0.5))
 
 
 def quantize_rows(x: torch.Tensor, rows: int, mean=None, padding=None):
@@ -67,24 +92,22 @@ def quantize_rows(x: torch.Tensor, rows: int, mean=None, padding=None):
     _quantize_kernel[(n_blocks, B * H)](
         x, x8, scale, mean if mean is not None else dummy,
         padding if padding is not None else dummy, x.stride(0), x.stride(1), x.stride(2),
-        H, N, D, n_blocks, N if padding is not None else 0,
+        H, N, D, n_blocks, N if padding is not None else 0, QMAX=QUANT_QMAX,
         ROWS=rows, BLOCK_D=padded_head_dim(D), HAS_MEAN=mean is not None,
-        HAS_PAD=padding is not None)
+        HAS_PAD=padding is not None, RINT=not interpreting())
     return x8, scale
 
 
 def key_mean(k: torch.Tensor, key_padding_mask=None) -> torch.Tensor:
-    """Per-(b, h) mean of k over the real keys, fp32 (B, H, D) contiguous."""
-    kf = k.float()
-    if key_padding_mask is None:
-        return kf.mean(dim=2).contiguous()
-    w = key_padding_mask.to(torch.float32)[:, None, :, None]
-    count = w.sum(dim=2).clamp_min(1.0)
-    return ((kf * w).sum(dim=2) / count).contiguous()
+    """Per-(b, h) mean of k over the real keys, fp32 (B, H, D) contiguous: quant.smoothing_mean
+    (the same tensor, so the same bits)."""
+    B, H, _, D = k.shape
+    return smoothing_mean(k, key_padding_mask).reshape(B, H, D).contiguous()
 
 
 def quantize_qk(q: torch.Tensor, k: torch.Tensor, key_padding_mask=None):
-    """-> (q8, q_scale, k8, k_scale, q_block, k_block, k_mean)."""
+    """-> (q8, q_scale, k8, k_scale, q_block, k_block, k_mean): bit-equal to
+    quant.quantize_qk(q, k, key_padding_mask=...) (k_mean (B, Hk, D))."""
     q_block, k_block = quantize_block_sizes()
     mean = key_mean(k, key_padding_mask)
     padding = None if key_padding_mask is None else key_padding_mask.to(torch.int8).contiguous()
