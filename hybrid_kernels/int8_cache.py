@@ -20,7 +20,7 @@ from typing import Optional
 from torch import Tensor
 
 from .backends._params import QUANT_BLOCK
-from .quant import dequantize, quantize_qk
+from .quant import dequantize, quantize_qk, smoothing_lse_offset  # noqa: F401 (re-exported)
 
 __all__ = ["Int8KVCache"]
 
@@ -78,8 +78,3 @@ class Int8KVCache:
         return (out, lse) if return_lse else out
 
 
-def smoothing_lse_offset(q: Tensor, k_mean: Tensor, scale: float) -> Tensor:
-    """scale * q . mean(k) per query row (B, Hq, Nq): what K smoothing removed from the lse."""
-    groups = q.shape[1] // k_mean.shape[1]
-    mean = k_mean.repeat_interleave(groups, dim=1) if groups > 1 else k_mean
-    return (q.float() @ mean.transpose(-1, -2)).squeeze(-1) * scale

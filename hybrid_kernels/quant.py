@@ -52,7 +52,7 @@ from torch import Tensor
 from .reference import masked_softmax_lse, visibility_mask
 
 __all__ = ["QUANT_BLOCK", "QUANT_QMAX", "QUANT_ROUNDING", "quantize_qk", "smoothing_mean",
-           "int8_reference", "dequantize"]
+           "int8_reference", "dequantize", "smoothing_lse_offset"]
 
 # ---- The INT8 definition's parameters (see the module docstring); every backend reads these. ----
 QUANT_BLOCK = 64                   # tokens per scale block, for Q and for K
@@ -279,3 +279,10 @@ def _pv_rounded(scores: Tensor, mask: Tensor, v: Tensor, dtype: torch.dtype) -> 
     l = e.sum(dim=-1, keepdim=True)
     out = torch.matmul(_round_to(e, dtype), _round_to(v, dtype))
     return out / torch.where(l > 0, l, torch.ones_like(l))
+
+
+def smoothing_lse_offset(q: Tensor, k_mean: Tensor, scale: float) -> Tensor:
+    """scale * q . mean(k) per query row (B, Hq, Nq): what K smoothing removed from the lse."""
+    groups = q.shape[1] // k_mean.shape[1]
+    mean = k_mean.repeat_interleave(groups, dim=1) if groups > 1 else k_mean
+    return (q.float() @ mean.transpose(-1, -2)).squeeze(-1) * scale

@@ -72,7 +72,7 @@ def int8_forward_via(backend, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern)
     """quant="int8" for a native backend: smooth and quantize Q/K per block (quant.quantize_qk,
     the one int8 definition), run the backend's ``forward_int8_quantized``, and give back the lse
     of the exact (unsmoothed) scores."""
-    from ..int8_cache import smoothing_lse_offset
+    from ..quant import smoothing_lse_offset
     from ..quant import quantize_qk
     q8, q_scale, k8, k_scale, k_mean = quantize_qk(
         q, k, q_block=QUANT_BLOCK, k_block=QUANT_BLOCK,

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..dispatch import Backend
+from ..backend_base import Backend
 from ..pattern import Pattern
 from ._alloc import new_output
 from ._params import Keep, fill_params, int8_forward_via

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from ..dispatch import Backend
+from ..backend_base import Backend
 from ..pattern import Pattern
 from ..reference import blocked_reference, blocked_reference_backward, dense_reference
 
@@ -34,7 +34,7 @@ def int8_forward_emulated(q: Tensor, k: Tensor, v: Tensor, pattern: Pattern) -> 
     feature each (the shift and a 1), so the reference's scores are q8.k8 * scales + q . mean."""
     import torch
 
-    from ..int8_cache import smoothing_lse_offset
+    from ..quant import smoothing_lse_offset
     from ..quant import QUANT_BLOCK, dequantize, quantize_qk
     q8, q_scale, k8, k_scale, k_mean = quantize_qk(
         q, k, q_block=QUANT_BLOCK, k_block=QUANT_BLOCK,

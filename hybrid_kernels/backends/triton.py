@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..dispatch import Backend
+from ..backend_base import Backend
 from ..pattern import Pattern
 from ._alloc import new_output
 
