@@ -7,6 +7,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "bindings/params_bindings.h"
 #include "cpu/attention_cpu.h"
@@ -68,6 +69,30 @@ PYBIND11_MODULE(_C_cpu, m) {
   // The kernels never touch Python objects: release the GIL while they run.
   m.def("attention_forward", &hk::cpu::attention_forward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());
+  // The per-call fast path of hybrid_kernels.api: a params object prefilled once per plan, with
+  // only the data pointers given per call (one crossing instead of one per field). lse == 0: the
+  // caller does not want the lse; it goes to a per-thread scratch row instead.
+  m.def(
+      "attention_forward_ptrs",
+      [](const hk::AttnParams& params, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+         std::uintptr_t o, std::uintptr_t lse) {
+        hk::AttnParams p = params;
+        p.q = reinterpret_cast<const void*>(q);
+        p.k = reinterpret_cast<const void*>(k);
+        p.v = reinterpret_cast<const void*>(v);
+        p.o = reinterpret_cast<void*>(o);
+        if (lse) {
+          p.lse = reinterpret_cast<float*>(lse);
+        } else {
+          static thread_local std::vector<float> scratch;
+          const size_t n = size_t(p.B * p.Hq * p.Nq);
+          if (scratch.size() < n) scratch.resize(n);
+          p.lse = scratch.data();
+        }
+        hk::cpu::attention_forward(p);
+      },
+      py::arg("params"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
+      py::call_guard<py::gil_scoped_release>());
   m.def("attention_backward", &hk::cpu::attention_backward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_forward_int8", &hk::cpu::attention_forward_int8, py::arg("params"),

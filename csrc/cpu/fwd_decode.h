@@ -83,17 +83,42 @@ struct DecodeRowKeys {
 // up to kDecodeGroup of them, so K and V are read once per group.
 constexpr int kDecodeGroup = 4;
 
-// Scratch per thread.
+// A buffer that only grows: kept (thread_local) across calls so a decode step allocates nothing.
+template <class T>
+struct GrowBuf {
+  AlignedBuf<T> buf;
+  int64_t cap = 0;
+  T* ensure(int64_t n) {
+    if (n > cap) {
+      buf.reset(n);
+      cap = n;
+    }
+    return buf.get();
+  }
+};
+
+// Scratch per thread, reused across calls (sizes grow to the largest call seen).
 struct DecodeScratch {
-  DecodeScratch(int64_t max_keys, int64_t W, const AttnParams& p)
-      : SP(ceil_div(max_keys, W) * W + W), DP(ceil_div(p.D, W) * W), S(kDecodeGroup * SP),
-        idx(SP), q(kDecodeGroup * DP), tmp(kDecodeGroup * W * W + W * W), o(p.Dv + W) {}
-  int64_t SP, DP;           // row lengths of S and q
-  AlignedBuf<float> S;      // per row: scores, then probabilities, of the item's keys
-  AlignedBuf<int32_t> idx;  // the item's key positions
-  AlignedBuf<float> q;      // per row: the query as fp32, times scale * log2(e)
-  AlignedBuf<float> tmp;    // W x W transpose buffers
-  AlignedBuf<float> o;      // merged output row
+  void prepare(int64_t max_keys, int64_t W, const AttnParams& p) {
+    SP = ceil_div(max_keys, W) * W + W;
+    DP = ceil_div(p.D, W) * W;
+    S_.ensure(kDecodeGroup * SP);
+    idx_.ensure(SP);
+    q_.ensure(kDecodeGroup * DP);
+    tmp_.ensure(kDecodeGroup * W * W + W * W);
+    o_.ensure(p.Dv + W);
+  }
+  int64_t SP = 0, DP = 0;   // row lengths of S and q
+  GrowBuf<float> S_;        // per row: scores, then probabilities, of the item's keys
+  GrowBuf<int32_t> idx_;    // the item's key positions
+  GrowBuf<float> q_;        // per row: the query as fp32, times scale * log2(e)
+  GrowBuf<float> tmp_;      // W x W transpose buffers
+  GrowBuf<float> o_;        // merged output row
+  float* S() const { return S_.buf.get(); }
+  int32_t* idx() const { return idx_.buf.get(); }
+  float* q() const { return q_.buf.get(); }
+  float* tmp() const { return tmp_.buf.get(); }
+  float* o() const { return o_.buf.get(); }
 };
 
 template <class V, DType DT>
@@ -252,7 +277,7 @@ struct DecodeKernel {
   template <int NR>
   static void item(const AttnParams& p, const T* k, const T* v, const uint8_t* pad, const int32_t* idx,
                    int n, DecodeScratch& s, float* const* part, const DecodeRowMods* mods) {
-    float* S = s.S.get();
+    float* S = s.S();
     if (n == 0) {
       for (int r = 0; r < NR; ++r) {
         float* pr = part[r];
@@ -262,7 +287,7 @@ struct DecodeKernel {
       }
       return;
     }
-    scores<NR>(s.q.get(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp.get());
+    scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
     float* o[NR];
     for (int r = 0; r < NR; ++r) {
       if (mods) modify(mods[r], idx, n, S + r * s.SP);
@@ -343,19 +368,27 @@ class DecodeForward {
     int64_t rows[kDecodeGroup];  // output rows (b * Hq + h) * Nq + i
   };
 
+  // Below this much work (group-keys times D + Dv) a call runs on the calling thread without
+  // entering an OpenMP region: the fork/join costs more than it saves (Nk = 16: ~16K).
+  static constexpr int64_t kParallelWork = int64_t(1) << 18;
+
   template <DType DT>
   static void run_typed(const AttnParams& p) {
     using K = DecodeKernel<V, DT>;
     using T = typename K::T;
     const int64_t nrows = p.B * p.Hq * p.Nq, hg = p.Hq / p.Hk;
-    std::unique_ptr<DecodeRowKeys[]> rks(new DecodeRowKeys[p.B * p.Nq]);
+    // Per-call tables, kept by the calling thread across calls (no allocation once warm).
+    static thread_local GrowBuf<DecodeRowKeys> rks_buf;
+    static thread_local GrowBuf<Group> groups_buf;
+    static thread_local GrowBuf<float> parts_buf;
+    DecodeRowKeys* rks = rks_buf.ensure(p.B * p.Nq);
     int64_t max_keys = 0;
     for (int64_t b = 0; b < p.B; ++b)
       for (int64_t i = 0; i < p.Nq; ++i) {
         rks[b * p.Nq + i] = row_keys(p, b, i);
         max_keys = std::max(max_keys, rks[b * p.Nq + i].count());
       }
-    std::unique_ptr<Group[]> groups(new Group[nrows]);
+    Group* groups = groups_buf.ensure(nrows);
     int64_t ng = 0;
     for (int64_t b = 0; b < p.B; ++b)
       for (int64_t kvh = 0; kvh < p.Hk; ++kvh)
@@ -372,56 +405,68 @@ class DecodeForward {
             }
             g->rows[g->nr++] = row;
           }
+    // The split (C chunks per row) depends on the shapes only, never on the thread count, and the
+    // partials are merged in chunk order: any thread count gives the same bits.
     const int64_t C = std::max<int64_t>(1, std::min(ceil_div(kTargetItems, ng), max_keys / kMinChunk));
     const int64_t max_chunk = ceil_div(max_keys, C);
     const int64_t PS = p.Dv + 2;  // partial: m, l, o[Dv]
-    AlignedBuf<float> parts(nrows * C * PS);
+    float* parts = parts_buf.ensure(nrows * C * PS);
 
-    const int nthreads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
-    std::unique_ptr<std::unique_ptr<DecodeScratch>[]> scratch(new std::unique_ptr<DecodeScratch>[nthreads]);
-    for (int t = 0; t < nthreads; ++t) scratch[t].reset(new DecodeScratch(max_chunk, W, p));
     const float c = p.scale * kLog2e;
     const float cap = p.softcap > 0.f ? p.softcap * kLog2e : 0.f;
     const int64_t items = ng * C;
-#pragma omp parallel num_threads(nthreads)
+    auto do_item = [&](int64_t it, DecodeScratch& s) {
+      const Group& g = groups[it / C];
+      const int64_t ci = it % C, b = g.b;
+      const DecodeRowKeys& rk = rks[g.rk];
+      const int64_t n = rk.count(), len = ceil_div(n, C);
+      const int64_t t0 = std::min(n, ci * len), t1 = std::min(n, t0 + len);
+      const int32_t* lm = p.num_landmarks > 0 ? p.landmarks + b * p.landmarks_batch_stride : nullptr;
+      fill_keys(rk, lm, t0, t1, s.idx());
+      DecodeRowMods rm[kDecodeGroup];
+      for (int r = 0; r < g.nr; ++r) {
+        const int64_t row = g.rows[r], i = row % p.Nq, h = (row / p.Nq) % p.Hq;
+        const T* qr = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
+        float* q = s.q() + r * s.DP;
+        for (int64_t d = 0; d < p.D; ++d) q[d] = K::ld1(qr + d) * c;
+        rm[r].cap = cap;
+        // bias[h, (j - r) + Nk - 1] with r = i + Nk - Nq: indexed by the key j.
+        if (p.bias) rm[r].bias = p.bias + h * (p.Nq + p.Nk - 1) + (p.Nq - 1 - i);
+      }
+      const DecodeRowMods* mods = cap > 0.f || p.bias ? rm : nullptr;
+      const T* kb = t1 > t0 ? static_cast<const T*>(p.k) + b * p.k_stride[0] + g.kvh * p.k_stride[1] : nullptr;
+      const T* vb = t1 > t0 ? static_cast<const T*>(p.v) + b * p.v_stride[0] + g.kvh * p.v_stride[1] : nullptr;
+      const uint8_t* pad = p.key_padding ? p.key_padding + b * p.Nk : nullptr;
+      const int nk = int(t1 - t0);
+      float* part[kDecodeGroup];
+      for (int r = 0; r < g.nr; ++r) part[r] = parts + (g.rows[r] * C + ci) * PS;
+      switch (g.nr) {
+        case 1: K::template item<1>(p, kb, vb, pad, s.idx(), nk, s, part, mods); break;
+        case 2: K::template item<2>(p, kb, vb, pad, s.idx(), nk, s, part, mods); break;
+        case 3: K::template item<3>(p, kb, vb, pad, s.idx(), nk, s, part, mods); break;
+        default: K::template item<4>(p, kb, vb, pad, s.idx(), nk, s, part, mods); break;
+      }
+    };
+
+    const int nthreads = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+    const bool parallel = nthreads > 1 && items > 1 && ng * max_keys * (p.D + p.Dv) >= kParallelWork;
+    if (!parallel) {
+      const FlushDenormals ftz;
+      static thread_local DecodeScratch s;
+      s.prepare(max_chunk, W, p);
+      for (int64_t it = 0; it < items; ++it) do_item(it, s);
+      for (int64_t row = 0; row < nrows; ++row) finish_row(p, parts + row * C * PS, C, PS, row, s.o());
+      return;
+    }
+#pragma omp parallel num_threads(int(std::min<int64_t>(nthreads, items)))
     {
       const FlushDenormals ftz;
-      DecodeScratch& s = *scratch[omp_get_thread_num()];
+      static thread_local DecodeScratch s;
+      s.prepare(max_chunk, W, p);
 #pragma omp for schedule(static)
-      for (int64_t it = 0; it < items; ++it) {
-        const Group& g = groups[it / C];
-        const int64_t ci = it % C, b = g.b;
-        const DecodeRowKeys& rk = rks[g.rk];
-        const int64_t n = rk.count(), len = ceil_div(n, C);
-        const int64_t t0 = std::min(n, ci * len), t1 = std::min(n, t0 + len);
-        const int32_t* lm = p.num_landmarks > 0 ? p.landmarks + b * p.landmarks_batch_stride : nullptr;
-        fill_keys(rk, lm, t0, t1, s.idx.get());
-        DecodeRowMods rm[kDecodeGroup];
-        for (int r = 0; r < g.nr; ++r) {
-          const int64_t row = g.rows[r], i = row % p.Nq, h = (row / p.Nq) % p.Hq;
-          const T* qr = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
-          float* q = s.q.get() + r * s.DP;
-          for (int64_t d = 0; d < p.D; ++d) q[d] = K::ld1(qr + d) * c;
-          rm[r].cap = cap;
-          // bias[h, (j - r) + Nk - 1] with r = i + Nk - Nq: indexed by the key j.
-          if (p.bias) rm[r].bias = p.bias + h * (p.Nq + p.Nk - 1) + (p.Nq - 1 - i);
-        }
-        const DecodeRowMods* mods = cap > 0.f || p.bias ? rm : nullptr;
-        const T* kb = t1 > t0 ? static_cast<const T*>(p.k) + b * p.k_stride[0] + g.kvh * p.k_stride[1] : nullptr;
-        const T* vb = t1 > t0 ? static_cast<const T*>(p.v) + b * p.v_stride[0] + g.kvh * p.v_stride[1] : nullptr;
-        const uint8_t* pad = p.key_padding ? p.key_padding + b * p.Nk : nullptr;
-        const int nk = int(t1 - t0);
-        float* part[kDecodeGroup];
-        for (int r = 0; r < g.nr; ++r) part[r] = parts.get() + (g.rows[r] * C + ci) * PS;
-        switch (g.nr) {
-          case 1: K::template item<1>(p, kb, vb, pad, s.idx.get(), nk, s, part, mods); break;
-          case 2: K::template item<2>(p, kb, vb, pad, s.idx.get(), nk, s, part, mods); break;
-          case 3: K::template item<3>(p, kb, vb, pad, s.idx.get(), nk, s, part, mods); break;
-          default: K::template item<4>(p, kb, vb, pad, s.idx.get(), nk, s, part, mods); break;
-        }
-      }
+      for (int64_t it = 0; it < items; ++it) do_item(it, s);
 #pragma omp for schedule(static)
-      for (int64_t row = 0; row < nrows; ++row) finish_row(p, parts.get() + row * C * PS, C, PS, row, s.o.get());
+      for (int64_t row = 0; row < nrows; ++row) finish_row(p, parts + row * C * PS, C, PS, row, s.o());
     }
   }
 
