@@ -156,6 +156,25 @@ struct DecodeKernel {
     }
   }
 
+#if defined(__AVX512F__)
+  // Four vectors a, b, c, d -> one whose 128-bit lane L holds (sum of lane L of a, ... of d).
+  static __m512 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // Four reduce4 results (keys 0-3, 4-7, 8-11, 12-15) -> the 16 full sums in key order.
+  static __m512 reduce_lanes(__m512 r0, __m512 r1, __m512 r2, __m512 r3) {
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(r0, r1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(r0, r1, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(r2, r3, _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(r2, r3, _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+#endif
+
   // S[r * SP + t] = q_r . K[idx[t]] for t < n, rows r < NR (q_r at q + r * DP).
   template <int NR>
   static void scores(const float* q, int64_t DP, int64_t D, const T* k, int64_t ks, const int32_t* idx,
@@ -184,13 +203,34 @@ struct DecodeKernel {
             for (int r = 0; r < NR; ++r) acc[r][u] = V::fma(kv, qv[r], acc[r][u]);
           }
         }
-        for (int r = 0; r < NR; ++r)
-          for (int u = 0; u < U; ++u) V::store(tmp + (r * W + u0 + u) * W, acc[r][u]);
+#if defined(__AVX512F__)
+        if constexpr (std::is_same<V, VecAvx512>::value) {
+          // Horizontal sums by a shuffle tree: each group of 4 keys becomes one vector of
+          // per-128-bit-lane partial sums (reduced across the lanes below).
+          for (int r = 0; r < NR; ++r)
+            for (int u = 0; u < U; u += 4)
+              V::store(tmp + (r * 4 + (u0 + u) / 4) * W,
+                       reduce4(acc[r][u], acc[r][u + 1], acc[r][u + 2], acc[r][u + 3]));
+        } else
+#endif
+        {
+          for (int r = 0; r < NR; ++r)
+            for (int u = 0; u < U; ++u) V::store(tmp + (r * W + u0 + u) * W, acc[r][u]);
+        }
       }
       for (int r = 0; r < NR; ++r) {
-        V::transpose(tmp + r * W * W, W, tt, W);
-        R s = V::load(tt);
-        for (int lane = 1; lane < W; ++lane) s = V::add(s, V::load(tt + lane * W));
+        R s;
+#if defined(__AVX512F__)
+        if constexpr (std::is_same<V, VecAvx512>::value) {
+          const float* qd = tmp + r * 4 * W;
+          s = reduce_lanes(V::load(qd), V::load(qd + W), V::load(qd + 2 * W), V::load(qd + 3 * W));
+        } else
+#endif
+        {
+          V::transpose(tmp + r * W * W, W, tt, W);
+          s = V::load(tt);
+          for (int lane = 1; lane < W; ++lane) s = V::add(s, V::load(tt + lane * W));
+        }
         float* Sr = S + r * SP + t;
         V::store(Sr, s);
         if (DV < D) {
