@@ -175,6 +175,65 @@ struct DecodeKernel {
   }
 #endif
 
+  // bf16 on avx512 with the feature dim a multiple of 32: K / V rows are widened as even / odd
+  // feature pairs (see scores / pv_pairs); other cases widen 16 features at a time.
+  static bool pairs(int64_t n) {
+#if defined(__AVX512F__)
+    if constexpr (DT == DType::BF16 && std::is_same<V, VecAvx512>::value) return n % 32 == 0;
+#endif
+    (void)n;
+    return false;
+  }
+
+  // q (D fp32, D % 32 == 0) reordered per 32 features to [even 16, odd 16] for the pair path.
+  static void permute_q(float* q, int64_t D, float* tmp) {
+    for (int64_t d = 0; d < D; d += 32) {
+      for (int i = 0; i < 16; ++i) {
+        tmp[i] = q[d + 2 * i];
+        tmp[16 + i] = q[d + 2 * i + 1];
+      }
+      std::memcpy(q + d, tmp, sizeof(float) * 32);
+    }
+  }
+
+#if defined(__AVX512F__)
+  // pv on bf16 pairs: NP blocks of 32 features, accumulated as even / odd halves, interleaved
+  // back on the store.
+  template <int NR, int NP>
+  static void pv_pairs(const float* P, int64_t SP, int n, const T* v, int64_t vs, const int32_t* idx,
+                       float* const* o, int64_t e0) {
+    const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
+    __m512 acc[NR][2 * NP];
+    for (int r = 0; r < NR; ++r)
+      for (int x = 0; x < 2 * NP; ++x) acc[r][x] = _mm512_setzero_ps();
+    for (int t = 0; t < n; ++t) {
+      const T* vp = v + int64_t(idx[t]) * vs;
+      if (t + kDecodePrefetchKeys < n) prefetch_row(v + int64_t(idx[t + kDecodePrefetchKeys]) * vs, NP * 32);
+      __m512 ve[NP], vo[NP];
+      for (int x = 0; x < NP; ++x) {
+        const __m512i w = _mm512_loadu_si512(vp + x * 32);
+        ve[x] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+        vo[x] = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
+      }
+      for (int r = 0; r < NR; ++r) {
+        const __m512 pb = _mm512_set1_ps(P[r * SP + t]);
+        for (int x = 0; x < NP; ++x) {
+          acc[r][2 * x] = _mm512_fmadd_ps(pb, ve[x], acc[r][2 * x]);
+          acc[r][2 * x + 1] = _mm512_fmadd_ps(pb, vo[x], acc[r][2 * x + 1]);
+        }
+      }
+    }
+    const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int r = 0; r < NR; ++r)
+      for (int x = 0; x < NP; ++x) {
+        float* dst = o[r] + e0 + x * 32;
+        _mm512_storeu_ps(dst, _mm512_permutex2var_ps(acc[r][2 * x], lo_idx, acc[r][2 * x + 1]));
+        _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(acc[r][2 * x], hi_idx, acc[r][2 * x + 1]));
+      }
+  }
+#endif
+
   // S[r * SP + t] = q_r . K[idx[t]] for t < n, rows r < NR (q_r at q + r * DP).
   template <int NR>
   static void scores(const float* q, int64_t DP, int64_t D, const T* k, int64_t ks, const int32_t* idx,
@@ -195,6 +254,26 @@ struct DecodeKernel {
         R acc[NR][U];
         for (int r = 0; r < NR; ++r)
           for (int u = 0; u < U; ++u) acc[r][u] = V::zero();
+#if defined(__AVX512F__)
+        if (pairs(D)) {
+          // bf16 pairs: one 64-byte load gives 16 even and 16 odd features of a key (2 ops to
+          // widen); q was stored as [even 16, odd 16] per 32 features (permute_q).
+          const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
+          for (int64_t d = 0; d < D; d += 2 * W) {
+            R qe[NR], qo[NR];
+            for (int r = 0; r < NR; ++r) {
+              qe[r] = V::load(q + r * DP + d);
+              qo[r] = V::load(q + r * DP + d + W);
+            }
+            for (int u = 0; u < U; ++u) {
+              const __m512i x = _mm512_loadu_si512(kp[u0 + u] + d);
+              const __m512 ke = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+              const __m512 ko = _mm512_castsi512_ps(_mm512_and_si512(x, hi));
+              for (int r = 0; r < NR; ++r) acc[r][u] = V::fma(ko, qo[r], V::fma(ke, qe[r], acc[r][u]));
+            }
+          }
+        } else
+#endif
         for (int64_t d = 0; d < DV; d += W) {
           R qv[NR];
           for (int r = 0; r < NR; ++r) qv[r] = V::load(q + r * DP + d);
@@ -269,6 +348,13 @@ struct DecodeKernel {
   static void pv(const float* P, int64_t SP, int n, const T* v, int64_t vs, const int32_t* idx, int64_t Dv,
                  float* const* o) {
     int64_t e = 0;
+#if defined(__AVX512F__)
+    if (pairs(Dv)) {
+      for (; e + 64 <= Dv; e += 64) pv_pairs<NR, 2>(P, SP, n, v + e, vs, idx, o, e);
+      for (; e + 32 <= Dv; e += 32) pv_pairs<NR, 1>(P, SP, n, v + e, vs, idx, o, e);
+      return;
+    }
+#endif
     if (NR == 1)
       for (; e + 8 * W <= Dv; e += 8 * W) pv_block<NR, 8>(P, SP, n, v + e, vs, idx, o, e);
     for (; e + 4 * W <= Dv; e += 4 * W) pv_block<NR, 4>(P, SP, n, v + e, vs, idx, o, e);
@@ -484,6 +570,7 @@ class DecodeForward {
         const T* qr = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
         float* q = s.q() + r * s.DP;
         for (int64_t d = 0; d < p.D; ++d) q[d] = K::ld1(qr + d) * c;
+        if (K::pairs(p.D)) K::permute_q(q, p.D, s.tmp());
         rm[r].cap = cap;
         // bias[h, (j - r) + Nk - 1] with r = i + Nk - Nq: indexed by the key j.
         if (p.bias) rm[r].bias = p.bias + h * (p.Nq + p.Nk - 1) + (p.Nq - 1 - i);
