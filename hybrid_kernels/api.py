@@ -214,9 +214,13 @@ def _plan_key(q, k, v, window, causal, scale, softcap, backend, return_lse):
         return None
     if type(causal) is not bool or type(return_lse) is not bool or type(backend) is not str:
         return None
-    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
-            v.dtype, q.device, k.device, v.device, window, causal, scale, softcap, backend,
-            return_lse, _env_values(), torch.get_num_threads())
+    try:
+        strides = (q.stride(), k.stride(), v.stride())
+    except RuntimeError:  # sparse / nested layouts have no strides: the general path decides
+        return None
+    return (q.shape, k.shape, v.shape, strides, q.dtype, k.dtype, v.dtype, q.device, k.device,
+            v.device, window, causal, scale, softcap, backend, return_lse, _env_values(),
+            torch.get_num_threads())
 
 
 class _CpuPlan:

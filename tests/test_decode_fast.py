@@ -7,6 +7,7 @@ kernel, plans never going stale, thread-count determinism, and unchanged errors.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -178,9 +179,18 @@ def test_env_changes_make_new_plans(monkeypatch):
         a = hk.attention(q, k, v)
         monkeypatch.setenv("HYBRID_KERNELS_POISON", "0")
         b = hk.attention(q, k, v)
+        api._PLANS.clear()
         monkeypatch.setenv("HYBRID_KERNELS_BACKEND", "reference")
-        with pytest.warns(RuntimeWarning):
+        with warnings.catch_warnings():  # the override warns once per process
+            warnings.simplefilter("ignore", RuntimeWarning)
             c = hk.attention(q, k, v)
+    assert list(api._PLANS.values()) == [False], "the reference override takes the general path"
+    monkeypatch.delenv("HYBRID_KERNELS_BACKEND")
+    with torch.inference_mode():
+        monkeypatch.setenv("HYBRID_KERNELS_POISON", "1")
+        hk.attention(q, k, v)
+        monkeypatch.setenv("HYBRID_KERNELS_POISON", "0")
+        hk.attention(q, k, v)
     poisons = {p.poison for p in api._PLANS.values() if isinstance(p, api._CpuPlan)}
     assert poisons == {True, False}
     (o64, _), (ob, _) = reference_pair(q, k, v)
