@@ -21,6 +21,7 @@
 
 #include "common/pattern.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/fwd_decode_entry.h"
 #include "cpu/int8_kernels.h"
 #include "cpu/int8_quantize.h"
 #include "cpu/int8_support.h"
@@ -571,6 +572,25 @@ void attention_forward_int8(const AttnInt8Params& p) {
   validate(p);
   const AttnParams& f = p.fwd;
   if (f.B == 0 || f.Nq == 0) return;
+  // Decode against a pre-quantized K cache (Int8KVCache): the decode path reads k8 and V in place
+  // (this kernel would repack the whole cache on every call). HYBRID_KERNELS_INT8_DECODE=0 keeps
+  // this kernel (tests compare the two).
+  {
+    const std::string isa = selected_isa();
+    const char* env = std::getenv("HYBRID_KERNELS_INT8_DECODE");
+    if ((isa == "avx512" || isa == "amx") && decode_int8_applies(p) && !(env && std::string(env) == "0")) {
+      AttnInt8Params d = p;
+      AttnParams& df = d.fwd;
+      if (df.window_left >= df.Nq + df.Nk || df.window_left < 0) df.window_left = -1;
+      if (df.window_right >= df.Nq + df.Nk || df.window_right < 0) df.window_right = -1;
+      if (df.num_landmarks == 0) {
+        df.landmarks = nullptr;
+        df.landmark_flags = nullptr;
+      }
+      attention_forward_decode_int8_avx512(d);
+      return;
+    }
+  }
   Ctx c;
   c.p = &p;
   c.kern = int8::select_kernels(selected_isa());

@@ -131,11 +131,70 @@ struct DecodeScratch {
   float* o() const { return o_.buf.get(); }
 };
 
-template <class V, DType DT>
+// Per item of the int8 K cache path: the rows' factors q_scale * scale * log2(e) and the kv head's
+// k_scale (one per k_block keys).
+struct DecodeK8 {
+  float row_factor[kDecodeGroup];
+  const float* k_scale;
+  int64_t k_block;
+};
+
+// K8: the pre-quantized int8 K cache (AttnInt8Params with q8 / k8 given; avx512 only): K rows
+// are int8, the query row holds q8 as fp32 (exact), so q8 . k8 accumulates exactly in fp32 for
+// D <= 1024 (|sum| < 2^24), the same value as the int32 dot product; the scales multiply after.
+// P and V are rounded to bf16 for P V (the int8 kernels' PV precision), l uses the unrounded P.
+template <class V, DType DT, bool K8 = false>
 struct DecodeKernel {
   using R = typename V::R;
   static constexpr int W = V::W;
   using T = typename std::conditional<DT == DType::F32, float, uint16_t>::type;
+  using TK = typename std::conditional<K8, int8_t, T>::type;
+
+  // W consecutive K values as fp32.
+  static R ldk(const TK* p) {
+    if constexpr (K8) {
+#if defined(__AVX512F__)
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#endif
+    } else {
+      return ld(p);
+    }
+  }
+  static float ldk1(const TK* p) {
+    if constexpr (K8) {
+      return float(*p);
+    } else {
+      return ld1(p);
+    }
+  }
+  // x rounded to the nearest bf16 value (ties to even), as fp32.
+  static float round_bf16_1(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+  static R round_bf16(R x) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<V, VecAvx512>::value) {
+      const __m512i i = _mm512_castps_si512(x);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+      const __m512i r = _mm512_add_epi32(_mm512_add_epi32(i, _mm512_set1_epi32(0x7FFF)), lsb);
+      return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(int(0xFFFF0000u))));
+    }
+#endif
+    return x;
+  }
+  // A V vector: rounded to bf16 in K8 mode (exact already for bf16 V).
+  static R ldv(const T* p) {
+    if constexpr (K8 && DT != DType::BF16) {
+      return round_bf16(ld(p));
+    } else {
+      return ld(p);
+    }
+  }
+  static float ldv1(const T* p) {
+    if constexpr (K8 && DT != DType::BF16) {
+      return round_bf16_1(ld1(p));
+    } else {
+      return ld1(p);
+    }
+  }
 
   static R ld(const T* p) {
     if constexpr (DT == DType::F32) {
@@ -236,7 +295,7 @@ struct DecodeKernel {
 
   // S[r * SP + t] = q_r . K[idx[t]] for t < n, rows r < NR (q_r at q + r * DP).
   template <int NR>
-  static void scores(const float* q, int64_t DP, int64_t D, const T* k, int64_t ks, const int32_t* idx,
+  static void scores(const float* q, int64_t DP, int64_t D, const TK* k, int64_t ks, const int32_t* idx,
                      int n, float* S, int64_t SP, float* tmp) {
     // Keys per register tile: NR * U accumulators, at most 16 (enough independent FMA chains).
     constexpr int U = NR == 1 ? W : NR == 2 ? (W < 8 ? W : 8) : (W < 4 ? W : 4);
@@ -244,7 +303,7 @@ struct DecodeKernel {
     float* tt = tmp + NR * W * W;
     for (int t = 0; t < n; t += W) {
       const int nk = std::min(W, n - t);
-      const T* kp[W];
+      const TK* kp[W];
       for (int u = 0; u < W; ++u) kp[u] = k + int64_t(idx[t + std::min(u, nk - 1)]) * ks;
       for (int u = 0; u < W; ++u) {
         const int ta = t + kDecodePrefetchKeys + u;
@@ -255,7 +314,7 @@ struct DecodeKernel {
         for (int r = 0; r < NR; ++r)
           for (int u = 0; u < U; ++u) acc[r][u] = V::zero();
 #if defined(__AVX512F__)
-        if (pairs(D)) {
+        if (!K8 && pairs(D)) {
           // bf16 pairs: one 64-byte load gives 16 even and 16 odd features of a key (2 ops to
           // widen); q was stored as [even 16, odd 16] per 32 features (permute_q).
           const __m512i hi = _mm512_set1_epi32(int(0xFFFF0000u));
@@ -278,7 +337,7 @@ struct DecodeKernel {
           R qv[NR];
           for (int r = 0; r < NR; ++r) qv[r] = V::load(q + r * DP + d);
           for (int u = 0; u < U; ++u) {
-            const R kv = ld(kp[u0 + u] + d);
+            const R kv = ldk(kp[u0 + u] + d);
             for (int r = 0; r < NR; ++r) acc[r][u] = V::fma(kv, qv[r], acc[r][u]);
           }
         }
@@ -315,7 +374,7 @@ struct DecodeKernel {
         if (DV < D) {
           for (int u = 0; u < nk; ++u) {
             float x = 0.f;
-            for (int64_t d = DV; d < D; ++d) x += q[r * DP + d] * ld1(kp[u] + d);
+            for (int64_t d = DV; d < D; ++d) x += q[r * DP + d] * ldk1(kp[u] + d);
             Sr[u] += x;
           }
         }
@@ -333,7 +392,7 @@ struct DecodeKernel {
       const T* vp = v + int64_t(idx[t]) * vs;
       if (t + kDecodePrefetchKeys < n) prefetch_row(v + int64_t(idx[t + kDecodePrefetchKeys]) * vs, NE * W);
       R vv[NE];
-      for (int x = 0; x < NE; ++x) vv[x] = ld(vp + x * W);
+      for (int x = 0; x < NE; ++x) vv[x] = ldv(vp + x * W);
       for (int r = 0; r < NR; ++r) {
         const R pb = V::set1(P[r * SP + t]);
         for (int x = 0; x < NE; ++x) acc[r][x] = V::fma(pb, vv[x], acc[r][x]);
@@ -363,7 +422,7 @@ struct DecodeKernel {
     for (; e < Dv; ++e)
       for (int r = 0; r < NR; ++r) {
         float x = 0.f;
-        for (int t = 0; t < n; ++t) x += P[r * SP + t] * ld1(v + int64_t(idx[t]) * vs + e);
+        for (int t = 0; t < n; ++t) x += P[r * SP + t] * ldv1(v + int64_t(idx[t]) * vs + e);
         o[r][e] = x;
       }
   }
@@ -416,8 +475,9 @@ struct DecodeKernel {
   // Partial softmax of NR rows over keys idx[0, n): part[r] = {m, l, o[Dv]}; mods: per row, or
   // nullptr without score modifiers.
   template <int NR>
-  static void item(const AttnParams& p, const T* k, const T* v, const uint8_t* pad, const int32_t* idx,
-                   int n, DecodeScratch& s, float* const* part, const DecodeRowMods* mods) {
+  static void item(const AttnParams& p, const TK* k, const T* v, const uint8_t* pad, const int32_t* idx,
+                   int n, DecodeScratch& s, float* const* part, const DecodeRowMods* mods,
+                   const DecodeK8* k8 = nullptr) {
     float* S = s.S();
     if (n == 0) {
       for (int r = 0; r < NR; ++r) {
@@ -429,11 +489,25 @@ struct DecodeKernel {
       return;
     }
     scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
+    if constexpr (K8) {
+      // S = (q8 . k8) * q_scale * k_scale * scale (log2 units): per-key factor k_scale[j / k_block].
+      for (int r = 0; r < NR; ++r) {
+        float* Sr = S + r * s.SP;
+        const float rf = k8->row_factor[r];
+        for (int t = 0; t < n; ++t) Sr[t] = Sr[t] * (rf * k8->k_scale[idx[t] / k8->k_block]);
+      }
+    }
     float* o[NR];
     for (int r = 0; r < NR; ++r) {
       if (mods) modify(mods[r], idx, n, S + r * s.SP);
       softmax(S + r * s.SP, pad, idx, n, part[r], part[r] + 1);
       o[r] = part[r] + 2;
+      if constexpr (K8) {
+        float* Sr = S + r * s.SP;
+        int t = 0;
+        for (; t + W <= n; t += W) V::store(Sr + t, round_bf16(V::load(Sr + t)));
+        for (; t < n; ++t) Sr[t] = round_bf16_1(Sr[t]);
+      }
     }
     pv<NR>(S, s.SP, n, v, p.v_stride[2], idx, p.Dv, o);
   }
@@ -446,9 +520,24 @@ class DecodeForward {
  public:
   static void run(const AttnParams& p) {
     switch (p.dtype) {
-      case DType::F32: run_typed<DType::F32>(p); break;
-      case DType::BF16: run_typed<DType::BF16>(p); break;
-      default: run_typed<DType::F16>(p); break;
+      case DType::F32: run_typed<DType::F32, false>(p, nullptr); break;
+      case DType::BF16: run_typed<DType::BF16, false>(p, nullptr); break;
+      default: run_typed<DType::F16, false>(p, nullptr); break;
+    }
+  }
+
+  // The pre-quantized int8 K cache (q8 / k8 / q_scale / k_scale given; see DecodeKernel's K8).
+  // p8.fwd has its window normalized; K is read from k8 (contiguous (B, Hk, Nk, D)).
+  static void run_int8(const AttnInt8Params& p8) {
+    AttnParams p = p8.fwd;
+    p.k = p8.k8;
+    p.k_stride[0] = p.Hk * p.Nk * p.D;
+    p.k_stride[1] = p.Nk * p.D;
+    p.k_stride[2] = p.D;
+    switch (p.dtype) {
+      case DType::F32: run_typed<DType::F32, true>(p, &p8); break;
+      case DType::BF16: run_typed<DType::BF16, true>(p, &p8); break;
+      default: run_typed<DType::F16, true>(p, &p8); break;
     }
   }
 
@@ -513,10 +602,11 @@ class DecodeForward {
   // entering an OpenMP region: the fork/join costs more than it saves (Nk = 16: ~16K).
   static constexpr int64_t kParallelWork = int64_t(1) << 18;
 
-  template <DType DT>
-  static void run_typed(const AttnParams& p) {
-    using K = DecodeKernel<V, DT>;
+  template <DType DT, bool K8>
+  static void run_typed(const AttnParams& p, const AttnInt8Params* p8) {
+    using K = DecodeKernel<V, DT, K8>;
     using T = typename K::T;
+    using TK = typename K::TK;
     const int64_t nrows = p.B * p.Hq * p.Nq, hg = p.Hq / p.Hk;
     // Per-call tables, kept by the calling thread across calls (no allocation once warm).
     static thread_local GrowBuf<DecodeRowKeys> rks_buf;
@@ -565,28 +655,40 @@ class DecodeForward {
       const int32_t* lm = p.num_landmarks > 0 ? p.landmarks + b * p.landmarks_batch_stride : nullptr;
       fill_keys(rk, lm, t0, t1, s.idx());
       DecodeRowMods rm[kDecodeGroup];
+      DecodeK8 k8info;
       for (int r = 0; r < g.nr; ++r) {
         const int64_t row = g.rows[r], i = row % p.Nq, h = (row / p.Nq) % p.Hq;
-        const T* qr = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
         float* q = s.q() + r * s.DP;
-        for (int64_t d = 0; d < p.D; ++d) q[d] = K::ld1(qr + d) * c;
-        if (K::pairs(p.D)) K::permute_q(q, p.D, s.tmp());
+        if constexpr (K8) {
+          const int8_t* qr = p8->q8 + ((b * p.Hq + h) * p.Nq + i) * p.D;
+          for (int64_t d = 0; d < p.D; ++d) q[d] = float(qr[d]);
+          const int64_t nqb = ceil_div(p.Nq, p8->q_block);
+          k8info.row_factor[r] = p8->q_scale[(b * p.Hq + h) * nqb + i / p8->q_block] * c;
+        } else {
+          const T* qr = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
+          for (int64_t d = 0; d < p.D; ++d) q[d] = K::ld1(qr + d) * c;
+          if (K::pairs(p.D)) K::permute_q(q, p.D, s.tmp());
+        }
         rm[r].cap = cap;
         // bias[h, (j - r) + Nk - 1] with r = i + Nk - Nq: indexed by the key j.
         if (p.bias) rm[r].bias = p.bias + h * (p.Nq + p.Nk - 1) + (p.Nq - 1 - i);
       }
       const DecodeRowMods* mods = cap > 0.f || p.bias ? rm : nullptr;
-      const T* kb = t1 > t0 ? static_cast<const T*>(p.k) + b * p.k_stride[0] + g.kvh * p.k_stride[1] : nullptr;
+      const TK* kb = t1 > t0 ? static_cast<const TK*>(p.k) + b * p.k_stride[0] + g.kvh * p.k_stride[1] : nullptr;
+      if constexpr (K8) {
+        k8info.k_block = p8->k_block;
+        k8info.k_scale = p8->k_scale + (b * p.Hk + g.kvh) * ceil_div(p.Nk, p8->k_block);
+      }
       const T* vb = t1 > t0 ? static_cast<const T*>(p.v) + b * p.v_stride[0] + g.kvh * p.v_stride[1] : nullptr;
       const uint8_t* pad = p.key_padding ? p.key_padding + b * p.Nk : nullptr;
       const int nk = int(t1 - t0);
       float* part[kDecodeGroup];
       for (int r = 0; r < g.nr; ++r) part[r] = parts + (g.rows[r] * C + ci) * PS;
       switch (g.nr) {
-        case 1: K::template item<1>(p, kb, vb, pad, s.idx(), nk, s, part, mods); break;
-        case 2: K::template item<2>(p, kb, vb, pad, s.idx(), nk, s, part, mods); break;
-        case 3: K::template item<3>(p, kb, vb, pad, s.idx(), nk, s, part, mods); break;
-        default: K::template item<4>(p, kb, vb, pad, s.idx(), nk, s, part, mods); break;
+        case 1: K::template item<1>(p, kb, vb, pad, s.idx(), nk, s, part, mods, &k8info); break;
+        case 2: K::template item<2>(p, kb, vb, pad, s.idx(), nk, s, part, mods, &k8info); break;
+        case 3: K::template item<3>(p, kb, vb, pad, s.idx(), nk, s, part, mods, &k8info); break;
+        default: K::template item<4>(p, kb, vb, pad, s.idx(), nk, s, part, mods, &k8info); break;
       }
     };
 
