@@ -20,7 +20,7 @@ from typing import Optional
 from torch import Tensor
 
 from .backends._params import QUANT_BLOCK
-from .quant import dequantize, quantize_qk
+from .quant import _quantize_blocks, dequantize, quantize_qk
 
 __all__ = ["Int8KVCache"]
 
@@ -62,8 +62,8 @@ class Int8KVCache:
         v = self.v if self.v.dtype == q.dtype else self.v.to(q.dtype)
         pattern, _ = api.plan(q, fake_k, v, window=window, landmarks=landmarks, causal=causal,
                               key_padding_mask=self.key_padding_mask, scale=scale, quant="int8")
-        q8, q_scale, _, _ = quantize_qk(q, q[:, :1, :1], q_block=self.block, k_block=self.block,
-                                        smooth_k=False)
+        # quantize_qk's own quantization of q (same bits), without quantizing a dummy key too.
+        q8, q_scale = _quantize_blocks(q, self.block)
         problem = Problem.from_inputs(q, v, pattern, "int8", needs_grad=False)
         backend = select_backend(problem, "auto")
         if hasattr(backend, "forward_int8_quantized"):

@@ -270,3 +270,55 @@ def test_poisoned_outputs_are_fully_written():
             out, lse = hk.attention(q, k, v, return_lse=True)
             assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert any(p.poison for p in api._PLANS.values() if isinstance(p, api._CpuPlan))
+
+
+@pytest.mark.parametrize("v_dtype", DTYPES)
+@pytest.mark.parametrize("Nq,Nk,kw,pad", [
+    (1, 16, {}, False), (1, 1025, {}, False),
+    (5, 97, dict(window=(8, 0), causal=True, landmarks=10), True), (8, 300, {}, True)])
+def test_int8_cache_decode_path(monkeypatch, v_dtype, Nq, Nk, kw, pad):
+    """The int8 K cache on the decode path against the tiled int8 kernel
+    (HYBRID_KERNELS_INT8_DECODE=0) and the exact float64 attention: same quantized inputs, so its
+    error against the exact result stays that of the int8 kernel (up to P's bf16 rounding, taken
+    against another running max), and the same rows are empty."""
+    from hybrid_kernels.int8_cache import Int8KVCache
+    g = torch.Generator().manual_seed(Nq * 100 + Nk)
+    q = torch.randn(2, 8, Nq, 64, generator=g).to(v_dtype)
+    k = torch.randn(2, 2, Nk, 64, generator=g) + 1.0
+    v = torch.randn(2, 2, Nk, 64, generator=g).to(v_dtype)
+    kpm = (torch.rand(2, Nk, generator=g) > 0.2) if pad else None
+    cache = Int8KVCache.from_kv(k, v, key_padding_mask=kpm)
+    monkeypatch.setenv("HYBRID_KERNELS_INT8_DECODE", "0")
+    o_tiled, l_tiled = cache.attention(q, return_lse=True, **kw)
+    monkeypatch.setenv("HYBRID_KERNELS_INT8_DECODE", "1")
+    with torch.inference_mode():
+        o_dec, l_dec = cache.attention(q, return_lse=True, **kw)
+        again, _ = cache.attention(q, return_lse=True, **kw)
+    assert torch.equal(o_dec, again)
+    ref_kw = _pattern_kwargs(kw, 2, Nk)
+    if kpm is not None:
+        ref_kw["key_padding_mask"] = kpm
+    exact, exact_lse = dense_reference(q.double(), k.double(), v.double(),
+                                       compute_dtype=torch.float64, **ref_kw)
+    assert torch.equal(torch.isfinite(l_dec), torch.isfinite(l_tiled))
+    fin = torch.isfinite(exact_lse)
+    err_dec = float((o_dec.double() - exact).abs().max())
+    err_tiled = float((o_tiled.double() - exact).abs().max())
+    assert err_dec <= 1.5 * err_tiled + 2e-3, (err_dec, err_tiled)
+    assert float((l_dec.double() - exact_lse)[fin].abs().max()) <= \
+        1.5 * float((l_tiled.double() - exact_lse)[fin].abs().max()) + 1e-4
+
+
+def test_int8_cache_decode_thread_count_determinism(monkeypatch):
+    from hybrid_kernels.int8_cache import Int8KVCache
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 8, 1, 64, generator=g).bfloat16()
+    cache = Int8KVCache.from_kv(torch.randn(1, 2, 5000, 64, generator=g),
+                                torch.randn(1, 2, 5000, 64, generator=g).bfloat16())
+    outs = []
+    with torch.inference_mode():
+        for n in ("1", "2", "3"):
+            monkeypatch.setenv("HYBRID_KERNELS_NUM_THREADS", n)
+            outs.append(cache.attention(q, return_lse=True))
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
