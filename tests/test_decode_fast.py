@@ -322,3 +322,34 @@ def test_int8_cache_decode_thread_count_determinism(monkeypatch):
             outs.append(cache.attention(q, return_lse=True))
     for out, lse in outs[1:]:
         assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+
+
+@pytest.mark.parametrize("Nq", [1, 8, 20])
+@pytest.mark.parametrize("decode", ["0", "1"])
+def test_int8_cache_q_quantized_in_the_kernel(monkeypatch, Nq, decode):
+    """Int8KVCache on the CPU quantizes q inside the kernel: the same output bits as quantizing q
+    in Python (quant.quantize_qk) and running the pre-quantized kernel, and the same exact lse up
+    to the rounding of the smoothing offset."""
+    from hybrid_kernels.dispatch import get_backend
+    from hybrid_kernels.int8_cache import Int8KVCache, smoothing_lse_offset
+    from hybrid_kernels.pattern import Pattern
+    from hybrid_kernels.quant import quantize_qk
+    monkeypatch.setenv("HYBRID_KERNELS_INT8_DECODE", decode)
+    g = torch.Generator().manual_seed(Nq)
+    q = torch.randn(2, 4, Nq, 64, generator=g).bfloat16()
+    k = torch.randn(2, 2, 150, 64, generator=g) + 2.0
+    v = torch.randn(2, 2, 150, 64, generator=g).bfloat16()
+    kpm = torch.rand(2, 150, generator=g) > 0.1
+    cache = Int8KVCache.from_kv(k, v, key_padding_mask=kpm)
+    out, lse = cache.attention(q, window=(16, 0), causal=True, return_lse=True)
+    pattern = Pattern(window_left=16, window_right=0, causal=True, key_padding_mask=kpm,
+                      scale=1 / 8)
+    q8, q_scale, _, _ = quantize_qk(q, q[:, :1, :1], q_block=cache.block, k_block=cache.block,
+                                    smooth_k=False)
+    ref_out, ref_lse = get_backend("cpu").forward_int8_quantized(
+        q8, q_scale, cache.k8, cache.k_scale, cache.v, q, pattern, cache.block, cache.block)
+    ref_lse = ref_lse + smoothing_lse_offset(q, cache.k_mean, pattern.scale)
+    assert torch.equal(out, ref_out)
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(fin, torch.isfinite(lse))
+    assert float((lse - ref_lse)[fin].abs().max()) <= 1e-4

@@ -58,6 +58,9 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("scratch_cache_limit", &hk::cpu::scratch_cache_limit,
         "The cap on kept scratch bytes (HYBRID_KERNELS_CPU_CACHE_MB, default 1024 MiB)");
   m.attr("SCRATCH_MIN_CACHED_BYTES") = py::int_(hk::cpu::kMinCachedBytes);
+  // attention_forward_int8 takes q8 == 0 with k8 given (quantizes q itself, bit for bit as
+  // quant.quantize_qk, and adds scale * q . k_mean to the lse): Int8KVCache's decode step.
+  m.attr("INT8_QUANTIZES_Q") = py::bool_(true);
   py::class_<CachedBuffer>(m, "CachedBuffer", py::buffer_protocol(),
                            "Writable bytes from the scratch cache, returned to it on release")
       .def(py::init<size_t>(), py::arg("nbytes"))
