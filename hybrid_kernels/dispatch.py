@@ -28,8 +28,18 @@ _REGISTRY: Dict[str, Backend] = {}
 _ORDER: List[str] = []
 
 
+_REGISTER_HOOKS: List = []
+
+
+def on_register(hook) -> None:
+    """Call ``hook()`` whenever the registry changes (the api's plan cache clears itself)."""
+    _REGISTER_HOOKS.append(hook)
+
+
 def register_backend(backend: Backend, priority: Optional[int] = None) -> Backend:
     """Register ``backend``; lower ``priority`` index is tried first by ``auto``."""
+    for hook in _REGISTER_HOOKS:
+        hook()
     if backend.name in _REGISTRY:
         _ORDER.remove(backend.name)
     _REGISTRY[backend.name] = backend

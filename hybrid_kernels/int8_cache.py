@@ -20,7 +20,8 @@ from typing import Optional
 from torch import Tensor
 
 from .backends._params import QUANT_BLOCK
-from .quant import dequantize, quantize_qk, smoothing_lse_offset  # noqa: F401 (re-exported)
+from .quant import _quantize_blocks, dequantize, quantize_qk
+from .quant import smoothing_lse_offset
 
 __all__ = ["Int8KVCache"]
 
@@ -62,10 +63,15 @@ class Int8KVCache:
         v = self.v if self.v.dtype == q.dtype else self.v.to(q.dtype)
         pattern, _ = api.plan(q, fake_k, v, window=window, landmarks=landmarks, causal=causal,
                               key_padding_mask=self.key_padding_mask, scale=scale, quant="int8")
-        q8, q_scale, _, _ = quantize_qk(q, q[:, :1, :1], q_block=self.block, k_block=self.block,
-                                        smooth_k=False)
         problem = Problem.from_inputs(q, v, pattern, "int8", needs_grad=False)
         backend = select_backend(problem, "auto")
+        if hasattr(backend, "forward_int8_cache"):  # q quantized in the kernel, exact lse
+            res = backend.forward_int8_cache(q, self.k8, self.k_scale, self.k_mean.float(), v,
+                                             pattern, self.block)
+            if res is not None:
+                return res if return_lse else res[0]
+        # quantize_qk's own quantization of q (same bits), without quantizing a dummy key too.
+        q8, q_scale = _quantize_blocks(q, self.block)
         if hasattr(backend, "forward_int8_quantized"):
             out, lse = backend.forward_int8_quantized(q8, q_scale, self.k8, self.k_scale, v, q,
                                                       pattern, self.block, self.block)

@@ -22,7 +22,7 @@ executable form (the backends' quantized integers and scales are bit-equal to it
 * Score modifiers (where a backend takes them with int8): they act on the exact scores, i.e.
   ``shift_i`` is added back before the softcap; the bias table is shift-invariant.
 * lse: every backend returns the lse of the exact (unsmoothed) scores: the smoothed scores' lse
-  plus ``shift_i`` (``int8_cache.smoothing_lse_offset``), or directly when the shift was added back.
+  plus ``shift_i`` (``smoothing_lse_offset`` below), or directly when the shift was added back.
 * PV: P (and V) in low precision with float32 accumulation; the precision is the backend's
   (CPU: bf16 for every dtype; Triton/CUDA: V's dtype), the only place backends may differ.
 

@@ -267,7 +267,9 @@ def test_zero_blocks_and_padded_keys():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_cpu_fused_quantization_is_the_definition(case):
     """The CPU kernel quantizes inside (fused); fed quant.quantize_qk's integers instead, the same
-    kernel gives a bit-equal output and lse."""
+    kernel gives a bit-equal output and lse. Pre-quantized calls of at most 8 rows take the int8
+    decode kernel on avx512/amx, which rounds P to bf16 against another running max: there the
+    outputs may differ by one bf16 step (of the output's magnitude), no more."""
     from hybrid_kernels.api import plan
     from hybrid_kernels.backends.cpu import CpuBackend
     from hybrid_kernels.int8_cache import smoothing_lse_offset
@@ -280,7 +282,13 @@ def test_cpu_fused_quantization_is_the_definition(case):
                                        return_k_mean=True)
     out2, lse2 = backend.forward_int8_quantized(q8, qs, k8, ks, v, q, pattern, QUANT_BLOCK,
                                                 QUANT_BLOCK)
-    assert torch.equal(out, out2)
+    from hybrid_kernels.backends.cpu import load_module
+    decode_kernel = q.shape[2] <= 8 and load_module().selected_isa() in ("avx512", "amx")
+    if decode_kernel:
+        step = 2.0 ** -8 * float(out.float().abs().max())  # one bf16 step at the output's scale
+        assert float((out.float() - out2.float()).abs().max()) <= step
+    else:
+        assert torch.equal(out, out2)
     lse2 = lse2 + smoothing_lse_offset(q, mean, pattern.scale)
     torch.testing.assert_close(lse, lse2, rtol=0, atol=2e-5)
 

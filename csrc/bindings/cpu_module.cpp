@@ -7,6 +7,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "bindings/params_bindings.h"
 #include "cpu/attention_cpu.h"
@@ -57,6 +58,9 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("scratch_cache_limit", &hk::cpu::scratch_cache_limit,
         "The cap on kept scratch bytes (HYBRID_KERNELS_CPU_CACHE_MB, default 1024 MiB)");
   m.attr("SCRATCH_MIN_CACHED_BYTES") = py::int_(hk::cpu::kMinCachedBytes);
+  // attention_forward_int8 takes q8 == 0 with k8 given (quantizes q itself, bit for bit as
+  // quant.quantize_qk, and adds scale * q . k_mean to the lse): Int8KVCache's decode step.
+  m.attr("INT8_QUANTIZES_Q") = py::bool_(true);
   py::class_<CachedBuffer>(m, "CachedBuffer", py::buffer_protocol(),
                            "Writable bytes from the scratch cache, returned to it on release")
       .def(py::init<size_t>(), py::arg("nbytes"))
@@ -68,6 +72,30 @@ PYBIND11_MODULE(_C_cpu, m) {
   // The kernels never touch Python objects: release the GIL while they run.
   m.def("attention_forward", &hk::cpu::attention_forward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());
+  // The per-call fast path of hybrid_kernels.api: a params object prefilled once per plan, with
+  // only the data pointers given per call (one crossing instead of one per field). lse == 0: the
+  // caller does not want the lse; it goes to a per-thread scratch row instead.
+  m.def(
+      "attention_forward_ptrs",
+      [](const hk::AttnParams& params, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+         std::uintptr_t o, std::uintptr_t lse) {
+        hk::AttnParams p = params;
+        p.q = reinterpret_cast<const void*>(q);
+        p.k = reinterpret_cast<const void*>(k);
+        p.v = reinterpret_cast<const void*>(v);
+        p.o = reinterpret_cast<void*>(o);
+        if (lse) {
+          p.lse = reinterpret_cast<float*>(lse);
+        } else {
+          static thread_local std::vector<float> scratch;
+          const size_t n = size_t(p.B * p.Hq * p.Nq);
+          if (scratch.size() < n) scratch.resize(n);
+          p.lse = scratch.data();
+        }
+        hk::cpu::attention_forward(p);
+      },
+      py::arg("params"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
+      py::call_guard<py::gil_scoped_release>());
   m.def("attention_backward", &hk::cpu::attention_backward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_forward_int8", &hk::cpu::attention_forward_int8, py::arg("params"),

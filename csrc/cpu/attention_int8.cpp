@@ -21,6 +21,7 @@
 
 #include "common/pattern.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/fwd_decode_entry.h"
 #include "cpu/int8_kernels.h"
 #include "cpu/int8_quantize.h"
 #include "cpu/int8_support.h"
@@ -66,16 +67,17 @@ void validate(const AttnInt8Params& p) {
   if (f.landmarks_batch_stride < 0) fail("landmarks_batch_stride", "must be >= 0");
   if (f.landmark_flags_batch_stride < 0) fail("landmark_flags_batch_stride", "must be >= 0");
   if (f.B == 0 || f.Nq == 0) return;
-  const bool fused = p.q8 == nullptr;  // the kernel quantizes fwd.q / fwd.k itself
-  if (fused && p.k8) fail("k8", "must be null when q8 is null (fused quantization)");
-  if (fused && !f.q) fail("q", "is null (q8 is null: fused quantization reads q)");
-  if (!fused && !p.q_scale) fail("q_scale", "is null");
+  // fused: the kernel quantizes fwd.q / fwd.k itself; q8 null with k8 given: it quantizes q only
+  // (a pre-quantized K cache, see forward_quantizing_q).
+  const bool fused = p.q8 == nullptr && p.k8 == nullptr;
+  if (p.q8 == nullptr && !f.q) fail("q", "is null (q8 is null: the kernel quantizes q)");
+  if (p.q8 && !p.q_scale) fail("q_scale", "is null");
   if (!f.o) fail("o", "is null");
   if (!f.lse) fail("lse", "is null");
   if (f.Nk == 0) return;
   if (fused && !f.k) fail("k", "is null (k8 is null: fused quantization reads k)");
-  if (!fused && !p.k8) fail("k8", "is null");
-  if (!fused && !p.k_scale) fail("k_scale", "is null");
+  if (p.q8 && !p.k8) fail("k8", "is null");
+  if (p.k8 && !p.k_scale) fail("k_scale", "is null");
   if (!f.v) fail("v", "is null");
   if (f.num_landmarks > 0) {
     if (!f.landmarks) fail("landmarks", "is null but num_landmarks > 0");
@@ -565,12 +567,35 @@ bool amx_driver_applies(const AttnInt8Params& p) {
   return p.q8 == nullptr && p.fwd.Nk > 0 && p.fwd.Dv % 16 == 0;
 }
 
+void forward_quantizing_q(const AttnInt8Params& p);
+
 }  // namespace
 
 void attention_forward_int8(const AttnInt8Params& p) {
   validate(p);
   const AttnParams& f = p.fwd;
   if (f.B == 0 || f.Nq == 0) return;
+  if (p.q8 == nullptr && p.k8 != nullptr) {
+    forward_quantizing_q(p);
+    return;
+  }
+  // Decode against pre-quantized Q/K (an Int8KVCache): the decode path reads k8 and V in place
+  // (this kernel would repack the whole cache on every call).
+  {
+    const std::string isa = selected_isa();
+    if ((isa == "avx512" || isa == "amx") && decode_int8_applies(p)) {
+      AttnInt8Params d = p;
+      AttnParams& df = d.fwd;
+      if (df.window_left >= df.Nq + df.Nk || df.window_left < 0) df.window_left = -1;
+      if (df.window_right >= df.Nq + df.Nk || df.window_right < 0) df.window_right = -1;
+      if (df.num_landmarks == 0) {
+        df.landmarks = nullptr;
+        df.landmark_flags = nullptr;
+      }
+      attention_forward_decode_int8_avx512(d);
+      return;
+    }
+  }
   Ctx c;
   c.p = &p;
   c.kern = int8::select_kernels(selected_isa());
@@ -627,6 +652,38 @@ void attention_forward_int8(const AttnInt8Params& p) {
     }
   }
 }
+
+namespace {
+
+// q8 == nullptr with k8 given (Int8KVCache on the CPU): Q quantized here per block of q_block rows,
+// bit for bit as quant.quantize_qk (int8::quantize_q_block), then the pre-quantized forward; with
+// k_mean the lse gets scale * q . k_mean added back (the lse of the exact, unsmoothed scores).
+void forward_quantizing_q(const AttnInt8Params& p) {
+  const AttnParams& f = p.fwd;
+  const int8::Kernels& kern = *int8::select_kernels(selected_isa());
+  const int64_t nqb = ceil_div(f.Nq, p.q_block), groups = f.Hq / f.Hk;
+  std::vector<int8_t> q8(size_t(f.B * f.Hq * f.Nq * f.D));
+  std::vector<float> qs(size_t(f.B * f.Hq * nqb)), shift(size_t(f.B * f.Hq * f.Nq), 0.f);
+  std::vector<float> buf(size_t(f.D) + 64);
+  for (int64_t b = 0; b < f.B; ++b)
+    for (int64_t h = 0; h < f.Hq; ++h)
+      for (int64_t blk = 0; blk < nqb; ++blk) {
+        const int64_t row0 = (b * f.Hq + h) * f.Nq + blk * p.q_block;
+        const float* mean = p.k_mean && f.Nk > 0 ? p.k_mean + (b * f.Hk + h / groups) * f.D : nullptr;
+        qs[size_t((b * f.Hq + h) * nqb + blk)] = int8::quantize_q_block(
+            kern, f, b, h, blk, p.q_block, mean, q8.data() + row0 * f.D, f.D, shift.data() + row0,
+            buf.data());
+      }
+  AttnInt8Params d = p;
+  d.q8 = q8.data();
+  d.q_scale = qs.data();
+  d.k_mean = nullptr;
+  attention_forward_int8(d);
+  if (p.k_mean && f.Nk > 0)
+    for (int64_t r = 0; r < f.B * f.Hq * f.Nq; ++r) f.lse[r] += shift[size_t(r)];
+}
+
+}  // namespace
 
 }  // namespace cpu
 }  // namespace hk

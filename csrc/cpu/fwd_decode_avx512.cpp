@@ -6,5 +6,7 @@ namespace cpu {
 
 void attention_forward_decode_avx512(const AttnParams& p) { DecodeForward<VecAvx512>::run(p); }
 
+void attention_forward_decode_int8_avx512(const AttnInt8Params& p) { DecodeForward<VecAvx512>::run_int8(p); }
+
 }  // namespace cpu
 }  // namespace hk

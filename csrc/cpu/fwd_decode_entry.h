@@ -11,6 +11,8 @@ namespace cpu {
 void attention_forward_decode_avx512(const AttnParams& p);
 void attention_forward_decode_avx2(const AttnParams& p);
 void attention_forward_decode_scalar(const AttnParams& p);
+// The pre-quantized int8 K cache (q8 / k8 given) on the decode path; avx512 build only.
+void attention_forward_decode_int8_avx512(const AttnInt8Params& p);
 
 namespace {
 
@@ -20,6 +22,12 @@ namespace {
 constexpr int64_t kDecodeMaxNq = 8;
 
 inline bool decode_path_applies(const AttnParams& p) { return p.Nq <= kDecodeMaxNq; }
+
+// The int8 decode path: pre-quantized Q/K, few query rows, q8 . k8 exact in fp32 (D <= 1024).
+inline bool decode_int8_applies(const AttnInt8Params& p) {
+  return p.q8 != nullptr && p.k8 != nullptr && p.fwd.Nq <= kDecodeMaxNq && p.fwd.Nk > 0 &&
+         p.fwd.D <= 1024;
+}
 
 }  // namespace
 }  // namespace cpu

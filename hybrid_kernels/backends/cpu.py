@@ -120,6 +120,22 @@ class CpuBackend(Backend):
         mod.attention_forward_int8(params)
         return out, lse
 
+    def forward_int8_cache(self, q, k8, k_scale, k_mean, v, pattern: Pattern, block: int):
+        """The INT8 kernel against a pre-quantized K cache, Q quantized inside the kernel (same
+        bits as quant.quantize_qk) and the lse that of the exact scores; None when this build
+        of the module cannot (then quantize q and call forward_int8_quantized)."""
+        mod = load_module()
+        if not getattr(mod, "INT8_QUANTIZES_Q", False):
+            return None
+        keep = Keep()
+        params, out, lse = _int8_params(mod, last_dim_contiguous(q), k8, last_dim_contiguous(v),
+                                        pattern, keep)
+        params.k8, params.k_scale = keep(k8.contiguous()), keep(k_scale.contiguous())
+        params.k_mean = keep(k_mean.contiguous())
+        params.q_block, params.k_block = block, block
+        mod.attention_forward_int8(params)
+        return out, lse
+
     def backward(self, dout, q, k, v, out, lse, pattern: Pattern, bias_grad: bool = False):
         mod = load_module()
         q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))

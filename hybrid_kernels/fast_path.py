@@ -1,0 +1,174 @@
+"""The fast path of :func:`hybrid_kernels.attention`: a cache of call plans.
+
+A plan is keyed by everything that decides a call: shapes, strides, dtypes and devices of q, k,
+v; window, causal, scale, softcap (plain Python values of exact types, so True never stands for
+1), the requested backend, return_lse, the environment variables the call reads and torch's
+thread count. Calls with landmarks, padding, quant, sinks or biases (tensors), autograd, or under
+torch.compile never use it. A plan is either False (take the general path) or a _CpuPlan: the
+CPU backend's params prefilled, so a call only allocates the output and passes five pointers.
+Entries are made after the general path's validation and dispatch accepted the same key, so a
+hit never skips an error. register_backend() clears the cache.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+from torch import Tensor
+
+from . import dispatch as _dispatch
+from .backend_base import Problem
+from .backends.cpu import CpuBackend, load_module, num_threads
+from .backends._alloc import new_output, poison_enabled
+from .backends._params import Keep, fill_params
+from .dispatch import select_backend
+from .validation import BACKENDS, plan
+
+__all__ = ["eligible", "run"]
+
+_PLANS: Dict[tuple, object] = {}
+_CPU = torch.device("cpu")
+_MAX_PLANS = 256
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_dispatch_stack_len = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+_function_mode_on = getattr(torch._C, "_is_torch_function_mode_enabled", lambda: False)
+_ENV_NAMES = ("HYBRID_KERNELS_BACKEND", "HYBRID_KERNELS_NUM_THREADS", "HYBRID_KERNELS_POISON",
+              "HYBRID_KERNELS_CPU_CACHE_MB")
+# os.environ keeps its entries in _data (bytes keys on POSIX); reading it directly costs a dict
+# lookup instead of os.environ.get's encoding round trip. os.environ.get where that is not so.
+_ENV_DATA = getattr(os.environ, "_data", None)
+if os.name == "posix" and isinstance(_ENV_DATA, dict):
+    _ENV_KEYS = tuple(os.environ.encodekey(n) for n in _ENV_NAMES)
+
+    def _env_values() -> tuple:
+        get = _ENV_DATA.get
+        return (get(_ENV_KEYS[0]), get(_ENV_KEYS[1]), get(_ENV_KEYS[2]), get(_ENV_KEYS[3]))
+else:  # pragma: no cover
+    def _env_values() -> tuple:
+        return tuple(os.environ.get(n) for n in _ENV_NAMES)
+
+
+def _modes_active() -> bool:
+    return _dispatch_stack_len() > 0 or _function_mode_on()
+
+
+def _plain_int(x) -> bool:
+    return type(x) is int
+
+
+def _plan_key(q, k, v, window, causal, scale, softcap, backend, return_lse):
+    """The cache key of a call, or None when an argument is of a type the cache does not key."""
+    if not (window is None or type(window) is int
+            or (type(window) is tuple and len(window) == 2 and type(window[0]) is int
+                and type(window[1]) is int)):
+        return None
+    if not (scale is None or type(scale) is float or type(scale) is int):
+        return None
+    if not (softcap is None or type(softcap) is float or type(softcap) is int):
+        return None
+    if type(causal) is not bool or type(return_lse) is not bool or type(backend) is not str:
+        return None
+    try:
+        strides = (q.stride(), k.stride(), v.stride())
+    except RuntimeError:  # sparse / nested layouts have no strides: the general path decides
+        return None
+    return (q.shape, k.shape, v.shape, strides, q.dtype, k.dtype, v.dtype, q.device, k.device,
+            v.device, window, causal, scale, softcap, backend, return_lse, _env_values(),
+            torch.get_num_threads())
+
+
+class _CpuPlan:
+    """A call on the native CPU backend with its params prefilled; only pointers change."""
+    __slots__ = ("run", "params", "out_shape", "dtype", "lse_shape", "return_lse", "poison",
+                 "cached_alloc")
+
+    def __init__(self, mod, params, out_shape, dtype, return_lse, poison, cached_alloc):
+        self.run = mod.attention_forward_ptrs
+        self.params = params
+        self.out_shape = out_shape
+        self.dtype = dtype
+        self.lse_shape = out_shape[:3]
+        self.return_lse = return_lse
+        self.poison = poison
+        self.cached_alloc = cached_alloc
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor):
+        if self.cached_alloc:
+            out = new_output(self.out_shape, self.dtype, q.device)
+        else:
+            out = torch.empty(self.out_shape, dtype=self.dtype, device=_CPU)
+            if self.poison:
+                out.fill_(float("nan"))
+        if not self.return_lse:
+            self.run(self.params, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), 0)
+            return out
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=_CPU)
+        if self.poison:
+            lse.fill_(float("nan"))
+        self.run(self.params, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                 lse.data_ptr())
+        return out, lse
+
+
+def _fast_plan(q, k, v, window, causal, scale, softcap, backend, return_lse):
+    """The plan of a call: validates it exactly as the general path does (raising the same
+    errors), then returns a _CpuPlan when the native CPU backend runs it with nothing the plan
+    cannot replay, else False."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        return False  # the general path raises
+    pattern, _ = plan(q, k, v, window=window, causal=causal, scale=scale, softcap=softcap)
+    B, Hq, Nq, _ = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    if B == 0 or Nq == 0 or Nk == 0 or Dv == 0 or q.device.type != "cpu":
+        return False
+    impl = select_backend(Problem.from_inputs(q, v, pattern, None, False), backend)
+    if type(impl) is not CpuBackend or type(impl).forward is not _CPU_FORWARD:
+        return False
+    if any(t.stride(-1) != 1 and t.shape[-1] != 1 for t in (q, k, v)):
+        return False
+    mod = load_module()
+    if not hasattr(mod, "attention_forward_ptrs"):
+        return False
+    out_shape = (B, Hq, Nq, Dv)
+    out = torch.empty(out_shape, dtype=q.dtype)   # for the strides only
+    lse = torch.empty(out_shape[:3], dtype=torch.float32)
+    params = mod.AttnParams()
+    fill_params(mod, params, q, k, v, out, lse, pattern, Keep())
+    params.num_threads = num_threads()
+    nbytes = out.numel() * out.element_size()
+    return _CpuPlan(mod, params, out_shape, q.dtype, return_lse, poison_enabled(),
+                    cached_alloc=nbytes >= mod.SCRATCH_MIN_CACHED_BYTES)
+
+
+def _clear_plans() -> None:
+    _PLANS.clear()
+
+
+_dispatch.on_register(_clear_plans)
+_CPU_FORWARD = CpuBackend.forward
+
+
+
+
+def eligible(q, k, v) -> bool:
+    """Plain tensors, no autograd graph needed, not traced, no dispatch/function modes."""
+    return (not _is_compiling() and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor
+            and not (_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and not _modes_active())
+
+
+def run(q, k, v, window, causal, scale, softcap, backend, return_lse):
+    """The call's result through its cached plan (made on first sight, after the general path's
+    validation and dispatch), or None when the general path must run it."""
+    key = _plan_key(q, k, v, window, causal, scale, softcap, backend, return_lse)
+    if key is None:
+        return None
+    entry = _PLANS.get(key)
+    if entry is None:
+        entry = _fast_plan(q, k, v, window, causal, scale, softcap, backend, return_lse)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = entry
+    return None if entry is False else entry(q, k, v)
