@@ -254,3 +254,18 @@ def test_minilm_real_weights_exact_without_sdpa(calls):
     assert calls == {"kernels": 6, "sdpa": 0}
     out = "last_hidden_state"
     _assert_exact(_rows(m64, ids, am, out), _rows(eager, ids, am, out), b, am.bool())
+
+
+def test_sliding_window_model_compiles_without_graph_breaks():
+    """Under torch.compile the sliding/causal masks are materialized and the layers run the exact
+    dense path (no values can be read while tracing); the graph stays whole and the result equal."""
+    cls, config = hf_tiny.decoder_configs()["mistral"]
+    _, m32, hyb = _triplet(cls, config)
+    ids, am = _padded_batch(20, 4)
+    with torch.no_grad():
+        eager = hyb(ids, attention_mask=am).logits
+        explained = torch._dynamo.explain(hyb)(ids, attention_mask=am)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(hyb, backend="aot_eager", fullgraph=True)(ids, attention_mask=am).logits
+    torch.testing.assert_close(compiled[am.bool()], eager[am.bool()], atol=1e-5, rtol=1e-5)

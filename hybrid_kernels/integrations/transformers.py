@@ -209,6 +209,8 @@ def _layer_name(module) -> str:
 
 
 def _warn_once(module, message: str) -> None:
+    if torch.compiler.is_compiling():  # a warning would break the graph; eager runs warn
+        return
     key = (_layer_name(module), message)
     if key not in _warned:
         _warned.add(key)
