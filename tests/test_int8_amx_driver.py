@@ -1,4 +1,4 @@
-"""quant="int8" on the forward driver with AMX tiles (csrc/cpu/fwd_core_int8_amx.h), the path
+"""quant="int8" on the forward driver with AMX tiles (csrc/cpu/int8/fwd_core_int8_amx.h), the path
 hk.attention takes on an AMX machine (Dv % 16 == 0; other shapes stay on the int8 tile kernels):
 against the int8 emulation, against the tile kernels it replaces (forced with
 HYBRID_KERNELS_INT8_AMX_DRIVER=0), determinism across runs and thread counts. Outputs are

@@ -1,0 +1,293 @@
+// bf16 compute core of the forward driver (fwd_driver.h) on AMX tiles (amx_gemm_bf16, fp32
+// accumulation):
+//   qk: S^T tile [16 keys][16 lanes] = K[16 keys][32 dims] . Qpair[16 dim pairs][16 lanes]
+//       (K read in place, Q packed as bf16 pairs exactly as in CoreBF16)
+//   pv: Ot tile [16 features][16 lanes] += Vt[16 features][32 keys] . Ppair[16 key pairs][16 lanes]
+//       (V transposed once per call into Vt, P rounded to bf16 pairs)
+// Key groups / chunks that run past the tile (band edges) are finished with vdpbf16ps (qk) and
+// fp32 FMAs (pv), so keys outside the tile are never touched: a NaN/inf there cannot leak in.
+// Landmark K/V are gathered into zero-padded buffers, which the tiles may read whole.
+// Needs D % 32 == 0 and Dv % 16 == 0 (see attention_forward_amx). The softmax and PV steps
+// (AmxLanes) and the V transpose are shared with the int8 core (fwd_core_int8_amx.h).
+#pragma once
+#if !defined(__AMX_BF16__) || !defined(__AMX_TILE__)
+#error "fwd_core_amx.h needs -mamx-tile -mamx-bf16 (include it from *_amx.cpp only)"
+#endif
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cstring>
+
+#include "cpu/simd/amx_tiles.h"
+#include "cpu/forward/fwd_common.h"
+#include "cpu/forward/fwd_core_bf16.h"
+#include "cpu/simd/simd_common.h"
+
+namespace hk {
+namespace cpu {
+namespace {
+
+// dst[e * ld + j] = key j's feature e as bf16, keys j < 32, e < Dv (Dv % 16 == 0, ld even). key(j,
+// e0) gives key j's features e0 .. e0 + 15 as bf16 in the low halves of 16 32-bit lanes (zeros
+// for a missing key). Keys are paired into 32-bit words (even key low), and 16 pairs x 16
+// features transposed as 32-bit values. kStream: non-temporal stores (dst and ld * 2 bytes
+// 64-byte aligned; the caller fences): no read-for-ownership of dst.
+template <bool kStream = false, class KeyBf16>
+inline void transpose_key_pairs(int64_t Dv, uint16_t* dst, int64_t ld, KeyBf16&& key) {
+  alignas(64) uint32_t X[16 * 16];
+  for (int64_t e0 = 0; e0 < Dv; e0 += 16) {
+    for (int jp = 0; jp < 16; ++jp)
+      _mm512_store_si512(X + jp * 16, _mm512_or_si512(key(2 * jp, e0), _mm512_slli_epi32(key(2 * jp + 1, e0), 16)));
+    if constexpr (kStream) {
+      alignas(64) uint32_t T[16 * 16];
+      VecAvx512::transpose(reinterpret_cast<const float*>(X), 16, reinterpret_cast<float*>(T), 16);
+      for (int r = 0; r < 16; ++r)
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + (e0 + r) * ld), _mm512_load_si512(T + 16 * r));
+    } else {
+      VecAvx512::transpose(reinterpret_cast<const float*>(X), 16, reinterpret_cast<float*>(dst + e0 * ld), ld / 2);
+    }
+  }
+}
+
+struct KVAmx {
+  const uint16_t* k;  // key row j at k + j * ks (bf16)
+  int64_t ks;
+  const uint16_t* vt;  // feature e of key j at vt[e * vts + j] (bf16)
+  int64_t vts;
+  const uint16_t* v;  // key row j at v + j * vs (bf16): the fp32 tail of pv
+  int64_t vs;
+  int64_t keys;  // keys the tiles may read from j = 0 (zero padded past the real ones)
+};
+
+class PrepAmx {
+ public:
+  explicit PrepAmx(const AttnParams& p)
+      : p_(p), G_(p.num_landmarks), NKP_(ceil_div(p.Nk, 32) * 32 + 32), GP_(ceil_div(G_, 32) * 32) {
+    // NKP_ is padded by one cache line past a multiple of 32 keys: rows 2^k bytes apart would
+    // share L1 sets when a tile loads 16 of them.
+    const int64_t BH = p.B * p.Hk;
+    const int nt = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
+    vt_.reset(BH * p.Dv * NKP_);
+    const int64_t nkb = ceil_div(p.Nk, 32);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t it = 0; it < BH * nkb; ++it) {
+      const int64_t bh = it / nkb, j0 = (it % nkb) * 32, b = bh / p.Hk, h = bh % p.Hk;
+      const int n = int(std::min<int64_t>(32, p.Nk - j0));
+      const uint16_t* rows[32];
+      for (int j = 0; j < n; ++j) rows[j] = v_row(b, h, j0 + j);
+      transpose_keys(rows, n, vt_.get() + bh * p.Dv * NKP_ + j0, NKP_);
+    }
+    if (G_ > 0) {
+      klm_.reset(BH * GP_ * p.D);
+      vtlm_.reset(BH * p.Dv * GP_);
+      for (int64_t bh = 0; bh < BH; ++bh) {
+        const int64_t b = bh / p.Hk, h = bh % p.Hk;
+        const int32_t* lm = p.landmarks + b * p.landmarks_batch_stride;
+        uint16_t* kd = klm_.get() + bh * GP_ * p.D;
+        std::memset(kd, 0, sizeof(uint16_t) * GP_ * p.D);
+        for (int64_t g = 0; g < G_; ++g) std::memcpy(kd + g * p.D, k_row(b, h, lm[g]), sizeof(uint16_t) * p.D);
+        for (int64_t g0 = 0; g0 < GP_; g0 += 32) {
+          const int n = int(std::min<int64_t>(32, std::max<int64_t>(0, G_ - g0)));
+          const uint16_t* rows[32];
+          for (int g = 0; g < n; ++g) rows[g] = v_row(b, h, lm[g0 + g]);
+          transpose_keys(rows, n, vtlm_.get() + bh * p.Dv * GP_ + g0, GP_);
+        }
+      }
+    }
+  }
+
+  KVAmx band(int64_t b, int64_t h) const {
+    const int64_t bh = b * p_.Hk + h;
+    return {k_row(b, h, 0), p_.k_stride[2], vt_.get() + bh * p_.Dv * NKP_, NKP_, v_row(b, h, 0),
+            p_.v_stride[2], 0};
+  }
+
+  KVAmx landmarks(int64_t b, int64_t h) const {
+    const int64_t bh = b * p_.Hk + h;
+    return {klm_.get() + bh * GP_ * p_.D, p_.D, vtlm_.get() + bh * p_.Dv * GP_, GP_, nullptr, 0, GP_};
+  }
+
+ private:
+  const uint16_t* k_row(int64_t b, int64_t h, int64_t j) const {
+    return static_cast<const uint16_t*>(p_.k) + b * p_.k_stride[0] + h * p_.k_stride[1] + j * p_.k_stride[2];
+  }
+  const uint16_t* v_row(int64_t b, int64_t h, int64_t j) const {
+    return static_cast<const uint16_t*>(p_.v) + b * p_.v_stride[0] + h * p_.v_stride[1] + j * p_.v_stride[2];
+  }
+  // dst[e * ld + j] = rows[j][e] for j < n, 0 for n <= j < 32.
+  void transpose_keys(const uint16_t* const* rows, int n, uint16_t* dst, int64_t ld) const {
+    transpose_key_pairs(p_.Dv, dst, ld, [&](int j, int64_t e0) {
+      return j < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + e0)))
+                   : _mm512_setzero_si512();
+    });
+  }
+
+  const AttnParams& p_;
+  int64_t G_, NKP_, GP_;
+  AlignedBuf<uint16_t> vt_, klm_, vtlm_;
+};
+
+// The softmax and PV steps shared by the amx cores (CoreAmx, CoreInt8Amx): S^T tiles of n keys x
+// BQ = 32 query lanes (two vectors), P as bf16 key pairs Pp[jp * BQ + lane], O^T as Ot[e * BQ +
+// lane].
+struct AmxLanes {
+  using R = __m512;
+  static constexpr int W = 16;
+  static constexpr int QV = 2;
+  static constexpr int BQ = 32;
+
+  // Online softmax step: per lane half, m_new = Rule::next_max(m, c * max_j S), P =
+  // Rule::exp2(c * S - m_new) written into Pp as bf16 key pairs (zero up to a whole number of
+  // 32-key chunks), alpha = Rule::exp2(m - m_new) (1 where the max stays), l = l * alpha + sum
+  // of the fp32 P.
+  template <class Rule>
+  static void softmax(uint32_t* Pp, float scale, const float* S, int n, R* m, R* l, R* alpha) {
+    const R c = _mm512_set1_ps(scale);
+    const int np = (n + 1) / 2, np_pad = int(ceil_div(np, 16) * 16);
+    for (int v = 0; v < QV; ++v) {
+      const R mt = tile_max(S + v * W, n);
+      const R m_new = Rule::next_max(m[v], _mm512_mul_ps(mt, c));
+      const R m_use = VecAvx512::neg_inf_to_zero(m_new);  // rows that saw nothing yet keep p = 0
+      // Exactly 1 where the max did not move (Rule::exp2(0) need not be 1): earlier tiles keep
+      // their weight, and pv_chunks skips rescaling O.
+      const __mmask16 same = _mm512_cmp_ps_mask(m[v], m_new, _CMP_EQ_OQ) |
+                             _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
+      alpha[v] = _mm512_mask_blend_ps(same, Rule::exp2(_mm512_sub_ps(m[v], m_use)), _mm512_set1_ps(1.f));
+      R sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+      for (int jp = 0; jp < np; ++jp) {  // an odd n pairs its last key with p = 0
+        const R p0 = Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + 2 * jp * BQ + v * W), c, m_use));
+        const R p1 = 2 * jp + 1 < n
+                         ? Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + (2 * jp + 1) * BQ + v * W), c, m_use))
+                         : _mm512_setzero_ps();
+        sum0 = _mm512_add_ps(sum0, p0);
+        sum1 = _mm512_add_ps(sum1, p1);
+        _mm512_storeu_si512(Pp + jp * BQ + v * W, bf16_pairs(p0, p1));
+      }
+      for (int jp = np; jp < np_pad; ++jp) _mm512_storeu_si512(Pp + jp * BQ + v * W, _mm512_setzero_si512());
+      l[v] = _mm512_fmadd_ps(l[v], alpha[v], _mm512_add_ps(sum0, sum1));
+      m[v] = m_new;
+    }
+  }
+
+  // max_j S[j * BQ] over 16 lanes (four chains: max is exact, the order does not matter).
+  static R tile_max(const float* S, int n) {
+    R mt[4] = {_mm512_set1_ps(kNegInf), _mm512_set1_ps(kNegInf), _mm512_set1_ps(kNegInf), _mm512_set1_ps(kNegInf)};
+    int j = 0;
+    for (; j + 4 <= n; j += 4)
+      for (int u = 0; u < 4; ++u) mt[u] = _mm512_max_ps(mt[u], _mm512_loadu_ps(S + (j + u) * BQ));
+    for (; j < n; ++j) mt[0] = _mm512_max_ps(mt[0], _mm512_loadu_ps(S + j * BQ));
+    return _mm512_max_ps(_mm512_max_ps(mt[0], mt[1]), _mm512_max_ps(mt[2], mt[3]));
+  }
+
+  // Ot = Ot * alpha + Vt . P over `chunks` whole 32-key chunks (vt: feature e of key j at
+  // vt[e * vts + j], from the tile's first key; Dv % 16 == 0).
+  static void pv_chunks(const uint32_t* Pp, const uint16_t* vt, int64_t vts, int64_t Dv, int chunks,
+                        const R* alpha, float* Ot) {
+    const R one = _mm512_set1_ps(1.f);
+    if (_mm512_cmp_ps_mask(alpha[0], one, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(alpha[1], one, _CMP_NEQ_UQ))
+      for (int64_t i = 0; i < Dv * QV; ++i)
+        _mm512_storeu_ps(Ot + i * W, _mm512_mul_ps(_mm512_loadu_ps(Ot + i * W), alpha[i % QV]));
+    if (chunks > 0) amx_gemm_bf16<true>(Dv, BQ, 16 * chunks, vt, vts * 2, Pp, BQ, Ot, BQ);
+  }
+};
+
+template <int DC, int DVC>
+struct CoreAmx {
+  using Base = CoreBF16<DC, DVC>;  // Q packing and the vdpbf16ps tail of qk
+  using V = VecAvx512;
+  using R = __m512;
+  using KV = KVAmx;
+  using Prep = PrepAmx;
+  using Work = typename Base::Work;
+  static constexpr int W = AmxLanes::W;
+  static constexpr int QV = AmxLanes::QV;
+  static constexpr int BQ = AmxLanes::BQ;
+  static constexpr int JT = 64;
+  static constexpr bool kPairKeys = true;
+  static_assert(Base::BQ == BQ, "the Q pair layout is shared with CoreBF16");
+
+  using LandmarkCore = CoreAmx;
+  static void thread_enter() { amx_configure_16x64(); }
+  static void thread_exit() { _tile_release(); }
+  static void pack_q(Work& w, const AttnParams& p, const void* const* rows, int nr) {
+    Base::pack_q(w, p, rows, nr);
+  }
+
+  // 2^x, cubic on the fractional part (rel. error 1.4e-4: P is rounded to bf16, 2^-9, anyway).
+  static R exp2(R x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // max returns its 2nd operand on NaN: NaN propagates
+    const R n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const R f = _mm512_sub_ps(x, n);
+    R y = _mm512_set1_ps(0.05502927f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.24225698f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.69325305f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.99995134f));
+    return _mm512_scalef_ps(y, n);
+  }
+
+  // S^T = K . Q^T for the tile's whole 16-key groups (all groups for zero-padded K), the rest
+  // with vdpbf16ps.
+  static void qk(Work& w, const KV& kv, int64_t j0, int n, float* S) {
+    const int64_t D = DC ? DC : w.D2 * 2;
+    const uint32_t* Qp = w.Qp.get();
+    const uint16_t* kp = kv.k + j0 * kv.ks;
+    const int groups = kv.keys ? int(ceil_div(n, 16)) : n / 16;
+    if (groups > 0) amx_gemm_bf16<false>(16 * groups, BQ, D / 2, kp, kv.ks * 2, Qp, BQ, S, BQ);
+    // S stays unscaled when softmax() can fold a positive scale into its exponent.
+    const float cs = softmax_scale(w) == 1.f ? w.c : 1.f;
+    const int done = std::min(n, 16 * groups);
+    if (cs != 1.f) {
+      const R cv = _mm512_set1_ps(cs);
+      for (int i = 0; i < done * QV; ++i) _mm512_storeu_ps(S + i * W, _mm512_mul_ps(_mm512_loadu_ps(S + i * W), cv));
+    }
+    int j = done;
+    for (; j + 4 <= n; j += 4) Base::template qk_block<4>(Qp, kp + j * kv.ks, kv.ks, D / 2, cs, S + j * BQ);
+    for (; j < n; ++j) Base::template qk_block<1>(Qp, kp + j * kv.ks, kv.ks, D / 2, cs, S + j * BQ);
+  }
+
+  // Ot = Ot * alpha + Vt . P (P from softmax(), already bf16 pairs in w.Pp).
+  static void pv(Work& w, const KV& kv, int64_t j0, int n, const float* P, const R* alpha, float* Ot) {
+    const int64_t Dv = DVC ? DVC : w.Dv;
+    // Whole 32-key chunks on tiles; padded buffers (landmarks) may round the last one up.
+    const int chunks = kv.keys ? int(ceil_div(n, 32)) : n / 32;
+    const int tiled = std::min(n, 32 * chunks);
+    (void)P;  // softmax() left P as bf16 pairs in w.Pp
+    const uint32_t* Pp = w.Pp.get();
+    AmxLanes::pv_chunks(Pp, kv.vt + j0, kv.vts, Dv, chunks, alpha, Ot);
+    // Keys of a partial chunk at the end of the band: fp32 FMAs (P widened back from bf16).
+    for (int j = tiled; j < n; ++j) {
+      const uint16_t* vrow = kv.v + (j0 + j) * kv.vs;
+      const R p0 = unpair(Pp + (j / 2) * BQ, j & 1), p1 = unpair(Pp + (j / 2) * BQ + W, j & 1);
+      for (int64_t e = 0; e < Dv; ++e) {
+        const R ve = _mm512_set1_ps(bf16_to_f32(vrow[e]));
+        float* o = Ot + e * BQ;
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(p0, ve, _mm512_loadu_ps(o)));
+        _mm512_storeu_ps(o + W, _mm512_fmadd_ps(p1, ve, _mm512_loadu_ps(o + W)));
+      }
+    }
+  }
+
+ private:
+  // The factor softmax() applies to raw scores: w.c when positive (max commutes with it), else
+  // 1 (qk scaled S itself).
+  static float softmax_scale(const Work& w) { return w.c > 0.f ? w.c : 1.f; }
+
+  // fp32 value of the even (hi = 0) or odd key of 16 lanes of bf16 pairs.
+  static R unpair(const uint32_t* pairs, int hi) {
+    const __m512i x = _mm512_loadu_si512(pairs);
+    return _mm512_castsi512_ps(hi ? _mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u)))
+                                  : _mm512_slli_epi32(x, 16));
+  }
+
+ public:
+  // The driver's online-softmax step (AmxLanes::softmax with the running max, P into w.Pp).
+  static constexpr bool kOwnSoftmax = true;
+  static void softmax(Work& w, const float* S, int n, R* m, R* l, R* alpha) {
+    AmxLanes::softmax<CoreAmx>(w.Pp.get(), softmax_scale(w), S, n, m, l, alpha);
+  }
+  static R next_max(R m, R tile_max) { return _mm512_max_ps(m, tile_max); }
+};
+
+}  // namespace
+}  // namespace cpu
+}  // namespace hk
