@@ -462,12 +462,7 @@ struct DecodeKernel {
 
   // Score modifiers on one row's scores S[0, n) (keys idx), before the padding mask.
   static void modify(const DecodeRowMods& rm, const int32_t* idx, int n, float* S) {
-    if (rm.cap > 0.f) {
-      const R c = V::set1(rm.cap), ic = V::set1(1.f / rm.cap);
-      int t = 0;
-      for (; t + W <= n; t += W) V::store(S + t, V::mul(c, V::tanh(V::mul(V::load(S + t), ic))));
-      for (; t < n; ++t) S[t] = rm.cap * VecScalar::tanh(S[t] * (1.f / rm.cap));
-    }
+    if (rm.cap > 0.f) softcap_inplace<V>(S, n, rm.cap);
     if (rm.bias)
       for (int t = 0; t < n; ++t) S[t] += rm.bias[idx[t]] * kLog2e;
   }

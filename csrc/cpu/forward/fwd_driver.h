@@ -367,11 +367,7 @@ class ForwardDriver {
 
   // Score modifiers on a tile of n keys (see FwdMods), before its mask.
   static void apply_mods(const FwdMods& mods, const ModTile& mt, float* S, int n) {
-    if (mods.cap > 0.f) {
-      const R c = V::set1(mods.cap), ic = V::set1(1.f / mods.cap);
-      for (int64_t x = 0; x < int64_t(n) * BQ; x += W)
-        V::store(S + x, V::mul(c, V::tanh(V::mul(V::load(S + x), ic))));
-    }
+    if (mods.cap > 0.f) softcap_inplace<V>(S, int64_t(n) * BQ, mods.cap);
     if (mt.rb) {
       const float* rb = mt.rb + FwdMods::kPad + mods.Nq - 1;  // + r - key
       for (int j = 0; j < n; ++j) {

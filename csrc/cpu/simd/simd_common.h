@@ -324,6 +324,16 @@ inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
 }
 #endif
 
+// The softcap score modifier in place on n contiguous scores: S = cap * tanh(S / cap), cap > 0
+// (in the caller's units). V's lanes, then the scalar tail.
+template <class V>
+inline void softcap_inplace(float* S, int64_t n, float cap) {
+  const typename V::R c = V::set1(cap), ic = V::set1(1.f / cap);
+  int64_t t = 0;
+  for (; t + V::W <= n; t += V::W) V::store(S + t, V::mul(c, V::tanh(V::mul(V::load(S + t), ic))));
+  for (; t < n; ++t) S[t] = cap * VecScalar::tanh(S[t] * (1.f / cap));
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace hk
