@@ -18,9 +18,6 @@ other test modules); on a GPU machine the Triton tests also run compiled, in thi
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -31,20 +28,10 @@ from hybrid_kernels import quant
 from hybrid_kernels.quant import QUANT_BLOCK, int8_reference, quantize_qk
 from hybrid_kernels.reference import dense_reference
 
-
-def _interpreting_in_process() -> bool:
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    try:
-        import triton
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(triton.language.standard.zeros, InterpretedFunction)
+from triton_child import interpreting_in_process, run_in_interpreter
 
 
-INTERPRETING = _interpreting_in_process()
-CHILD_ENV = "HYBRID_KERNELS_INT8_DEF_TEST_CHILD"
+INTERPRETING = interpreting_in_process()
 
 
 def _has_triton() -> bool:
@@ -72,14 +59,7 @@ needs_cpu = pytest.mark.skipif(not _cpu_available(), reason="the C++ CPU module 
                     reason="this process is the interpreter run itself / no triton")
 def test_interpreter_runs():
     """The Triton tests of this file under TRITON_INTERPRET=1, in a child pytest process."""
-    env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD_ENV: "1"})
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x",
-                           "-p", "no:cacheprovider", "-k", "triton"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, "interpreter run failed:\n" + proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    run_in_interpreter(__file__, "-k", "triton")
 
 
 # ---------------------------------------------------------------------------------------------

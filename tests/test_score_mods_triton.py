@@ -7,9 +7,6 @@ GPU. Sizes are small: the interpreter is slow.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import zlib
 
 import pytest
@@ -23,18 +20,12 @@ from hybrid_kernels.reference import blocked_reference_backward, dense_reference
 
 from cases import Case
 from oracle import assert_matches_oracle
+from triton_child import interpreting_in_process, run_in_interpreter
 
 triton = pytest.importorskip("triton")
 
 
-def _interpreting_in_process() -> bool:
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(triton.language.standard.zeros, InterpretedFunction)
-
-
-INTERPRETING = _interpreting_in_process()
+INTERPRETING = interpreting_in_process()
 DEVICES = ["interpreter"] if INTERPRETING else ["cuda"]
 
 
@@ -50,15 +41,7 @@ def device(request):
 @pytest.mark.skipif(INTERPRETING, reason="this process is the interpreter run itself")
 def test_interpreter_runs():
     """Every kernel test of this file under TRITON_INTERPRET=1, in a child pytest process."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x",
-                           "-p", "no:cacheprovider"], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, ("interpreter run failed:\n" + proc.stdout[-6000:]
-                                  + proc.stderr[-3000:])
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    run_in_interpreter(__file__)
 
 
 # (geometry, modifiers): softcap c, "bias" = a random position_bias table, "alibi" = slopes.

@@ -10,9 +10,6 @@ Sizes are small: the interpreter is slow.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +20,7 @@ from hybrid_kernels.dispatch import Problem
 
 from cases import CASES, Case, ref_kwargs
 from oracle import assert_matches_oracle, reference_grads, reference_pair
+from triton_child import interpreting_in_process, run_in_interpreter
 
 triton = pytest.importorskip("triton")
 
@@ -48,15 +46,7 @@ FAST_IDS = {"d59_gqa_window_lm_pad", "decode_like_nq_lt_nk", "nq_gt_nk_negative_
 FAST = [c for c in TRITON_CASES if c.id in FAST_IDS]
 
 
-def _interpreting_in_process() -> bool:
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(triton.language.standard.zeros, InterpretedFunction)
-
-
-INTERPRETING = _interpreting_in_process()
-CHILD_ENV = "HYBRID_KERNELS_TRITON_TEST_CHILD"
+INTERPRETING = interpreting_in_process()
 DEVICES = ["interpreter"] if INTERPRETING else ["cuda"]
 
 
@@ -72,14 +62,7 @@ def device(request):
 @pytest.mark.skipif(INTERPRETING, reason="this process is the interpreter run itself")
 def test_interpreter_runs():
     """Every kernel test of this file under TRITON_INTERPRET=1, in a child pytest process."""
-    env = dict(os.environ, TRITON_INTERPRET="1", **{CHILD_ENV: "1"})
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-x",
-                           "-p", "no:cacheprovider"], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, "interpreter run failed:\n" + proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
+    run_in_interpreter(__file__)
 
 
 def _make(case, dtype, device, requires_grad=False):
