@@ -9,6 +9,7 @@ import hybrid_kernels as hk
 from hybrid_kernels.backends.cpu import load_module
 
 from cases import CASES, Case, ref_kwargs
+from isa import force, supported
 from oracle import assert_matches_oracle, reference_pair
 
 ISAS = ["amx", "avx512", "avx2", "scalar"]
@@ -26,26 +27,9 @@ AMX_CASES = CASES + [
 ]
 
 
-def _supported(isa: str) -> bool:
-    f = load_module().cpu_features()
-    return {
-        "amx": f["amx_tile"] and f["amx_bf16"] and f["amx_int8"] and f["avx512bf16"],
-        "avx512": f["avx512f"] and f["avx512bw"] and f["avx512vl"] and f["avx512bf16"] and f["avx512vnni"],
-        "avx2": f["avx2"] and f["fma"] and f["f16c"],
-        "scalar": True,
-    }[isa]
-
-
-def _force(monkeypatch, isa: str) -> None:
-    if not _supported(isa):
-        pytest.skip(f"this CPU cannot run the {isa} kernels")
-    monkeypatch.setenv("HYBRID_KERNELS_CPU_ISA", isa)
-    assert load_module().selected_isa() == isa
-
-
 def test_best_isa_is_selected_by_default(monkeypatch):
     monkeypatch.delenv("HYBRID_KERNELS_CPU_ISA", raising=False)
-    best = next(isa for isa in ISAS if _supported(isa))
+    best = next(isa for isa in ISAS if supported(isa))
     assert load_module().selected_isa() == best
 
 
@@ -54,7 +38,7 @@ def test_unsupported_or_unknown_isa_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HYBRID_KERNELS_CPU_ISA", "sse9")
     with pytest.raises(ValueError, match="HYBRID_KERNELS_CPU_ISA must be amx, avx512, avx2 or scalar"):
         hk.attention(q, k, v, backend="cpu")
-    missing = [isa for isa in ISAS if not _supported(isa)]
+    missing = [isa for isa in ISAS if not supported(isa)]
     if missing:  # on a machine that has every ISA there is nothing to refuse
         monkeypatch.setenv("HYBRID_KERNELS_CPU_ISA", missing[0])
         with pytest.raises(ValueError, match="does not support it"):
@@ -64,7 +48,7 @@ def test_unsupported_or_unknown_isa_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("isa", ["amx", "avx512"])
 @pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: c.id)
 def test_bf16_forward_per_isa(monkeypatch, isa, case):
-    _force(monkeypatch, isa)
+    force(monkeypatch, isa)
     q, k, v, pattern = case.make(torch.bfloat16)
     out, lse = hk.attention(q, k, v, **pattern, return_lse=True, backend="cpu")
     (o64, l64), (o_bf16, l_bf16) = reference_pair(q, k, v, **ref_kwargs(pattern, q, k))
@@ -77,7 +61,7 @@ def test_bf16_forward_per_isa(monkeypatch, isa, case):
 
 
 def test_amx_bf16_is_deterministic_and_thread_count_invariant(monkeypatch):
-    _force(monkeypatch, "amx")
+    force(monkeypatch, "amx")
     q, k, v, pattern = AMX_CASES[-4].make(torch.bfloat16)
     runs = []
     for threads in (1, 2, 3, 2):
@@ -87,7 +71,7 @@ def test_amx_bf16_is_deterministic_and_thread_count_invariant(monkeypatch):
 
 
 def test_amx_bf16_nan_stays_in_the_rows_that_see_it(monkeypatch):
-    _force(monkeypatch, "amx")
+    force(monkeypatch, "amx")
     q, k, v = (torch.randn(1, 2, 200, 64).bfloat16() for _ in range(3))
     q[0, 0, 10] = float("nan")
     k[0, 1, 150] = float("inf")  # inside a 16-key group and a 32-key chunk of the band tiles

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import hybrid_kernels as hk
-from hybrid_kernels.backends.cpu import CpuBackend, load_module
+from hybrid_kernels.backends.cpu import CpuBackend
 from hybrid_kernels.reference import dense_reference
 from hybrid_kernels.score_mods import alibi_bias
 
 from cases import Case, ref_kwargs
+from isa import force
 from oracle import assert_matches_oracle
 
 pytestmark = pytest.mark.skipif(CpuBackend().unavailable_reason() is not None,
@@ -40,22 +41,6 @@ BACKWARD_CASES = [c for c in CASES if c.id in {
     "mods_many_landmark_rows_d64", "mods_empty_rows", "mods_decode_nq1_nk1025"}]
 
 MODS = ["softcap", "bias", "both"]
-
-
-def _supported(isa: str) -> bool:
-    f = load_module().cpu_features()
-    return {
-        "avx512": f["avx512f"] and f["avx512bw"] and f["avx512vl"] and f["avx512bf16"] and f["avx512vnni"],
-        "avx2": f["avx2"] and f["fma"] and f["f16c"],
-        "scalar": True,
-    }[isa]
-
-
-def _force(monkeypatch, isa: str) -> None:
-    if not _supported(isa):
-        pytest.skip(f"this CPU cannot run the {isa} kernels")
-    monkeypatch.setenv("HYBRID_KERNELS_CPU_ISA", isa)
-    assert load_module().selected_isa() == isa
 
 
 def _mods(kind: str, case: Case, requires_grad: bool = False) -> dict:
@@ -112,7 +97,7 @@ def _check_forward(case: Case, dtype: torch.dtype, kind: str, isa: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_forward(monkeypatch, isa, kind, dtype, case):
-    _force(monkeypatch, isa)
+    force(monkeypatch, isa)
     _check_forward(case, dtype, kind, isa)
 
 
@@ -145,7 +130,7 @@ def _grads(case: Case, dtype: torch.dtype, kind: str, backend_dtype=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: c.id)
 def test_backward(monkeypatch, isa, kind, dtype, case):
-    _force(monkeypatch, isa)
+    force(monkeypatch, isa)
     grads, oracle, baseline = _grads(case, dtype, kind)
     names = ("dq", "dk", "dv", "dbias")
     for name, g, g64, gb in zip(names, grads, oracle, baseline):
@@ -216,7 +201,7 @@ def test_int8_with_modifiers_is_refused():
 def test_softcap_extremes(monkeypatch, isa, softcap):
     """A softcap far below the scores (tanh saturates: its exp underflows) and far above them
     (tanh near its Taylor branch), forward and backward."""
-    _force(monkeypatch, isa)
+    force(monkeypatch, isa)
     case = Case("mods_softcap_extremes", B=1, Hq=4, Hk=2, Nq=70, Nk=90, D=48, window=(20, 5),
                 landmarks=6, causal=True)
     q, k, v, pattern = case.make(torch.float32, requires_grad=True)
