@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                     rows.append(row(label, nk, q, k, v, ((q, k, v), kw), kv_bytes,
                                     lambda c=cache, qb=qb: c.attention(qb), args.rounds))
 
-    print(f"# one-token decode, B=1, Hq=8, D=64, Nq=1, no window, torch.inference_mode()")
+    print("# one-token decode, B=1, Hq=8, D=64, Nq=1, no window, torch.inference_mode()")
     print(f"# CPU: {device_name('cpu')}; torch threads: {torch.get_num_threads()}; "
           f"hk ISA: {_isa()}; torch {torch.__version__}")
     print(f"# times: medians over {args.rounds} interleaved rounds; stream = torch.sum over a "

@@ -88,14 +88,20 @@ def attention(
     Nk, Dv = k.shape[2], v.shape[3]
     if B == 0 or Nq == 0 or Nk == 0 or Dv == 0:
         return _empty_result(q, k, v, return_lse, sinks)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, pattern.bias, sinks))
-    impl = select_backend(Problem.from_inputs(q, v, pattern, quant, needs_grad), backend)
+    impl = select_backend(_problem(q, k, v, pattern, quant, sinks), backend)
     out, lse = torch.ops.hybrid_kernels.attention_fwd(
         q, k, v, pattern.landmarks, pattern.key_padding_mask, pattern.window_left,
         pattern.window_right, pattern.causal, pattern.scale, pattern.softcap, pattern.bias,
         sinks, quant or "", impl.name)
     return (out, lse) if return_lse else out
+
+
+def _problem(q: Tensor, k: Tensor, v: Tensor, pattern, quant: Optional[str],
+             sinks: Optional[Tensor]) -> Problem:
+    """What dispatch needs to know of a validated call (grad needed by any differentiable input)."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, pattern.bias, sinks))
+    return Problem.from_inputs(q, v, pattern, quant, needs_grad)
 
 
 def _empty_result(q: Tensor, k: Tensor, v: Tensor, return_lse: bool, sinks: Optional[Tensor]):
@@ -138,9 +144,7 @@ def explain(q, k: Optional[Tensor] = None, v: Optional[Tensor] = None, *, backen
     kwargs.pop("return_lse", None)
     sinks = kwargs.pop("sinks", None)
     pattern, quant = plan(q, k, v, **kwargs)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, pattern.bias, sinks))
-    problem = Problem.from_inputs(q, v, pattern, quant, needs_grad)
+    problem = _problem(q, k, v, pattern, quant, sinks)
     try:
         selected = select_backend(problem, backend).name
     except NoBackendError:

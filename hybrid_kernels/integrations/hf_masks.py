@@ -120,10 +120,9 @@ def hybrid_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
             padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
             if padding is not None:
                 padding = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
-            all_real = padding is None or (can_inspect_values() and bool(padding[:, :keys].all()))
-            if not causal and window is None:
-                # Plain bidirectional: the padding row is the whole truth, no tag needed.
-                if allow_is_bidirectional_skip and all_real:
+            if not causal and window is None and allow_is_bidirectional_skip:
+                # Plain bidirectional: the padding row is the whole truth; all real: no mask.
+                if padding is None or (can_inspect_values() and bool(padding.all())):
                     return None
             if padding is None:
                 padding = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)

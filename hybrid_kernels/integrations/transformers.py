@@ -24,7 +24,6 @@ attention and warns once per layer, naming it and the reason.
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Optional, Tuple
 
 import torch
