@@ -112,10 +112,9 @@ def make_flex(pattern, landmarks, n):
             vis = vis & (kv_idx <= q_idx)
         return vis
 
-    try:
-        block_mask = create_block_mask(mask_mod, None, None, n, n, device="cuda", _compile=True)
-    except TypeError:
-        block_mask = create_block_mask(mask_mod, None, None, n, n, device="cuda")
+    block_mask = torch.compile(create_block_mask)(mask_mod, None, None, n, n, device="cuda")
+    # The timer replays one graph's backward (retain_graph=True), which donated buffers forbid.
+    torch._functorch.config.donated_buffer = False
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def run(q, k, v):

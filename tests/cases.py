@@ -72,7 +72,10 @@ FAST_CASES = [c for c in CASES if c.id in {
 
 
 def ref_kwargs(pattern: dict, q: torch.Tensor, k: torch.Tensor) -> dict:
-    """Turn hk.attention's pattern keywords into dense_reference keywords."""
+    """Turn hk.attention's pattern keywords into dense_reference keywords, on q's device (the
+    oracle runs where q is; the kernel under test may have had the pattern's tensors elsewhere)."""
     from hybrid_kernels.api import plan
+    pattern = {name: (x.to(q.device) if isinstance(x, torch.Tensor) else x)
+               for name, x in pattern.items()}
     p, _ = plan(q, k, k, **pattern)
     return p.reference_kwargs()
