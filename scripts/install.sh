@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${HK_VENV:-.venv}
-EXTRAS=${1:-test,hf,retrieval,triton,bench}
+EXTRAS=${1:-test,hf,retrieval,triton,bench,serve,domains}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
