@@ -226,19 +226,7 @@ static void pack_head_bf16(const Ctx& c, const Rows& rows, HeadBlock& hb) {
 }
 
 // ------------------------------------------------------------------------- the tile step
-// 2^x, degree-4 polynomial (relative error ~4e-6, as the bf16 forward uses): P and dS are rounded
-// to bf16 (2^-9) before they are used, so this is far below the rounding that follows.
-static inline __m512 exp2_bf16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 y = _mm512_set1_ps(9.676041930e-03f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.592207752e-02f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402210727e-01f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931210288e-01f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.000000076e+00f));
-  return _mm512_scalef_ps(y, n);
-}
+
 
 // P = exp(scale*S - lse) and dS = scale*P*(dP - Delta) on the visible pairs (fp32, zero elsewhere),
 // written straight into the bf16 operands: Pt / dSt (pairs of rows) and dSb (rows of dS).
@@ -261,9 +249,9 @@ static void softmax_pack_bf16(int64_t mq, int64_t ncols, float scale, const Head
     for (int64_t j = 0; j < ncols; j += 16) {
       const __mmask16 b0 = static_cast<__mmask16>(m0 >> j), b1 = static_cast<__mmask16>(m1 >> j);
       const __m512 p0 = _mm512_maskz_mov_ps(
-          b0, exp2_bf16(_mm512_fmadd_ps(_mm512_loadu_ps(S0 + j), vscale2, nl0)));
+          b0, cpu::exp2<Exp2::kBf16>(_mm512_fmadd_ps(_mm512_loadu_ps(S0 + j), vscale2, nl0)));
       const __m512 p1 = _mm512_maskz_mov_ps(
-          b1, exp2_bf16(_mm512_fmadd_ps(_mm512_loadu_ps(S1 + j), vscale2, nl1)));
+          b1, cpu::exp2<Exp2::kBf16>(_mm512_fmadd_ps(_mm512_loadu_ps(S1 + j), vscale2, nl1)));
       const __m512 ds0 = _mm512_maskz_mul_ps(
           b0, _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dP0 + j), de0)), vscale);
       const __m512 ds1 = _mm512_maskz_mul_ps(

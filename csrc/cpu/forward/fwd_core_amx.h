@@ -213,17 +213,8 @@ struct CoreAmx {
     Base::pack_q(w, p, rows, nr);
   }
 
-  // 2^x, cubic on the fractional part (rel. error 1.4e-4: P is rounded to bf16, 2^-9, anyway).
-  static R exp2(R x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // max returns its 2nd operand on NaN: NaN propagates
-    const R n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const R f = _mm512_sub_ps(x, n);
-    R y = _mm512_set1_ps(0.05502927f);
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.24225698f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.69325305f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(0.99995134f));
-    return _mm512_scalef_ps(y, n);
-  }
+  // 2^x, kCoarse accuracy: P is rounded to bf16 (2^-9) anyway.
+  static R exp2(R x) { return cpu::exp2<Exp2::kCoarse>(x); }
 
   // S^T = K . Q^T for the tile's whole 16-key groups (all groups for zero-padded K), the rest
   // with vdpbf16ps.

@@ -123,18 +123,8 @@ struct CoreBF16 {
   static void thread_enter() {}
   static void thread_exit() {}
 
-  // 2^x with a degree-4 polynomial (rel. error ~4e-6, least squares fit): P is rounded to bf16 (2^-9) anyway.
-  static R exp2(R x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // max returns its 2nd operand on NaN: NaN propagates
-    const R n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const R f = _mm512_sub_ps(x, n);
-    R y = _mm512_set1_ps(9.676041930e-03f);
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.592207752e-02f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402210727e-01f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931210288e-01f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.000000076e+00f));
-    return _mm512_scalef_ps(y, n);
-  }
+  // 2^x, kBf16 accuracy: P is rounded to bf16 (2^-9) anyway.
+  static R exp2(R x) { return cpu::exp2<Exp2::kBf16>(x); }
 
   struct Work {
     explicit Work(const AttnParams& p)

@@ -7,6 +7,7 @@
 
 #include "cpu/int8/int8_kernels.h"
 #include "cpu/int8/int8_quantize_avx2.h"
+#include "cpu/simd/exp2.h"
 
 namespace hk {
 namespace cpu {
@@ -24,22 +25,7 @@ inline __m256i tail_mask(int n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// 2^x for x <= 0 (x = -inf gives exactly 0); Cephes exp2f polynomial on [-0.5, 0.5].
-inline __m256 exp2_ps(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-127.f));
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
-  // n = -127 builds the bit pattern 0: the result is exactly 0.
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+
 
 inline float hmax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -192,11 +178,11 @@ void softmax_avx2(float* S, int rows, int cols, float* m, float* l, float* alpha
     __m256 sum = _mm256_setzero_ps();
     for (int v = 0; v < nvec; ++v) {
       const __m256 t = _mm256_castsi256_ps(tail_mask(cols - 8 * v));
-      const __m256 e = _mm256_and_ps(t, exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(s + 8 * v), mv)));
+      const __m256 e = _mm256_and_ps(t, cpu::exp2<Exp2::kFull>(_mm256_sub_ps(_mm256_loadu_ps(s + 8 * v), mv)));
       _mm256_storeu_ps(s + 8 * v, e);
       sum = _mm256_add_ps(sum, e);
     }
-    const float a = mr == m[r] ? 1.f : _mm256_cvtss_f32(exp2_ps(_mm256_set1_ps(m[r] - mr)));
+    const float a = mr == m[r] ? 1.f : _mm256_cvtss_f32(cpu::exp2<Exp2::kFull>(_mm256_set1_ps(m[r] - mr)));
     alpha[r] = a;
     l[r] = l[r] * a + hsum(sum);
     m[r] = mr;

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "cpu/int8/int8_kernels.h"
+#include "cpu/simd/exp2.h"
 
 namespace hk {
 namespace cpu {
@@ -16,23 +17,9 @@ inline __mmask16 sm_tail_mask(int n) {
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-// 2^x for x <= 0 (x = -inf gives exactly 0, NaN stays NaN): degree-3 polynomial for 2^f on
-// [-0.5, 0.5], relative error < 1.4e-4 -- far below the bf16 rounding P gets for PV, and the
-// same P feeds the softmax sum. x < -125 gives 0: no result is ever denormal (denormal results
-// take a microcode assist each, and masked scores are -inf).
-// Lanes outside `lanes` are 0.
-inline __m512 exp2_ps(__m512 x, __mmask16 lanes = 0xffff) {
-  const __m512 lo = _mm512_set1_ps(-125.f);
-  const __mmask16 keep = _mm512_mask_cmp_ps_mask(lanes, x, lo, _CMP_NLT_UQ);  // x >= -125 or NaN
-  x = _mm512_max_ps(lo, x);  // a NaN x is returned (second operand)
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(5.5470794439315796e-2f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.423935979604721e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931890845298767e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999397993087769e-1f));
-  return _mm512_maskz_scalef_ps(keep, p, n);
-}
+// 2^x at kCoarse accuracy (cpu/simd/exp2.h): P is rounded to bf16 for PV anyway, and the same
+// P feeds the softmax sum. Lanes outside `lanes` are 0.
+inline __m512 exp2_ps(__m512 x, __mmask16 lanes = 0xffff) { return cpu::exp2<Exp2::kCoarse>(x, lanes); }
 
 // Lane i of the result: the max (kMax) or sum of the 16 lanes of v[i]; a shuffle tree instead
 // of 16 horizontal reductions.

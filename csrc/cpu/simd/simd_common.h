@@ -11,6 +11,8 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu/simd/exp2.h"
+
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -23,13 +25,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// 2^f on |f| <= 0.5 (Cephes exp2f minimax polynomial, ~1 ulp in fp32).
-constexpr float kExp2C6 = 1.535336188319500e-4f;
-constexpr float kExp2C5 = 1.339887440266574e-3f;
-constexpr float kExp2C4 = 9.618437357674640e-3f;
-constexpr float kExp2C3 = 5.550332471162809e-2f;
-constexpr float kExp2C2 = 2.402264791363012e-1f;
-constexpr float kExp2C1 = 6.931472028550421e-1f;
 
 // tanh(x) on |x| <= 0.625: x + x^3 P(x^2) (Cephes tanhf); above, (1 - e) / (1 + e) with
 // e = exp(-2|x|). ~2 ulp in fp32.
@@ -142,21 +137,7 @@ struct VecAvx2 {
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R max(R a, R b) { return _mm256_max_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
-  static R exp2(R x) {
-    x = _mm256_max_ps(_mm256_set1_ps(-127.f), x);  // -inf -> -127 (gives 0); NaN stays NaN
-    R n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    R f = _mm256_sub_ps(x, n);
-    R y = _mm256_set1_ps(kExp2C6);
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2C5));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2C4));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2C3));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2C2));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(kExp2C1));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
-    // 2^n by building the exponent; n = -127 gives the bit pattern 0, i.e. exactly 0.
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-  }
+  static R exp2(R x) { return cpu::exp2<Exp2::kFull>(x); }
   static R tanh(R x) {  // see kTanhSmall; NaN stays NaN
     const R sign = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
     const R ax = _mm256_andnot_ps(sign, x);
@@ -231,19 +212,7 @@ struct VecAvx512 {
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  static R exp2(R x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-200.f), x);  // -inf -> -200 (scalef gives 0); NaN stays NaN
-    R n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    R f = _mm512_sub_ps(x, n);
-    R y = _mm512_set1_ps(kExp2C6);
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2C5));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2C4));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2C3));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2C2));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kExp2C1));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(y, n);
-  }
+  static R exp2(R x) { return cpu::exp2<Exp2::kFull>(x); }
   static R tanh(R x) {  // see kTanhSmall; NaN stays NaN
     const R one = _mm512_set1_ps(1.f);
     const R ax = _mm512_abs_ps(x);
