@@ -25,7 +25,7 @@ from .backends._params import Keep, fill_params
 from .dispatch import select_backend
 from .validation import BACKENDS, plan
 
-__all__ = ["eligible", "run"]
+__all__ = ["eligible", "environment_key", "run"]
 
 _PLANS: Dict[tuple, object] = {}
 _CPU = torch.device("cpu")
@@ -48,6 +48,12 @@ if os.name == "posix" and isinstance(_ENV_DATA, dict):
 else:  # pragma: no cover
     def _env_values() -> tuple:
         return tuple(os.environ.get(n) for n in _ENV_NAMES)
+
+
+def environment_key() -> tuple:
+    """What a call reads besides its arguments: the environment variables and torch's thread
+    count (part of every plan key)."""
+    return _env_values(), torch.get_num_threads()
 
 
 def _modes_active() -> bool:
@@ -75,8 +81,7 @@ def _plan_key(q, k, v, window, causal, scale, softcap, backend, return_lse):
     except RuntimeError:  # sparse / nested layouts have no strides: the general path decides
         return None
     return (q.shape, k.shape, v.shape, strides, q.dtype, k.dtype, v.dtype, q.device, k.device,
-            v.device, window, causal, scale, softcap, backend, return_lse, _env_values(),
-            torch.get_num_threads())
+            v.device, window, causal, scale, softcap, backend, return_lse, environment_key())
 
 
 class _CpuPlan:

@@ -14,8 +14,8 @@ emulation of the same int8 arithmetic.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional
 
 from torch import Tensor
 
@@ -34,6 +34,9 @@ class Int8KVCache:
     v: Tensor                  # (B, Hk, Nk, Dv)
     key_padding_mask: Optional[Tensor] = None  # (B, Nk) bool, True = real
     block: int = QUANT_BLOCK
+    # Call plans of repeated decode shapes (see _plan_key); made after a general call accepted
+    # the same key, so a hit never skips an error.
+    _plans: Dict[tuple, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_kv(cls, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor] = None,
@@ -56,6 +59,11 @@ class Int8KVCache:
     def attention(self, q: Tensor, *, window=None, landmarks=None, causal: bool = False,
                   scale: Optional[float] = None, return_lse: bool = False):
         """hk.attention(q, K, V, quant="int8", ...) against the cached K/V (forward only)."""
+        key = self._plan_key(q, window, landmarks, causal, scale, return_lse)
+        if key is not None:
+            plan = self._plans.get(key)
+            if plan is not None:
+                return plan(q)
         from . import api
         from .dispatch import Problem, get_backend, select_backend
 
@@ -69,6 +77,10 @@ class Int8KVCache:
             res = backend.forward_int8_cache(q, self.k8, self.k_scale, self.k_mean.float(), v,
                                              pattern, self.block)
             if res is not None:
+                if key is not None and v is self.v:
+                    self._remember(key, backend.int8_cache_plan(
+                        q, self.k8, self.k_scale, self.k_mean.float(), v, pattern, self.block,
+                        return_lse))
                 return res if return_lse else res[0]
         # quantize_qk's own quantization of q (same bits), without quantizing a dummy key too.
         q8, q_scale = _quantize_blocks(q, self.block)
@@ -84,3 +96,33 @@ class Int8KVCache:
         return (out, lse) if return_lse else out
 
 
+
+    _MAX_PLANS = 16
+
+    def _plan_key(self, q, window, landmarks, causal, scale, return_lse) -> Optional[tuple]:
+        """The plan key of a call, or None when the call is not one a plan replays (landmark
+        tensors, autograd, tracing, modes, arguments of types the key does not cover)."""
+        from .fast_path import eligible, environment_key
+
+        if not (window is None or type(window) is int
+                or (type(window) is tuple and len(window) == 2
+                    and type(window[0]) is int and type(window[1]) is int)):
+            return None
+        if not (landmarks is None or type(landmarks) is int):
+            return None
+        if not (scale is None or type(scale) in (float, int)):
+            return None
+        if type(causal) is not bool or type(return_lse) is not bool or not eligible(q, q, q):
+            return None
+        kpm = self.key_padding_mask
+        cache = tuple(t.data_ptr() for t in (self.k8, self.k_scale, self.k_mean, self.v)) + (
+            None if kpm is None else kpm.data_ptr(), self.block)
+        return (q.shape, q.stride(), q.dtype, q.device, window, landmarks, causal, scale,
+                return_lse, cache, environment_key())
+
+    def _remember(self, key: tuple, plan) -> None:
+        if plan is None:
+            return
+        if len(self._plans) >= self._MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = plan

@@ -46,3 +46,38 @@ def test_cache_rejects_mismatched_kv():
     with pytest.raises(ValueError, match="must agree"):
         Int8KVCache.from_kv(torch.randn(1, 2, 10, 8), torch.randn(1, 2, 11, 8))
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_repeated_decode_calls_replay_a_plan_bit_for_bit(dtype):
+    """The second call of a shape replays the plan the first one made: same bits as the general
+    path, a fresh output per call, and a new plan (not a stale one) when anything keyed changes."""
+    from hybrid_kernels.backends.cpu import CpuBackend
+    if CpuBackend().unavailable_reason():
+        pytest.skip("native CPU module not built")
+    q, k, v, kpm = _inputs(nq=1, nk=257)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    cache = Int8KVCache.from_kv(k, v, key_padding_mask=kpm)
+    general = cache.attention(q, window=(40, 0), causal=True, return_lse=True)
+    assert len(cache._plans) == 1
+    for _ in range(2):
+        out, lse = cache.attention(q, window=(40, 0), causal=True, return_lse=True)
+        assert torch.equal(out, general[0]) and torch.equal(lse, general[1])
+        assert out.data_ptr() != general[0].data_ptr()
+    q2 = torch.randn_like(q)
+    fresh = Int8KVCache.from_kv(k, v, key_padding_mask=kpm)
+    assert torch.equal(cache.attention(q2, window=(40, 0), causal=True),
+                       fresh.attention(q2, window=(40, 0), causal=True)), "q is read per call"
+    plans = len(cache._plans)
+    wide = cache.attention(q, window=(200, 0), causal=True)
+    assert len(cache._plans) == plans + 1
+    assert torch.equal(wide, fresh.attention(q, window=(200, 0), causal=True))
+
+
+def test_a_plan_never_skips_an_error():
+    q, k, v, kpm = _inputs(nq=1)
+    cache = Int8KVCache.from_kv(k, v, key_padding_mask=kpm)
+    cache.attention(q, window=(8, 0), causal=True)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="window"):
+            cache.attention(q, window=(-5, 0), causal=True)

@@ -100,4 +100,17 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_forward_int8", &hk::cpu::attention_forward_int8, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());
+  // Int8KVCache's per-call fast path: params prefilled once per plan (the cache's k8, scales,
+  // mean and V included); only q, out and lse change per call.
+  m.def(
+      "attention_forward_int8_ptrs",
+      [](const hk::AttnInt8Params& params, std::uintptr_t q, std::uintptr_t o, std::uintptr_t lse) {
+        hk::AttnInt8Params p = params;
+        p.fwd.q = reinterpret_cast<const void*>(q);
+        p.fwd.o = reinterpret_cast<void*>(o);
+        p.fwd.lse = reinterpret_cast<float*>(lse);
+        hk::cpu::attention_forward_int8(p);
+      },
+      py::arg("params"), py::arg("q"), py::arg("o"), py::arg("lse"),
+      py::call_guard<py::gil_scoped_release>());
 }

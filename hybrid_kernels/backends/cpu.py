@@ -136,6 +136,20 @@ class CpuBackend(Backend):
         mod.attention_forward_int8(params)
         return out, lse
 
+    def int8_cache_plan(self, q, k8, k_scale, k_mean, v, pattern: Pattern, block: int,
+                        return_lse: bool) -> Optional["Int8CachePlan"]:
+        """forward_int8_cache with everything but q prefilled, for repeated decode calls of one
+        shape against one cache; None when this build of the module cannot."""
+        mod = load_module()
+        if not hasattr(mod, "attention_forward_int8_ptrs") or q.stride(-1) != 1:
+            return None
+        keep = Keep()
+        params, out, lse = _int8_params(mod, q, k8, last_dim_contiguous(v), pattern, keep)
+        params.k8, params.k_scale = keep(k8.contiguous()), keep(k_scale.contiguous())
+        params.k_mean = keep(k_mean.contiguous())
+        params.q_block, params.k_block = block, block
+        return Int8CachePlan(mod, params, keep, tuple(out.shape), q.dtype, return_lse)
+
     def backward(self, dout, q, k, v, out, lse, pattern: Pattern, bias_grad: bool = False):
         mod = load_module()
         q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
@@ -164,3 +178,22 @@ class CpuBackend(Backend):
         params.dq_lp, params.dk_lp, params.dv_lp = (keep(g) for g in grads)
         mod.attention_backward(params)
         return (*grads, dbias)
+
+
+class Int8CachePlan:
+    """A decode call against one Int8KVCache, its native params prefilled (the cache's tensors
+    held by ``keep``): a call allocates out and lse and passes three pointers."""
+    __slots__ = ("run", "params", "keep", "out_shape", "dtype", "lse_shape", "return_lse")
+
+    def __init__(self, mod, params, keep: Keep, out_shape, dtype, return_lse: bool):
+        self.run = mod.attention_forward_int8_ptrs
+        self.params, self.keep = params, keep
+        self.out_shape, self.dtype = out_shape, dtype
+        self.lse_shape = out_shape[:3]
+        self.return_lse = return_lse
+
+    def __call__(self, q: Tensor):
+        out = new_output(self.out_shape, self.dtype, q.device)
+        lse = new_output(self.lse_shape, torch.float32, q.device)
+        self.run(self.params, q.data_ptr(), out.data_ptr(), lse.data_ptr())
+        return (out, lse) if self.return_lse else out
