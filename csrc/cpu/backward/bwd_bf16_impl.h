@@ -267,7 +267,7 @@ static void softmax_pack_bf16(int64_t mq, int64_t ncols, float scale, const Head
   }
 }
 
-// P and dS already in fp32 (S and dP, zero on hidden pairs, see softmax_ds_mods) into the bf16
+// P and dS already in fp32 (S and dP, zero on hidden pairs, see softmax_ds) into the bf16
 // operands, as softmax_pack_bf16 stores them.
 static void pack_p_ds_bf16(int64_t mq, int64_t ncols, Scratch& s) {
   for (int64_t x0 = 0; x0 < mq; x0 += 2) {
@@ -299,7 +299,7 @@ static void tile_step_bf16(const Ctx& c, Tile& t, const Rows& rows, int64_t g, i
   gemm_bf16<false>(mq, ncols, (c.D + 1) / 2, hb.Qb, c.Dp / 2, 1, t.Ktp, kKeys, s.S, kKeys);
   gemm_bf16<false>(mq, ncols, (c.Dv + 1) / 2, hb.dOb, c.Dvp / 2, 1, t.Vtp, kKeys, s.dP, kKeys);
   if (c.mods) {
-    softmax_ds_mods(c, t, rows, mq, ncols, g, hb, s);
+    softmax_ds(c, t, rows, mq, ncols, g, hb, s);
     pack_p_ds_bf16(mq, ncols, s);
   } else {
     softmax_pack_bf16(mq, ncols, c.p->fwd.scale, hb, s);

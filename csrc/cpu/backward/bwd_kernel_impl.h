@@ -18,8 +18,8 @@
 //       S = Q K^T, dP = dO V^T, P = exp(scale*S - lse) on visible pairs, dS = scale*P*(dP - Delta)
 //       dV_tile += P^T dO, dK_tile += dS^T Q, dQ_block += dS K
 //   then landmark query rows (which see every key) in batches of up to 64 rows over all tiles.
-// Score modifiers (softcap, offset bias) and dbias: the softmax step is then softmax_ds_mods,
-// for the fp32 and the bf16 products alike (never the AMX tile step); dbias partials live per
+// Score modifiers (softcap, offset bias) and dbias: in the softmax step (softmax_ds), for the
+// fp32 and the bf16 products alike (never the AMX tile step); dbias partials live per
 // work unit and are summed in unit order at the end.
 // With fewer items than threads, an item's query blocks are split into ranges with private
 // dK/dV partials summed in a fixed order. Every summation order depends only on the shapes and
@@ -106,20 +106,21 @@ struct Scratch {
   // AMX A operands (bwd_amx_impl.h), only with Ctx::amx
   uint32_t* PtA = nullptr;   // 64 x 32: rows of P^T (keys), pairs of query rows
   uint32_t* dStA = nullptr;  // 64 x 32: rows of dS^T
-  // Score modifiers (softmax_ds_mods), only with Ctx::mods
+  // Score modifiers (softmax_ds), only with Ctx::mods
   float* brow = nullptr;  // 64: bias of one row's keys
   float* dsr = nullptr;   // 64: one row's dS before the scale and the softcap factor
 };
 
-// The softmax step of a tile with score modifiers, shared by the fp32 and the bf16 tile steps.
+// The softmax step of a tile, with or without score modifiers, shared by the fp32 and the bf16
+// tile steps.
 // In: S = Q K^T (unscaled) and dP = dO V^T on mq rows x ncols keys of tile t, for head g of the
 // chunk (Ctx::bias / dbias rows). With s = scale * S, the modified score
 //   s' = cap * tanh(s / cap) (cap > 0) + bias[g, (key - r) + Nk - 1],
 // P = exp(s' - lse) and dS = P * (dP - Delta) on the visible pairs:
 // Out: S = P, dP = dS * scale * (1 - tanh^2) (the gradient to s), both zero on hidden pairs, and
 // dS added to the head's dbias by offset (row by row in key order: deterministic).
-static void softmax_ds_mods(const Ctx& c, const Tile& t, const Rows& rows, int64_t mq,
-                            int64_t ncols, int64_t g, const HeadBlock& hb, Scratch& s) {
+static void softmax_ds(const Ctx& c, const Tile& t, const Rows& rows, int64_t mq,
+                       int64_t ncols, int64_t g, const HeadBlock& hb, Scratch& s) {
   using R = typename Vec::R;
   using Simd = typename Vec::Simd;
   const int64_t lanes = Vec::W, nk1 = c.p->fwd.Nk - 1;
@@ -152,21 +153,26 @@ static void softmax_ds_mods(const Ctx& c, const Tile& t, const Rows& rows, int64
     const R delta = Vec::set1(hb.delta[x]);
     for (int64_t j = 0; j < ncols; j += lanes) {
       const unsigned bits = static_cast<unsigned>((m >> j) & lane_all);
-      R sv = Vec::mul(Vec::load(Srow + j), vscale);
-      R fac = vscale;
-      if (capped) {
-        const R th = Simd::tanh(Vec::mul(sv, vicap));
-        sv = Vec::mul(vcap, th);
-        fac = Vec::mul(vscale, Vec::sub(one, Vec::mul(th, th)));
+      R x_, fac = vscale;
+      if (!capped && bias == nullptr) {
+        x_ = Vec::fma(Vec::load(Srow + j), vscale, neg_lse);
+      } else {
+        R sv = Vec::mul(Vec::load(Srow + j), vscale);
+        if (capped) {
+          const R th = Simd::tanh(Vec::mul(sv, vicap));
+          sv = Vec::mul(vcap, th);
+          fac = Vec::mul(vscale, Vec::sub(one, Vec::mul(th, th)));
+        }
+        if (bias != nullptr) sv = Simd::add(sv, Vec::load(brow + j));
+        x_ = Simd::add(sv, neg_lse);
       }
-      if (bias != nullptr) sv = Simd::add(sv, Vec::load(brow + j));
-      const R pv = Vec::maskz(bits, Vec::exp(Simd::add(sv, neg_lse)));
+      const R pv = Vec::maskz(bits, Vec::exp(x_));
       const R ds = Vec::maskz(bits, Vec::mul(pv, Vec::sub(Vec::load(dProw + j), delta)));
       Vec::store(Srow + j, pv);
-      if (direct && dbias != nullptr) {  // hidden pairs add +0
+      if (dbias != nullptr && direct) {  // hidden pairs add +0
         float* db = dbias + t.keys[0] + o0 + j;
         Vec::store(db, Simd::add(Vec::load(db), ds));
-      } else {
+      } else if (dbias != nullptr) {
         Vec::store(s.dsr + j, ds);
       }
       Vec::store(dProw + j, Vec::maskz(bits, Vec::mul(ds, fac)));
@@ -200,11 +206,7 @@ static void tile_step_amx(const Ctx&, Tile&, int64_t, HeadBlock&, Scratch&) {}
 
 static void process_tile(const Ctx& c, Tile& t, const Rows& rows, RowMode mode, HeadBlock* heads,
                          Scratch& s) {
-  const float scale = c.p->fwd.scale;
   const int64_t mq = rows.n, nt = t.nt, ncols = round_up(nt, Vec::W);
-  const int64_t lanes = Vec::W;
-  const uint64_t lane_all = lanes == 64 ? ~uint64_t(0) : ((uint64_t(1) << lanes) - 1);
-  const typename Vec::R vscale = Vec::set1(scale);
   for (int64_t g = 0; g < c.group; ++g) {
     HeadBlock& hb = heads[g];
     if (!hb.any) continue;
@@ -224,28 +226,7 @@ static void process_tile(const Ctx& c, Tile& t, const Rows& rows, RowMode mode, 
     }
     gemm<false>(mq, ncols, c.D, hb.Q, c.Dp, 1, t.Kt, kKeys, s.S, kKeys);
     gemm<false>(mq, ncols, c.Dv, hb.dO, c.Dvp, 1, t.Vt, kKeys, s.dP, kKeys);
-    if (c.mods) softmax_ds_mods(c, t, rows, mq, ncols, g, hb, s);
-    for (int64_t x = 0; x < mq && !c.mods; ++x) {
-      float* Srow = s.S + x * kKeys;
-      float* dProw = s.dP + x * kKeys;
-      const uint64_t m = s.mask[x];
-      if (m == 0) {
-        zero_f32(Srow, ncols);
-        zero_f32(dProw, ncols);
-        continue;
-      }
-      const typename Vec::R neg_lse = Vec::set1(-hb.lse[x]);
-      const typename Vec::R delta = Vec::set1(hb.delta[x]);
-      for (int64_t j = 0; j < ncols; j += lanes) {
-        const unsigned bits = static_cast<unsigned>((m >> j) & lane_all);
-        const typename Vec::R x_ = Vec::fma(Vec::load(Srow + j), vscale, neg_lse);
-        const typename Vec::R pv = Vec::maskz(bits, Vec::exp(x_));
-        const typename Vec::R dp = Vec::sub(Vec::load(dProw + j), delta);
-        const typename Vec::R ds = Vec::mul(Vec::mul(pv, dp), vscale);
-        Vec::store(Srow + j, pv);
-        Vec::store(dProw + j, Vec::maskz(bits, ds));
-      }
-    }
+    softmax_ds(c, t, rows, mq, ncols, g, hb, s);
     if (t.fresh) {  // first product into this tile: store instead of zero-fill + add
       gemm<false>(nt, c.Dvp, mq, s.S, 1, kKeys, hb.dO, c.Dvp, t.dV, c.Dvp);  // dV = P^T dO
       gemm<false>(nt, c.Dp, mq, s.dP, 1, kKeys, hb.Q, c.Dp, t.dK, c.Dp);     // dK = dS^T Q

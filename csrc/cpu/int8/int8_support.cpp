@@ -99,9 +99,6 @@ void from_float(const float* src, DType dtype, int64_t n, void* dst) {
 
 const Kernels* select_kernels(const std::string& name) {
   static const Isa isa = probe();
-#ifdef HK_INT8_TEST_NO_AVX_VNNI  // developer builds: exercise the vpmaddwd path on VNNI machines
-  if (name == "avx2" && isa.avx2 && std::getenv("HK_INT8_NO_AVX_VNNI")) return kernels_avx2(false);
-#endif
 #ifndef HK_NO_AMX  // built without the amx kernels when the compiler lacks AMX (CMakeLists.txt)
   if (name == "amx" && isa.avx512 && has_amx_int8_tiles()) return kernels_amx();
 #endif
