@@ -71,9 +71,10 @@ def attention(
     # pattern scalars, environment) skips validation and dispatch, which that plan's first call
     # did (see fast_path.py). Not while torch.compile traces (the custom op is what it must see),
     # nor when autograd needs a graph, nor with tensor subclasses or dispatch / function modes.
-    if (landmarks is None and key_padding_mask is None and quant is None and sinks is None
-            and alibi_slopes is None and position_bias is None and fast_path.eligible(q, k, v)):
-        result = fast_path.run(q, k, v, window, causal, scale, softcap, backend, return_lse)
+    if (landmarks is None and quant is None and sinks is None and alibi_slopes is None
+            and position_bias is None and fast_path.eligible(q, k, v)):
+        result = fast_path.run(q, k, v, key_padding_mask, window, causal, scale, softcap, backend,
+                               return_lse)
         if result is not None:
             return result
     if not isinstance(backend, str) or backend not in _BACKENDS:

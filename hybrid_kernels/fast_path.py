@@ -4,7 +4,8 @@ A plan is keyed by everything that decides a call: shapes, strides, dtypes and d
 v; window, causal, scale, softcap (plain Python values of exact types, so True never stands for
 1), the requested backend, return_lse, the environment variables the call reads and torch's
 thread count. Calls with landmarks, padding, quant, sinks or biases (tensors), autograd, or under
-torch.compile never use it. A plan is either False (take the general path) or a _CpuPlan: the
+torch.compile never use it; a key padding mask is keyed by its layout only (its bytes are read
+per call). A plan is either False (take the general path) or a _CpuPlan: the
 CPU backend's params prefilled, so a call only allocates the output and passes five pointers.
 Entries are made after the general path's validation and dispatch accepted the same key, so a
 hit never skips an error. register_backend() clears the cache.
@@ -64,8 +65,12 @@ def _plain_int(x) -> bool:
     return type(x) is int
 
 
-def _plan_key(q, k, v, window, causal, scale, softcap, backend, return_lse):
+def _plan_key(q, k, v, kpm, window, causal, scale, softcap, backend, return_lse):
     """The cache key of a call, or None when an argument is of a type the cache does not key."""
+    if kpm is not None:
+        if type(kpm) is not Tensor:
+            return None
+        kpm = (kpm.shape, kpm.stride(), kpm.dtype, kpm.device)
     if not (window is None or type(window) is int
             or (type(window) is tuple and len(window) == 2 and type(window[0]) is int
                 and type(window[1]) is int)):
@@ -81,15 +86,15 @@ def _plan_key(q, k, v, window, causal, scale, softcap, backend, return_lse):
     except RuntimeError:  # sparse / nested layouts have no strides: the general path decides
         return None
     return (q.shape, k.shape, v.shape, strides, q.dtype, k.dtype, v.dtype, q.device, k.device,
-            v.device, window, causal, scale, softcap, backend, return_lse, environment_key())
+            v.device, kpm, window, causal, scale, softcap, backend, return_lse, environment_key())
 
 
 class _CpuPlan:
     """A call on the native CPU backend with its params prefilled; only pointers change."""
     __slots__ = ("run", "params", "out_shape", "dtype", "lse_shape", "return_lse", "poison",
-                 "cached_alloc")
+                 "cached_alloc", "keep")
 
-    def __init__(self, mod, params, out_shape, dtype, return_lse, poison, cached_alloc):
+    def __init__(self, mod, params, out_shape, dtype, return_lse, poison, cached_alloc, keep):
         self.run = mod.attention_forward_ptrs
         self.params = params
         self.out_shape = out_shape
@@ -98,32 +103,35 @@ class _CpuPlan:
         self.return_lse = return_lse
         self.poison = poison
         self.cached_alloc = cached_alloc
+        self.keep = keep  # what the prefilled params point at (e.g. the first call's mask copy)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor):
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, kpm):
         if self.cached_alloc:
             out = new_output(self.out_shape, self.dtype, q.device)
         else:
             out = torch.empty(self.out_shape, dtype=self.dtype, device=_CPU)
             if self.poison:
                 out.fill_(float("nan"))
+        pad = 0 if kpm is None else kpm.data_ptr()
         if not self.return_lse:
-            self.run(self.params, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), 0)
+            self.run(self.params, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), 0, pad)
             return out
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=_CPU)
         if self.poison:
             lse.fill_(float("nan"))
         self.run(self.params, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                 lse.data_ptr())
+                 lse.data_ptr(), pad)
         return out, lse
 
 
-def _fast_plan(q, k, v, window, causal, scale, softcap, backend, return_lse):
+def _fast_plan(q, k, v, kpm, window, causal, scale, softcap, backend, return_lse):
     """The plan of a call: validates it exactly as the general path does (raising the same
     errors), then returns a _CpuPlan when the native CPU backend runs it with nothing the plan
     cannot replay, else False."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         return False  # the general path raises
-    pattern, _ = plan(q, k, v, window=window, causal=causal, scale=scale, softcap=softcap)
+    pattern, _ = plan(q, k, v, window=window, causal=causal, key_padding_mask=kpm, scale=scale,
+                      softcap=softcap)
     B, Hq, Nq, _ = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     if B == 0 or Nq == 0 or Nk == 0 or Dv == 0 or q.device.type != "cpu":
@@ -133,18 +141,20 @@ def _fast_plan(q, k, v, window, causal, scale, softcap, backend, return_lse):
         return False
     if any(t.stride(-1) != 1 and t.shape[-1] != 1 for t in (q, k, v)):
         return False
+    if kpm is not None and not kpm.is_contiguous():  # the kernel reads B rows of Nk bytes
+        return False
     mod = load_module()
     if not hasattr(mod, "attention_forward_ptrs"):
         return False
     out_shape = (B, Hq, Nq, Dv)
     out = torch.empty(out_shape, dtype=q.dtype)   # for the strides only
     lse = torch.empty(out_shape[:3], dtype=torch.float32)
-    params = mod.AttnParams()
-    fill_params(mod, params, q, k, v, out, lse, pattern, Keep())
+    params, keep = mod.AttnParams(), Keep()
+    fill_params(mod, params, q, k, v, out, lse, pattern, keep)
     params.num_threads = num_threads()
     nbytes = out.numel() * out.element_size()
     return _CpuPlan(mod, params, out_shape, q.dtype, return_lse, poison_enabled(),
-                    cached_alloc=nbytes >= mod.SCRATCH_MIN_CACHED_BYTES)
+                    cached_alloc=nbytes >= mod.SCRATCH_MIN_CACHED_BYTES, keep=keep)
 
 
 def _clear_plans() -> None:
@@ -164,16 +174,18 @@ def eligible(q, k, v) -> bool:
             and not _modes_active())
 
 
-def run(q, k, v, window, causal, scale, softcap, backend, return_lse):
+def run(q, k, v, key_padding_mask, window, causal, scale, softcap, backend, return_lse):
     """The call's result through its cached plan (made on first sight, after the general path's
     validation and dispatch), or None when the general path must run it."""
-    key = _plan_key(q, k, v, window, causal, scale, softcap, backend, return_lse)
+    key = _plan_key(q, k, v, key_padding_mask, window, causal, scale, softcap, backend,
+                    return_lse)
     if key is None:
         return None
     entry = _PLANS.get(key)
     if entry is None:
-        entry = _fast_plan(q, k, v, window, causal, scale, softcap, backend, return_lse)
+        entry = _fast_plan(q, k, v, key_padding_mask, window, causal, scale, softcap, backend,
+                           return_lse)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = entry
-    return None if entry is False else entry(q, k, v)
+    return None if entry is False else entry(q, k, v, key_padding_mask)

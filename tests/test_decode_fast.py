@@ -128,6 +128,37 @@ def test_the_fast_path_is_taken_and_replays():
     assert_matches_oracle("new data", c, o64, ob)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padding_masks_replay_a_plan_reading_each_calls_mask(dtype):
+    """A key padding mask is keyed by its layout: every call reads its own mask's bytes, so new
+    mask contents at the same shape give new (correct) results, and an all-padding row zeros."""
+    q, k, v = _inputs(2, 8, 2, 1, 97, 64, dtype)
+    fast_path._PLANS.clear()
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        for step in range(4):
+            kpm = torch.rand(2, 97, generator=g) < 0.6
+            if step == 3:
+                kpm[1] = False  # a batch row that sees nothing
+            out, lse = hk.attention(q, k, v, key_padding_mask=kpm, return_lse=True)
+            (o64, l64), (ob, lb) = reference_pair(q, k, v, key_padding_mask=kpm)
+            assert_matches_oracle(f"step {step} out", out, o64, ob)
+            assert torch.equal(torch.isinf(lse), torch.isinf(l64))
+            assert_matches_oracle(f"step {step} lse", lse, l64, lb)
+    plans = [p for p in fast_path._PLANS.values() if isinstance(p, fast_path._CpuPlan)]
+    assert len(plans) == 1, "one plan served every mask of this layout"
+    with torch.inference_mode():
+        with pytest.raises(TypeError, match="torch.bool"):
+            hk.attention(q, k, v, key_padding_mask=kpm.to(torch.uint8))
+        with pytest.raises(ValueError, match="shape"):
+            hk.attention(q, k, v, key_padding_mask=kpm[:, :96])
+        # A strided mask (not one row of bytes per batch) takes the general path, correctly.
+        wide = torch.rand(2, 194, generator=g) < 0.6
+        out = hk.attention(q, k, v, key_padding_mask=wide[:, ::2])
+        (o64, _), (ob, _) = reference_pair(q, k, v, key_padding_mask=wide[:, ::2])
+        assert_matches_oracle("strided mask", out, o64, ob)
+
+
 def test_plans_never_go_stale():
     """One call after another, changing one thing each time; every result against the oracle."""
     base = dict(B=1, Hq=8, Hk=2, Nq=1, Nk=33, D=64)

@@ -74,16 +74,18 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::call_guard<py::gil_scoped_release>());
   // The per-call fast path of hybrid_kernels.api: a params object prefilled once per plan, with
   // only the data pointers given per call (one crossing instead of one per field). lse == 0: the
-  // caller does not want the lse; it goes to a per-thread scratch row instead.
+  // caller does not want the lse; it goes to a per-thread scratch row instead. key_padding: the
+  // call's (B, Nk) mask as bytes (a contiguous bool tensor), 0: the plan's (or none).
   m.def(
       "attention_forward_ptrs",
       [](const hk::AttnParams& params, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
-         std::uintptr_t o, std::uintptr_t lse) {
+         std::uintptr_t o, std::uintptr_t lse, std::uintptr_t key_padding) {
         hk::AttnParams p = params;
         p.q = reinterpret_cast<const void*>(q);
         p.k = reinterpret_cast<const void*>(k);
         p.v = reinterpret_cast<const void*>(v);
         p.o = reinterpret_cast<void*>(o);
+        if (key_padding) p.key_padding = reinterpret_cast<const uint8_t*>(key_padding);
         if (lse) {
           p.lse = reinterpret_cast<float*>(lse);
         } else {
@@ -95,7 +97,7 @@ PYBIND11_MODULE(_C_cpu, m) {
         hk::cpu::attention_forward(p);
       },
       py::arg("params"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("key_padding") = 0, py::call_guard<py::gil_scoped_release>());
   m.def("attention_backward", &hk::cpu::attention_backward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_forward_int8", &hk::cpu::attention_forward_int8, py::arg("params"),
