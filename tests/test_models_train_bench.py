@@ -10,7 +10,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_train_fid_quick(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYBRID_KERNELS_FID_COMPILE", "0")     # skip the inductor compile here
     spec = importlib.util.spec_from_file_location("train_fid", os.path.join(ROOT, "bench", "train_fid.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -21,5 +20,5 @@ def test_train_fid_quick(tmp_path, monkeypatch):
     assert all(r["steps"] == 12 and 0.0 <= r["exact_match"] <= 1.0 for r in results)
     assert (tmp_path / "out.json").exists() and (tmp_path / "ckpt" / "word_tokenizer.json").exists()
     row = speed[0]
-    assert row["int8_kv_MB"] < 0.3 * row["fp32_kv_MB"]
+    assert row["int8_kv_MB"] < 0.4 * row["fp32_kv_MB"]  # int8 K + bf16 V: 3/8, plus scales
     assert row["int8_max_abs_err"] < 0.05

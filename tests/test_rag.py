@@ -59,7 +59,6 @@ def test_chunking():
 
 
 def test_cli_end_to_end(tmp_path, setup, capsys, monkeypatch):
-    monkeypatch.setenv("HYBRID_KERNELS_FID_COMPILE", "0")     # eager int8 path: no compile in tests
     task, tok, model, examples, docs = setup
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(str(ckpt))

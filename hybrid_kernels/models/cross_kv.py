@@ -3,12 +3,10 @@
 Three ways to attend (combinable):
 
 * fp32/bf16/fp16 K/V through :func:`hybrid_kernels.attention` (differentiable; used for training).
-* INT8 K/V (``quant="int8"``, inference only): K and V are stored as int8 with one fp32 absmax
-  scale per (batch, head, token) row of ``d_kv`` values, so a decoding step reads about a quarter
-  of the bytes (plus 4/d_kv for the scales). q, the scores and the softmax stay fp32; the
-  dequantization happens inside one fused kernel that ``torch.compile`` generates (inductor C++
-  on CPU, Triton on GPU), so no fp32 copy of K/V is ever materialized. Where compiling is not
-  possible the same math runs eagerly (dequantize, then matmul).
+* INT8 K (``quant="int8"``, inference only): the package's one INT8 definition through an
+  :class:`~hybrid_kernels.int8_cache.Int8KVCache` (K smoothed and quantized once per 64-token
+  block, V in bf16, q quantized per call inside the kernel, exact-score lse), so a decoding step
+  reads 3/8 of the fp32 bytes; the output is rounded to bf16.
 * Landmark sparse fusion (``top_passages=m``): every query scores each passage by its first
   token's key (mean over heads of q.k, T5's scale 1.0) and attends only to the m best passages,
   whose K/V rows are gathered for it.
@@ -19,77 +17,16 @@ of B * G rows attends to a cache of batch B, the G rows of a question reading it
 """
 from __future__ import annotations
 
-import functools
-import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 import hybrid_kernels as hk
+from hybrid_kernels.int8_cache import Int8KVCache
 
-__all__ = ["CrossKV", "quantize_rows_int8", "int8_attention"]
-
-
-def quantize_rows_int8(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Symmetric absmax int8 per row of the last dim: x (..., D) -> (int8 (..., D), fp32 scale (...))."""
-    xf = x.float()
-    scale = xf.abs().amax(-1).clamp_min(1e-12) / 127.0
-    q = torch.round(xf / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def _int8_attention_math(q: Tensor, k8: Tensor, ks: Tensor, v8: Tensor, vs: Tensor,
-                         bias: Tensor) -> Tensor:
-    # Written as broadcast-multiply + sum so inductor fuses the int8 -> fp32 conversion into the
-    # reductions (one pass over the int8 bytes); do not rewrite as matmul.
-    s = (q.unsqueeze(3) * k8.unsqueeze(2).to(torch.float32)).sum(-1) * ks.unsqueeze(2) + bias
-    p = torch.softmax(s, dim=-1) * vs.unsqueeze(2)
-    return (p.unsqueeze(-1) * v8.unsqueeze(2).to(torch.float32)).sum(3)
-
-
-def _int8_attention_eager(q, k8, ks, v8, vs, bias):
-    k = k8.to(torch.float32) * ks.unsqueeze(-1)
-    v = v8.to(torch.float32) * vs.unsqueeze(-1)
-    p = torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1)
-    return p @ v
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_int8_attention():
-    return torch.compile(_int8_attention_math, dynamic=True)
-
-
-def _compile_allowed() -> bool:
-    return os.environ.get("HYBRID_KERNELS_FID_COMPILE", "1") != "0"
-
-
-def int8_attention(q: Tensor, k8: Tensor, ks: Tensor, v8: Tensor, vs: Tensor,
-                   key_mask: Optional[Tensor], impl: str = "auto") -> Tensor:
-    """Attention (scale 1.0) of fp32 q (B,H,M,D) over int8 K/V (B,H,N,D) with row scales (B,H,N).
-
-    impl: "compiled" (fused dequantize, torch.compile), "eager", or "auto" (compiled when
-    ``HYBRID_KERNELS_FID_COMPILE`` is not "0", falling back to eager if compiling fails).
-    Returns fp32 (B,H,M,Dv).
-    """
-    if impl not in ("auto", "compiled", "eager"):
-        raise ValueError(f"impl must be 'auto', 'compiled' or 'eager'; got {impl!r}")
-    B, N = k8.shape[0], k8.shape[2]
-    if key_mask is None:
-        bias = q.new_zeros((B, 1, 1, N), dtype=torch.float32)
-    else:
-        bias = torch.zeros((B, 1, 1, N), dtype=torch.float32, device=q.device)
-        bias.masked_fill_(~key_mask.view(B, 1, 1, N), float("-inf"))
-    q = q.float()
-    if impl == "eager" or (impl == "auto" and not _compile_allowed()):
-        return _int8_attention_eager(q, k8, ks, v8, vs, bias)
-    try:
-        return _compiled_int8_attention()(q, k8, ks, v8, vs, bias)
-    except Exception:  # no C++ compiler / inductor failure: same math, eagerly
-        if impl == "compiled":
-            raise
-        return _int8_attention_eager(q, k8, ks, v8, vs, bias)
+__all__ = ["CrossKV", "attend_dense_masked"]
 
 
 def _gather_passages(t: Tensor, idx: Tensor, P: int, L: int) -> Tensor:
@@ -127,23 +64,23 @@ class CrossKV:
         self.quant = quant
         self.landmark_k = k[:, :, ::L].float()                              # (B,H,P,D)
         self.passage_mask = None if key_mask is None else key_mask[:, ::L]  # (B,P)
+        self.k = self.v = self.int8 = None
         if quant == "int8":
             if k.requires_grad or v.requires_grad:
                 raise ValueError("int8 cross-attention K/V is inference-only; run under "
                                  "torch.no_grad() or use quant=None for training")
-            self.k8, self.ks = quantize_rows_int8(k)
-            self.v8, self.vs = quantize_rows_int8(v)
-            self.k = self.v = None
+            self.int8 = Int8KVCache.from_kv(k, v.to(torch.bfloat16), key_padding_mask=key_mask)
         else:
             self.k, self.v = k, v
 
     def nbytes(self) -> int:
         """Bytes one decoding step reads from this cache (all passages)."""
-        ts = (self.k8, self.ks, self.v8, self.vs) if self.quant == "int8" else (self.k, self.v)
-        return sum(t.numel() * t.element_size() for t in ts)
+        if self.int8 is not None:
+            return self.int8.nbytes
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v))
 
-    def attend(self, q: Tensor, *, top_passages: Optional[int] = None, backend: str = "auto",
-               int8_impl: str = "auto") -> Tensor:
+    def attend(self, q: Tensor, *, top_passages: Optional[int] = None,
+               backend: str = "auto") -> Tensor:
         """q (B*G, H, M, D) -> (B*G, H, M, Dv) in q's dtype; query row b*G+g reads question b."""
         Bq, H, M, D = q.shape
         B = self.batch
@@ -153,19 +90,14 @@ class CrossKV:
         G = Bq // B
         qg = q.reshape(B, G, H, M, D).transpose(1, 2).reshape(B, H, G * M, D)
         if top_passages is not None and 0 < top_passages < self.num_passages:
-            out = self._attend_selected(qg, top_passages, backend, int8_impl)
+            out = self._attend_selected(qg, top_passages, backend)
+        elif self.int8 is not None:
+            out = self.int8.attention(qg.to(torch.bfloat16), scale=1.0)
         else:
-            out = self._attend(qg, self.k, self.v, getattr(self, "k8", None),
-                               getattr(self, "ks", None), getattr(self, "v8", None),
-                               getattr(self, "vs", None), self.key_mask, backend, int8_impl)
+            out = hk.attention(qg, self.k.to(qg.dtype), self.v.to(qg.dtype),
+                               key_padding_mask=self.key_mask, scale=1.0, backend=backend)
         Dv = out.shape[-1]
         return out.reshape(B, H, G, M, Dv).transpose(1, 2).reshape(Bq, H, M, Dv).to(q.dtype)
-
-    def _attend(self, q, k, v, k8, ks, v8, vs, key_mask, backend, int8_impl):
-        if self.quant == "int8":
-            return int8_attention(q, k8, ks, v8, vs, key_mask, int8_impl)
-        return hk.attention(q, k.to(q.dtype), v.to(q.dtype), key_padding_mask=key_mask,
-                            scale=1.0, backend=backend)
 
     def passage_scores(self, q: Tensor) -> Tensor:
         """Landmark score of every passage for every query: (B, M, P) fp32, -inf for padding."""
@@ -174,19 +106,36 @@ class CrossKV:
             s = s.masked_fill(~self.passage_mask.unsqueeze(1), float("-inf"))
         return s
 
-    def _attend_selected(self, q, m, backend, int8_impl):
+    def _attend_selected(self, q, m, backend):
         B, H, M, D = q.shape
         P, L = self.num_passages, self.passage_len
         idx = self.passage_scores(q).topk(m, dim=-1).indices.sort(dim=-1).values   # (B,M,m)
-        gather = lambda t: None if t is None else _gather_passages(t, idx, P, L)  # noqa: E731
         km = None
         if self.key_mask is not None:
             km = _gather_passages(self.key_mask.unsqueeze(1), idx, P, L).squeeze(1)  # (B*M, m*L)
         qs = q.transpose(1, 2).reshape(B * M, H, 1, D)
-        out = self._attend(qs, gather(self.k), gather(self.v), gather(getattr(self, "k8", None)),
-                           gather(getattr(self, "ks", None)), gather(getattr(self, "v8", None)),
-                           gather(getattr(self, "vs", None)), km, backend, int8_impl)
+        if self.int8 is None:
+            out = hk.attention(qs, _gather_passages(self.k, idx, P, L).to(qs.dtype),
+                               _gather_passages(self.v, idx, P, L).to(qs.dtype),
+                               key_padding_mask=km, scale=1.0, backend=backend)
+        else:
+            out = self._selected_int8_cache(idx, km).attention(qs.to(torch.bfloat16), scale=1.0)
         return out.reshape(B, M, H, -1).transpose(1, 2)
+
+    def _selected_int8_cache(self, idx: Tensor, key_mask: Optional[Tensor]) -> Int8KVCache:
+        """The int8 cache of each query's chosen passages, (B*M, H, m*L, D): the tokens and their
+        whole quantization blocks gathered (no requantization; the smoothing mean is the full
+        cache's, which changes no softmax row and keeps the lse exact)."""
+        c, P, L = self.int8, self.num_passages, self.passage_len
+        if L % c.block != 0:
+            raise ValueError(f"top_passages with quant='int8' needs passage_len to be a multiple "
+                             f"of the int8 block ({c.block}); got passage_len={L}")
+        BM = idx.shape[0] * idx.shape[1]
+        scales = _gather_passages(c.k_scale.unsqueeze(-1), idx, P, L // c.block).squeeze(-1)
+        return Int8KVCache(k8=_gather_passages(c.k8, idx, P, L), k_scale=scales,
+                           k_mean=c.k_mean.repeat_interleave(BM // c.k_mean.shape[0], dim=0),
+                           v=_gather_passages(c.v, idx, P, L), key_padding_mask=key_mask,
+                           block=c.block)
 
 
 def attend_dense_masked(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> Tensor:

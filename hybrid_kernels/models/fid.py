@@ -45,7 +45,6 @@ class _CrossContext:
         self.quant: Optional[str] = None
         self.top_passages: Optional[int] = None
         self.backend = "auto"
-        self.int8_impl = "auto"
 
 
 class HKCrossAttention(nn.Module):
@@ -76,8 +75,7 @@ class HKCrossAttention(nn.Module):
             k, v = self.project_kv(key_value_states)
             key_mask = ctx.key_mask if ctx.key_mask is not None else _key_mask_from_hf(mask)
             cache = CrossKV(k, v, key_mask, ctx.passage_len, ctx.quant)
-        out = cache.attend(q, top_passages=ctx.top_passages, backend=ctx.backend,
-                           int8_impl=ctx.int8_impl)
+        out = cache.attend(q, top_passages=ctx.top_passages, backend=ctx.backend)
         out = self.o(out.transpose(1, 2).reshape(B, Nq, -1))
         return out, None, None
 
@@ -109,7 +107,6 @@ class FiDT5(nn.Module):
         self.cross_attention_quant = cross_attention_quant
         self.top_passages = top_passages
         self.backend = backend
-        self.int8_impl = "auto"
         self._ctx = _CrossContext()
         from ..integrations.transformers import register
         t5.set_attn_implementation(register())
@@ -156,7 +153,7 @@ class FiDT5(nn.Module):
         ctx = self._ctx
         ctx.key_mask, ctx.passage_len, ctx.caches = key_mask, passage_len, caches
         ctx.quant, ctx.top_passages = self.cross_attention_quant, self.top_passages
-        ctx.backend, ctx.int8_impl = self.backend, self.int8_impl
+        ctx.backend = self.backend
         try:
             yield
         finally:
