@@ -5,12 +5,9 @@ and v. With window (left, right), its rows see keys [s - left, e - 1 + right] pl
 keys, so it fetches only those (a halo of at most left + right rows, several ranks away when the
 window is wider than a shard, and the landmark rows) point-to-point: O(window + landmarks) rows
 per rank, flat in N, where ring attention sends O(N). Its rows are then computed by the local
-kernels (``hk.attention``) in two calls that keep hk's query alignment exact:
-
-  (a) its rows over [landmark keys outside [a, e)] + keys [a, e), a = s - left: window, causality,
-      padding and the landmark keys as in the global call;
-  (b) (not causal, right > 0) the last `right` rows over the right halo [e, b), window shifted,
-      landmark keys masked out there (they are in (a)); merged with (a) by log-sum-exp.
+kernels (``hk.attention``): one call over the left halo and its own keys (the landmark keys
+outside first), one over the right halo for the rows whose window reaches it, merged by
+log-sum-exp (see _local_forward).
 
 Landmark query rows see every key: every rank computes their partial softmax state over its own
 keys (a G x n_local product), the states are all-gathered and merged by log-sum-exp, and each
@@ -40,7 +37,8 @@ __all__ = ["attention"]
 
 @dataclass(frozen=True)
 class _Geometry:
-    """Rank rows [s, e); band keys [a, b); extra landmark keys (outside [a, e)) first in call (a)."""
+    """Rank rows [s, e); window keys [a, b); the landmark keys outside [a, e) (extras), which
+    call (a) takes first."""
     s: int
     e: int
     a: int
@@ -80,10 +78,10 @@ def _landmark_partial(q_lm: Tensor, k: Tensor, v: Tensor, lm: Tensor, s: int,
                       kpm: Optional[Tensor], causal: bool, scale: float) -> Tensor:
     """The softmax state of the landmark query rows q_lm (B, Hq, G, D) over this rank's keys
     [s, s + n): (B, Hq, G, Dv + 1) fp32, the normalized output then the lse."""
-    group = q_lm.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, 1)
-    vf = v.float().repeat_interleave(group, 1)
-    scores = torch.matmul(q_lm.float(), kf.transpose(-1, -2)) * scale      # (B, Hq, G, n)
+    B, Hq, G, D = q_lm.shape
+    Hk = k.shape[1]
+    ql = q_lm.float().reshape(B, Hk, (Hq // Hk) * G, D)  # the q heads of a kv head, stacked
+    scores = torch.matmul(ql, k.float().transpose(-1, -2)).view(B, Hq, G, -1) * scale
     keys = torch.arange(s, s + k.shape[2])
     visible = torch.ones(scores.shape[0], 1, lm.numel(), keys.numel(), dtype=torch.bool)
     if causal:
@@ -97,7 +95,8 @@ def _landmark_partial(q_lm: Tensor, k: Tensor, v: Tensor, lm: Tensor, s: int,
     den = w.sum(-1)
     empty = den == 0
     den_safe = torch.where(empty, torch.ones_like(den), den)
-    out = torch.matmul(w, vf) / den_safe.unsqueeze(-1)
+    out = torch.matmul(w.reshape(B, Hk, (Hq // Hk) * G, -1), v.float()).view(B, Hq, G, -1)
+    out = out / den_safe.unsqueeze(-1)
     lse = torch.where(empty, torch.full_like(den, float("-inf")), m.squeeze(-1) + torch.log(den_safe))
     return torch.cat([out, lse.unsqueeze(-1)], dim=-1)
 
@@ -107,7 +106,7 @@ class _Call:
     """Everything one rank's forward and backward need besides the tensors."""
     geo: _Geometry
     lm: Tensor                      # global landmark positions (G,), sorted
-    kv_exchange: RowExchange
+    kv_exchange: RowExchange         # the halo and outside landmark keys (and values)
     q_exchange: Optional[RowExchange]
     window: Tuple[int, int]
     causal: bool
@@ -119,39 +118,44 @@ class _Call:
     stats: CommStats
 
 
-def _local_forward(c: _Call, q: Tensor, k: Tensor, v: Tensor, kv_fetched: Tensor,
-                   q_lm: Optional[Tensor]):
-    """This rank's rows before the landmark-row merge: (out, lse, landmark partial or None)."""
-    g, D = c.geo, k.shape[-1]
+def _local_forward(c: _Call, q: Tensor, k: Tensor, v: Tensor, k_fetched: Tensor,
+                   v_fetched: Tensor, q_lm: Optional[Tensor]):
+    """This rank's rows before the landmark-row merge: (out, lse, landmark partial or None).
+
+    (a) its rows over [landmark keys outside [a, e)] + keys [a, e) (the left halo, then its own):
+        with hk's alignment of queries to the end of the keys, window, causality, padding and the
+        landmark keys are those of the global call;
+    (b) (not causal, right > 0) the rows whose window reaches past e, over the right halo [e, b),
+        the window shifted by the halo's length and its landmark keys masked out (they are in
+        (a)); merged with (a) by log-sum-exp."""
+    g = c.geo
     n_x, n_left = g.extras.numel(), g.s - g.a
-    kx, vx = kv_fetched[..., :n_x, :D], kv_fetched[..., :n_x, D:]
-    kl, vl = kv_fetched[..., n_x:n_x + n_left, :D], kv_fetched[..., n_x:n_x + n_left, D:]
-    kr, vr = kv_fetched[..., n_x + n_left:, :D], kv_fetched[..., n_x + n_left:, D:]
+    common = dict(scale=c.scale, quant=c.quant, return_lse=True, backend=c.backend)
     in_band = c.lm[(c.lm >= g.a) & (c.lm < g.e)]
     lm_a = torch.cat([torch.arange(n_x), in_band - g.a + n_x])
     kpm_a = None if c.kpm is None else torch.cat([c.kpm[:, g.extras], c.kpm[:, g.a:g.e]], dim=1)
-    out, lse = hk.attention(q, torch.cat([kx, kl, k], 2), torch.cat([vx, vl, v], 2),
-                            window=c.window, landmarks=lm_a if lm_a.numel() else None,
-                            causal=c.causal, key_padding_mask=kpm_a, scale=c.scale,
-                            quant=c.quant, return_lse=True, backend=c.backend)
-    if g.b > g.e:  # (b): the right halo, for the rows whose window reaches past e
-        right = c.window[1]
-        s2 = g.s if right < 0 else max(g.s, g.e - right)
-        n2 = g.b - g.e
-        is_lm = torch.zeros(n2, dtype=torch.bool)
-        is_lm[c.lm[(c.lm >= g.e) & (c.lm < g.b)] - g.e] = True
-        kpm_b = ~is_lm.expand(q.shape[0], n2)
+    ka, va = k, v
+    if n_x + n_left:
+        ka = torch.cat([k_fetched[:, :, :n_x + n_left], k], dim=2)
+        va = torch.cat([v_fetched[:, :, :n_x + n_left], v], dim=2)
+    out, lse = hk.attention(q, ka, va, window=c.window, causal=c.causal,
+                            landmarks=lm_a if lm_a.numel() else None, key_padding_mask=kpm_a,
+                            **common)
+    if g.b > g.e:  # (b)
+        right, n2 = c.window[1], g.b - g.e
+        s2 = 0 if right < 0 else max(0, (g.e - g.s) - right)
+        keep = torch.ones(q.shape[0], n2, dtype=torch.bool)
+        keep[:, c.lm[(c.lm >= g.e) & (c.lm < g.b)] - g.e] = False
         if c.kpm is not None:
-            kpm_b = kpm_b & c.kpm[:, g.e:g.b]
-        out_b, lse_b = hk.attention(q[:, :, s2 - g.s:], kr, vr,
+            keep = keep & c.kpm[:, g.e:g.b]
+        halo = slice(n_x + n_left, None)
+        out_b, lse_b = hk.attention(q[:, :, s2:], k_fetched[:, :, halo], v_fetched[:, :, halo],
                                     window=(-1, -1 if right < 0 else right - n2),
-                                    key_padding_mask=kpm_b, scale=c.scale, quant=c.quant,
-                                    return_lse=True, backend=c.backend)
-        rows = slice(s2 - g.s, None)
-        merged, merged_lse = _merge_states(
-            torch.stack([out[:, :, rows].float(), out_b.float()]), torch.stack([lse[:, :, rows], lse_b]))
-        out = torch.cat([out[:, :, :s2 - g.s], merged.to(out.dtype)], dim=2)
-        lse = torch.cat([lse[:, :, :s2 - g.s], merged_lse], dim=2)
+                                    key_padding_mask=keep, **common)
+        merged, merged_lse = _merge_states(torch.stack([out[:, :, s2:].float(), out_b.float()]),
+                                           torch.stack([lse[:, :, s2:], lse_b]))
+        out = torch.cat([out[:, :, :s2], merged.to(out.dtype)], dim=2)
+        lse = torch.cat([lse[:, :, :s2], merged_lse], dim=2)
     partial = None
     if q_lm is not None:
         partial = _landmark_partial(q_lm, k, v, c.lm, g.s, c.kpm, c.causal, c.scale)
@@ -173,15 +177,15 @@ def _write_landmark_rows(c: _Call, out: Tensor, lse: Tensor, parts: Tensor):
 class _SequenceParallelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, c: _Call):
-        kv_local = torch.cat([k, v], dim=-1)
-        kv_fetched = c.kv_exchange.forward(kv_local, c.stats, "halo+landmark keys")
+        k_fetched = c.kv_exchange.forward(k, c.stats, "halo+landmark keys")
+        v_fetched = c.kv_exchange.forward(v, c.stats, "halo+landmark values")
         q_lm = c.q_exchange.forward(q, c.stats, "landmark queries") if c.q_exchange else None
         grad = any(ctx.needs_input_grad[:3])
-        leaves = [t.detach().requires_grad_(grad) for t in (q, k, v, kv_fetched)]
+        leaves = [t.detach().requires_grad_(grad) for t in (q, k, v, k_fetched, v_fetched)]
         if q_lm is not None:
             leaves.append(q_lm.detach().requires_grad_(grad))
         with torch.enable_grad() if grad else torch.no_grad():
-            out, lse, partial = _local_forward(c, *leaves[:4], leaves[4] if q_lm is not None else None)
+            out, lse, partial = _local_forward(c, *leaves[:5], leaves[5] if q_lm is not None else None)
         parts_leaf = None
         if partial is not None:
             parts = all_gather(partial.detach(), group=c.group, stats=c.stats, kind="landmark states")
@@ -191,13 +195,13 @@ class _SequenceParallelAttention(torch.autograd.Function):
         else:
             final_out, final_lse = out, lse
         ctx.c = c
-        ctx.saved = (leaves, out, lse, partial, parts_leaf, final_out, final_lse, k.shape, q.shape)
+        ctx.saved = (leaves, out, lse, partial, parts_leaf, final_out, final_lse)
         return final_out.detach(), final_lse.detach()
 
     @staticmethod
     def backward(ctx, dout: Tensor, dlse: Tensor):
         c = ctx.c
-        leaves, out, lse, partial, parts_leaf, final_out, final_lse, k_shape, q_shape = ctx.saved
+        leaves, out, lse, partial, parts_leaf, final_out, final_lse = ctx.saved
         dlse = torch.zeros_like(final_lse) if dlse is None else dlse
         dout = torch.zeros_like(final_out) if dout is None else dout
         if parts_leaf is not None:  # 1. the landmark-row merge, then its all_reduce
@@ -206,21 +210,21 @@ class _SequenceParallelAttention(torch.autograd.Function):
             d_parts = torch.zeros_like(parts_leaf) if d_parts is None else d_parts.contiguous()
             dist.all_reduce(d_parts, group=c.group)
             c.stats.add("grad", d_parts[0].numel() * d_parts.element_size())
-            d_partial = d_parts[dist.get_rank(c.group)]
-            outputs, grads = [out, lse, partial], [d_out, d_lse, d_partial]
+            outputs, grads = [out, lse, partial], [d_out, d_lse, d_parts[dist.get_rank(c.group)]]
         else:
             outputs, grads = [out, lse], [dout, dlse]
         keep = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         dleaves = torch.autograd.grad([o for o, _ in keep], leaves, [g for _, g in keep],
                                       allow_unused=True)
-        dleaves = [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, dleaves)]
-        dq, dk, dv, dkv_fetched = dleaves[:4]
-        # 2. the halo and landmark keys' gradients back to their owners, then the landmark queries'.
-        dkv = c.kv_exchange.backward(dkv_fetched, (*k_shape[:3], dkv_fetched.shape[-1]), c.stats)
-        D = k_shape[-1]
-        dk, dv = dk + dkv[..., :D], dv + dkv[..., D:]
+        dq, dk, dv, dk_f, dv_f = [torch.zeros_like(t) if d is None else d
+                                  for t, d in zip(leaves[:5], dleaves[:5])]
+        # 2. the fetched keys' and values' gradients back to their owners, then the landmark
+        # queries': the same order on every rank.
+        dk = dk + c.kv_exchange.backward(dk_f, leaves[1].shape, c.stats)
+        dv = dv + c.kv_exchange.backward(dv_f, leaves[2].shape, c.stats)
         if c.q_exchange is not None:
-            dq = dq + c.q_exchange.backward(dleaves[4], q_shape, c.stats)
+            dq_lm = torch.zeros_like(leaves[5]) if dleaves[5] is None else dleaves[5]
+            dq = dq + c.q_exchange.backward(dq_lm, leaves[0].shape, c.stats)
         return dq, dk, dv, None
 
 
