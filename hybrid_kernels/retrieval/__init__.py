@@ -1,11 +1,11 @@
-"""Retrieval: a faiss :class:`VectorStore`, text embedders, and a trainable :class:`NeuralRetriever`."""
+"""Retrieval: a faiss :class:`VectorStore` (and :class:`ShardedVectorStore` over several indexes), text embedders, and a trainable :class:`NeuralRetriever`."""
 from __future__ import annotations
 
 import importlib
 
-__all__ = ["VectorStore", "TextEmbedder", "HashingEmbedder", "default_embedder", "NeuralRetriever"]
+__all__ = ["VectorStore", "ShardedVectorStore", "TextEmbedder", "HashingEmbedder", "default_embedder", "NeuralRetriever"]
 
-_WHERE = {"VectorStore": "vector_store", "TextEmbedder": "embedder", "HashingEmbedder": "embedder",
+_WHERE = {"VectorStore": "vector_store", "ShardedVectorStore": "sharded_store", "TextEmbedder": "embedder", "HashingEmbedder": "embedder",
           "default_embedder": "embedder", "NeuralRetriever": "neural"}
 
 
