@@ -8,6 +8,7 @@ See sequence_parallel.py for what each rank sends, and README ("Scale-out").
 """
 from .agreement import RankDisagreement
 from .comm import CommStats
+from .layers import SequenceParallelSelfAttention
 from .sequence_parallel import attention
 
-__all__ = ["attention", "CommStats", "RankDisagreement"]
+__all__ = ["attention", "CommStats", "RankDisagreement", "SequenceParallelSelfAttention"]
