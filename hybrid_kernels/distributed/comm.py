@@ -132,13 +132,14 @@ class RowExchange:
         """(B, H, len(request), D): the requested rows, in request order."""
         B, H, _, D = x.shape
         out = x.new_empty((B, H, self.num_out, D))
-        sends = {p: x.index_select(2, rows).contiguous() for p, rows in self.send.items()}
+        at = x.device  # the plan's indices are CPU tensors
+        sends = {p: x.index_select(2, rows.to(at)).contiguous() for p, rows in self.send.items()}
         recvs = {p: x.new_empty((B, H, slots.numel(), D)) for p, slots in self.recv.items()}
         _p2p(sends, recvs, self.group, self.tag)
         for p, buf in recvs.items():
-            out.index_copy_(2, self.recv[p], buf)
+            out.index_copy_(2, self.recv[p].to(at), buf)
         if self.local_slots.numel():
-            out.index_copy_(2, self.local_slots, x.index_select(2, self.local_rows))
+            out.index_copy_(2, self.local_slots.to(at), x.index_select(2, self.local_rows.to(at)))
         for buf in sends.values():
             stats.add(kind, buf.numel() * buf.element_size())
         return out
@@ -149,13 +150,14 @@ class RowExchange:
         grad = grad.contiguous()
         B, H, _, D = grad.shape
         dx = grad.new_zeros(shape)
-        sends = {p: grad.index_select(2, slots).contiguous() for p, slots in self.recv.items()}
+        at = grad.device
+        sends = {p: grad.index_select(2, slots.to(at)).contiguous() for p, slots in self.recv.items()}
         recvs = {p: grad.new_empty((B, H, rows.numel(), D)) for p, rows in self.send.items()}
         _p2p(sends, recvs, self.group, self.tag + 1)
         for p, buf in recvs.items():
-            dx.index_add_(2, self.send[p], buf)
+            dx.index_add_(2, self.send[p].to(at), buf)
         if self.local_slots.numel():
-            dx.index_add_(2, self.local_rows, grad.index_select(2, self.local_slots))
+            dx.index_add_(2, self.local_rows.to(at), grad.index_select(2, self.local_slots.to(at)))
         for buf in sends.values():
             stats.add("grad", buf.numel() * buf.element_size())
         return dx

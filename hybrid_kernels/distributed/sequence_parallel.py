@@ -82,10 +82,11 @@ def _landmark_partial(q_lm: Tensor, k: Tensor, v: Tensor, lm: Tensor, s: int,
     Hk = k.shape[1]
     ql = q_lm.float().reshape(B, Hk, (Hq // Hk) * G, D)  # the q heads of a kv head, stacked
     scores = torch.matmul(ql, k.float().transpose(-1, -2)).view(B, Hq, G, -1) * scale
-    keys = torch.arange(s, s + k.shape[2])
-    visible = torch.ones(scores.shape[0], 1, lm.numel(), keys.numel(), dtype=torch.bool)
+    dev = scores.device
+    keys = torch.arange(s, s + k.shape[2], device=dev)
+    visible = torch.ones(scores.shape[0], 1, lm.numel(), keys.numel(), dtype=torch.bool, device=dev)
     if causal:
-        visible = visible & (keys[None, :] <= lm[:, None])[None, None]
+        visible = visible & (keys[None, :] <= lm.to(dev)[:, None])[None, None]
     if kpm is not None:
         visible = visible & kpm[:, None, None, s:s + k.shape[2]]
     scores = scores.masked_fill(~visible, float("-inf"))
@@ -131,9 +132,10 @@ def _local_forward(c: _Call, q: Tensor, k: Tensor, v: Tensor, k_fetched: Tensor,
     g = c.geo
     n_x, n_left = g.extras.numel(), g.s - g.a
     common = dict(scale=c.scale, quant=c.quant, return_lse=True, backend=c.backend)
+    dev = q.device
     in_band = c.lm[(c.lm >= g.a) & (c.lm < g.e)]
-    lm_a = torch.cat([torch.arange(n_x), in_band - g.a + n_x])
-    kpm_a = None if c.kpm is None else torch.cat([c.kpm[:, g.extras], c.kpm[:, g.a:g.e]], dim=1)
+    lm_a = torch.cat([torch.arange(n_x), in_band - g.a + n_x]).to(dev)
+    kpm_a = None if c.kpm is None else torch.cat([c.kpm[:, g.extras.to(dev)], c.kpm[:, g.a:g.e]], dim=1)
     ka, va = k, v
     if n_x + n_left:
         ka = torch.cat([k_fetched[:, :, :n_x + n_left], k], dim=2)
@@ -144,8 +146,8 @@ def _local_forward(c: _Call, q: Tensor, k: Tensor, v: Tensor, k_fetched: Tensor,
     if g.b > g.e:  # (b)
         right, n2 = c.window[1], g.b - g.e
         s2 = 0 if right < 0 else max(0, (g.e - g.s) - right)
-        keep = torch.ones(q.shape[0], n2, dtype=torch.bool)
-        keep[:, c.lm[(c.lm >= g.e) & (c.lm < g.b)] - g.e] = False
+        keep = torch.ones(q.shape[0], n2, dtype=torch.bool, device=dev)
+        keep[:, (c.lm[(c.lm >= g.e) & (c.lm < g.b)] - g.e).to(dev)] = False
         if c.kpm is not None:
             keep = keep & c.kpm[:, g.e:g.b]
         halo = slice(n_x + n_left, None)
@@ -168,7 +170,8 @@ def _write_landmark_rows(c: _Call, out: Tensor, lse: Tensor, parts: Tensor):
     own = torch.nonzero((c.lm >= c.geo.s) & (c.lm < c.geo.e)).flatten()
     if own.numel() == 0:
         return out, lse
-    rows = c.lm[own] - c.geo.s
+    dev = out.device
+    rows, own = (c.lm[own] - c.geo.s).to(dev), own.to(dev)
     out = out.index_copy(2, rows, merged[:, :, own].to(out.dtype))
     lse = lse.index_copy(2, rows, merged_lse[:, :, own])
     return out, lse
@@ -302,7 +305,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, window=None, landm
             raise ValueError(f"key_padding_mask must be a bool tensor of shape (B, N) = ({B}, {N}) "
                              f"in global coordinates; got {key_padding_mask.dtype} "
                              f"{tuple(key_padding_mask.shape)}")
-        kpm = key_padding_mask.cpu()
+        kpm = key_padding_mask.to(q.device)
     stats = CommStats() if stats is None else stats
     if lm is not None and not bool((lm == lm[:1]).all()):  # per-batch landmarks: one call per row
         rows = [_attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], shards, lm[i], window_n, causal,
