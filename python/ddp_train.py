@@ -3,6 +3,7 @@ a sequence-parallel attention model whose sequence is longer than one rank holds
 
     torchrun --nproc-per-node 2 python/ddp_train.py --mode ddp --steps 20
     torchrun --nproc-per-node 2 python/ddp_train.py --mode sequence --seq-len 65536
+    torchrun --nproc-per-node 2 python/ddp_train.py --mode fid --steps 20
     # several machines: the same command on each, with
     #   --nnodes M --node-rank i --rdzv-backend c10d --rdzv-endpoint HOST:29500
 
@@ -12,7 +13,10 @@ DistributedDataParallel averages the gradients.
 --mode sequence: one long sequence (B=1, N=--seq-len) split contiguously over the ranks; each rank
 holds N/P rows of a SequenceParallelSelfAttention model (window + landmarks over the whole
 sequence, halos exchanged point-to-point), trained to recover each token from its window. Prints
-the loss of the first and last step. gloo on CPU, nccl when CUDA is there.
+the loss of the first and last step.
+--mode fid: a small Fusion-in-Decoder T5 (random init) with DDP on the package's generated
+multi-passage QA task, each rank reading its share of every batch of questions.
+gloo on CPU, nccl when CUDA is there.
 """
 from __future__ import annotations
 
@@ -125,9 +129,33 @@ def train_sequence_parallel(model: nn.Module, n: int, steps: int, rank: int, wor
     return losses
 
 
+def train_fid(steps: int, rank: int, world: int, batch: int = 8, passages: int = 5):
+    """DDP FiDT5 on QATask: rank r takes questions r::world of every global batch."""
+    import random
+    from transformers import T5Config
+    from hybrid_kernels.models import FiDT5
+    from hybrid_kernels.training import QATask
+    task = QATask(num_passages=passages)
+    cfg = T5Config(vocab_size=len(task.tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                   num_decoder_layers=2, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0,
+                   pad_token_id=0, eos_token_id=1)
+    model = DDP(FiDT5.from_config(cfg))
+    opt = adam(model.parameters())
+    rng, losses = random.Random(0), []
+    for _ in range(steps):
+        exs = [task.example(rng) for _ in range(batch)][rank::world]
+        b = task.batch(exs, passages, random.Random(rng.random()))
+        loss = model(b["input_ids"], b["attention_mask"], labels=b["labels"])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=["ddp", "sequence"], default="ddp")
+    ap.add_argument("--mode", choices=["ddp", "sequence", "fid"], default="ddp")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seq-len", type=int, default=16384)
     args = ap.parse_args()
@@ -137,12 +165,14 @@ def main() -> int:
     torch.manual_seed(0)
     if args.mode == "ddp":
         losses = train_ddp(DDP(Classifier()), args.steps, rank, world, optimizer=adam)
+    elif args.mode == "fid":
+        losses = train_fid(args.steps, rank, world)
     else:
         model = DDP(CopyModel(landmarks=args.seq_len // 64))
         losses = train_sequence_parallel(model, args.seq_len, args.steps, rank, world, optimizer=adam)
     shares = torch.tensor([losses[0], losses[-1]])
-    dist.all_reduce(shares)  # the ranks' losses (ddp: means of equal halves) summed
-    if args.mode == "ddp":
+    dist.all_reduce(shares)  # the ranks' losses (ddp, fid: means of equal shares) summed
+    if args.mode != "sequence":
         shares /= world
     if rank == 0:
         print(f"{args.mode}: {world} ranks, loss {shares[0]:.3f} -> {shares[1]:.3f} "

@@ -60,7 +60,7 @@ def test_distributed_training_equals_single_process_training():
     mp.spawn(_train_both, args=(2, _free_port()), nprocs=2)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "sequence"])
+@pytest.mark.parametrize("mode", ["ddp", "sequence", "fid"])
 def test_example_runs_under_torchrun(mode):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
