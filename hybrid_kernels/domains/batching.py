@@ -17,7 +17,7 @@ class MixedBatch:
     """One padded batch of mixed streams, all (B, N[, 128]):
 
     token_ids: text token ids (``pad_token_id`` at span and padding positions);
-    encodings: float32 fluxem encodings (zeros at text and padding);
+    encodings: float64 fluxem encodings (zeros at text and padding);
     domain_types: 0 = text/padding, i + 1 = ``domains[i]``;
     domain_mask: True at domain spans; attention_mask: True at real positions;
     spans: per row, the :class:`DomainSpan` at each span position (``None`` for text tokens).
@@ -82,7 +82,7 @@ class MixedStreamBatcher:
         rows = [self.row(t) for t in texts]
         B, N = len(rows), max(len(r[0]) for r in rows)
         ids = torch.full((B, N), self.pad_token_id, dtype=torch.long)
-        encodings = torch.zeros(B, N, EMBEDDING_DIM)
+        encodings = torch.zeros(B, N, EMBEDDING_DIM, dtype=torch.float64)
         types = torch.zeros(B, N, dtype=torch.long)
         attention = torch.zeros(B, N, dtype=torch.bool)
         for b, (row_ids, encs, row_types, _) in enumerate(rows):
@@ -92,6 +92,6 @@ class MixedStreamBatcher:
             attention[b, :n] = True
             for i, e in enumerate(encs):
                 if e is not None:
-                    encodings[b, i] = torch.from_numpy(np.asarray(e, dtype=np.float32))
+                    encodings[b, i] = torch.from_numpy(np.asarray(e, dtype=np.float64))
         spans = [r[3] + [None] * (N - len(r[3])) for r in rows]
         return MixedBatch(ids, encodings, types, types > 0, attention, spans)

@@ -1,4 +1,8 @@
-"""Typed span -> deterministic 128-d fluxem encoding (float32 numpy, as fluxem returns it).
+"""Typed span -> deterministic 128-d fluxem encoding (float64 numpy).
+
+fluxem returns float32, which rounds the algebraic slots (x / 1e15 for an 8-digit x is off by
+~1 unit); the slots below are rewritten in float64 from the parsed values, so sums of encodings
+decode exactly to double precision.
 
 Algebraic slots the experiments and tests rely on (fluxem's layout, offsets into the 128-d vector):
 ``number``: [8] sign, [9] log|x| / scale, [11] x / 1e15 (linear: enc(a) + enc(b) = enc(a + b) there);
@@ -40,7 +44,9 @@ class SpanEncoder:
 
     def __call__(self, span: DomainSpan) -> np.ndarray:
         try:
-            vec = np.asarray(self._encode(span), dtype=np.float32)
+            vec = np.asarray(self._encode(span), dtype=np.float64)
+            for slot, value in self._exact_slots(span).items():
+                vec[slot] = value
         except Exception as e:   # fluxem raises anything from ValueError to NameError
             raise ValueError(f"cannot encode {span.domain} span {span.text!r}: {e}") from e
         if vec.shape != (EMBEDDING_DIM,) or not np.isfinite(vec).all():
@@ -49,13 +55,25 @@ class SpanEncoder:
         return vec
 
     def number(self, value: float) -> np.ndarray:
-        return np.asarray(self._number.encode(int(value) if float(value).is_integer() else float(value)),
-                          dtype=np.float32)
+        return self(DomainSpan(repr(value), "number", 0, 0))
+
+    def _exact_slots(self, span: DomainSpan) -> dict:
+        from fluxem.core.base import log_encode_value
+        if span.domain == "number":
+            x = float(span.text)
+            return {NUMBER_LOG: log_encode_value(x)[1], NUMBER_LINEAR: x / LINEAR_SCALE}
+        if span.domain == "quantity":
+            unit = self._parse_unit(span.metadata["unit"])
+            return {QUANTITY_LOG: log_encode_value(float(span.metadata["value"]) * unit.total_factor)[1]}
+        if span.domain == "unit":
+            return {UNIT_LOG: log_encode_value(self._parse_unit(span.text).total_factor)[1]}
+        return {}
 
     def _encode(self, span: DomainSpan):
         d, text, meta = span.domain, span.text, span.metadata
         if d == "number":
-            return self.number(float(text))
+            x = float(text)
+            return self._number.encode(int(x) if x.is_integer() else x)
         if d == "quantity":
             unit = self._parse_unit(meta["unit"])
             return self._quantity.encode(float(meta["value"]) * unit.total_factor, unit.dimensions)

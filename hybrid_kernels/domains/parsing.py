@@ -7,9 +7,11 @@ fluxem's ``MultiDomainTokenizer`` proposes spans; these rules decide what stays 
    * an all-capital word without digits ("DNA", "NASA") tagged FORMULA is an acronym -> text;
    * a letter + one digit ("A4", "C5") tagged CHORD/PITCH is a paper size, a grid cell or a
      pitch -> pitch only when the sentence has a music word, else text;
-   * "3+4j" stays COMPLEX; "3 + 4" (ARITHMETIC) becomes number, operator text, number, so
+   * "3+4j" stays COMPLEX only when the imaginary unit follows a digit and ends the word
+     (fluxem reads "3 + 4 in m" as the complex "3 + 4 i"); "3 + 4" (ARITHMETIC) becomes number, operator text, number, so
      each operand is its own span at its own position.
-3. Bare numbers in text become ``number`` spans (when allowed).
+3. Bare numbers in text become ``number`` spans; a bare unit becomes a ``unit`` span only as the
+   target of a conversion ("5 km in cm": the word after in/to/into, if fluxem knows the unit).
 4. Encoding error -> text (applied by :func:`hybrid_kernels.domains.encoding.encode_spans`).
 
 fluxem is imported lazily (``pip install "hybrid-kernels[domains]"``).
@@ -28,6 +30,8 @@ _FLUXEM_TO_OURS = {"QUANTITY": "quantity", "COMPLEX": "complex", "RATIONAL": "ra
                    "FORMULA": "formula", "UNIT": "unit", "ARITHMETIC": "arithmetic"}
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
 _ARITH = re.compile(r"\s*(\d+\.?\d*)\s*([+\-*/])\s*(\d+\.?\d*)\s*")
+_CONVERSION_TARGET = re.compile(r"\b(?:in|to|into)\s+([A-Za-z][A-Za-z0-9/^*]*)")
+_COMPLEX = re.compile(r"-?\d+\.?\d*\s*[+-]\s*\d+\.?\d*[ij]")
 _LETTER_DIGIT = re.compile(r"[A-Ga-g][#b]?\d")
 _MUSIC_WORDS = re.compile(r"\b(note|notes|pitch|tune|tuning|hz|piano|sing|sung|play|played|octave|chord)\b",
                           re.IGNORECASE)
@@ -84,12 +88,15 @@ class DomainParser:
         for tok in self._tokenizer.tokenize(text):
             piece = DomainSpan(tok.text, _FLUXEM_TO_OURS.get(tok.domain.name, "text"),
                                tok.start, tok.end, dict(tok.metadata or {}))
-            spans.extend(self._resolve(piece, music))
-        spans = [s for piece in merge_text(spans) for s in (self._numbers(piece) if piece.is_text else [piece])]
+            spans.extend(self._resolve(piece, music, text))
+        for rule in (self._units, self._numbers):
+            spans = [s for piece in merge_text(spans) for s in (rule(piece) if piece.is_text else [piece])]
         return merge_text(spans)
 
-    def _resolve(self, s: DomainSpan, music: bool) -> List[DomainSpan]:
+    def _resolve(self, s: DomainSpan, music: bool, whole: str) -> List[DomainSpan]:
         text_piece = [DomainSpan(s.text, "text", s.start, s.end)]
+        if s.domain == "complex" and not (_COMPLEX.fullmatch(s.text) and not whole[s.end:s.end + 1].isalnum()):
+            return text_piece
         if s.domain == "arithmetic":
             return self._split_arithmetic(s)
         if s.domain == "formula" and s.text.isalpha() and s.text.isupper():
@@ -115,10 +122,28 @@ class DomainParser:
     def _numbers(self, s: DomainSpan) -> List[DomainSpan]:
         if "number" not in self.allow:
             return [s]
-        out, pos = [], 0
-        for m in _NUMBER.finditer(s.text):
-            out.append(DomainSpan(s.text[pos:m.start()], "text", s.start + pos, s.start + m.start()))
-            out.append(DomainSpan(m.group(0), "number", s.start + m.start(), s.start + m.end()))
-            pos = m.end()
-        out.append(DomainSpan(s.text[pos:], "text", s.start + pos, s.end))
-        return [p for p in out if p.text]
+        return _cut(s, [(m.start(), m.end()) for m in _NUMBER.finditer(s.text)], "number")
+
+    def _units(self, s: DomainSpan) -> List[DomainSpan]:
+        if "unit" not in self.allow:
+            return [s]
+        from fluxem.domains.physics.units import parse_unit
+        found = []
+        for m in _CONVERSION_TARGET.finditer(s.text):
+            try:
+                parse_unit(m.group(1))
+            except ValueError:
+                continue
+            found.append((m.start(1), m.end(1)))
+        return _cut(s, found, "unit")
+
+
+def _cut(s: DomainSpan, pieces, domain: str) -> List[DomainSpan]:
+    """Split text span ``s`` at the (start, end) offsets ``pieces``, which become ``domain`` spans."""
+    out, pos = [], 0
+    for a, b in pieces:
+        out.append(DomainSpan(s.text[pos:a], "text", s.start + pos, s.start + a))
+        out.append(DomainSpan(s.text[a:b], domain, s.start + a, s.start + b))
+        pos = b
+    out.append(DomainSpan(s.text[pos:], "text", s.start + pos, s.end))
+    return [p for p in out if p.text]
