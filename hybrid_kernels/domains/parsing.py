@@ -7,6 +7,7 @@ fluxem's ``MultiDomainTokenizer`` proposes spans; these rules decide what stays 
    * an all-capital word without digits ("DNA", "NASA") tagged FORMULA is an acronym -> text;
    * a letter + one digit ("A4", "C5") tagged CHORD/PITCH is a paper size, a grid cell or a
      pitch -> pitch only when the sentence has a music word, else text;
+   * a quantity whose unit fluxem does not know ("3 apples") is text (its number is still a number);
    * "3+4j" stays COMPLEX only when the imaginary unit follows a digit and ends the word
      (fluxem reads "3 + 4 in m" as the complex "3 + 4 i"); "3 + 4" (ARITHMETIC) becomes number, operator text, number, so
      each operand is its own span at its own position.
@@ -101,6 +102,8 @@ class DomainParser:
             return self._split_arithmetic(s)
         if s.domain == "formula" and s.text.isalpha() and s.text.isupper():
             return text_piece
+        if s.domain == "quantity" and not _known_unit(s.metadata.get("unit", "")):
+            return text_piece
         if s.domain == "pitch":
             if not (_LETTER_DIGIT.fullmatch(s.text) and music):
                 return text_piece
@@ -127,15 +130,17 @@ class DomainParser:
     def _units(self, s: DomainSpan) -> List[DomainSpan]:
         if "unit" not in self.allow:
             return [s]
-        from fluxem.domains.physics.units import parse_unit
-        found = []
-        for m in _CONVERSION_TARGET.finditer(s.text):
-            try:
-                parse_unit(m.group(1))
-            except ValueError:
-                continue
-            found.append((m.start(1), m.end(1)))
+        found = [(m.start(1), m.end(1)) for m in _CONVERSION_TARGET.finditer(s.text) if _known_unit(m.group(1))]
         return _cut(s, found, "unit")
+
+
+def _known_unit(unit: str) -> bool:
+    from fluxem.domains.physics.units import parse_unit
+    try:
+        parse_unit(unit)
+    except ValueError:
+        return False
+    return True
 
 
 def _cut(s: DomainSpan, pieces, domain: str) -> List[DomainSpan]:
