@@ -163,12 +163,18 @@ def train_and_score(name, cfg, splits, tok, tokenize):
         model = ReadoutHybrid(enc_cfg, landmarks=name == "hybrid_landmarks")
         batcher = MixedStreamBatcher(tokenize, DOMAINS, pad_token_id=tok.pad_token_id)
         prep = lambda ex: batcher([t for t, _ in ex])   # noqa: E731
-    steps = cfg["steps"]["token_only" if name == "token_only" else "hybrid"]
+    steps = cfg["steps"]["token_only" if name == "token_only" else "hybrid"]   # or max_train_seconds
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg["lr"], total_steps=steps, pct_start=0.1)
     t0, unlabelled = time.perf_counter(), 0
     model.train()
+    done = 0
     for step, ex in zip(range(steps), _batches(splits["train"], cfg["batch_size"], rng)):
+        if time.perf_counter() - t0 > cfg["max_train_seconds"]:
+            break
+        done = step + 1
+        if step % 100 == 0:
+            print(f"  {name} step {step}/{steps} {time.perf_counter() - t0:.0f}s", flush=True)
         answers = [a for _, a in ex]
         x = prep(ex)
         if name == "token_only":
@@ -200,7 +206,7 @@ def train_and_score(name, cfg, splits, tok, tokenize):
                     pick = vals.gather(1, model(x).argmax(1, keepdim=True)).squeeze(1)
                     correct += int((pick == gold.double()).sum())
             scores[split] = correct / len(ex)
-    return {"exact_match": scores, "train_seconds": round(train_s, 1), "steps": steps,
+    return {"exact_match": scores, "train_seconds": round(train_s, 1), "steps": done,
             "parameters": sum(p.numel() for p in model.parameters()),
             "train_examples_without_readout": unlabelled}
 
