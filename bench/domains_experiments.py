@@ -3,6 +3,7 @@
     python bench/domains_experiments.py --config bench/configs/domains/arithmetic.json --out results/domains
     python bench/domains_experiments.py --config bench/configs/domains/units.json --out results/domains
     python bench/domains_experiments.py --all --out results/domains       # both, one plot
+    python bench/domains_experiments.py --replot --out results/domains    # plot the saved JSONs
 
 Both models are the same HybridEncoder (config "model"); they differ in input and output:
 
@@ -255,8 +256,20 @@ def main(argv=None):
     p.add_argument("--config", action="append", help="experiment config JSON (repeatable)")
     p.add_argument("--all", action="store_true", help="every config in bench/configs/domains")
     p.add_argument("--out", default="results/domains")
+    p.add_argument("--replot", action="store_true", help="only redraw exact_match.png from --out's JSONs")
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply training steps (smoke runs)")
     args = p.parse_args(argv)
+    if args.replot:
+        saved = []
+        for task in ("arithmetic", "units"):
+            path = os.path.join(args.out, f"{task}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    saved.append(json.load(f))
+        if not saved:
+            p.error(f"no arithmetic.json / units.json in {args.out}")
+        plot(saved, os.path.join(args.out, "exact_match.png"))
+        return saved
     paths = sorted(os.path.join(CONFIG_DIR, f) for f in os.listdir(CONFIG_DIR) if f.endswith(".json")) \
         if args.all else (args.config or [])
     if not paths:
