@@ -33,7 +33,7 @@ def test_batch_layout(batcher):
     B, N = batch.token_ids.shape
     lengths = batch.attention_mask.sum(1).tolist()
     assert B == 4 and N == max(lengths)
-    # "12 + 345 =": number, 3 characters " + " without spaces? no: every character is a token
+    # "12 + 345 =": one position per number, one token per character of the text between
     assert lengths[0] == 1 + len(" + ") + 1 + len(" =")
     assert batch.domain_mask[0].tolist()[:lengths[0]] == [True, False, False, False, True, False, False]
     assert batch.domain_types[0, 0].item() == DOMAINS.index("number") + 1
