@@ -16,7 +16,7 @@ __all__ = ["attention", "plan", "NoBackendError", "backend_names", "explain", "E
 
 # Subpackages with heavier imports (transformers, faiss, ...) load on first use.
 _LAZY = {"backends", "nn", "integrations", "models", "streaming", "retrieval", "rag", "quant", "reference",
-         "bench", "cli", "training"}
+         "bench", "cli", "training", "domains"}
 
 
 def __getattr__(name):

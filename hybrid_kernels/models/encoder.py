@@ -208,7 +208,8 @@ class SegmentMixer(nn.Module):
 
 
 class HybridEncoder(nn.Module):
-    """``encoder(input_ids (B, N), attention_mask (B, N) bool/int, optional) -> HybridEncoderOutput``."""
+    """``encoder(input_ids (B, N), attention_mask (B, N) bool/int, optional) -> HybridEncoderOutput``
+    (or ``inputs_embeds=(B, N, d)`` with an attention_mask, and optional ``landmark_mask``)."""
 
     def __init__(self, config: HybridEncoderConfig):
         super().__init__()
@@ -246,32 +247,85 @@ class HybridEncoder(nn.Module):
             pos += [G + j for j in range(0, S, stride)]
         return torch.tensor(pos, dtype=torch.long, device=device) if pos else None
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> HybridEncoderOutput:
-        cfg = self.config
-        if input_ids.dim() != 2:
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, landmark_mask) -> Tuple[int, int]:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, N) and inputs_embeds (B, N, d)")
+        if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, N); got shape {tuple(input_ids.shape)}")
-        B, N = input_ids.shape
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3
+                                          or inputs_embeds.shape[-1] != self.config.hidden_size):
+            raise ValueError(f"inputs_embeds must be (B, N, {self.config.hidden_size}); "
+                             f"got shape {tuple(inputs_embeds.shape)}")
+        B, N = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if N == 0:
             raise ValueError("input_ids must have at least one token")
+        if inputs_embeds is not None and attention_mask is None:
+            raise ValueError("inputs_embeds needs an attention_mask (B, N) (True = real token)")
+        if landmark_mask is not None:
+            if tuple(landmark_mask.shape) != (B, N):
+                raise ValueError(f"landmark_mask must have shape {(B, N)}; got {tuple(landmark_mask.shape)}")
+            if self._segments(N)[0] != N:
+                raise ValueError(f"landmark_mask needs an unsegmented input (N={N} <= "
+                                 f"segment_length={self.config.segment_length} or segment_length=0)")
+        return B, N
+
+    def _row_landmarks(self, base: Optional[Tensor], landmark_mask: Tensor, seg_mask: Tensor):
+        """Per-row landmark positions (B, G') = the config's landmarks plus the masked tokens.
+
+        Rows with fewer extra landmarks are filled with positions of appended padding keys
+        (invisible to every query), so every row has the same count; returns the positions and
+        how many padding keys were appended."""
+        G = self.config.num_landmarks
+        B, N = landmark_mask.shape
+        extra = landmark_mask.bool() & seg_mask[:, G:]
+        fill = int(extra.sum(1).max())
+        base_set = set(base.tolist()) if base is not None else set()
+        rows = []
+        for b in range(B):
+            pos = set((extra[b].nonzero().flatten() + G).tolist()) | base_set
+            rows.append(sorted(pos))
+        width = max(len(r) for r in rows)
+        total = G + N + fill
+        rows = [r + list(range(G + N, G + N + width - len(r))) for r in rows]
+        return torch.tensor(rows, dtype=torch.long, device=seg_mask.device), total - G - N
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, *,
+                inputs_embeds: Optional[Tensor] = None,
+                landmark_mask: Optional[Tensor] = None) -> HybridEncoderOutput:
+        """``input_ids`` (B, N) or ``inputs_embeds`` (B, N, d) (token embeddings without positions;
+        needs ``attention_mask``). ``landmark_mask`` (B, N) bool marks extra tokens to run as
+        landmarks (global tokens), e.g. typed domain spans; only for unsegmented inputs."""
+        cfg = self.config
+        B, N = self._check_inputs(input_ids, inputs_embeds, attention_mask, landmark_mask)
         mask = (input_ids != cfg.pad_token_id) if attention_mask is None else attention_mask.bool()
-        if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)}; got {tuple(mask.shape)}")
+        if mask.shape != (B, N):
+            raise ValueError(f"attention_mask must have shape {(B, N)}; got {tuple(mask.shape)}")
         S, step = self._segments(N)
         n_seg = 1 if N <= S else math.ceil((N - S) / step) + 1
         total = (n_seg - 1) * step + S
-        ids = F.pad(input_ids, (0, total - N), value=cfg.pad_token_id)
         m = F.pad(mask, (0, total - N), value=False)
-        starts = torch.arange(n_seg, device=ids.device) * step
-        idx = starts[:, None] + torch.arange(S, device=ids.device)[None, :]        # (n_seg, S)
-        seg_ids, seg_mask = ids[:, idx].reshape(B * n_seg, S), m[:, idx].reshape(B * n_seg, S)
-
-        x = self.embed(seg_ids) + self.position(torch.arange(S, device=ids.device))[None]
+        device = mask.device
+        starts = torch.arange(n_seg, device=device) * step
+        idx = starts[:, None] + torch.arange(S, device=device)[None, :]        # (n_seg, S)
+        seg_mask = m[:, idx].reshape(B * n_seg, S)
+        if inputs_embeds is None:
+            ids = F.pad(input_ids, (0, total - N), value=cfg.pad_token_id)
+            tokens = self.embed(ids[:, idx].reshape(B * n_seg, S))
+        else:
+            emb = F.pad(inputs_embeds, (0, 0, 0, total - N))
+            tokens = emb[:, idx].reshape(B * n_seg, S, -1)
+        x = tokens + self.position(torch.arange(S, device=device))[None]
         G = cfg.num_landmarks
         if G:
             x = torch.cat([self.memory.unsqueeze(0).expand(B * n_seg, -1, -1).to(x.dtype), x], dim=1)
             seg_mask = torch.cat([seg_mask.new_ones(B * n_seg, G), seg_mask], dim=1)
+        landmarks = self._landmark_positions(S, device)
+        appended = 0
+        if landmark_mask is not None:
+            landmarks, appended = self._row_landmarks(landmarks, landmark_mask, seg_mask)
+            x = F.pad(x, (0, 0, 0, appended))
+            seg_mask = F.pad(seg_mask, (0, appended), value=False)
         x = self.drop(x)
-        landmarks = self._landmark_positions(S, x.device)
         for i, block in enumerate(self.blocks):
             x = block.mix(x, seg_mask, landmarks)
             if n_seg > 1 and self.mixers is not None:
@@ -280,7 +334,7 @@ class HybridEncoder(nn.Module):
         x = self.final_norm(x)
 
         memory = x[:, :G].reshape(B, n_seg * G, -1) if G else None
-        tokens = x[:, G:].reshape(B, n_seg, S, -1)
+        tokens = x[:, G:G + S].reshape(B, n_seg, S, -1)
         hidden = self._merge_segments(tokens, idx, total, N)
         pooled = self._pool(hidden, mask, memory)
         return HybridEncoderOutput(hidden, pooled, memory)
