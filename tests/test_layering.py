@@ -10,7 +10,7 @@ PKG = Path(hybrid_kernels.__file__).resolve().parent
 CORE = {"api", "pattern", "score_mods", "backend_base", "dispatch", "ops", "reference", "quant",
         "backends", "triton_kernels"}
 APPLICATIONS = {"nn", "integrations", "models", "streaming", "retrieval", "rag", "training",
-                "bench", "cli", "int8_cache", "__main__"}
+                "bench", "cli", "int8_cache", "__main__", "service", "diffusion", "cascade"}
 
 
 def _module_name(path: Path) -> str:

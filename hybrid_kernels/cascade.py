@@ -1,0 +1,144 @@
+"""Teacher-student cascade of FiD readers: the small student answers when its calibrated
+confidence reaches ``threshold``, otherwise the large teacher answers.
+
+Confidence: the student's mean token log-probability of its own greedy answer (eos included),
+mapped to P(correct) by Platt scaling (``sigmoid(a * x + b)``) fitted on a dev set by
+:meth:`Cascade.calibrate`; before calibration it is the geometric-mean token probability.
+
+    cascade = Cascade(student, teacher, tokenizer)
+    table = cascade.calibrate(dev_ids, dev_mask, dev_answers)      # picks cascade.threshold
+    results = cascade.answer(input_ids, attention_mask)            # [CascadeAnswer]
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["Cascade", "CascadeAnswer", "answer_log_prob", "distillation_loss"]
+
+
+@dataclass
+class CascadeAnswer:
+    answer: str
+    answered_by: str          # "student" or "teacher"
+    confidence: float         # the student's calibrated confidence
+
+
+@torch.no_grad()
+def answer_log_prob(model, input_ids: Tensor, attention_mask: Tensor, generated: Tensor) -> Tensor:
+    """Mean log-probability per token of ``generated`` (B, 1 + T) -- the output of
+    ``model.generate``, starting with the decoder start token -- up to and including its first
+    eos, for inputs (B, P, L). Returns (B,) float."""
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    labels = generated[:, 1:]
+    logits = model(input_ids, attention_mask, decoder_input_ids=generated[:, :-1])["logits"].float()
+    logp = F.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    after_eos = (labels == eos).long().cumsum(1) - (labels == eos).long()   # tokens after the first eos
+    valid = (after_eos == 0) & (labels != pad)
+    return (logp * valid).sum(1) / valid.sum(1).clamp_min(1)
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                      temperature: float = 2.0, alpha: float = 0.5) -> Tensor:
+    """``alpha`` * KL(teacher || student) at ``temperature`` (scaled by T^2) + (1 - alpha) * the
+    cross-entropy on ``labels``; logits (B, T, V), labels (B, T) with -100 ignored."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape (B, T, V)")
+    keep = labels != -100
+    s = F.log_softmax(student_logits[keep].float() / temperature, -1)
+    t = F.log_softmax(teacher_logits[keep].float() / temperature, -1)
+    kl = F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+    ce = F.cross_entropy(student_logits[keep].float(), labels[keep])
+    return alpha * kl + (1 - alpha) * ce
+
+
+class Cascade:
+    """``student`` / ``teacher``: :class:`~hybrid_kernels.models.FiDT5` sharing ``tokenizer``."""
+
+    def __init__(self, student, teacher, tokenizer, *, threshold: float = 0.5):
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1]; got {threshold}")
+        self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
+        self.threshold = threshold
+        self.platt: Optional[Tensor] = None       # (a, b) after calibrate()
+
+    def confidence(self, mean_log_prob: Tensor) -> Tensor:
+        if self.platt is None:
+            return mean_log_prob.exp()
+        return torch.sigmoid(self.platt[0] * mean_log_prob + self.platt[1])
+
+    def _student(self, input_ids, attention_mask, max_new_tokens):
+        out = self.student.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens)
+        conf = self.confidence(answer_log_prob(self.student, input_ids, attention_mask, out))
+        return [self.tokenizer.decode(o[1:].tolist()) for o in out], conf
+
+    def _teacher(self, input_ids, attention_mask, max_new_tokens) -> List[str]:
+        out = self.teacher.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens)
+        return [self.tokenizer.decode(o[1:].tolist()) for o in out]
+
+    def answer(self, input_ids: Tensor, attention_mask: Tensor, *, max_new_tokens: int = 16,
+               threshold: Optional[float] = None) -> List[CascadeAnswer]:
+        """Inputs (B, P, L). The teacher runs only on the rows the student is unsure of."""
+        threshold = self.threshold if threshold is None else threshold
+        answers, conf = self._student(input_ids, attention_mask, max_new_tokens)
+        results = [CascadeAnswer(a, "student", float(c)) for a, c in zip(answers, conf)]
+        hard = (conf < threshold).nonzero().flatten()
+        if len(hard):
+            for i, a in zip(hard.tolist(), self._teacher(input_ids[hard], attention_mask[hard],
+                                                         max_new_tokens)):
+                results[i] = CascadeAnswer(a, "teacher", results[i].confidence)
+        return results
+
+    def calibrate(self, input_ids: Tensor, attention_mask: Tensor, answers: Sequence[str], *,
+                  thresholds: Sequence[float] = (0.5, 0.8, 0.95), tolerance: float = 0.01,
+                  max_new_tokens: int = 16) -> List[Dict[str, float]]:
+        """Fit the Platt scaling on a dev set (inputs (B, P, L), gold ``answers``), then evaluate
+        each threshold: a row {threshold, accuracy, student_share, seconds, teacher_seconds}.
+        ``self.threshold`` becomes the lowest threshold whose accuracy is within ``tolerance`` of
+        the teacher alone (the highest one if none is)."""
+        from .training.qa_task import exact_match
+        if len(answers) != input_ids.shape[0]:
+            raise ValueError(f"answers must have one entry per row of input_ids "
+                             f"({input_ids.shape[0]}); got {len(answers)}")
+        out = self.student.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens)
+        x = answer_log_prob(self.student, input_ids, attention_mask, out)
+        student_ok = torch.tensor([exact_match(self.tokenizer.decode(o[1:].tolist()), a)
+                                   for o, a in zip(out, answers)], dtype=torch.float32)
+        self.platt = _fit_platt(x, student_ok)
+        t0 = time.perf_counter()
+        teacher_answers = self._teacher(input_ids, attention_mask, max_new_tokens)
+        teacher_seconds = time.perf_counter() - t0
+        teacher_acc = sum(exact_match(p, a) for p, a in zip(teacher_answers, answers)) / len(answers)
+        rows = []
+        for th in thresholds:
+            t0 = time.perf_counter()
+            res = self.answer(input_ids, attention_mask, max_new_tokens=max_new_tokens, threshold=th)
+            rows.append({"threshold": th, "seconds": time.perf_counter() - t0,
+                         "teacher_seconds": teacher_seconds, "teacher_accuracy": teacher_acc,
+                         "accuracy": sum(exact_match(r.answer, a) for r, a in zip(res, answers)) / len(answers),
+                         "student_share": sum(r.answered_by == "student" for r in res) / len(res)})
+        good = [r["threshold"] for r in rows if r["accuracy"] >= teacher_acc - tolerance]
+        self.threshold = min(good) if good else max(thresholds)
+        return rows
+
+
+def _fit_platt(x: Tensor, correct: Tensor, steps: int = 200) -> Tensor:
+    """Logistic regression of ``correct`` (0/1) on the scalar feature ``x``: returns (a, b)."""
+    params = torch.tensor([1.0, 0.0], requires_grad=True)
+    opt = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(params[0] * x + params[1], correct)
+        loss = loss + 1e-3 * (params ** 2).sum()      # keeps (a, b) finite when one class is empty
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return params.detach()
