@@ -11,9 +11,15 @@ pytest.importorskip("sse_starlette")
 pytest.importorskip("faiss")
 httpx = pytest.importorskip("httpx")
 
-from service_server import API_KEY, Server  # noqa: E402
+from hybrid_kernels.service.process import ServerProcess  # noqa: E402
+
+API_KEY = "test-key-0123456789"
 
 KEY = {"X-API-Key": API_KEY}
+
+
+def Server(db, *extra):
+    return ServerProcess(db, API_KEY, *extra)
 DOCS = [{"title": "bako", "text": "bako was born in lima ."},
         {"title": "zizi", "text": "zizi plays the harp ."},
         {"title": "mudo", "text": "mudo works as a pilot ."}]

@@ -1,4 +1,6 @@
-"""Start ``hybrid-kernels serve`` as a real uvicorn subprocess on a free loopback port."""
+"""Run ``hybrid-kernels serve`` as a subprocess on a free loopback port (tests, load benchmark)."""
+from __future__ import annotations
+
 import os
 import socket
 import subprocess
@@ -6,10 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
-ROOT = Path(__file__).resolve().parents[1]
-API_KEY = "test-key-0123456789"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -18,19 +17,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    def __init__(self, db: str, *extra: str, startup_s: float = 90.0):
+class ServerProcess:
+    """Starts the server and waits until ``/health`` answers (``startup_s`` at most)."""
+
+    def __init__(self, db: str, api_key: str, *extra: str, startup_s: float = 90.0):
+        import httpx
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hybrid_kernels", "serve", "--db", db, "--port", str(self.port),
-             "--api-key", API_KEY, *extra], cwd=str(ROOT), env=env,
+             "--api-key", api_key, *extra], env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stderr.read().decode()[-2000:]}")
+                err = self.proc.stderr.read().decode()[-2000:]
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {err}")
             try:
                 if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
                     return
@@ -47,6 +51,7 @@ class Server:
         self.proc.stderr.close()
 
     def stop(self) -> None:
+        """SIGTERM (graceful: accepted requests drain), SIGKILL after 30 s."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
