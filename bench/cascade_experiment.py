@@ -2,7 +2,7 @@
 student from it, calibrate the student's confidence on a dev set, then report on held-out
 questions the accuracy, the share the student answers and the time saved at 3 thresholds.
 
-    PYTHONPATH=. python bench/cascade_experiment.py [--teacher-seconds 150 --student-seconds 90]
+    PYTHONPATH=. python bench/cascade_experiment.py [--teacher-seconds 90 --student-seconds 60]
         [--save-dir DIR]     # DIR/teacher, DIR/student: for hybrid-kernels serve --model/--student
 """
 import argparse
@@ -23,7 +23,7 @@ from hybrid_kernels.rag import save_tokenizer  # noqa: E402
 from hybrid_kernels.service.loading import tiny_reader  # noqa: E402
 from hybrid_kernels.training import QATask, TrainConfig, Trainer, exact_match  # noqa: E402
 
-TEACHER = dict(d_model=128, d_kv=32, d_ff=256, num_layers=3, num_decoder_layers=3, num_heads=4)
+TEACHER = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4)
 STUDENT = dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4)
 
 
@@ -39,9 +39,9 @@ def train(model, loss_fn, data, seconds, steps, lr):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--passages", type=int, default=5, help="k passages per question (all read)")
-    ap.add_argument("--teacher-seconds", type=float, default=150)
-    ap.add_argument("--student-seconds", type=float, default=90)
+    ap.add_argument("--passages", type=int, default=3, help="k passages per question (all read)")
+    ap.add_argument("--teacher-seconds", type=float, default=90)
+    ap.add_argument("--student-seconds", type=float, default=60)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dev", type=int, default=200)
     ap.add_argument("--test", type=int, default=300)

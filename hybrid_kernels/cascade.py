@@ -33,13 +33,13 @@ class CascadeAnswer:
 def answer_log_prob(model, input_ids: Tensor, attention_mask: Tensor, generated: Tensor) -> Tensor:
     """Mean log-probability per token of ``generated`` (B, 1 + T) -- the output of
     ``model.generate``, starting with the decoder start token -- up to and including its first
-    eos, for inputs (B, P, L). Returns (B,) float."""
-    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    eos (generate pads after it), for inputs (B, P, L). Returns (B,) float."""
+    eos = model.config.eos_token_id
     labels = generated[:, 1:]
     logits = model(input_ids, attention_mask, decoder_input_ids=generated[:, :-1])["logits"].float()
     logp = F.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     after_eos = (labels == eos).long().cumsum(1) - (labels == eos).long()   # tokens after the first eos
-    valid = (after_eos == 0) & (labels != pad)
+    valid = after_eos == 0       # a pad chosen before eos is the model's choice: it counts
     return (logp * valid).sum(1) / valid.sum(1).clamp_min(1)
 
 
