@@ -40,6 +40,8 @@ def train(model, loss_fn, data, seconds, steps, lr):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--passages", type=int, default=3, help="k passages per question (all read)")
+    ap.add_argument("--hard-negatives", type=float, default=0.0,
+                    help="share of other-person distractors that state the asked relation")
     ap.add_argument("--teacher-seconds", type=float, default=90)
     ap.add_argument("--student-seconds", type=float, default=60)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -50,7 +52,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    task = QATask(num_passages=args.passages)
+    task = QATask(num_passages=args.passages, hard_negatives=args.hard_negatives)
     k = args.passages
     teacher = tiny_reader(task.tokenizer, 0, **TEACHER).train()
     t_steps, t_sec = train(teacher, fid_loss, batches(task, k, args.batch_size, 1, ramp_steps=300),
@@ -93,7 +95,8 @@ def main() -> int:
     decode = lambda out: task.tokenizer.decode(out[0, 1:].tolist())  # noqa: E731
     teacher_acc, teacher_s = per_question(lambda i, m: decode(teacher.generate(i, m, max_new_tokens=4)))
     student_acc, student_s = per_question(lambda i, m: decode(student.generate(i, m, max_new_tokens=4)))
-    print(f"\n{args.test} test questions answered one at a time, k={k} passages, "
+    print(f"\n{args.test} test questions answered one at a time, k={k} passages "
+          f"(hard negatives {args.hard_negatives}), "
           f"{args.threads} thread(s) on {_cpu()} (shared machine)")
     print(f"teacher alone: accuracy {teacher_acc:.3f}, {teacher_s:.2f} s;  "
           f"student alone: accuracy {student_acc:.3f}, {student_s:.2f} s")
