@@ -47,7 +47,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dev", type=int, default=200)
     ap.add_argument("--test", type=int, default=300)
-    ap.add_argument("--thresholds", default="0.5,0.8,0.95")
+    ap.add_argument("--thresholds", default=None, help="comma-separated (default: calibrate picks "
+                    "the dev confidences' quartiles)")
     ap.add_argument("--save-dir", default=None)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -76,10 +77,11 @@ def main() -> int:
         b = task.batch(exs, k, random.Random(seed), with_labels=False)
         return b["input_ids"], b["attention_mask"], [ex.answer for ex in exs]
 
-    thresholds = [float(x) for x in args.thresholds.split(",")]
     cascade = Cascade(student, teacher, task.tokenizer)
     dev = tensors("valid", args.dev, 11)
-    cascade.calibrate(*dev, thresholds=thresholds, max_new_tokens=4)
+    rows = cascade.calibrate(*dev, thresholds=args.thresholds and [float(x) for x in args.thresholds.split(",")],
+                             max_new_tokens=4)
+    thresholds = [r["threshold"] for r in rows]
     print(f"calibrated on {args.dev} dev questions: Platt (a, b) = {cascade.platt.tolist()}, "
           f"chosen threshold {cascade.threshold}")
 

@@ -1,7 +1,8 @@
 """Teacher-student cascade of FiD readers: the small student answers when its calibrated
 confidence reaches ``threshold``, otherwise the large teacher answers.
 
-Confidence: the student's mean token log-probability of its own greedy answer (eos included),
+Confidence: the student's mean token log-probability of its own greedy answer (eos included,
+read off the decoding steps),
 mapped to P(correct) by Platt scaling (``sigmoid(a * x + b)``) fitted on a dev set by
 :meth:`Cascade.calibrate`; before calibration it is the geometric-mean token probability.
 
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Cascade", "CascadeAnswer", "answer_log_prob", "distillation_loss"]
+__all__ = ["Cascade", "CascadeAnswer", "answer_log_prob", "distillation_loss", "greedy_steps"]
 
 
 @dataclass
@@ -27,6 +28,53 @@ class CascadeAnswer:
     answer: str
     answered_by: str          # "student" or "teacher"
     confidence: float         # the student's calibrated confidence
+
+
+@torch.no_grad()
+def greedy_steps(model, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                 should_stop=None) -> Iterator[Tuple[Tensor, Tensor]]:
+    """Greedy decoding of a :class:`~hybrid_kernels.models.FiDT5` one step at a time: yields
+    (token (B,), its log-probability (B,)) per step for inputs (B, P, L); stops when every row
+    has produced eos, after ``max_new_tokens`` or when ``should_stop()`` is true. Rows that
+    finished keep yielding eos with log-probability 0. The encoder runs once."""
+    from transformers.cache_utils import DynamicCache
+    cfg = model.config
+    model.eval()
+    enc, key_mask = model.encode(input_ids, attention_mask)
+    B, P, L = input_ids.shape
+    caches = model.cross_caches(enc, key_mask, L)
+    past = DynamicCache(config=model.t5.decoder.config)
+    dummy = enc.new_zeros((B, 1, enc.shape[-1]))
+    token = torch.full((B, 1), cfg.decoder_start_token_id, dtype=torch.long, device=enc.device)
+    done = torch.zeros(B, dtype=torch.bool, device=enc.device)
+    with model._cross(key_mask, L, caches):
+        for _ in range(max_new_tokens):
+            if should_stop is not None and should_stop():
+                return
+            logp = F.log_softmax(model._decode_step(token, past, dummy), -1)
+            best, nxt = logp.max(-1)
+            nxt = torch.where(done, torch.full_like(nxt, cfg.eos_token_id), nxt)
+            best = torch.where(done, torch.zeros_like(best), best)
+            yield nxt, best
+            done |= nxt == cfg.eos_token_id
+            if bool(done.all()):
+                return
+            token = nxt[:, None]
+
+
+def greedy_answers(model, tokenizer, input_ids: Tensor, attention_mask: Tensor,
+                   max_new_tokens: int) -> Tuple[List[str], Tensor]:
+    """Greedy answers and their mean token log-probability (eos included), (B,)."""
+    eos = model.config.eos_token_id
+    tokens, total, count = [], torch.zeros(input_ids.shape[0]), torch.zeros(input_ids.shape[0])
+    alive = torch.ones(input_ids.shape[0], dtype=torch.bool)
+    for nxt, logp in greedy_steps(model, input_ids, attention_mask, max_new_tokens):
+        total += torch.where(alive, logp.float().cpu(), torch.zeros(()))
+        count += alive.float()
+        tokens.append(torch.where(alive, nxt.cpu(), torch.full_like(nxt.cpu(), eos)))
+        alive &= nxt.cpu() != eos
+    rows = torch.stack(tokens, 1) if tokens else torch.zeros((input_ids.shape[0], 0), dtype=torch.long)
+    return [tokenizer.decode(r.tolist()) for r in rows], total / count.clamp_min(1)
 
 
 @torch.no_grad()
@@ -74,9 +122,9 @@ class Cascade:
         return torch.sigmoid(self.platt[0] * mean_log_prob + self.platt[1])
 
     def _student(self, input_ids, attention_mask, max_new_tokens):
-        out = self.student.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens)
-        conf = self.confidence(answer_log_prob(self.student, input_ids, attention_mask, out))
-        return [self.tokenizer.decode(o[1:].tolist()) for o in out], conf
+        answers, mean_logp = greedy_answers(self.student, self.tokenizer, input_ids, attention_mask,
+                                            max_new_tokens)
+        return answers, self.confidence(mean_logp)
 
     def _teacher(self, input_ids, attention_mask, max_new_tokens) -> List[str]:
         out = self.teacher.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens)
@@ -96,21 +144,25 @@ class Cascade:
         return results
 
     def calibrate(self, input_ids: Tensor, attention_mask: Tensor, answers: Sequence[str], *,
-                  thresholds: Sequence[float] = (0.5, 0.8, 0.95), tolerance: float = 0.01,
+                  thresholds: Optional[Sequence[float]] = None, tolerance: float = 0.01,
                   max_new_tokens: int = 16) -> List[Dict[str, float]]:
         """Fit the Platt scaling on a dev set (inputs (B, P, L), gold ``answers``), then evaluate
-        each threshold: a row {threshold, accuracy, student_share, seconds, teacher_seconds}.
+        each threshold: a row {threshold, accuracy, student_share, seconds, teacher_seconds}
+        (default thresholds: the calibrated confidences' 25th, 50th and 75th percentiles).
         ``self.threshold`` becomes the lowest threshold whose accuracy is within ``tolerance`` of
         the teacher alone (the highest one if none is)."""
         from .training.qa_task import exact_match
         if len(answers) != input_ids.shape[0]:
             raise ValueError(f"answers must have one entry per row of input_ids "
                              f"({input_ids.shape[0]}); got {len(answers)}")
-        out = self.student.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens)
-        x = answer_log_prob(self.student, input_ids, attention_mask, out)
-        student_ok = torch.tensor([exact_match(self.tokenizer.decode(o[1:].tolist()), a)
-                                   for o, a in zip(out, answers)], dtype=torch.float32)
+        predicted, x = greedy_answers(self.student, self.tokenizer, input_ids, attention_mask,
+                                      max_new_tokens)
+        student_ok = torch.tensor([exact_match(p, a) for p, a in zip(predicted, answers)],
+                                  dtype=torch.float32)
         self.platt = _fit_platt(x, student_ok)
+        if thresholds is None:   # the student's share of the dev set is then 75%, 50%, 25%
+            conf = self.confidence(x)
+            thresholds = [round(float(conf.quantile(q)), 4) for q in (0.25, 0.5, 0.75)]
         t0 = time.perf_counter()
         teacher_answers = self._teacher(input_ids, attention_mask, max_new_tokens)
         teacher_seconds = time.perf_counter() - t0

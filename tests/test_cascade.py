@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hybrid_kernels.cascade import Cascade, answer_log_prob, distillation_loss  # noqa: E402
+from hybrid_kernels.cascade import Cascade, answer_log_prob, distillation_loss, greedy_answers  # noqa: E402
 from hybrid_kernels.service.loading import DEFAULT_READER, DEFAULT_STUDENT, tiny_reader  # noqa: E402
 from hybrid_kernels.training import QATask  # noqa: E402
 
@@ -25,7 +25,8 @@ def test_answer_log_prob_matches_a_manual_sum(setup):
     task, _, b, student, _ = setup
     out = student.generate(b["input_ids"], b["attention_mask"], max_new_tokens=4)
     got = answer_log_prob(student, b["input_ids"], b["attention_mask"], out)
-    logits = student(b["input_ids"], b["attention_mask"], decoder_input_ids=out[:, :-1])["logits"]
+    with torch.no_grad():
+        logits = student(b["input_ids"], b["attention_mask"], decoder_input_ids=out[:, :-1])["logits"]
     logp = torch.log_softmax(logits.float(), -1)
     for row in range(out.shape[0]):
         total, n = 0.0, 0
@@ -35,6 +36,15 @@ def test_answer_log_prob_matches_a_manual_sum(setup):
             if tok == 1:          # eos counts, then stop
                 break
         assert got[row].item() == pytest.approx(total / n, abs=1e-4)
+
+
+def test_one_pass_greedy_matches_generate_and_teacher_forced_scores(setup):
+    task, _, b, student, _ = setup
+    out = student.generate(b["input_ids"], b["attention_mask"], max_new_tokens=4)
+    answers, mean_logp = greedy_answers(student, task.tokenizer, b["input_ids"], b["attention_mask"], 4)
+    assert answers == [task.tokenizer.decode(o[1:].tolist()) for o in out]
+    torch.testing.assert_close(mean_logp, answer_log_prob(student, b["input_ids"], b["attention_mask"], out),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_routing_follows_the_threshold(setup):

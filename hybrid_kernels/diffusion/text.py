@@ -184,7 +184,7 @@ def train(model: MaskedDiffusionLM, pairs: Sequence[Tuple[str, str]], *, steps: 
             yield {"c": [p[0] for p in part], "d": [p[1] for p in part]}
 
     cfg = TrainConfig(lr=lr, warmup_steps=min(50, steps // 10), max_steps=steps,
-                      max_seconds=max_seconds, log_every=max(1, steps // 10), progress=True)
+                      max_seconds=max_seconds, log_every=max(1, min(100, steps // 10)), progress=True)
     trainer = Trainer(model, lambda m, b: m.loss(b["c"], b["d"], g), cfg)
     history = trainer.train(batches())
     model.eval()

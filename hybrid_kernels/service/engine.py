@@ -8,8 +8,6 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional
 
-import torch
-
 from .store import DocumentStore
 
 
@@ -91,26 +89,16 @@ class Engine:
                       emit: Callable[[str], None], cancelled: threading.Event) -> int:
         """Greedy decoding that calls ``emit(word)`` per generated token and stops at eos, at
         ``max_new_tokens`` or as soon as ``cancelled`` is set (client gone). Returns tokens made."""
-        from transformers.cache_utils import DynamicCache
-        model, tok = self.pipe.model, self.pipe.tokenizer
+        from ..cascade import greedy_steps
         ids, mask = self._inputs(question, passages)
-        cfg = model.config
+        eos = self.pipe.model.config.eos_token_id
         made = 0
-        with self._model_lock, torch.no_grad():
-            model.eval()
-            enc, key_mask = model.encode(ids, mask)
-            caches = model.cross_caches(enc, key_mask, ids.shape[2])
-            past = DynamicCache(config=model.t5.decoder.config)
-            dummy = enc.new_zeros((1, 1, enc.shape[-1]))
-            token = torch.full((1, 1), cfg.decoder_start_token_id, dtype=torch.long)
-            with model._cross(key_mask, ids.shape[2], caches):
-                while made < max_new_tokens and not cancelled.is_set():
-                    nxt = int(model._decode_step(token, past, dummy).argmax(-1))
-                    if nxt == cfg.eos_token_id:
-                        break
-                    emit(tok.decode([nxt]))
-                    made += 1
-                    token = torch.tensor([[nxt]])
+        with self._model_lock:
+            for nxt, _ in greedy_steps(self.pipe.model, ids, mask, max_new_tokens, cancelled.is_set):
+                if int(nxt[0]) == eos:
+                    break
+                emit(self.pipe.tokenizer.decode([int(nxt[0])]))
+                made += 1
         return made
 
     def index_size(self) -> Dict[str, int]:
