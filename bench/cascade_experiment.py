@@ -23,7 +23,12 @@ from hybrid_kernels.rag import save_tokenizer  # noqa: E402
 from hybrid_kernels.service.loading import tiny_reader  # noqa: E402
 from hybrid_kernels.training import QATask, TrainConfig, Trainer, exact_match  # noqa: E402
 
-TEACHER = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4)
+def teacher_sizes(width: int) -> dict:
+    return dict(d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2, num_decoder_layers=2,
+                num_heads=4)
+
+
+
 STUDENT = dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4)
 
 
@@ -42,6 +47,7 @@ def main() -> int:
     ap.add_argument("--passages", type=int, default=3, help="k passages per question (all read)")
     ap.add_argument("--hard-negatives", type=float, default=0.0,
                     help="share of other-person distractors that state the asked relation")
+    ap.add_argument("--teacher-width", type=int, default=64, help="teacher d_model (2 + 2 layers)")
     ap.add_argument("--teacher-seconds", type=float, default=90)
     ap.add_argument("--student-seconds", type=float, default=60)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -55,7 +61,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     task = QATask(num_passages=args.passages, hard_negatives=args.hard_negatives)
     k = args.passages
-    teacher = tiny_reader(task.tokenizer, 0, **TEACHER).train()
+    teacher = tiny_reader(task.tokenizer, 0, **teacher_sizes(args.teacher_width)).train()
     t_steps, t_sec = train(teacher, fid_loss, batches(task, k, args.batch_size, 1, ramp_steps=300),
                            args.teacher_seconds, 100_000, 3e-3)
     print(f"teacher: {t_steps} steps in {t_sec:.0f} s, exact match {evaluate(teacher, task, k, 200):.3f}")
