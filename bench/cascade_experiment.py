@@ -20,7 +20,7 @@ from train_fid import batches, evaluate, fid_loss  # noqa: E402
 
 from hybrid_kernels.cascade import Cascade, distillation_loss  # noqa: E402
 from hybrid_kernels.rag import save_tokenizer  # noqa: E402
-from hybrid_kernels.service.loading import tiny_reader  # noqa: E402
+from hybrid_kernels.service.loading import CALIBRATION_NAME, tiny_reader  # noqa: E402
 from hybrid_kernels.training import QATask, TrainConfig, Trainer, exact_match  # noqa: E402
 
 def teacher_sizes(width: int) -> dict:
@@ -125,7 +125,8 @@ def main() -> int:
             path = os.path.join(args.save_dir, name)
             model.save_pretrained(path)
             save_tokenizer(task.tokenizer, path)
-        print(f"saved {args.save_dir}/teacher and {args.save_dir}/student")
+        cascade.save_calibration(os.path.join(args.save_dir, "student", CALIBRATION_NAME))
+        print(f"saved {args.save_dir}/teacher and {args.save_dir}/student (with {CALIBRATION_NAME})")
     return 0
 
 

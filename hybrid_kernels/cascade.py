@@ -12,6 +12,7 @@ mapped to P(correct) by Platt scaling (``sigmoid(a * x + b)``) fitted on a dev s
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -115,6 +116,24 @@ class Cascade:
         self.student, self.teacher, self.tokenizer = student, teacher, tokenizer
         self.threshold = threshold
         self.platt: Optional[Tensor] = None       # (a, b) after calibrate()
+
+    def save_calibration(self, path: str) -> None:
+        """Write the threshold and Platt parameters as JSON."""
+        with open(path, "w") as f:
+            json.dump({"threshold": self.threshold,
+                       "platt": None if self.platt is None else self.platt.tolist()}, f)
+
+    def load_calibration(self, path: str) -> None:
+        with open(path) as f:
+            meta = json.load(f)
+        platt = meta.get("platt")
+        if platt is not None and (len(platt) != 2 or not all(isinstance(v, (int, float)) for v in platt)):
+            raise ValueError(f"{path}: platt must be two numbers; got {platt!r}")
+        threshold = float(meta["threshold"])
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"{path}: threshold must be in [0, 1]; got {threshold}")
+        self.threshold = threshold
+        self.platt = None if platt is None else torch.tensor(platt, dtype=torch.float32)
 
     def confidence(self, mean_log_prob: Tensor) -> Tensor:
         if self.platt is None:

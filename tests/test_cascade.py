@@ -99,3 +99,16 @@ def test_distillation_loss():
     assert distillation_loss(logits, torch.randn(2, 3, 7), labels, alpha=1.0).item() > 0
     with pytest.raises(ValueError, match="same shape"):
         distillation_loss(logits, logits[:, :2], labels)
+
+
+def test_calibration_round_trip(setup, tmp_path):
+    task, _, _, student, teacher = setup
+    a = Cascade(student, teacher, task.tokenizer, threshold=0.7)
+    a.platt = torch.tensor([2.0, -1.0])
+    a.save_calibration(str(tmp_path / "c.json"))
+    b = Cascade(student, teacher, task.tokenizer)
+    b.load_calibration(str(tmp_path / "c.json"))
+    assert b.threshold == 0.7 and b.platt.tolist() == [2.0, -1.0]
+    (tmp_path / "bad.json").write_text('{"threshold": 3, "platt": null}')
+    with pytest.raises(ValueError, match="threshold"):
+        b.load_calibration(str(tmp_path / "bad.json"))

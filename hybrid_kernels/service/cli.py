@@ -23,7 +23,8 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="worker threads (default: CPU cores)")
     p.add_argument("--queue-limit", type=int, default=32, help="waiting requests before 503")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request seconds before 504")
-    p.add_argument("--threshold", type=float, default=0.5, help="cascade confidence threshold")
+    p.add_argument("--threshold", type=float, default=None, help="cascade confidence threshold "
+                   "(default: the student's cascade_calibration.json, else 0.5)")
     return p
 
 
@@ -35,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"API key for mutating endpoints (X-API-Key): {key}", file=sys.stderr, flush=True)
     config = ServiceConfig(db_path=args.db, api_key=key, model_dir=args.model, student_dir=args.student,
                            diffusion_dir=args.diffusion, embedder=args.embedder, workers=args.workers,
-                           queue_limit=args.queue_limit, timeout_s=args.timeout, threshold=args.threshold)
+                           queue_limit=args.queue_limit, timeout_s=args.timeout,
+                           threshold=0.5 if args.threshold is None else args.threshold,
+                           threshold_from_calibration=args.threshold is None)
     print(f"serving on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr, flush=True)
     serve(config, host=args.host, port=args.port)
     return 0

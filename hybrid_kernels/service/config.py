@@ -21,7 +21,8 @@ class ServiceConfig:
         workers: threads running model/index work (default: the CPU cores).
         queue_limit: requests allowed to wait for a worker; more are answered 503.
         timeout_s: per-request limit; past it the answer is 504.
-        threshold: cascade confidence threshold.
+        threshold: cascade confidence threshold (used when the student directory has no
+            ``cascade_calibration.json``, or when ``threshold_from_calibration`` is False).
     """
     db_path: str
     api_key: str
@@ -33,6 +34,7 @@ class ServiceConfig:
     queue_limit: int = 32
     timeout_s: float = 30.0
     threshold: float = 0.5
+    threshold_from_calibration: bool = True
     chunk_words: int = 100
     seed: int = 0
 

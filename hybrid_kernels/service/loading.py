@@ -10,6 +10,7 @@ import torch
 
 from .config import ServiceConfig
 
+CALIBRATION_NAME = "cascade_calibration.json"   # next to a student checkpoint
 DEFAULT_READER = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4)
 DEFAULT_STUDENT = dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4)
 
@@ -67,6 +68,9 @@ def build_engine(config: ServiceConfig):
     pipe = HybridRAGPipeline(model, tokenizer, embedder=_embedder(config.embedder),
                              chunk_words=config.chunk_words, chunk_overlap=min(20, config.chunk_words // 5))
     cascade = Cascade(student, model, tokenizer, threshold=config.threshold)
+    calibration = os.path.join(_checkpoint_dir(config.student_dir), CALIBRATION_NAME) if config.student_dir else None
+    if calibration and os.path.exists(calibration) and config.threshold_from_calibration:
+        cascade.load_calibration(calibration)
     return Engine(pipe, DocumentStore(config.db_path), cascade)
 
 
