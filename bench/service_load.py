@@ -74,14 +74,17 @@ def main() -> int:
     p.add_argument("--queue-limit", type=int, default=32)
     p.add_argument("--max-seconds", type=float, default=60.0, help="cap per level")
     p.add_argument("--documents", type=int, default=300)
+    p.add_argument("--default-model", choices=("random", "trained"), default="random",
+                   help="the server's default reader (trained: ~90 s on first use, then cached)")
     args = p.parse_args()
     task = QATask(seed=7)
     examples = task.examples(args.documents, "test")
     docs = [{"title": ex.passages[ex.gold_index][0], "text": ex.passages[ex.gold_index][1]} for ex in examples]
     questions = [ex.question for ex in examples]
     with tempfile.TemporaryDirectory() as tmp:
-        srv = ServerProcess(f"{tmp}/load.db", KEY, "--workers", str(args.workers),
-                            "--queue-limit", str(args.queue_limit), "--timeout", "60")
+        srv = ServerProcess(f"{tmp}/load.db", KEY, "--default-model", args.default_model,
+                            "--workers", str(args.workers), "--queue-limit", str(args.queue_limit),
+                            "--timeout", "60", startup_s=300)
         try:
             with httpx.Client(base_url=srv.url, timeout=60) as c:
                 for i in range(0, len(docs), 64):
@@ -90,7 +93,7 @@ def main() -> int:
                 c.post("/query/hybrid", json={"question": questions[0]}).raise_for_status()   # warm-up
             levels = [int(x) for x in args.levels.split(",")] + [args.over]
             print(f"POST /query/hybrid on {cpu_name()}, loopback, server workers={args.workers} "
-                  f"queue_limit={args.queue_limit}; default reader (random-init tiny FiD, 16 new tokens), "
+                  f"queue_limit={args.queue_limit}; default reader ({args.default_model} tiny FiD, up to 16 new tokens), "
                   f"hashing embedder, {len(docs)} documents, top_k 5")
             print(f"{'clients':>7} {'requests':>8} {'ok':>5} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} "
                   f"{'p99 ms':>8}  status codes")

@@ -19,7 +19,7 @@ KEY = {"X-API-Key": API_KEY}
 
 
 def Server(db, *extra):
-    return ServerProcess(db, API_KEY, *extra)
+    return ServerProcess(db, API_KEY, "--default-model", "random", *extra)
 DOCS = [{"title": "bako", "text": "bako was born in lima ."},
         {"title": "zizi", "text": "zizi plays the harp ."},
         {"title": "mudo", "text": "mudo works as a pilot ."}]

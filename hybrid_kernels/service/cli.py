@@ -12,6 +12,9 @@ from .config import API_KEY_ENV
 def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="FiD reader checkpoint (with its tokenizer); "
                    "default: a small reader built offline")
+    p.add_argument("--default-model", choices=("trained", "random"), default="trained",
+                   help="without --model: train the small default reader once (~90 s, cached in "
+                   "$HYBRID_KERNELS_CACHE or ~/.cache/hybrid_kernels) or use random weights")
     p.add_argument("--db", required=True, help="SQLite file for documents and the retention log")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -34,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if not key:
         key = secrets.token_urlsafe(24)
         print(f"API key for mutating endpoints (X-API-Key): {key}", file=sys.stderr, flush=True)
-    config = ServiceConfig(db_path=args.db, api_key=key, model_dir=args.model, student_dir=args.student,
+    config = ServiceConfig(db_path=args.db, api_key=key, model_dir=args.model,
+                           default_reader=args.default_model, student_dir=args.student,
                            diffusion_dir=args.diffusion, embedder=args.embedder, workers=args.workers,
                            queue_limit=args.queue_limit, timeout_s=args.timeout,
                            threshold=0.5 if args.threshold is None else args.threshold,

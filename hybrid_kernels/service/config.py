@@ -15,6 +15,9 @@ class ServiceConfig:
         api_key: key for mutating endpoints (header ``X-API-Key``).
         model_dir: FiD reader checkpoint with its tokenizer (``HybridRAGPipeline.save`` layout or
             a checkpoint directory); None = the small default reader built offline.
+        default_reader: without ``model_dir``: "trained" (trained on the generated QA task on
+            first use, cached under ``cache_dir``) or "random" (random weights, instant).
+        cache_dir: default ``$HYBRID_KERNELS_CACHE`` or ``~/.cache/hybrid_kernels``.
         student_dir: cascade student checkpoint (same tokenizer); None = a default student.
         diffusion_dir: saved masked diffusion LM; None = the default one.
         embedder: "hashing" (dependency-free) or "minilm" (the packaged all-MiniLM-L6-v2).
@@ -27,6 +30,8 @@ class ServiceConfig:
     db_path: str
     api_key: str
     model_dir: Optional[str] = None
+    default_reader: str = "trained"
+    cache_dir: Optional[str] = None
     student_dir: Optional[str] = None
     diffusion_dir: Optional[str] = None
     embedder: str = "hashing"
@@ -41,6 +46,8 @@ class ServiceConfig:
     def __post_init__(self):
         if not self.api_key:
             raise ValueError(f"api_key must be a non-empty string (--api-key or ${API_KEY_ENV})")
+        if self.default_reader not in ("trained", "random"):
+            raise ValueError(f"default_reader must be 'trained' or 'random'; got {self.default_reader!r}")
         if self.embedder not in ("hashing", "minilm"):
             raise ValueError(f"embedder must be 'hashing' or 'minilm'; got {self.embedder!r}")
         if self.workers == 0:

@@ -1,10 +1,13 @@
 """Build the service's models from a :class:`ServiceConfig`: saved checkpoints, or small default
-ones the package builds offline in a second (random weights over the generated QA task's
-vocabulary: they serve well-formed answers at once; train them with the cascade / diffusion
-experiments under bench/ and pass the directories for useful ones)."""
+ones the package builds offline. The default reader is either trained on the generated QA task
+on first use (about 90 s on one core, then cached) or random weights (instant, meaningless
+answers: for tests); the default student and diffusion model are random weights (train them with
+the experiments under bench/ and pass their directories)."""
 from __future__ import annotations
 
 import os
+import random
+import sys
 
 import torch
 
@@ -24,6 +27,43 @@ def tiny_reader(tokenizer, seed: int, **sizes):
                    pad_token_id=0, eos_token_id=1, relative_attention_num_buckets=8, **sizes)
     torch.manual_seed(seed)
     return FiDT5.from_config(cfg).eval()
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("HYBRID_KERNELS_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "hybrid_kernels")
+
+
+def trained_default_reader(directory: str, seconds: float = 90.0, passages: int = 4):
+    """(FiDT5, tokenizer) of the default reader trained for ``seconds`` on the generated QA task
+    (reading all ``passages`` of each question); saved to and reused from ``directory``."""
+    from ..rag import save_tokenizer
+    from ..training import QATask, TrainConfig, Trainer
+    if os.path.exists(os.path.join(directory, "word_tokenizer.json")):
+        return load_reader(directory)
+    print(f"training the default reader for {seconds:.0f} s (once; cached in {directory})",
+          file=sys.stderr, flush=True)
+    task = QATask(num_passages=passages)
+    model = tiny_reader(task.tokenizer, 0, **DEFAULT_READER).train()
+    rng = random.Random(0)
+
+    def batches(ramp_steps: int = 300):
+        # curriculum: first read the gold passage plus a growing number of others, then all
+        step = 0
+        while True:
+            n = min(passages, 1 + (passages - 1) * step // ramp_steps)
+            yield task.batch([task.example(rng) for _ in range(16)], n, rng, include_gold=True)
+            step += 1
+
+    loss = lambda m, b: m(b["input_ids"], b["attention_mask"], labels=b["labels"])["loss"]  # noqa: E731
+    Trainer(model, loss, TrainConfig(lr=3e-3, max_steps=1_000_000, max_seconds=seconds,
+                                     progress=False)).train(batches())
+    tmp = directory + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    save_tokenizer(task.tokenizer, tmp)
+    os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
+    os.replace(tmp, directory)          # a half-written cache is never picked up
+    return model.eval(), task.tokenizer
 
 
 def _checkpoint_dir(path: str) -> str:
@@ -55,6 +95,9 @@ def build_engine(config: ServiceConfig):
     from .store import DocumentStore
     if config.model_dir:
         model, tokenizer = load_reader(config.model_dir)
+    elif config.default_reader == "trained":
+        model, tokenizer = trained_default_reader(os.path.join(config.cache_dir or default_cache_dir(),
+                                                               "serve-default-reader"))
     else:
         tokenizer = QATask().tokenizer
         model = tiny_reader(tokenizer, config.seed, **DEFAULT_READER)
