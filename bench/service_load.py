@@ -75,7 +75,7 @@ def main() -> int:
     p.add_argument("--max-seconds", type=float, default=60.0, help="cap per level")
     p.add_argument("--documents", type=int, default=300)
     p.add_argument("--default-model", choices=("random", "trained"), default="random",
-                   help="the server's default reader (trained: ~90 s on first use, then cached)")
+                   help="the server's default reader (trained: 2-3 minutes on first use, then cached)")
     args = p.parse_args()
     task = QATask(seed=7)
     examples = task.examples(args.documents, "test")

@@ -13,7 +13,7 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="FiD reader checkpoint (with its tokenizer); "
                    "default: a small reader built offline")
     p.add_argument("--default-model", choices=("trained", "random"), default="trained",
-                   help="without --model: train the small default reader once (~90 s, cached in "
+                   help="without --model: train the small default reader once (2-3 min, cached in "
                    "$HYBRID_KERNELS_CACHE or ~/.cache/hybrid_kernels) or use random weights")
     p.add_argument("--db", required=True, help="SQLite file for documents and the retention log")
     p.add_argument("--host", default="127.0.0.1")

@@ -1,7 +1,7 @@
 """Build the service's models from a :class:`ServiceConfig`: saved checkpoints, or small default
 ones the package builds offline. The default reader is either trained on the generated QA task
-on first use (about 90 s on one core, then cached) or random weights (instant, meaningless
-answers: for tests); the default student and diffusion model are random weights (train them with
+on first use (900 steps, 2-3 minutes on one core, then cached) or random weights (instant,
+meaningless answers: for tests); the default student and diffusion model are random weights (train them with
 the experiments under bench/ and pass their directories)."""
 from __future__ import annotations
 
@@ -34,14 +34,16 @@ def default_cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "hybrid_kernels")
 
 
-def trained_default_reader(directory: str, seconds: float = 90.0, passages: int = 4):
-    """(FiDT5, tokenizer) of the default reader trained for ``seconds`` on the generated QA task
-    (reading all ``passages`` of each question); saved to and reused from ``directory``."""
+def trained_default_reader(directory: str, steps: int = 900, max_seconds: float = 300.0,
+                           passages: int = 4):
+    """(FiDT5, tokenizer) of the default reader trained for ``steps`` (at most ``max_seconds``)
+    on the generated QA task, reading all ``passages`` of each question; saved to and reused
+    from ``directory``."""
     from ..rag import save_tokenizer
     from ..training import QATask, TrainConfig, Trainer
     if os.path.exists(os.path.join(directory, "word_tokenizer.json")):
         return load_reader(directory)
-    print(f"training the default reader for {seconds:.0f} s (once; cached in {directory})",
+    print(f"training the default reader ({steps} steps, 2-3 minutes; once, cached in {directory})",
           file=sys.stderr, flush=True)
     task = QATask(num_passages=passages)
     model = tiny_reader(task.tokenizer, 0, **DEFAULT_READER).train()
@@ -56,7 +58,7 @@ def trained_default_reader(directory: str, seconds: float = 90.0, passages: int 
             step += 1
 
     loss = lambda m, b: m(b["input_ids"], b["attention_mask"], labels=b["labels"])["loss"]  # noqa: E731
-    Trainer(model, loss, TrainConfig(lr=3e-3, max_steps=1_000_000, max_seconds=seconds,
+    Trainer(model, loss, TrainConfig(lr=3e-3, max_steps=steps, max_seconds=max_seconds,
                                      progress=False)).train(batches())
     tmp = directory + f".tmp{os.getpid()}"
     model.save_pretrained(tmp)
