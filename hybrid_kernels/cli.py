@@ -1,4 +1,5 @@
-"""Command line: ``hybrid-kernels bench``, ``hybrid-kernels info`` and ``hybrid-kernels rag``
+"""Command line: ``hybrid-kernels bench``, ``hybrid-kernels info``, ``hybrid-kernels rag`` and
+``hybrid-kernels serve``
 (also ``python -m hybrid_kernels``)."""
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rag", help="retrieval + Fusion-in-Decoder question answering")
     from .rag import build_parser as build_rag_parser  # light: argparse only
     build_rag_parser(r)
+    from .service.cli import build_parser as build_serve_parser  # light: argparse only
+    build_serve_parser(sub.add_parser("serve", help="HTTP service: query, stream, retention, "
+                                      "diffusion, cascade"))
     return parser
 
 
@@ -129,6 +133,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "rag":
         from .rag import run as run_rag
         return run_rag(args)
+    if args.command == "serve":
+        from .service.cli import run as run_serve
+        return run_serve(args)
     return _info(args)
 
 

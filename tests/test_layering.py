@@ -10,7 +10,8 @@ PKG = Path(hybrid_kernels.__file__).resolve().parent
 CORE = {"api", "pattern", "score_mods", "backend_base", "dispatch", "ops", "reference", "quant",
         "backends", "triton_kernels"}
 APPLICATIONS = {"nn", "integrations", "models", "streaming", "retrieval", "rag", "training",
-                "distributed", "domains", "bench", "cli", "int8_cache", "__main__"}
+                "distributed", "domains", "service", "diffusion", "cascade", "bench", "cli",
+                "int8_cache", "__main__"}
 
 
 def _module_name(path: Path) -> str:
