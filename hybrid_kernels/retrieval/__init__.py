@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["VectorStore", "TextEmbedder", "HashingEmbedder", "default_embedder", "NeuralRetriever"]
+__all__ = ["VectorStore", "TextEmbedder", "HashingEmbedder", "TfidfEmbedder", "default_embedder", "NeuralRetriever",
+           "DynamicQueryGenerator", "reciprocal_rank_fusion"]
 
-_WHERE = {"VectorStore": "vector_store", "TextEmbedder": "embedder", "HashingEmbedder": "embedder",
-          "default_embedder": "embedder", "NeuralRetriever": "neural"}
+_WHERE = {"VectorStore": "vector_store", "TextEmbedder": "embedder", "HashingEmbedder": "embedder", "TfidfEmbedder": "embedder",
+          "default_embedder": "embedder", "NeuralRetriever": "neural",
+          "DynamicQueryGenerator": "query_generator", "reciprocal_rank_fusion": "query_generator"}
 
 
 def __getattr__(name):
