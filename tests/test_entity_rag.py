@@ -130,3 +130,34 @@ def test_query_generator_validation():
         DynamicQueryGenerator(["a b"], max_df=0.0)
     with pytest.raises(ValueError, match="k must"):
         DynamicQueryGenerator(["a b"]).retrieve("a", lambda q, k: [[] for _ in q], 0)
+
+
+def test_compare_methods_reads_three_ways(world):
+    pytest.importorskip("transformers")
+    pytest.importorskip("faiss")
+    import torch
+    from transformers import T5Config
+
+    from hybrid_kernels.models import FiDT5
+    from hybrid_kernels.rag import HybridRAGPipeline
+    from hybrid_kernels.retrieval import VectorStore
+    task, w = world
+    texts = [t for _, t in w.passages]
+    emb = TfidfEmbedder(texts)
+    cfg = T5Config(vocab_size=len(task.tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                   num_decoder_layers=1, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0,
+                   pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = FiDT5.from_config(cfg).eval()
+    pipe = HybridRAGPipeline(model, task.tokenizer, embedder=emb, store=VectorStore(emb.dim), top_k=10,
+                             max_new_tokens=3)
+    pipe.add_documents([{"title": t, "text": x} for t, x in w.passages])
+    q = task.questions(w, 1, seed=5, multi_hop_share=1.0)[0]
+    gen = DynamicQueryGenerator([f"{t} {x}" for t, x in w.passages], max_df=0.02)
+    out = pipe.compare_methods(q.question, gen)
+    assert set(out) == {"no_retrieval", "retrieve_then_read", "hybrid"}
+    assert out["no_retrieval"].passages == []
+    assert len(out["retrieve_then_read"].passages) == 10
+    assert set(q.gold) <= {p["id"] for p in out["hybrid"].passages}
+    for r in out.values():     # each answer is the reader's on exactly those passages
+        assert r.answer == pipe.read([q.question], [r.passages])[0]
