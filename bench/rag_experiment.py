@@ -131,6 +131,8 @@ def main(argv=None):
     ap.add_argument("--train-seconds", type=float, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--questions-per-world", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     q = args.quick
@@ -140,14 +142,14 @@ def main(argv=None):
     torch.manual_seed(0)
     model = FiDT5.from_config(small_t5_config(len(task.tokenizer), 32 if q else args.d_model))
     worlds = [task.world("train", i) for i in range(1 if q else 3)]
-    data = training_sets(task, worlds, model, 60 if q else 400, max(TOP_K))
+    data = training_sets(task, worlds, model, 60 if q else args.questions_per_world, max(TOP_K))
     t_data = time.perf_counter() - t_start
     steps = args.steps or (20 if q else 3000)
     cfg = TrainConfig(lr=3e-3, warmup_steps=min(100, steps // 10), max_steps=steps,
                       max_seconds=args.train_seconds or (30 if q else 360), log_every=max(10, steps // 20))
     trainer = Trainer(model, lambda m, b: m(b["input_ids"], b["attention_mask"], labels=b["labels"])["loss"], cfg)
     t0 = time.perf_counter()
-    trainer.train(batches(task, data, 8 if q else 16, seed=1))
+    trainer.train(batches(task, data, args.batch_size, seed=1))
     t_train = time.perf_counter() - t0
     test = task.world("test")
     index = WorldIndex(test, model, task.tokenizer)

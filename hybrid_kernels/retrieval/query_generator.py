@@ -1,7 +1,7 @@
 """DynamicQueryGenerator: multi-round retrieval whose later queries are built from what the
 earlier rounds retrieved, with reciprocal-rank fusion of every query's results.
 
-Round 1 runs the question and its entity words alone (entities: words whose document frequency
+Round 1 runs the question and, at half weight, its entity words alone (entities: words whose document frequency
 in the corpus is at most ``max_df``; a name is rare, "born" or "the" is not), so that the asked
 entity's passages are found even where template words that every passage of a relation shares
 dominate the question's own match. Round 2 takes the ``expand_top`` best fused passages that mention an asked entity (a hop starts
@@ -120,7 +120,7 @@ class DynamicQueryGenerator:
         queries = self.first_round(question)
         depth = max(k, self.depth)
         lists = [_matched(r) for r in search(queries, depth)]
-        weights = [1.0] * len(queries)
+        weights = [1.0, 0.5][:len(queries)]     # the question itself decides the top ranks
         fused = reciprocal_rank_fusion(lists, weights, k=self.fusion_k)
         trace: Dict[str, Any] = {"round1": queries, "round2": []}
         if self.rounds == 2:
