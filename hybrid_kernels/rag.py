@@ -164,9 +164,12 @@ class HybridRAGPipeline:
                 mask[b, p, :len(e)] = True
         return ids, mask
 
-    def answer_batch(self, questions: Sequence[str]) -> List[RAGResult]:
-        t_start = time.perf_counter()
-        passages, timings = self.retrieve(questions)
+    def read(self, questions: Sequence[str], passages: List[List[Dict[str, Any]]]) -> List[str]:
+        """FiD answers to ``questions`` from the given passage dicts ({"title", "text"}) per question;
+        an empty list reads the question alone."""
+        return self._read(questions, passages)[0]
+
+    def _read(self, questions, passages):
         t0 = time.perf_counter()
         ids, mask = self._inputs(questions, passages)
         t1 = time.perf_counter()
@@ -174,9 +177,37 @@ class HybridRAGPipeline:
         out = self.model.generate(ids.to(device), mask.to(device), max_new_tokens=self.max_new_tokens,
                                   num_beams=self.num_beams)
         t2 = time.perf_counter()
-        timings.update(tokenize=t1 - t0, generate=t2 - t1, total=t2 - t_start)
-        return [RAGResult(q, self.tokenizer.decode(o[1:].tolist()), p, dict(timings))
-                for q, o, p in zip(questions, out.cpu(), passages)]
+        answers = [self.tokenizer.decode(o[1:].tolist()) for o in out.cpu()]
+        return answers, {"tokenize": t1 - t0, "generate": t2 - t1}
+
+    def answer_batch(self, questions: Sequence[str]) -> List[RAGResult]:
+        t_start = time.perf_counter()
+        passages, timings = self.retrieve(questions)
+        answers, read_timings = self._read(questions, passages)
+        timings.update(read_timings, total=time.perf_counter() - t_start)
+        return [RAGResult(q, a, p, dict(timings)) for q, a, p in zip(questions, answers, passages)]
+
+    def compare_methods(self, question: str, query_generator=None) -> Dict[str, RAGResult]:
+        """The same reader three ways: ``"no_retrieval"`` (the question alone),
+        ``"retrieve_then_read"`` (top_k for the question) and ``"hybrid"`` (top_k from
+        ``query_generator``, a :class:`DynamicQueryGenerator`; default one over the indexed chunks)."""
+        from .retrieval.query_generator import DynamicQueryGenerator
+        if query_generator is None:
+            texts = [f"{p['title']} {p['text']}" for p in map(self.store.payload, self.store.ids())]
+            query_generator = DynamicQueryGenerator(texts)
+        results = {}
+        for name in ("no_retrieval", "retrieve_then_read", "hybrid"):
+            t0 = time.perf_counter()
+            if name == "no_retrieval":
+                passages = []
+            elif name == "retrieve_then_read":
+                passages = self.retrieve([question])[0][0]
+            else:
+                passages = query_generator.retrieve(question, lambda qs, k: self.retrieve(qs, k)[0],
+                                                    self.top_k)[0]
+            answer = self.read([question], [passages])[0]
+            results[name] = RAGResult(question, answer, passages, {"total": time.perf_counter() - t0})
+        return results
 
     def answer(self, question: str) -> RAGResult:
         return self.answer_batch([question])[0]

@@ -1,12 +1,15 @@
-"""Retrieval: a faiss :class:`VectorStore` (and :class:`ShardedVectorStore` over several indexes), text embedders, and a trainable :class:`NeuralRetriever`."""
+"""Retrieval: a faiss :class:`VectorStore` (and :class:`ShardedVectorStore` over several
+indexes), text embedders, a trainable :class:`NeuralRetriever`, and two-round query generation
+(:class:`DynamicQueryGenerator`)."""
 from __future__ import annotations
 
 import importlib
 
-__all__ = ["VectorStore", "ShardedVectorStore", "TextEmbedder", "HashingEmbedder", "default_embedder", "NeuralRetriever"]
-
-_WHERE = {"VectorStore": "vector_store", "ShardedVectorStore": "sharded_store", "TextEmbedder": "embedder", "HashingEmbedder": "embedder",
-          "default_embedder": "embedder", "NeuralRetriever": "neural"}
+_WHERE = {"VectorStore": "vector_store", "ShardedVectorStore": "sharded_store",
+          "TextEmbedder": "embedder", "HashingEmbedder": "embedder", "TfidfEmbedder": "embedder",
+          "default_embedder": "embedder", "NeuralRetriever": "neural",
+          "DynamicQueryGenerator": "query_generator", "reciprocal_rank_fusion": "query_generator"}
+__all__ = list(_WHERE)
 
 
 def __getattr__(name):

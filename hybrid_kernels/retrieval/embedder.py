@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["TextEmbedder", "HashingEmbedder", "default_model_dir", "default_embedder"]
+__all__ = ["TextEmbedder", "HashingEmbedder", "TfidfEmbedder", "default_model_dir", "default_embedder"]
 
 
 def default_model_dir() -> str:
@@ -80,6 +80,38 @@ class HashingEmbedder:
             for tok in words + [a + " " + b for a, b in zip(words, words[1:])]:
                 j, s = self._bucket(tok)
                 out[r, j] += s
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+
+class TfidfEmbedder:
+    """Exact TF-IDF over a corpus' word vocabulary (no hashing, so no collisions), L2-normalized.
+
+    ``dim`` is the vocabulary size; a word the corpus never uses adds nothing. IDF is
+    ``log((N + 1) / (df + 1)) + 1``, so rare words (names) outweigh template words.
+    """
+
+    def __init__(self, documents: Sequence[str]):
+        if isinstance(documents, str) or len(documents) == 0:
+            raise ValueError("documents must be a non-empty sequence of corpus texts")
+        df: dict = {}
+        for text in documents:
+            for w in set(re.findall(r"\w+", text.lower())):
+                df[w] = df.get(w, 0) + 1
+        self.vocab = {w: i for i, w in enumerate(sorted(df))}
+        self.dim = len(self.vocab)
+        self.idf = np.array([np.log((len(documents) + 1) / (df[w] + 1)) + 1 for w in sorted(df)],
+                            dtype=np.float32)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            texts = [texts]
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for r, text in enumerate(texts):
+            for w in re.findall(r"\w+", text.lower()):
+                j = self.vocab.get(w)
+                if j is not None:
+                    out[r, j] += self.idf[j]
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)
 
