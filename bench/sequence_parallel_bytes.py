@@ -86,9 +86,8 @@ def main() -> int:
         mp.start_processes(_worker, args=(P, _port(), args.n, args.backward, args.reps, queue),
                            nprocs=P, start_method="spawn")
         rows += [queue.get() for _ in args.n]
-    import platform
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
+    from hybrid_kernels.bench.env import cpu_model
+    cpu = cpu_model()
     mode = "fwd+bwd" if args.backward else "fwd"
     print(f"# sequence-parallel attention, {mode}, B={B} H={H} D={D} fp32, window {WINDOW}, "
           f"{LANDMARKS} landmarks; {cpu}, {os.cpu_count()} CPUs, 1 thread per rank")

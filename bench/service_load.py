@@ -10,28 +10,17 @@ exceeds workers + queue limit on purpose: the excess must be answered 503, never
 import argparse
 import asyncio
 import collections
-import platform
 import tempfile
 import time
 
 import httpx
 import numpy as np
 
+from hybrid_kernels.bench.env import cpu_model
 from hybrid_kernels.service.process import ServerProcess
 from hybrid_kernels.training import QATask
 
 KEY = "load-test-key"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 async def level(url: str, questions, concurrency: int, count: int, max_seconds: float, timeout: float):
@@ -92,7 +81,7 @@ def main() -> int:
                            headers={"X-API-Key": KEY}).raise_for_status()
                 c.post("/query/hybrid", json={"question": questions[0]}).raise_for_status()   # warm-up
             levels = [int(x) for x in args.levels.split(",")] + [args.over]
-            print(f"POST /query/hybrid on {cpu_name()}, loopback, server workers={args.workers} "
+            print(f"POST /query/hybrid on {cpu_model()}, loopback, server workers={args.workers} "
                   f"queue_limit={args.queue_limit}; default reader ({args.default_model} tiny FiD, up to 16 new tokens), "
                   f"hashing embedder, {len(docs)} documents, top_k 5")
             print(f"{'clients':>7} {'requests':>8} {'ok':>5} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} "

@@ -59,7 +59,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"shape \(n, 8\)"):
         store.add(np.zeros((3, 4), np.float32))
     store.add(np.ones((2, 8), np.float32), ids=[5, 6])
-    with pytest.raises(ValueError, match="unique and new"):
+    with pytest.raises(ValueError, match="new and unique"):
         store.add(np.ones((1, 8), np.float32), ids=[5])
     with pytest.raises(ValueError, match="k must be"):
         store.search(np.ones(8, np.float32), k=0)

@@ -20,7 +20,8 @@ def resolve_device(device: Optional[str]) -> str:
     return device
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -34,7 +35,7 @@ def _cpu_model() -> str:
 def device_name(device: str) -> str:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{_cpu_model()} ({os.cpu_count()} logical CPUs)"
+    return f"{cpu_model()} ({os.cpu_count()} logical CPUs)"
 
 
 def git_revision() -> str:

@@ -61,31 +61,6 @@ class CommStats:
         return sum(self.sent.values())
 
 
-class _Exchange:
-    """The point-to-point plan of one fetch: which local rows this rank sends to each peer and
-    where the rows it receives from each peer go in its result."""
-
-    def __init__(self, shards: Shards, requests: List[Tensor], rank: int):
-        self.rank = rank
-        mine = requests[rank]
-        owners = shards.owners(mine)
-        self.recv: Dict[int, Tensor] = {}   # peer -> result slots filled from that peer
-        for peer in range(len(requests)):
-            slots = torch.nonzero(owners == peer).flatten()
-            if peer != rank and slots.numel():
-                self.recv[peer] = slots
-        self.local_slots = torch.nonzero(owners == rank).flatten()
-        self.local_rows = mine[self.local_slots] - shards.starts[rank]
-        self.send: Dict[int, Tensor] = {}   # peer -> local rows this rank sends it
-        for peer, req in enumerate(requests):
-            if peer == rank:
-                continue
-            theirs = req[shards.owners(req) == rank]
-            if theirs.numel():
-                self.send[peer] = theirs - shards.starts[rank]
-        self.num_out = int(mine.numel())
-
-
 def _global(rank: int, group) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 

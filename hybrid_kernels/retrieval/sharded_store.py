@@ -20,7 +20,7 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .vector_store import VectorStore, _faiss
+from .vector_store import VectorStore, _faiss, assign_ids
 
 __all__ = ["ShardedVectorStore"]
 
@@ -48,17 +48,8 @@ class ShardedVectorStore:
         first = self.shards[0]
         a = first._prep(vectors, "vectors")  # validates once, before any shard changes
         n = a.shape[0]
-        if payloads is not None and len(payloads) != n:
-            raise ValueError(f"payloads must have one entry per vector ({n}); got {len(payloads)}")
-        if ids is None:
-            new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        else:
-            new_ids = np.asarray(list(ids), dtype=np.int64)
-            if new_ids.shape != (n,):
-                raise ValueError(f"ids must have one entry per vector ({n}); got shape {new_ids.shape}")
-            known = set(self.ids())
-            if (new_ids < 0).any() or len(set(new_ids.tolist())) != n or known & set(new_ids.tolist()):
-                raise ValueError("ids must be non-negative, unique and new")
+        taken = set(self.ids())
+        new_ids = assign_ids(n, payloads, ids, self._next_id, taken.__contains__)
         where = self._shard_of(new_ids)
         for r, shard in enumerate(self.shards):
             sel = np.nonzero(where == r)[0]

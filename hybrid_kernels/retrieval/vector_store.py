@@ -53,6 +53,24 @@ def _as_matrix(x, dim: int, name: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def assign_ids(n: int, payloads, ids, next_id: int, taken) -> np.ndarray:
+    """The int64 ids of n vectors being added: consecutive from ``next_id``, or ``ids`` checked
+    (one per vector, non-negative, unique, not ``taken(id)``); ``payloads``: one per vector."""
+    if payloads is not None and len(payloads) != n:
+        raise ValueError(f"payloads must have one entry per vector ({n}); got {len(payloads)}")
+    if ids is None:
+        return np.arange(next_id, next_id + n, dtype=np.int64)
+    new_ids = np.asarray(list(ids), dtype=np.int64)
+    if new_ids.shape != (n,):
+        raise ValueError(f"ids must have one entry per vector ({n}); got shape {new_ids.shape}")
+    if (new_ids < 0).any():
+        raise ValueError("ids must be non-negative")
+    clash = [int(i) for i in new_ids if taken(int(i))]
+    if clash or len(set(new_ids.tolist())) != n:
+        raise ValueError(f"ids must be new and unique; already present or repeated: {clash[:5]}")
+    return new_ids
+
+
 class VectorStore:
     """See the module docstring. ``len(store)`` is the number of live vectors."""
 
@@ -131,19 +149,8 @@ class VectorStore:
         """Add vectors (n, dim); returns their int64 ids. ``payloads``: one per vector."""
         a = self._prep(vectors, "vectors")
         n = a.shape[0]
-        if payloads is not None and len(payloads) != n:
-            raise ValueError(f"payloads must have one entry per vector ({n}); got {len(payloads)}")
-        if ids is None:
-            new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        else:
-            new_ids = np.asarray(list(ids), dtype=np.int64)
-            if new_ids.shape != (n,):
-                raise ValueError(f"ids must have one entry per vector ({n}); got shape {new_ids.shape}")
-            if (new_ids < 0).any():
-                raise ValueError("ids must be non-negative")
-            clash = [int(i) for i in new_ids if int(i) in self._payloads or int(i) in self._removed]
-            if clash or len(set(new_ids.tolist())) != n:
-                raise ValueError(f"ids must be new and unique; already present or repeated: {clash[:5]}")
+        new_ids = assign_ids(n, payloads, ids, self._next_id,
+                             lambda i: i in self._payloads or i in self._removed)
         if n == 0:
             return new_ids
         if self._index is None:
