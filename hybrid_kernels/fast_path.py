@@ -26,7 +26,7 @@ from .backends._params import Keep, fill_params
 from .dispatch import select_backend
 from .validation import BACKENDS, plan
 
-__all__ = ["eligible", "environment_key", "run"]
+__all__ = ["eligible", "environment_key", "keyable_scalars", "run"]
 
 _PLANS: Dict[tuple, object] = {}
 _CPU = torch.device("cpu")
@@ -65,21 +65,27 @@ def _plain_int(x) -> bool:
     return type(x) is int
 
 
+def keyable_scalars(window, causal, scale, return_lse) -> bool:
+    """True when the pattern's scalar arguments are plain values of exact types (so True never
+    stands for 1) that a plan key can hold; otherwise the general path decides."""
+    return ((window is None or type(window) is int
+             or (type(window) is tuple and len(window) == 2 and type(window[0]) is int
+                 and type(window[1]) is int))
+            and (scale is None or type(scale) is float or type(scale) is int)
+            and type(causal) is bool and type(return_lse) is bool)
+
+
 def _plan_key(q, k, v, kpm, window, causal, scale, softcap, backend, return_lse):
     """The cache key of a call, or None when an argument is of a type the cache does not key."""
     if kpm is not None:
         if type(kpm) is not Tensor:
             return None
         kpm = (kpm.shape, kpm.stride(), kpm.dtype, kpm.device)
-    if not (window is None or type(window) is int
-            or (type(window) is tuple and len(window) == 2 and type(window[0]) is int
-                and type(window[1]) is int)):
-        return None
-    if not (scale is None or type(scale) is float or type(scale) is int):
+    if not keyable_scalars(window, causal, scale, return_lse):
         return None
     if not (softcap is None or type(softcap) is float or type(softcap) is int):
         return None
-    if type(causal) is not bool or type(return_lse) is not bool or type(backend) is not str:
+    if type(backend) is not str:
         return None
     try:
         strides = (q.stride(), k.stride(), v.stride())

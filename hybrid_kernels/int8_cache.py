@@ -102,17 +102,10 @@ class Int8KVCache:
     def _plan_key(self, q, window, landmarks, causal, scale, return_lse) -> Optional[tuple]:
         """The plan key of a call, or None when the call is not one a plan replays (landmark
         tensors, autograd, tracing, modes, arguments of types the key does not cover)."""
-        from .fast_path import eligible, environment_key
+        from .fast_path import eligible, environment_key, keyable_scalars
 
-        if not (window is None or type(window) is int
-                or (type(window) is tuple and len(window) == 2
-                    and type(window[0]) is int and type(window[1]) is int)):
-            return None
-        if not (landmarks is None or type(landmarks) is int):
-            return None
-        if not (scale is None or type(scale) in (float, int)):
-            return None
-        if type(causal) is not bool or type(return_lse) is not bool or not eligible(q, q, q):
+        if not (keyable_scalars(window, causal, scale, return_lse)
+                and (landmarks is None or type(landmarks) is int) and eligible(q, q, q)):
             return None
         kpm = self.key_padding_mask
         cache = tuple(t.data_ptr() for t in (self.k8, self.k_scale, self.k_mean, self.v)) + (

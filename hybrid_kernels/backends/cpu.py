@@ -65,6 +65,16 @@ def _int8_params(mod, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, keep: K
     return params, out, lse
 
 
+def _int8_cache_params(mod, q: Tensor, k8: Tensor, k_scale: Tensor, k_mean: Tensor, v: Tensor,
+                       pattern: Pattern, block: int, keep: Keep):
+    """``_int8_params`` against a pre-quantized K cache (q quantized in the kernel)."""
+    params, out, lse = _int8_params(mod, q, k8, last_dim_contiguous(v), pattern, keep)
+    params.k8, params.k_scale = keep(k8.contiguous()), keep(k_scale.contiguous())
+    params.k_mean = keep(k_mean.contiguous())
+    params.q_block, params.k_block = block, block
+    return params, out, lse
+
+
 class CpuBackend(Backend):
     name = "cpu"
     device_types = frozenset({"cpu"})
@@ -127,12 +137,9 @@ class CpuBackend(Backend):
         mod = load_module()
         if not getattr(mod, "INT8_QUANTIZES_Q", False):
             return None
-        keep = Keep()
-        params, out, lse = _int8_params(mod, last_dim_contiguous(q), k8, last_dim_contiguous(v),
-                                        pattern, keep)
-        params.k8, params.k_scale = keep(k8.contiguous()), keep(k_scale.contiguous())
-        params.k_mean = keep(k_mean.contiguous())
-        params.q_block, params.k_block = block, block
+        keep = Keep()  # holds what params points at until the kernel has run
+        params, out, lse = _int8_cache_params(mod, last_dim_contiguous(q), k8, k_scale, k_mean,
+                                              v, pattern, block, keep)
         mod.attention_forward_int8(params)
         return out, lse
 
@@ -144,10 +151,7 @@ class CpuBackend(Backend):
         if not hasattr(mod, "attention_forward_int8_ptrs") or q.stride(-1) != 1:
             return None
         keep = Keep()
-        params, out, lse = _int8_params(mod, q, k8, last_dim_contiguous(v), pattern, keep)
-        params.k8, params.k_scale = keep(k8.contiguous()), keep(k_scale.contiguous())
-        params.k_mean = keep(k_mean.contiguous())
-        params.q_block, params.k_block = block, block
+        params, out, _ = _int8_cache_params(mod, q, k8, k_scale, k_mean, v, pattern, block, keep)
         return Int8CachePlan(mod, params, keep, tuple(out.shape), q.dtype, return_lse)
 
     def backward(self, dout, q, k, v, out, lse, pattern: Pattern, bias_grad: bool = False):
