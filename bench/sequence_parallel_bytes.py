@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import statistics
 import sys
 import time
@@ -27,6 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hybrid_kernels.service.process import free_port  # noqa: E402
 
 B, H, D = 1, 8, 64
 WINDOW = (256, 256)
@@ -67,12 +68,6 @@ def _worker(rank, P, port, sizes, backward, reps, queue):
     dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
@@ -84,7 +79,7 @@ def main() -> int:
     rows = []
     for P in args.ranks:
         queue = ctx.Queue()
-        mp.start_processes(_worker, args=(P, _port(), args.n, args.backward, args.reps, queue),
+        mp.start_processes(_worker, args=(P, free_port(), args.n, args.backward, args.reps, queue),
                            nprocs=P, start_method="spawn")
         rows += [queue.get() for _ in args.n]
     from hybrid_kernels.bench.env import cpu_model

@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from test_distributed import _free_port, _init
+from hybrid_kernels.service.process import free_port
+from test_distributed import _init
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "python", "ddp_train.py")
@@ -57,14 +58,14 @@ def _train_both(rank: int, world: int, port: int) -> None:
 
 
 def test_distributed_training_equals_single_process_training():
-    mp.spawn(_train_both, args=(2, _free_port()), nprocs=2)
+    mp.spawn(_train_both, args=(2, free_port()), nprocs=2)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "sequence", "fid"])
 def test_example_runs_under_torchrun(mode):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(_free_port()), EXAMPLE, "--mode", mode,
+                           "--master-port", str(free_port()), EXAMPLE, "--mode", mode,
                            "--steps", "3", "--seq-len", "2048"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ import torch.multiprocessing as mp
 
 import hybrid_kernels as hk
 import hybrid_kernels.distributed as hkd
+from hybrid_kernels.service.process import free_port
 from oracle import assert_matches_oracle, reference_grads, reference_pair
 
 CASES = [
@@ -28,12 +28,6 @@ CASES = [
     dict(window=(6, 1), causal=True, pad="empty_row"),         # a batch row sees nothing
     dict(window=(4, 4), landmarks="per_batch"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _init(rank: int, world: int, port: int, timeout_s: float = 60.0) -> None:
@@ -99,7 +93,7 @@ def _check_cases(rank: int, world: int, port: int, lengths) -> None:
 
 @pytest.mark.parametrize("lengths", [[20, 17], [9, 15, 13]], ids=["2 ranks", "3 ranks uneven"])
 def test_sequence_parallel_matches_the_oracle(lengths):
-    mp.spawn(_check_cases, args=(len(lengths), _free_port(), lengths), nprocs=len(lengths))
+    mp.spawn(_check_cases, args=(len(lengths), free_port(), lengths), nprocs=len(lengths))
 
 
 def _check_errors(rank: int, world: int, port: int) -> None:
@@ -122,7 +116,7 @@ def _check_errors(rank: int, world: int, port: int) -> None:
 
 
 def test_ranks_that_disagree_all_raise_the_same_error():
-    mp.spawn(_check_errors, args=(2, _free_port()), nprocs=2)
+    mp.spawn(_check_errors, args=(2, free_port()), nprocs=2)
 
 
 def _die_or_wait(rank: int, world: int, port: int, result) -> None:
@@ -141,7 +135,7 @@ def _die_or_wait(rank: int, world: int, port: int, result) -> None:
 def test_a_dead_rank_is_reported_not_waited_for():
     ctx = mp.get_context("spawn")
     result = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_die_or_wait, args=(r, 2, port, result)) for r in range(2)]
     for p in procs:
         p.start()

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 import hybrid_kernels as hk
-from ..pattern import normalize_landmarks, normalize_scale, normalize_window
+from ..pattern import (normalize_key_padding_mask, normalize_landmarks, normalize_scale,
+                       normalize_window)
 from .agreement import agree
 from .comm import CommStats, RowExchange, Shards, all_gather
 
@@ -60,18 +61,26 @@ def _geometry(shards: Shards, rank: int, window: Tuple[int, int], causal: bool,
     return _Geometry(s, e, a, b, lm[outside])
 
 
-def _merge_states(outs: Tensor, lses: Tensor) -> Tuple[Tensor, Tensor]:
-    """Merge softmax states over dim 0: outs (S, ..., Dv) normalized, lses (S, ...) (-inf: saw
-    nothing). NaN-free in forward and backward for rows that saw nothing (out 0, lse -inf)."""
-    m = lses.amax(0).detach()
+def _softmax_weights(x: Tensor, dim: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Unnormalized softmax weights of logits ``x`` (-inf: excluded) over ``dim``:
+    (w, denominator with 1 where nothing was seen, logsumexp with -inf there). NaN-free in
+    forward and backward for slices that saw nothing."""
+    m = x.amax(dim, keepdim=True).detach()
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    w = torch.exp(lses - m)                                   # 0 where a part saw nothing
-    den = w.sum(0)
+    w = torch.exp(x - m)                                      # 0 where excluded
+    den = w.sum(dim)
     empty = den == 0
     den_safe = torch.where(empty, torch.ones_like(den), den)
-    out = (w.unsqueeze(-1) * outs).sum(0) / den_safe.unsqueeze(-1)
-    lse = torch.where(empty, torch.full_like(den, float("-inf")), m + torch.log(den_safe))
-    return out, lse
+    lse = torch.where(empty, torch.full_like(den, float("-inf")),
+                      m.squeeze(dim) + torch.log(den_safe))
+    return w, den_safe, lse
+
+
+def _merge_states(outs: Tensor, lses: Tensor) -> Tuple[Tensor, Tensor]:
+    """Merge softmax states over dim 0: outs (S, ..., Dv) normalized, lses (S, ...) (-inf: saw
+    nothing); rows that saw nothing get out 0, lse -inf."""
+    w, den, lse = _softmax_weights(lses, 0)
+    return (w.unsqueeze(-1) * outs).sum(0) / den.unsqueeze(-1), lse
 
 
 def _landmark_partial(q_lm: Tensor, k: Tensor, v: Tensor, lm: Tensor, s: int,
@@ -89,17 +98,9 @@ def _landmark_partial(q_lm: Tensor, k: Tensor, v: Tensor, lm: Tensor, s: int,
         visible = visible & (keys[None, :] <= lm.to(dev)[:, None])[None, None]
     if kpm is not None:
         visible = visible & kpm[:, None, None, s:s + k.shape[2]]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    m = scores.amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    w = torch.exp(scores - m)
-    den = w.sum(-1)
-    empty = den == 0
-    den_safe = torch.where(empty, torch.ones_like(den), den)
+    w, den, lse = _softmax_weights(scores.masked_fill(~visible, float("-inf")), -1)
     out = torch.matmul(w.reshape(B, Hk, (Hq // Hk) * G, -1), v.float()).view(B, Hq, G, -1)
-    out = out / den_safe.unsqueeze(-1)
-    lse = torch.where(empty, torch.full_like(den, float("-inf")), m.squeeze(-1) + torch.log(den_safe))
-    return torch.cat([out, lse.unsqueeze(-1)], dim=-1)
+    return torch.cat([out / den.unsqueeze(-1), lse.unsqueeze(-1)], dim=-1)
 
 
 @dataclass
@@ -299,13 +300,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, group=None, window=None, landm
     shards = Shards.from_lengths([s["n_local"] for s in sigs])
     N, B = shards.total, q.shape[0]
     lm = normalize_landmarks(landmarks, B, N, torch.device("cpu"))
-    kpm = None
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, N):
-            raise ValueError(f"key_padding_mask must be a bool tensor of shape (B, N) = ({B}, {N}) "
-                             f"in global coordinates; got {key_padding_mask.dtype} "
-                             f"{tuple(key_padding_mask.shape)}")
-        kpm = key_padding_mask.to(q.device)
+    if isinstance(key_padding_mask, Tensor):
+        key_padding_mask = key_padding_mask.to(q.device)
+    kpm = normalize_key_padding_mask(key_padding_mask, B, N, q.device)  # (B, N): global
     stats = CommStats() if stats is None else stats
     if lm is not None and not bool((lm == lm[:1]).all()):  # per-batch landmarks: one call per row
         rows = [_attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], shards, lm[i], window_n, causal,

@@ -12,6 +12,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
+    """A loopback TCP port free right now (servers, torch.distributed rendezvous in tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
