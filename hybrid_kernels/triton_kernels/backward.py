@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (PATTERN_KEYS, backward_configs, dot_precision, landmark_key_splits,
+from .configs import (PATTERN_KEYS, PRUNE, backward_configs, dot_precision, landmark_key_splits,
                       padded_head_dim)
 from .forward import LOG2E, last_dim_contiguous
 from .masking import (dot, interior_query_tiles, interior_tiles, landmark_visible, query_band,
@@ -157,7 +157,7 @@ def dkdv_query_tiles(dk, dv, k, v, j, col_ok, real, key_lm, q_base, do_base, LSE
 # restore_value: the autotuner's benchmark runs must not add into dbias (the atomic adds of the
 # chosen config's run accumulate onto what the previous launches left there).
 @triton.autotune(configs=backward_configs(), key=PATTERN_KEYS + ["SPLIT", "BIAS_GRAD"],
-                 restore_value=["DBIAS"])
+                 restore_value=["DBIAS"], prune_configs_by=PRUNE)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD, BIAS, DBIAS,
                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
@@ -258,7 +258,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, LM, FLAGS, PAD, BIAS, DBIAS,
              mask=row_ok[:, None] & (d[None, :] < D))
 
 
-@triton.autotune(configs=backward_configs(), key=PATTERN_KEYS + ["SPLIT"])
+@triton.autotune(configs=backward_configs(), key=PATTERN_KEYS + ["SPLIT"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DVG, LM, FLAGS, PAD, BIAS,
                      sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,

@@ -2,7 +2,9 @@
 
 On a GPU each kernel is autotuned over a small set keyed on the head dims, the dtypes (added by
 ``triton.autotune`` itself) and the pattern kind (causal, landmarks, which pass). Under
-``TRITON_INTERPRET=1`` there is a single small config so the interpreter stays fast.
+``TRITON_INTERPRET=1`` there is a single small config so the interpreter stays fast. With
+``HK_TRITON_AUTOTUNE=0`` (the GPU correctness tests) each key gets one config picked by the element
+size and head dim, so a test compiles one kernel instead of six.
 """
 from __future__ import annotations
 
@@ -21,6 +23,25 @@ def interpreting() -> bool:
 
 def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("HK_TRITON_AUTOTUNE", "1") != "0"
+
+
+def prune_when_not_tuning(configs, named_args, **kwargs):
+    """early_config_prune: every config, or with autotuning off the first (the largest tile) for
+    8/16-bit inputs with head dims up to 128 and the last (the smallest, which fits shared memory)
+    otherwise."""
+    if autotune_enabled() or len(configs) == 1:
+        return configs
+    args = {**named_args, **kwargs}
+    wide = (args["Q"].element_size() >= 4
+            or max(args.get("BLOCK_D", 0), args.get("BLOCK_DV", 0)) > 128)
+    return [configs[-1] if wide else configs[0]]
+
+
+PRUNE = {"early_config_prune": prune_when_not_tuning}
 
 
 def forward_configs():

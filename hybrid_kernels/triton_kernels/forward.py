@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (PATTERN_KEYS, dot_precision, forward_configs, landmark_key_splits,
+from .configs import (PATTERN_KEYS, PRUNE, dot_precision, forward_configs, landmark_key_splits,
                       padded_head_dim)
 from .masking import (dot, interior_tiles, landmark_visible, query_rows, to_dtype, visible,
                       window_band)
@@ -95,7 +95,8 @@ def key_tiles(acc, m_i, l_i, q, qs, qshift, r, row_ok, n_from, n_to, lo, hi, b, 
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=forward_configs(), key=PATTERN_KEYS + ["QUANT", "SPLIT"])
+@triton.autotune(configs=forward_configs(), key=PATTERN_KEYS + ["QUANT", "SPLIT"],
+                 prune_configs_by=PRUNE)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, LM, FLAGS, PAD, BIAS,
                 sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, so_b, so_h, so_n,
