@@ -23,9 +23,10 @@ constexpr int64_t kDecodeMaxNq = 8;
 
 inline bool decode_path_applies(const AttnParams& p) { return p.Nq <= kDecodeMaxNq; }
 
-// The int8 decode path: pre-quantized Q/K, few query rows, q8 . k8 exact in fp32 (D <= 1024).
+// The int8 decode path: a pre-quantized K (Q pre-quantized or quantized first), few query rows,
+// q8 . k8 exact in fp32 (D <= 1024).
 inline bool decode_int8_applies(const AttnInt8Params& p) {
-  return p.q8 != nullptr && p.k8 != nullptr && p.fwd.Nq <= kDecodeMaxNq && p.fwd.Nk > 0 &&
+  return p.k8 != nullptr && p.fwd.Nq <= kDecodeMaxNq && p.fwd.Nk > 0 &&
          p.fwd.D <= 1024;
 }
 

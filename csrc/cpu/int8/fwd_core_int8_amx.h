@@ -2,18 +2,16 @@
 // quantization (AttnInt8Params with q8 == nullptr), the contract of int8_kernels.h.
 //   qk: S^T tile [16 keys][16 lanes] = K8[16 keys][64 dims] . Q8quad[16 dim quads][16 lanes]
 //       (tdpbssd, exact int32), then S = float(S) * (k_scale[key] * q_scale[lane] * scale * log2 e)
-//       -- the avx512 int8 kernel's S, bit for bit.
+//       -- the avx512 int8 core's S (fwd_core_int8.h), bit for bit.
 //   softmax, pv: AmxLanes (fwd_core_amx.h), P as bf16 pairs, O^T += V^T P on bf16 tiles. The max
-//       moves as in the avx512 int8 softmax: only when a tile's max exceeds it by more than 8, to
+//       moves only when a tile's max exceeds it by more than 8, to
 //       that max rounded up to an integer (P then differs from quant.int8_reference's by a power
 //       of 2, which bf16 rounding commutes with; alpha is mostly exactly 1).
 // PrepInt8Amx quantizes Q and K and converts V once per call (all O(N D)):
 //   K8: per (b, kv head), rows [NKP][Dp] (Dp = D rounded up to 64, zero padded), per-key scales;
 //   Vt: bf16 V transposed, feature e of key j at vt[e * NKP + j] (as PrepAmx);
 //   landmark K8 / scales / Vt gathered into zero-padded buffers of GP keys;
-//   Q: one record of R = Dp + 8 bytes per row (b, h, i): the int8 row, then fp32
-//   q_scale * scale * log2 e, then fp32 scale * q . k_mean (the lse shift). The driver runs on
-//   AttnParams whose q points at the records (pack_q reads them through its row pointers).
+//   Q: one record per row (int8_prep_rows.h), which the driver reads through its q pointer.
 // Keys past a tile are read only from zero-padded K8 rows (whole 16-key groups); the V of a
 // partial 32-key chunk is copied with the keys past the tile zeroed, so a non-finite V there
 // never meets a zero P. The buffers are written with non-temporal stores: prep is bound by
@@ -29,8 +27,8 @@
 #include "common/attn_params.h"
 #include "cpu/forward/fwd_core_amx.h"
 #include "cpu/int8/int8_kernels.h"
-#include "cpu/int8/int8_quantize.h"
-#include "cpu/int8/int8_softmax_avx512.h"
+#include "cpu/int8/int8_prep_rows.h"
+#include "cpu/simd/exp2.h"
 
 namespace hk {
 namespace cpu {
@@ -46,11 +44,10 @@ struct KVInt8Amx {
 class PrepInt8Amx {
  public:
   static int64_t padded_dim(int64_t D) { return ceil_div(D, 64) * 64; }
-  static int64_t record_bytes(int64_t D) { return padded_dim(D) + 8; }
 
   // f: p.fwd with its pattern normalized (the driver's view, q still the caller's).
   PrepInt8Amx(const AttnInt8Params& p, const AttnParams& f, const int8::Kernels& kern)
-      : f_(f), kern_(kern), Dp_(padded_dim(f.D)), R_(record_bytes(f.D)), G_(f.num_landmarks),
+      : f_(f), kern_(kern), Dp_(padded_dim(f.D)), R_(query_record_bytes(padded_dim(f.D))), G_(f.num_landmarks),
         NKP_(ceil_div(f.Nk, 32) * 32 + 32), GP_(ceil_div(G_, 32) * 32), BH_(f.B * f.Hk) {
     // NKP_ is padded by one cache line past a multiple of 32 keys (see PrepAmx).
     k8_.reset(BH_ * NKP_ * Dp_);
@@ -95,34 +92,17 @@ class PrepInt8Amx {
     return {k8lm_.get() + bh * GP_ * Dp_, kslm_.get() + bh * GP_, vtlm_.get() + bh * f_.Dv * GP_, GP_};
   }
 
-  // f with q pointing at the query records (element strides in units of f.dtype).
-  AttnParams driver_params() const {
-    AttnParams d = f_;
-    const int64_t es = f_.dtype == DType::F32 ? 4 : 2;
-    d.q = q_.get();
-    d.q_stride[2] = R_ / es;
-    d.q_stride[1] = f_.Nq * d.q_stride[2];
-    d.q_stride[0] = f_.Hq * d.q_stride[1];
-    return d;
-  }
+  AttnParams driver_params() const { return cpu::driver_params(f_, q_.get(), Dp_); }
 
  private:
-  const float* k_mean(const AttnInt8Params& p, int64_t b, int64_t hk) const {
-    return p.k_mean ? p.k_mean + (b * f_.Hk + hk) * f_.D : nullptr;
-  }
-
   // K block [j0, j0 + k_block) of head bh via `rows` (k_block x Dp bytes); the zero rows and
   // scales past Nk with the last block.
   void quantize_k(const AttnInt8Params& p, int64_t bh, int64_t j0, float* wide, int8_t* rows) {
-    const int64_t b = bh / f_.Hk, h = bh % f_.Hk;
     const int64_t j1 = std::min(j0 + p.k_block, f_.Nk), jend = j1 == f_.Nk ? NKP_ : j1;
     int8_t* k8 = k8_.get() + bh * NKP_ * Dp_;
     float* ks = ks_.get() + bh * NKP_;
-    const float scale = int8::quantize_k_block(kern_, f_, b, h, k_mean(p, b, h), j0, j1, rows, Dp_, wide);
-    for (int64_t j = j0; j < j1; ++j) {
-      std::memset(rows + (j - j0) * Dp_ + f_.D, 0, size_t(Dp_ - f_.D));
-      ks[j] = scale;
-    }
+    const float scale = prepare_key_block(p, f_, kern_, Dp_, bh, j0, rows, wide);
+    for (int64_t j = j0; j < j1; ++j) ks[j] = scale;
     stream_copy(k8 + j0 * Dp_, rows, (j1 - j0) * Dp_);
     std::memset(k8 + j1 * Dp_, 0, size_t((jend - j1) * Dp_));
     for (int64_t j = j1; j < jend; ++j) ks[j] = 0.f;
@@ -130,19 +110,8 @@ class PrepInt8Amx {
 
   // Q block [i0, i0 + q_block) of (b, h) = item bh into its records, via `recs`.
   void quantize_q(const AttnInt8Params& p, int64_t bh, int64_t i0, float* wide, float* shift, char* recs) {
-    const int64_t b = bh / f_.Hq, h = bh % f_.Hq;
-    const int64_t i1 = std::min(i0 + p.q_block, f_.Nq);
-    const float* mean = k_mean(p, b, h / (f_.Hq / f_.Hk));
-    const float scale = int8::quantize_q_block(kern_, f_, b, h, i0 / p.q_block, p.q_block, mean,
-                                               reinterpret_cast<int8_t*>(recs), R_, shift, wide);
-    const float qs = scale * (f_.scale * kLog2e);
-    for (int64_t i = 0; i < i1 - i0; ++i) {
-      char* r = recs + i * R_;
-      std::memset(r + f_.D, 0, size_t(Dp_ - f_.D));
-      std::memcpy(r + Dp_, &qs, 4);
-      std::memcpy(r + Dp_ + 4, shift + i, 4);
-    }
-    stream_copy(q_.get() + (bh * f_.Nq + i0) * R_, recs, (i1 - i0) * R_);
+    prepare_query_block(p, f_, kern_, Dp_, bh, i0 / p.q_block, recs, wide, shift);
+    stream_copy(q_.get() + (bh * f_.Nq + i0) * R_, recs, (std::min(i0 + p.q_block, f_.Nq) - i0) * R_);
   }
 
   // dst[0, n) = src[0, n) with non-temporal stores (dst 8-byte aligned, n % 8 == 0): written once
@@ -248,25 +217,14 @@ struct CoreInt8Amx {
     alignas(64) float shift[BQ];  // per lane lse shift
   };
 
-  // 2^x for x <= 0: the avx512 int8 softmax's polynomial (rel. error < 1.4e-4).
-  static R exp2(R x) { return int8::exp2_ps(x); }
+  // 2^x for x <= 0 at kCoarse accuracy (rel. error < 1.4e-4): P is rounded to bf16 for PV anyway,
+  // and the same P feeds the softmax sum.
+  static R exp2(R x) { return cpu::exp2<Exp2::kCoarse>(x); }
 
   // rows: query records (see PrepInt8Amx), nr <= BQ.
   static void pack_q(Work& w, const AttnParams&, const void* const* rows, int nr) {
-    const int64_t Dp = w.Dp, D4 = Dp / 4;
-    for (int i = 0; i < BQ; ++i) {
-      uint32_t* x = w.X.get() + i * D4;
-      if (i < nr) {
-        const char* rec = static_cast<const char*>(rows[i]);
-        std::memcpy(x, rec, size_t(Dp));
-        std::memcpy(&w.qs[i], rec + Dp, 4);
-        std::memcpy(&w.shift[i], rec + Dp + 4, 4);
-      } else {
-        std::memset(x, 0, size_t(Dp));
-        w.qs[i] = 0.f;
-        w.shift[i] = 0.f;
-      }
-    }
+    const int64_t D4 = w.Dp / 4;
+    read_query_records(rows, nr, BQ, w.Dp, w.X.get(), w.qs, w.shift);
     // Transposing 32-bit quads as floats is bit-exact (pure shuffles).
     const float* Xf = reinterpret_cast<const float*>(w.X.get());
     float* Qf = reinterpret_cast<float*>(w.Qp.get());

@@ -1,13 +1,20 @@
-// quant="int8" with fused quantization on the forward driver with AMX tiles
-// (fwd_core_int8_amx.h); attention_forward_int8 routes here (see int8_kernels.h).
-#include "cpu/int8/fwd_core_int8_amx.h"
+// quant="int8" on AMX tiles: the forward driver with the AMX int8 core (fwd_core_int8_amx.h) for
+// fused quantization with Nk > 0 and Dv % 16 == 0; every other call (pre-quantized Q/K, other
+// Dv) on the avx512 set's driver core, which this CPU also runs.
 #include "cpu/forward/fwd_driver.h"
+#include "cpu/int8/fwd_core_int8_amx.h"
+#include "cpu/int8/int8_quantize_avx2.h"
 
 namespace hk {
 namespace cpu {
 namespace int8 {
+namespace {
 
-void attention_forward_int8_amx(const AttnInt8Params& p, const Kernels& kern) {
+void forward_amx(const AttnInt8Params& p, const Kernels& kern) {
+  if (p.q8 != nullptr || p.k8 != nullptr || p.fwd.Nk == 0 || p.fwd.Dv % 16 != 0) {
+    kernels_avx512()->forward(p, kern);
+    return;
+  }
   AttnParams f = p.fwd;
   // A window at least Nq + Nk wide covers every key (as attention_forward normalizes it).
   if (f.window_left >= f.Nq + f.Nk) f.window_left = -1;
@@ -15,6 +22,12 @@ void attention_forward_int8_amx(const AttnInt8Params& p, const Kernels& kern) {
   const PrepInt8Amx prep(p, f, kern);
   ForwardDriver<CoreInt8Amx>::run(prep.driver_params(), prep);
 }
+
+const Kernels kAmx = {"amx", absmax_avx2, quantize_avx2, widen_avx2, forward_amx};
+
+}  // namespace
+
+const Kernels* kernels_amx() { return &kAmx; }
 
 }  // namespace int8
 }  // namespace cpu

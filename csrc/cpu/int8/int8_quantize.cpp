@@ -80,52 +80,6 @@ float quantize_k_block(const Kernels& kern, const AttnParams& f, int64_t b, int6
   return scale;
 }
 
-void quantize_k_head_packed(const Kernels& kern, const AttnParams& f, int64_t b, int64_t hk,
-                            const float* mean, int64_t k_block, int64_t Dp, int8_t* packed,
-                            int32_t* colcorr, float* key_scale) {
-  std::vector<float> buf(size_t(f.dtype == DType::F32 ? 0 : f.D));
-  const int64_t nk16 = (f.Nk + kChunk - 1) / kChunk * kChunk;
-  // One block of rows (dims D..Dp, and the rows past Nk, stay zero).
-  std::vector<int8_t> rows(size_t(std::min(k_block, nk16) * Dp), 0);
-  for (int64_t j0 = 0; j0 < nk16; j0 += k_block) {
-    const int64_t j1 = std::min(j0 + k_block, f.Nk), jend = std::min(j0 + k_block, nk16);
-    const float scale =
-        j0 < j1 ? quantize_k_block(kern, f, b, hk, mean, j0, j1, rows.data(), Dp, buf.data()) : 0.f;
-    for (int64_t j = j0; j < jend; ++j) {
-      const int8_t* row = rows.data() + (j - j0) * Dp;
-      if (j >= f.Nk) std::memset(rows.data() + (j - j0) * Dp, 0, size_t(Dp));
-      int32_t sum = 0;
-      for (int64_t d = 0; d < f.D; ++d) sum += row[d];
-      int8_t* chunk = packed + (j / kChunk) * kChunk * Dp + (j % kChunk) * 4;
-      for (int64_t d = 0; d < Dp; d += 4) std::memcpy(chunk + d * kChunk, row + d, 4);
-      colcorr[j] = -128 * sum;
-      key_scale[j] = j < f.Nk ? scale : 0.f;
-    }
-  }
-}
-
-void quantize_q_rows(const Kernels& kern, const AttnParams& f, int64_t b, int64_t h,
-                     const int64_t* rows_i, int rows, int64_t q_block, const float* mean,
-                     int64_t Dp, uint8_t* qu8, float* q_scale, float* lse_shift, float* buf) {
-  int64_t cur_block = -1;
-  float scale = 1.f, inv = 1.f;
-  for (int r = 0; r < rows; ++r) {
-    const int64_t i = rows_i[r];
-    if (i / q_block != cur_block) {  // rows come in blocks: each block's absmax is taken once
-      cur_block = i / q_block;
-      scale = q_block_scale(kern, f, b, h, cur_block, q_block, buf);
-      inv = 1.f / scale;
-    }
-    uint8_t* dst = qu8 + r * Dp;
-    const float shift = quantize_q_row(kern, f, b, h, i, inv, mean, reinterpret_cast<int8_t*>(dst), buf);
-    const int64_t D = f.D;  // a local: dst (uint8_t) may alias f, which would block vectorizing
-    for (int64_t d = 0; d < D; ++d) dst[d] ^= 0x80u;
-    for (int64_t d = D; d < Dp; ++d) dst[d] = 0x80u;
-    q_scale[r] = scale;
-    if (mean) lse_shift[r] = shift;
-  }
-}
-
 float quantize_q_block(const Kernels& kern, const AttnParams& f, int64_t b, int64_t h,
                        int64_t blk, int64_t q_block, const float* mean, int8_t* out, int64_t ld,
                        float* lse_shift, float* buf) {

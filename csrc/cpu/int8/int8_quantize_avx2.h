@@ -1,5 +1,5 @@
 // AVX2 row kernels of the fused INT8 quantization (Kernels::absmax / Kernels::quantize), included
-// by int8_kernels_avx2.cpp and int8_kernels_avx512.cpp: internal linkage, one copy per TU.
+// by the avx2, avx512 and amx int8 sets (fwd_int8_*.cpp): internal linkage, one copy per TU.
 // Bit-exact with quant.quantize_qk: y = (x - shift) * inv rounded half to even by vcvtps2dq (MXCSR
 // default rounding); (x - s) * inv has no a * b + c shape, so no FMA contraction can change it.
 #pragma once

@@ -33,10 +33,10 @@ uint16_t float_to_bf16(float f) {
 }
 
 struct Isa {
-  bool avx2 = false, avx512 = false, avx_vnni = false;
+  bool avx2 = false, avx512 = false;
 };
 
-// Own cpuid probe: the int8 path also needs AVX-512 VNNI / AVX-VNNI, which CpuFeatures may not
+// Own cpuid probe: the int8 path also needs AVX-512 VNNI, which CpuFeatures may not
 // report, and OS support of the register state (xgetbv).
 Isa probe() {
   Isa isa;
@@ -52,10 +52,9 @@ Isa probe() {
   const bool avx2 = b & (1u << 5), f = b & (1u << 16), bw = b & (1u << 30), vl = b & (1u << 31);
   const bool dq = b & (1u << 17), vnni = c & (1u << 11);
   __cpuid_count(7, 1, a, b, c, d);
-  const bool avx_vnni = a & (1u << 4), bf16 = a & (1u << 5);
+  const bool bf16 = a & (1u << 5);
   isa.avx2 = ymm_os && avx2 && fma && f16c;
   isa.avx512 = isa.avx2 && zmm_os && f && bw && vl && dq && vnni && bf16;
-  isa.avx_vnni = isa.avx2 && avx_vnni;
   return isa;
 }
 
@@ -103,7 +102,7 @@ const Kernels* select_kernels(const std::string& name) {
   if (name == "amx" && isa.avx512 && has_amx_int8_tiles()) return kernels_amx();
 #endif
   if ((name == "amx" || name == "avx512") && isa.avx512) return kernels_avx512();
-  if ((name == "amx" || name == "avx512" || name == "avx2") && isa.avx2) return kernels_avx2(isa.avx_vnni);
+  if ((name == "amx" || name == "avx512" || name == "avx2") && isa.avx2) return kernels_avx2();
   return kernels_scalar();
 }
 

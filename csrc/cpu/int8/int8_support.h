@@ -1,35 +1,15 @@
-// Helpers of the INT8 forward driver: aligned buffers, dtype conversion of V rows and output
-// rows, kernel-set selection. Baseline-ISA code only.
+// Helpers of the INT8 forward: dtype conversion of rows, kernel-set selection. Baseline-ISA code only.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 #include <string>
 
 #include "common/attn_params.h"
-#include "cpu/scratch_cache.h"
 #include "cpu/int8/int8_kernels.h"
 
 namespace hk {
 namespace cpu {
 namespace int8 {
-
-// 64-byte aligned, uninitialized, move-only array; large ones come from the scratch cache.
-template <class T>
-struct AlignedBuf {
-  T* p = nullptr;
-  size_t bytes = 0;
-  AlignedBuf() = default;
-  AlignedBuf(const AlignedBuf&) = delete;
-  AlignedBuf& operator=(const AlignedBuf&) = delete;
-  AlignedBuf(AlignedBuf&& o) noexcept : p(o.p), bytes(o.bytes) { o.p = nullptr; }
-  ~AlignedBuf() { scratch_free(p, bytes); }
-  void alloc(int64_t n) {
-    scratch_free(p, bytes);
-    p = nullptr;
-    bytes = size_t(n > 0 ? n : 1) * sizeof(T);
-    p = static_cast<T*>(scratch_alloc(bytes));
-  }
-};
 
 // n elements of `dtype` at src -> fp32 dst.
 void to_float(const void* src, DType dtype, int64_t n, float* dst);
