@@ -145,8 +145,9 @@ INT8_ISA_CASES = [c for c in CASES if c.id in {
 @pytest.mark.parametrize("case", INT8_ISA_CASES, ids=lambda c: c.id)
 def test_int8_every_isa_agrees(monkeypatch, case):
     """quant="int8" forced onto each instruction set this CPU has (amx, avx512, avx2, scalar):
-    every one matches the int8 emulation, and any two differ by at most that same bound (outputs
-    are NaN-poisoned first, so unwritten elements show)."""
+    every one matches the int8 emulation, gives bit-equal results on 1 and 3 threads, and any two
+    differ by at most that same bound (outputs are NaN-poisoned first, so unwritten elements
+    show)."""
     _require("cpu")
     from hybrid_kernels.backends.cpu import load_module
     mod = load_module()
@@ -161,11 +162,17 @@ def test_int8_every_isa_agrees(monkeypatch, case):
         outs[isa], lses[isa] = hk.attention(q, k, v, **pattern, quant="int8", backend="cpu",
                                             return_lse=True)
         assert_int8_matches_emulation(f"int8 {isa}", outs[isa], q, k, v, pattern)
+        for threads in ("1", "3"):
+            monkeypatch.setenv("HYBRID_KERNELS_NUM_THREADS", threads)
+            out_t, lse_t = hk.attention(q, k, v, **pattern, quant="int8", backend="cpu",
+                                        return_lse=True)
+            assert torch.equal(out_t, outs[isa]) and torch.equal(lse_t, lses[isa]), \
+                f"int8 {isa}: {threads} thread(s) changed the result"
+        monkeypatch.delenv("HYBRID_KERNELS_NUM_THREADS")
     if "amx" in lses and "avx512" in lses:
-        # Same fp32 scores (exact int32 dot products times the same scale products) and the same
-        # exp2 polynomial and integer max rule; the amx forward driver tiles the keys differently
-        # (test_int8_amx_driver.py derives this bound), so only the summation order of the softmax
-        # sum and where the max moves differ.
+        # Same fp32 scores (exact int32 dot products times the same scale products); the two cores
+        # differ in the exp2 polynomial, the max rule and the key tiling (test_int8_amx_driver.py
+        # derives this bound).
         from test_int8_amx_driver import _lse_tolerance
         a, b = lses["amx"], lses["avx512"]
         assert torch.equal(torch.isinf(a), torch.isinf(b)), "amx and avx512: the same empty rows"

@@ -1,6 +1,7 @@
 // CPU INT8 forward (quant="int8", the contract of int8_kernels.h): validation, the decode route
 // for a pre-quantized K cache (Int8KVCache), and the selected kernel set's forward -- the forward
 // driver (fwd_driver.h) with an int8 core, the one walker of the window + landmark pattern.
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -94,7 +95,7 @@ void decode_int8(const AttnInt8Params& p, const int8::Kernels& kern) {
     q8.resize(size_t(f.B * f.Hq * f.Nq * f.D));
     qs.resize(size_t(f.B * f.Hq * nqb));
     shift.assign(size_t(f.B * f.Hq * f.Nq), 0.f);
-    std::vector<float> buf(size_t(f.D) + 64);
+    std::vector<float> buf(size_t(std::min(p.q_block, f.Nq) * f.D));
     for (int64_t b = 0; b < f.B; ++b)
       for (int64_t h = 0; h < f.Hq; ++h)
         for (int64_t blk = 0; blk < nqb; ++blk) {

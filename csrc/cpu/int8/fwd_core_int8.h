@@ -64,7 +64,9 @@ class PrepInt8 {
     const int nt = f.num_threads > 0 ? f.num_threads : omp_get_max_threads();
 #pragma omp parallel num_threads(nt)
     {
-      AlignedBuf<float> wide(2 * std::max<int64_t>(f.D, f.Dv)), shift(std::max<int64_t>(p.q_block, 1));
+      // Per thread: a block of widened Q or K rows (or two V rows), a Q block's lse shifts.
+      const int64_t kb = std::min(p.k_block, f.Nk), qb = std::min(p.q_block, f.Nq);
+      AlignedBuf<float> wide(std::max(2 * f.Dv, std::max(kb, qb) * f.D)), shift(qb);
 #pragma omp for schedule(static) nowait
       for (int64_t it = 0; it < BH_ * nkb; ++it) keys(p, it / nkb, (it % nkb) * p.k_block, wide.get());
 #pragma omp for schedule(static) nowait

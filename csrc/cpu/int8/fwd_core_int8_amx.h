@@ -63,9 +63,10 @@ class PrepInt8Amx {
     const int nt = f.num_threads > 0 ? f.num_threads : omp_get_max_threads();
 #pragma omp parallel num_threads(nt)
     {
-      // Per thread: a widened row, a Q block's lse shifts, one K or Q block before streaming it out.
+      // Per thread: a block of widened Q or K rows, a Q block's lse shifts, one K or Q block before
+      // streaming it out.
       const int64_t kb = std::min(p.k_block, f.Nk), qb = std::min(p.q_block, f.Nq);
-      AlignedBuf<float> wide(f.D), shift(qb);
+      AlignedBuf<float> wide(std::max(kb, qb) * f.D), shift(qb);
       AlignedBuf<char> block(std::max(kb * Dp_, qb * R_));
 #pragma omp for schedule(static) nowait
       for (int64_t it = 0; it < BH_ * nkb; ++it)

@@ -13,12 +13,20 @@ namespace cpu {
 namespace int8 {
 namespace {
 
-// Row j of a (B, H, N, D) input with element strides st, as fp32 (converted into buf unless F32).
-const float* row_f32(const Kernels& kern, const AttnParams& f, const void* base,
-                     const int64_t* st, int64_t b, int64_t h, int64_t j, float* buf) {
-  const int64_t off = b * st[0] + h * st[1] + j * st[2];
-  if (f.dtype == DType::F32) return static_cast<const float*>(base) + off;
-  kern.widen(static_cast<const uint16_t*>(base) + off, f.dtype == DType::BF16, f.D, buf);
+// Rows [j0, j1) of a (B, H, N, D) input with element strides st as fp32, row j at
+// result + (j - j0) * *ld: read in place (F32) or widened once into buf ((j1 - j0) * D floats), so
+// the absmax pass and the quantize pass do not convert a 16-bit row twice.
+const float* rows_f32(const Kernels& kern, const AttnParams& f, const void* base, const int64_t* st,
+                      int64_t b, int64_t h, int64_t j0, int64_t j1, float* buf, int64_t* ld) {
+  const int64_t off = b * st[0] + h * st[1] + j0 * st[2];
+  if (f.dtype == DType::F32) {
+    *ld = st[2];
+    return static_cast<const float*>(base) + off;
+  }
+  for (int64_t j = j0; j < j1; ++j)
+    kern.widen(static_cast<const uint16_t*>(base) + off + (j - j0) * st[2], f.dtype == DType::BF16, f.D,
+               buf + (j - j0) * f.D);
+  *ld = f.D;
   return buf;
 }
 
@@ -37,37 +45,17 @@ float block_scale(float absmax) {
   return s > 0.f ? s : 1.f;
 }
 
-// The scale of Q block `blk` of (b, h): its absmax is taken over the whole block.
-float q_block_scale(const Kernels& kern, const AttnParams& f, int64_t b, int64_t h, int64_t blk,
-                    int64_t q_block, float* buf) {
-  const int64_t i1 = std::min((blk + 1) * q_block, f.Nq);
-  float amax = 0.f;
-  for (int64_t i = blk * q_block; i < i1; ++i)
-    amax = std::max(amax, kern.absmax(row_f32(kern, f, f.q, f.q_stride, b, h, i, buf), nullptr, f.D));
-  return block_scale(amax);
-}
-
-// Q row i of (b, h) -> D int8 at dst with 1 / scale = inv; returns scale * q . mean (0 without
-// mean).
-float quantize_q_row(const Kernels& kern, const AttnParams& f, int64_t b, int64_t h, int64_t i,
-                     float inv, const float* mean, int8_t* dst, float* buf) {
-  const float* x = row_f32(kern, f, f.q, f.q_stride, b, h, i, buf);
-  kern.quantize(x, nullptr, inv, f.D, dst);
-  return mean ? dot8(x, mean, f.D) * f.scale : 0.f;
-}
-
 }  // namespace
 
 float quantize_k_block(const Kernels& kern, const AttnParams& f, int64_t b, int64_t hk,
                        const float* mean, int64_t j0, int64_t j1, int8_t* out, int64_t ld,
                        float* buf) {
   const uint8_t* pad = f.key_padding ? f.key_padding + b * f.Nk : nullptr;
+  int64_t lx;
+  const float* x = rows_f32(kern, f, f.k, f.k_stride, b, hk, j0, j1, buf, &lx);
   float amax = 0.f;
-  for (int64_t j = j0; j < j1; ++j) {
-    if (pad && !pad[j]) continue;
-    const float* x = row_f32(kern, f, f.k, f.k_stride, b, hk, j, buf);
-    amax = std::max(amax, kern.absmax(x, mean, f.D));
-  }
+  for (int64_t j = j0; j < j1; ++j)
+    if (!pad || pad[j]) amax = std::max(amax, kern.absmax(x + (j - j0) * lx, mean, f.D));
   const float scale = block_scale(amax);
   const float inv = 1.f / scale;
   for (int64_t j = j0; j < j1; ++j) {
@@ -75,7 +63,7 @@ float quantize_k_block(const Kernels& kern, const AttnParams& f, int64_t b, int6
     if (pad && !pad[j])
       std::memset(row, 0, size_t(f.D));
     else
-      kern.quantize(row_f32(kern, f, f.k, f.k_stride, b, hk, j, buf), mean, inv, f.D, row);
+      kern.quantize(x + (j - j0) * lx, mean, inv, f.D, row);
   }
   return scale;
 }
@@ -83,11 +71,18 @@ float quantize_k_block(const Kernels& kern, const AttnParams& f, int64_t b, int6
 float quantize_q_block(const Kernels& kern, const AttnParams& f, int64_t b, int64_t h,
                        int64_t blk, int64_t q_block, const float* mean, int8_t* out, int64_t ld,
                        float* lse_shift, float* buf) {
-  const float scale = q_block_scale(kern, f, b, h, blk, q_block, buf);
-  const float inv = 1.f / scale;
   const int64_t i0 = blk * q_block, i1 = std::min(i0 + q_block, f.Nq);
-  for (int64_t i = i0; i < i1; ++i)
-    lse_shift[i - i0] = quantize_q_row(kern, f, b, h, i, inv, mean, out + (i - i0) * ld, buf);
+  int64_t lx;
+  const float* x = rows_f32(kern, f, f.q, f.q_stride, b, h, i0, i1, buf, &lx);
+  float amax = 0.f;  // over the whole block
+  for (int64_t i = i0; i < i1; ++i) amax = std::max(amax, kern.absmax(x + (i - i0) * lx, nullptr, f.D));
+  const float scale = block_scale(amax);
+  const float inv = 1.f / scale;
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* xi = x + (i - i0) * lx;
+    kern.quantize(xi, nullptr, inv, f.D, out + (i - i0) * ld);
+    lse_shift[i - i0] = mean ? dot8(xi, mean, f.D) * f.scale : 0.f;
+  }
   return scale;
 }
 
