@@ -1,6 +1,6 @@
 """Score modifiers (softcap, offset bias: position_bias / ALiBi) on the C++ CPU kernels, forward
-(blocked driver and decode path) and backward (dq, dk, dv, dbias), on every instruction set this
-machine runs, against the float64 oracle (tests/oracle.py: at most twice the error of the same
+(blocked driver and decode path; exact and quant="int8") and backward (dq, dk, dv, dbias), on
+every instruction set this machine runs, against the float64 oracle (tests/oracle.py: at most twice the error of the same
 computation in the input dtype plus fp32 rounding)."""
 from __future__ import annotations
 
@@ -190,10 +190,36 @@ def test_public_api_with_sinks_and_autograd():
         assert_matches_oracle(f"api {name}", a, o, b, depth=case.D)
 
 
-def test_int8_with_modifiers_is_refused():
-    q = k = v = torch.randn(1, 2, 16, 32)
-    with pytest.raises(Exception, match="softcap"):
-        hk.attention(q, k, v, quant="int8", softcap=5.0, backend="cpu")
+INT8_CASES = [c for c in CASES if c.id in {
+    "mods_odd_D59_gqa_window_lm_pad", "mods_causal_nq37_nk97_gqa", "mods_many_landmark_rows_d64",
+    "mods_empty_rows", "mods_decode_nq1_nk1025"}]
+
+
+@pytest.mark.parametrize("isa", ["amx"] + ISAS)
+@pytest.mark.parametrize("kind", MODS)
+@pytest.mark.parametrize("case", INT8_CASES, ids=lambda c: c.id)
+def test_int8_with_modifiers(monkeypatch, isa, kind, case):
+    """quant="int8" with softcap / bias on the int8 driver cores (amx hands such calls to its
+    avx512 core) against the int8 definition with modifiers (the reference backend's emulation:
+    the same integers, PV in fp32). K carries a large shared offset, so the smoothing shift must
+    reach the scores before a softcap. Bounds from the kernels' PV precision: P and V rounded to
+    bf16 move each product by at most 2 * 2^-9 relative, so the output by at most 2^-8 * max|v|;
+    the lse uses the unrounded P, off by the exp2 polynomial (< 4e-6 relative) and fp32 sums."""
+    force(monkeypatch, isa)
+    q, k, v, pattern = case.make(torch.float32)
+    k = k + 3.0
+    mods = _mods(kind, case)
+    out, lse = hk.attention(q, k, v, **pattern, **mods, quant="int8", return_lse=True, backend="cpu")
+    emu, emu_lse = hk.attention(q, k, v, **pattern, **mods, quant="int8", return_lse=True,
+                                backend="reference")
+    eps = torch.finfo(torch.float32).eps
+    vmax = float(v.abs().max())
+    assert float((out - emu).abs().max()) <= (2.0 ** -8 + 16 * eps) * vmax
+    assert torch.equal(torch.isinf(lse), torch.isinf(emu_lse)), "rows that see nothing: lse -inf"
+    fin = torch.isfinite(emu_lse)
+    assert torch.all((lse - emu_lse)[fin].abs() <= 1e-5 + 16 * eps * emu_lse[fin].abs())
+    if case.empty_rows:
+        assert torch.all(out[-1] == 0)
 
 
 @pytest.mark.parametrize("isa", ISAS)

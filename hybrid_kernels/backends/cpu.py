@@ -80,7 +80,8 @@ class CpuBackend(Backend):
     device_types = frozenset({"cpu"})
     quants = frozenset({None, "int8"})
     supports_backward = True
-    score_mods = frozenset({"softcap", "bias"})  # not with quant="int8" (int8_score_mods)
+    score_mods = frozenset({"softcap", "bias"})
+    int8_score_mods = frozenset({"softcap", "bias"})
 
     def unavailable_reason(self) -> Optional[str]:
         return _module_error()

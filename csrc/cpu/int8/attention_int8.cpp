@@ -39,9 +39,9 @@ void validate(const AttnInt8Params& p) {
   if (f.dtype != DType::F32 && f.dtype != DType::BF16 && f.dtype != DType::F16)
     fail("dtype", "must be F32, BF16 or F16");
   if (!std::isfinite(f.scale)) fail("scale", "must be finite");
-  // The int8 kernels take no score modifiers (the Python side routes such calls elsewhere).
-  if (f.softcap > 0.f) fail("softcap", "is not supported by the int8 kernels (must be 0)");
-  if (f.bias) fail("bias", "is not supported by the int8 kernels (must be null)");
+  if (f.softcap < 0.f || !std::isfinite(f.softcap)) fail("softcap", "must be finite and >= 0");
+  // A softcap needs the smoothing shift scale * q . k_mean, which a pre-quantized q8 cannot give.
+  if (f.softcap > 0.f && p.q8) fail("softcap", "needs q (q8 must be null: the kernel quantizes q)");
   if (p.q_block < 1) fail("q_block", "must be >= 1");
   if (p.k_block < 1) fail("k_block", "must be >= 1");
   if (f.num_landmarks < 0) fail("num_landmarks", "must be >= 0");

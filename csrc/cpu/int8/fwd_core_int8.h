@@ -5,6 +5,9 @@
 //   qk: acc[j][lanes] = colcorr[j] + sum_t dot4(Qu8quad[t][lanes], bcast(K8quad[j][t]))
 //       (Q as u8 = q + 128, the bias removed by colcorr[j] = -128 * sum_d k[j][d]), then
 //       S = float(acc) * (k_scale[key] * q_scale[lane] * scale * log2 e) -- the AMX core's S.
+//   Score modifiers (softcap, bias) are the driver's, on S in its log2 units. A softcap is not
+//   shift-invariant, so under one the smoothing shift scale * q . k_mean is added to S here (as the
+//   Triton kernel and the reference emulation do) instead of to the lse.
 //   pv: the PV core Pv of the same lanes: CoreBF16 (V as bf16 key pairs, P rounded to bf16 pairs
 //       by vdpbf16ps's packing) or CoreF32 on V rows rounded to bf16 values, P rounded here.
 // PrepInt8 quantizes (or copies pre-quantized) K and Q and converts V once per call, all O(N D):
@@ -199,12 +202,14 @@ struct CoreInt8 {
 
   struct Work {
     explicit Work(const AttnParams& p)
-        : pv(p), Dp(Prep::padded_dim(p.D)), X(BQ * Dp / 4), Qp(Dp / 4 * BQ), Pr(Ops::kVPairs ? 0 : JT * BQ) {}
+        : pv(p), Dp(Prep::padded_dim(p.D)), X(BQ * Dp / 4), Qp(Dp / 4 * BQ), Pr(Ops::kVPairs ? 0 : JT * BQ),
+          shift_in_scores(p.softcap > 0.f) {}
     typename Pv::Work pv;
     int64_t Dp;
     AlignedBuf<uint32_t> X;   // the block's int8 query rows, BQ x Dp bytes
     AlignedBuf<uint32_t> Qp;  // Qp[t * BQ + lane] = q8[lane][4t .. 4t + 3] + 128 (u8)
     AlignedBuf<float> Pr;     // P rounded to bf16 values (PV cores that do not round it)
+    bool shift_in_scores;     // under a softcap: S gets the shift (log2 units), the lse none
     alignas(64) float qs[BQ];     // per lane q_scale * scale * log2 e (0 for unused lanes)
     alignas(64) float shift[BQ];  // per lane lse shift
   };
@@ -215,6 +220,8 @@ struct CoreInt8 {
     read_query_records(rows, nr, BQ, w.Dp, w.X.get(), w.qs, w.shift);
     for (int64_t t = 0; t < D4; ++t)
       for (int i = 0; i < BQ; ++i) w.Qp[t * BQ + i] = w.X[i * D4 + t] ^ 0x80808080u;
+    if (w.shift_in_scores)
+      for (int i = 0; i < BQ; ++i) w.shift[i] *= kLog2e;
   }
 
   template <int J>
@@ -236,8 +243,11 @@ struct CoreInt8 {
     }
     for (int j = 0; j < J; ++j) {
       const R ks = V::set1(kv.ks[j0 + j]);
-      for (int v = 0; v < QV; ++v)
-        V::store(S + j * BQ + v * W, V::mul(Ops::to_float(acc[j][v]), V::mul(ks, V::load(w.qs + v * W))));
+      for (int v = 0; v < QV; ++v) {
+        R s = V::mul(Ops::to_float(acc[j][v]), V::mul(ks, V::load(w.qs + v * W)));
+        if (w.shift_in_scores) s = V::add(s, V::load(w.shift + v * W));
+        V::store(S + j * BQ + v * W, s);
+      }
     }
   }
 
@@ -259,7 +269,7 @@ struct CoreInt8 {
     }
   }
 
-  static float lse_shift(const Work& w, int lane) { return w.shift[lane]; }
+  static float lse_shift(const Work& w, int lane) { return w.shift_in_scores ? 0.f : w.shift[lane]; }
 };
 
 // The driver with the Core over a PrepInt8 (see int8_kernels.h, attention_forward_int8_driver).
