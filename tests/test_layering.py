@@ -8,7 +8,7 @@ import hybrid_kernels
 
 PKG = Path(hybrid_kernels.__file__).resolve().parent
 CORE = {"api", "pattern", "score_mods", "backend_base", "dispatch", "ops", "reference", "quant",
-        "backends", "triton_kernels"}
+        "backends", "triton_kernels", "validation", "fast_path"}
 APPLICATIONS = {"nn", "integrations", "models", "streaming", "retrieval", "rag", "training",
                 "distributed", "domains", "service", "diffusion", "cascade", "bench", "cli",
                 "int8_cache", "__main__"}
@@ -50,6 +50,12 @@ def _core_graph():
         if name and _top(name) in CORE:
             graph[name] = {m for m in _imports(path) if not m.startswith("_C_")}
     return graph
+
+
+def test_every_module_has_a_layer():
+    """A new top-level module or package says which layer it belongs to (this file's sets)."""
+    tops = {_top(_module_name(p)) for p in PKG.rglob("*.py") if _module_name(p)}
+    assert not tops - CORE - APPLICATIONS, f"modules in no layer: {sorted(tops - CORE - APPLICATIONS)}"
 
 
 def test_core_never_imports_the_applications():
