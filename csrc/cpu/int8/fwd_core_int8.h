@@ -181,7 +181,8 @@ class PrepInt8 {
   AlignedBuf<char> q_;
 };
 
-template <class Vt, class Ops, class Pv, int JB>
+// DC != 0 fixes D at compile time (the PV core Pv carries its own Dv).
+template <class Vt, class Ops, class Pv, int JB, int DC>
 struct CoreInt8 {
   using V = Vt;
   using R = typename V::R;
@@ -194,7 +195,7 @@ struct CoreInt8 {
   static constexpr int JT = 64;
   static constexpr bool kPairKeys = Ops::kVPairs;
   static constexpr bool kOwnSoftmax = false;
-  using LandmarkCore = CoreInt8<Vt, Ops, typename Pv::LandmarkCore, JB>;
+  using LandmarkCore = CoreInt8<Vt, Ops, typename Pv::LandmarkCore, JB, DC>;
   static_assert(Pv::JT == JT && Pv::W == W, "the PV core works on the driver's tiles");
   static void thread_enter() {}
   static void thread_exit() {}
@@ -226,7 +227,7 @@ struct CoreInt8 {
 
   template <int J>
   static void qk_block(const Work& w, const KV& kv, int64_t j0, float* S) {
-    const int64_t Dp = w.Dp, D4 = Dp / 4;
+    const int64_t Dp = DC ? Prep::padded_dim(DC) : w.Dp, D4 = Dp / 4;
     I acc[J][QV];
     for (int j = 0; j < J; ++j)
       for (int v = 0; v < QV; ++v) acc[j][v] = Ops::set1(kv.cc[j0 + j]);
@@ -272,7 +273,7 @@ struct CoreInt8 {
   static float lse_shift(const Work& w, int lane) { return w.shift_in_scores ? 0.f : w.shift[lane]; }
 };
 
-// The driver with the Core over a PrepInt8 (see int8_kernels.h, attention_forward_int8_driver).
+// The driver with the Core over its Prep (see int8_kernels.h).
 template <class Core>
 void run_int8_driver(const AttnInt8Params& p, const int8::Kernels& kern) {
   AttnParams f = p.fwd;
@@ -282,6 +283,20 @@ void run_int8_driver(const AttnInt8Params& p, const int8::Kernels& kern) {
   if (f.Nk == 0) f.num_landmarks = 0;
   const typename Core::Prep prep(p, f, kern);
   ForwardDriver<Core>::run(prep.driver_params(), prep);
+}
+
+// run_int8_driver with compile-time head dims (32, 64, 128 with D == Dv), else runtime ones.
+template <template <int, int> class CoreT>
+void run_int8_with_head_dims(const AttnInt8Params& p, const int8::Kernels& kern) {
+  if (p.fwd.D == p.fwd.Dv) {
+    switch (p.fwd.D) {
+      case 32: run_int8_driver<CoreT<32, 32>>(p, kern); return;
+      case 64: run_int8_driver<CoreT<64, 64>>(p, kern); return;
+      case 128: run_int8_driver<CoreT<128, 128>>(p, kern); return;
+      default: break;
+    }
+  }
+  run_int8_driver<CoreT<0, 0>>(p, kern);
 }
 
 }  // namespace

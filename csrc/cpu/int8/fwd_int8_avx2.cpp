@@ -36,8 +36,11 @@ struct OpsAvx2 {
   }
 };
 
+template <int DC, int DVC>
+using CoreAvx2Int8 = CoreInt8<VecAvx2, OpsAvx2, CoreF32<VecAvx2, 2, 4, 4, 0, DVC>, 4, DC>;
+
 void forward_avx2(const AttnInt8Params& p, const Kernels& kern) {
-  run_int8_driver<CoreInt8<VecAvx2, OpsAvx2, CoreF32<VecAvx2, 2, 4, 4, 0, 0>, 4>>(p, kern);
+  run_int8_with_head_dims<CoreAvx2Int8>(p, kern);
 }
 
 const Kernels kAvx2 = {"avx2", absmax_avx2, quantize_avx2, widen_avx2, forward_avx2};

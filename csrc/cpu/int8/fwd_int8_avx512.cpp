@@ -22,8 +22,11 @@ struct OpsAvx512 {
   static __m512 exp2(__m512 x) { return cpu::exp2<Exp2::kBf16>(x); }
 };
 
+template <int DC, int DVC>
+using CoreAvx512Int8 = CoreInt8<VecAvx512, OpsAvx512, CoreBF16<0, DVC>, 12, DC>;  // 24 + 3 zmm in qk
+
 void forward_avx512(const AttnInt8Params& p, const Kernels& kern) {
-  run_int8_driver<CoreInt8<VecAvx512, OpsAvx512, CoreBF16<0, 0>, 12>>(p, kern);  // 24 + 3 zmm in qk
+  run_int8_with_head_dims<CoreAvx512Int8>(p, kern);
 }
 
 const Kernels kAvx512 = {"avx512", absmax_avx2, quantize_avx2, widen_avx2, forward_avx512};

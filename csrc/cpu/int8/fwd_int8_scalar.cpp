@@ -43,8 +43,11 @@ void widen_scalar(const uint16_t* src, bool bf16, int64_t n, float* dst) {
   to_float(src, bf16 ? DType::BF16 : DType::F16, n, dst);
 }
 
+template <int DC, int DVC>
+using CoreScalarInt8 = CoreInt8<VecScalar, OpsScalar, CoreF32<VecScalar, 8, 2, 2, 0, DVC>, 2, DC>;
+
 void forward_scalar(const AttnInt8Params& p, const Kernels& kern) {
-  run_int8_driver<CoreInt8<VecScalar, OpsScalar, CoreF32<VecScalar, 8, 2, 2, 0, 0>, 2>>(p, kern);
+  run_int8_with_head_dims<CoreScalarInt8>(p, kern);
 }
 
 const Kernels kScalar = {"scalar", absmax_scalar, quantize_scalar, widen_scalar, forward_scalar};
