@@ -344,7 +344,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--questions-per-world", type=int, default=300)
     ap.add_argument("--test-questions", type=int, default=150)
     ap.add_argument("--threads", type=int, default=1,
@@ -386,7 +386,7 @@ def main(argv=None):
     student = FiDT5.from_config(cfg_s)
     s_budget = 5 if q else 120
     Trainer(student, lambda m, b: m(b["input_ids"], b["attention_mask"], labels=b["labels"])["loss"],
-            TrainConfig(lr=args.lr, warmup_steps=5 if q else 100, max_steps=100000, max_seconds=s_budget,
+            TrainConfig(lr=2e-3, warmup_steps=5 if q else 100, max_steps=100000, max_seconds=s_budget,
                         log_every=100)).train(batches(task, data, args.batch_size, seed=2, budget_seconds=s_budget))
     dev_qs = task.questions(dev, 30 if q else 150, seed=9)
     casc = cascade_stage(task, model, student, dev_index, index, dev_qs, questions)
