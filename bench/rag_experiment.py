@@ -1,14 +1,19 @@
 """RAG on the entity-grounded multi-hop corpus: a FiD reader trained on retrieved top-k sets,
 exact match over the pooled test corpus at top-1/5/10/20, with one retrieval round (question +
 its entities) and with the DynamicQueryGenerator's second round, against the gold passages
-handed over; retrieval recall@k of both.
+handed over; retrieval recall@k of both. Then: a dual-encoder retriever trained by the reader's
+cross-attention (KL to the reader's passage attention, and KL + InfoNCE), its recall before and
+after; a student/teacher cascade routed by the student's first-token probability (thresholds
+calibrated on dev); a heatmap of the reader's passage attention (passage_attention.png) and
+HybridRAGPipeline.compare_methods on a multi-hop question. Writes results.json and results.md.
 
-    PYTHONPATH=. python bench/rag_experiment.py --out results/rag            # full (~10 min, 2 cores)
-    PYTHONPATH=. python bench/rag_experiment.py --quick --out /tmp/rag       # smoke (~1 min)
+    PYTHONPATH=. python bench/rag_experiment.py --out results/rag            # full (~15 min, 2 cores)
+    PYTHONPATH=. python bench/rag_experiment.py --quick --out /tmp/rag       # smoke (~40 s)
 
-The reader is trained on the sets the two-round retriever returns for training-world questions,
-n passages with n drawn from {1, 5, 10, 20}: the gold passage sits among distractors that state
-the same relation about other people, so more passages are not a different task.
+The reader is trained on the sets the two-round retriever returns for training-world questions
+(rank order kept, gold passages always in), with a curriculum over the passages read: the gold
+passages alone, then 5, 10, 20 (fractions 0.1 / 0.6 / 0.8 of the time budget). Distractors state
+the same relation about other people, so only the asked name tells the gold passage apart.
 """
 from __future__ import annotations
 
@@ -26,7 +31,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hybrid_kernels.models.fid import FiDT5  # noqa: E402
 from hybrid_kernels.rag import HybridRAGPipeline  # noqa: E402
+from hybrid_kernels.rag_plots import plot_passage_attention  # noqa: E402
+from hybrid_kernels.reader_cascade import (cascade_answers, first_token_answers, route,  # noqa: E402
+                                           threshold_for_accuracy)
 from hybrid_kernels.retrieval import DynamicQueryGenerator, TfidfEmbedder, VectorStore  # noqa: E402
+from hybrid_kernels.retrieval.distill import (BagOfWordsTower, reader_distillation_loss,  # noqa: E402
+                                              recall_at_k, set_scores)
+from hybrid_kernels.retrieval.neural import NeuralRetriever  # noqa: E402
 from hybrid_kernels.training import EntityQATask, TrainConfig, Trainer, exact_match  # noqa: E402
 
 TOP_K = (1, 5, 10, 20)
@@ -59,21 +70,44 @@ class WorldIndex:
 
 
 def training_sets(task, worlds, model, questions_per_world, k):
+    """(question, top-k passages of the two-round retriever in rank order, answer, gold passages)
+    for training-world questions; a gold passage the retriever missed replaces the lowest ranks."""
     data = []
     for w, world in enumerate(worlds):
         index = WorldIndex(world, model, task.tokenizer)
         for q in task.questions(world, questions_per_world, seed=100 + w):
-            ps = index.retrieve(q.question, k, rounds=2)
-            data.append((q.question, [(p["title"], p["text"]) for p in ps], q.answer))
+            ps = [(p["title"], p["text"]) for p in index.retrieve(q.question, k, rounds=2)]
+            gold = [world.passages[i] for i in q.gold]
+            missing = [g for g in gold if g not in ps]
+            if missing:
+                ps = ps[:k - len(missing)] + missing
+            data.append((q.question, ps, q.answer, gold))
     return data
 
 
-def batches(task, data, batch_size, seed):
+def curriculum_passages(fraction: float) -> int:
+    """Passages read at this fraction of the training budget: gold only, then 5 (where telling
+    the asked name from the others is learned; the longest stage), 10, 20."""
+    return 1 if fraction < 0.1 else 5 if fraction < 0.6 else 10 if fraction < 0.8 else 20
+
+
+def batches(task, data, batch_size, seed, budget_seconds=None, total_steps=None):
+    """Training batches whose passage count follows :func:`curriculum_passages` over the time
+    budget (or the step budget); n = 1 reads the gold passages alone."""
     rng = random.Random(seed)
+    t0, step = time.perf_counter(), 0
     while True:
-        n = rng.choice(TOP_K)
+        frac = ((time.perf_counter() - t0) / budget_seconds if budget_seconds
+                else step / max(1, total_steps or 1))
+        n = curriculum_passages(frac)
         chosen = rng.sample(data, batch_size)
-        yield task.batch([c[0] for c in chosen], [c[1][:n] for c in chosen], [c[2] for c in chosen])
+        sets = [c[3] if n == 1 else c[1][:n] for c in chosen]
+        for c, ps in zip(chosen, sets):      # the gold passages stay in every training set
+            for g in c[3]:
+                if g not in ps:
+                    ps[len(ps) - 1 - c[3].index(g)] = g
+        step += 1
+        yield task.batch([c[0] for c in chosen], sets, [c[2] for c in chosen])
 
 
 def read(model, task, questions, passage_sets, batch_size=50):
@@ -124,52 +158,260 @@ def print_tables(rows, gold):
                   f"{100 * r['2']['exact_match']:.1f}% | {100 * r['1']['recall']:.1f}% | {100 * r['2']['recall']:.1f}% |")
 
 
+def encode_texts(tokenizer, texts):
+    """Word ids (N, L) and mask (N, L) of the texts, padded with 0."""
+    enc = [tokenizer.encode(t) for t in texts]
+    ids = torch.zeros((len(enc), max(len(e) for e in enc)), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, :len(e)] = torch.tensor(e)
+    return ids, ids != 0
+
+
+def reader_targets(model, task, data, batch_size=16):
+    """The reader's cross-attention mass over each training set's passages: (N, P)."""
+    out = []
+    for i in range(0, len(data), batch_size):
+        part = data[i:i + batch_size]
+        b = task.batch([c[0] for c in part], [c[1] for c in part], [c[2] for c in part])
+        out.append(model.passage_attention(b["input_ids"], b["attention_mask"], b["labels"]))
+    return torch.cat(out)
+
+
+def corpus_recall(retriever, tokenizer, world, questions):
+    """Recall@k of a dual encoder over the whole corpus, per hop type and overall."""
+    docs, dmask = encode_texts(tokenizer, [f"{t} {x}" for t, x in world.passages])
+    qs, qmask = encode_texts(tokenizer, [q.question for q in questions])
+    with torch.no_grad():
+        ranked = (retriever.encode_queries(qs, qmask) @ retriever.encode_documents(docs, dmask).T
+                  ).topk(max(TOP_K), dim=-1).indices.tolist()
+    out = {}
+    for hops in ("all", 1, 2):
+        sel = [i for i, q in enumerate(questions) if hops == "all" or q.hops == hops]
+        out[str(hops)] = {k: recall_at_k([ranked[i] for i in sel], [questions[i].gold for i in sel], k)
+                          for k in TOP_K}
+    return out
+
+
+def train_retriever(task, data, targets, seconds, use_contrastive, seed=0):
+    """A bag-of-words dual encoder trained by the reader: KL(reader attention || retriever softmax)
+    over each retrieved set, plus (``use_contrastive``) InfoNCE with the first gold passage as
+    positive, the batch's other positives and the set's non-gold passages as negatives."""
+    torch.manual_seed(seed)
+    retriever = NeuralRetriever(BagOfWordsTower(len(task.tokenizer), 64), temperature=0.1)
+    opt = torch.optim.AdamW(retriever.parameters(), lr=3e-3)
+    rng = random.Random(seed)
+    t0, steps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        idx = rng.sample(range(len(data)), min(32, len(data)))
+        part = [data[i] for i in idx]
+        q_ids, q_mask = encode_texts(task.tokenizer, [c[0] for c in part])
+        P = len(part[0][1])
+        p_ids, p_mask = encode_texts(task.tokenizer, [f"{t} {x}" for c in part for t, x in c[1]])
+        p_ids, p_mask = p_ids.view(len(part), P, -1), p_mask.view(len(part), P, -1)
+        loss = reader_distillation_loss(set_scores(retriever, q_ids, q_mask, p_ids, p_mask), targets[idx])
+        if use_contrastive:
+            pos = encode_texts(task.tokenizer, [f"{c[3][0][0]} {c[3][0][1]}" for c in part])
+            negs = [f"{t} {x}" for c in part for t, x in c[1][:5] if (t, x) not in c[3]]
+            neg = encode_texts(task.tokenizer, negs)
+            loss = loss + retriever.contrastive_loss(q_ids, q_mask, *pos, *neg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    return retriever, steps
+
+
+def retriever_stage(task, model, data, test, questions, seconds):
+    """Recall before and after training the dual encoder by the reader (KL alone, KL + contrastive)."""
+    data = [c for c in data if len(c[1]) == max(TOP_K)]      # one set size: (N, P) targets
+    targets = reader_targets(model, task, data)
+    torch.manual_seed(0)
+    untrained = NeuralRetriever(BagOfWordsTower(len(task.tokenizer), 64), temperature=0.1)
+    result = {"before": corpus_recall(untrained, task.tokenizer, test, questions)}
+    for name, contrastive in (("after_kl", False), ("after_kl_contrastive", True)):
+        retriever, steps = train_retriever(task, data, targets, seconds / 2, contrastive)
+        result[name] = corpus_recall(retriever, task.tokenizer, test, questions)
+        result[name + "_steps"] = steps
+    gold_mass = [sum(float(t[j]) for j, p in enumerate(c[1]) if p in c[3]) for c, t in zip(data, targets)]
+    result["reader_mass_on_gold"] = sum(gold_mass) / len(gold_mass)
+    result["uniform_mass_on_gold"] = sum(len(c[3]) / len(c[1]) for c in data) / len(data)
+    return result
+
+
+def cascade_stage(task, teacher, student, dev_index, test_index, dev_qs, test_qs, k=10):
+    """Student answers when its first-token probability clears a threshold calibrated on dev, else
+    the teacher. Time saved is estimated from the measured all-student and all-teacher times."""
+    def sets(index, qs):
+        return [[(p["title"], p["text"]) for p in index.retrieve(q.question, k, 2)] for q in qs]
+
+    def student_read(qs, ps):
+        answers, conf = [], []
+        for i in range(0, len(qs), 50):
+            b = task.batch([q.question for q in qs[i:i + 50]], ps[i:i + 50])
+            a, c = first_token_answers(student, task.tokenizer, b["input_ids"], b["attention_mask"])
+            answers, conf = answers + a, conf + c.tolist()
+        return answers, torch.tensor(conf)
+
+    dev_sets, test_sets = sets(dev_index, dev_qs), sets(test_index, test_qs)
+    dev_s, dev_conf = student_read(dev_qs, dev_sets)
+    dev_t = read(teacher, task, [q.question for q in dev_qs], dev_sets)
+    dev_correct = [exact_match(a, q.answer) for a, q in zip(dev_s, dev_qs)]
+    teacher_dev = sum(exact_match(a, q.answer) for a, q in zip(dev_t, dev_qs)) / len(dev_qs)
+    t0 = time.perf_counter()
+    test_t = read(teacher, task, [q.question for q in test_qs], test_sets)
+    teacher_time = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    test_s, test_conf = student_read(test_qs, test_sets)
+    student_time = time.perf_counter() - t0
+    rows = []
+    # one threshold where the student's dev accuracy matches the teacher's; two that hand the
+    # student the 50% / 80% most confident dev questions
+    ranked = sorted(dev_conf.tolist(), reverse=True)
+    thresholds = [("student dev EM >= teacher dev EM", threshold_for_accuracy(dev_conf.tolist(), dev_correct, teacher_dev))]
+    thresholds += [(f"{int(100 * s)}% of dev to the student", ranked[int(s * len(ranked)) - 1]) for s in (0.5, 0.8)]
+    for rule, t in thresholds:
+        use = route(test_conf, t)
+        answers = cascade_answers(test_s, test_t, use)
+        share = float(use.float().mean())
+        # the student runs on every query; the teacher only on those it hands over
+        cascade_time = student_time + (1 - share) * teacher_time
+        rows.append({"rule": rule, "threshold": t, "student_share": share,
+                     "accuracy": sum(exact_match(a, q.answer) for a, q in zip(answers, test_qs)) / len(test_qs),
+                     "time_saved": 1 - cascade_time / teacher_time})
+    return {"teacher_accuracy": sum(exact_match(a, q.answer) for a, q in zip(test_t, test_qs)) / len(test_qs),
+            "student_accuracy": sum(exact_match(a, q.answer) for a, q in zip(test_s, test_qs)) / len(test_qs),
+            "teacher_dev_accuracy": teacher_dev, "teacher_seconds": teacher_time,
+            "student_seconds": student_time, "rows": rows}
+
+
+def attention_figure(task, model, test, index, questions, path, k=10):
+    """Heatmap of the reader's passage attention for a few single- and multi-hop test questions."""
+    chosen = [q for q in questions if q.hops == 1][:4] + [q for q in questions if q.hops == 2][:4]
+    found = [index.retrieve(q.question, k, 2) for q in chosen]
+    sets = [[(p["title"], p["text"]) for p in ps] for ps in found]
+    b = task.batch([q.question for q in chosen], sets, [q.answer for q in chosen])
+    mass = model.passage_attention(b["input_ids"], b["attention_mask"], b["labels"])
+    gold = [[p["id"] in q.gold for p in ps] + [False] * (mass.shape[1] - len(ps)) for q, ps in zip(chosen, found)]
+    plot_passage_attention(mass.numpy(), gold, [q.question for q in chosen], path)
+    return {"questions": [q.question for q in chosen], "mass": mass.tolist(), "gold": gold}
+
+
+def compare_methods_demo(index, questions):
+    q = next(x for x in questions if x.hops == 2)
+    out = index.pipe.compare_methods(q.question, index.generators[2])
+    return {"question": q.question, "answer": q.answer,
+            **{name: {"answer": r.answer, "gold_retrieved": set(q.gold) <= {p["id"] for p in r.passages},
+                      "passages": len(r.passages)} for name, r in out.items()}}
+
+
+def markdown(rows, gold, retr, casc, demo, timing, cmd):
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    lines = [f"# RAG on the entity-grounded multi-hop corpus\n\n`{cmd}`: wall time {timing['total']:.0f} s "
+             f"(data {timing['data']:.0f} s, reader {timing['train']:.0f} s / {timing['train_steps']} steps, "
+             f"eval {timing['eval']:.0f} s, retriever {timing['retriever']:.0f} s, cascade {timing['cascade']:.0f} s)\n",
+             f"Gold passages handed over: EM all {pct(gold['all'])}, 1-hop {pct(gold[1])}, 2-hop {pct(gold[2])}\n",
+             "| retrieval | top-k | EM all | EM 1-hop | EM 2-hop | recall 1-hop | recall 2-hop |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for rounds in (1, 2):
+        for k in TOP_K:
+            r = {str(x["hops"]): x for x in rows if x["rounds"] == rounds and x["top_k"] == k}
+            name = "question + entities" if rounds == 1 else "+ dynamic 2nd round"
+            lines.append(f"| {name} | {k} | {pct(r['all']['exact_match'])} | {pct(r['1']['exact_match'])} | "
+                         f"{pct(r['2']['exact_match'])} | {pct(r['1']['recall'])} | {pct(r['2']['recall'])} |")
+    lines += ["", "Dual-encoder retriever trained by the reader (whole test corpus, recall@k; 2-hop: both gold "
+              f"passages). Reader attention mass on gold passages of the training sets: "
+              f"{pct(retr['reader_mass_on_gold'])} (uniform: {pct(retr['uniform_mass_on_gold'])})\n",
+              "| retriever | hops | " + " | ".join(f"R@{k}" for k in TOP_K) + " |",
+              "|---|---|" + "---:|" * len(TOP_K)]
+    for name in ("before", "after_kl", "after_kl_contrastive"):
+        for hops in ("all", "1", "2"):
+            lines.append(f"| {name} | {hops} | " + " | ".join(pct(retr[name][hops][k]) for k in TOP_K) + " |")
+    lines += ["", f"Cascade (top-10, two rounds): teacher EM {pct(casc['teacher_accuracy'])}, student EM "
+              f"{pct(casc['student_accuracy'])}; teacher {casc['teacher_seconds']:.1f} s, student "
+              f"{casc['student_seconds']:.1f} s on the test questions\n",
+              "| threshold rule (dev) | threshold | student share | cascade EM | time saved |", "|---|---:|---:|---:|---:|"]
+    for r in casc["rows"]:
+        lines.append(f"| {r['rule']} | {r['threshold']:.3f} | {pct(r['student_share'])} | "
+                     f"{pct(r['accuracy'])} | {pct(r['time_saved'])} |")
+    lines += ["", f"compare_methods on \"{demo['question']}\" (answer {demo['answer']}): " + "; ".join(
+        f"{n}: {demo[n]['answer']!r} (gold retrieved: {demo[n]['gold_retrieved']})"
+        for n in ("no_retrieval", "retrieve_then_read", "hybrid")), ""]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="results/rag", help="directory for results.json")
-    ap.add_argument("--quick", action="store_true", help="smoke run: small worlds, few steps")
+    ap.add_argument("--out", default="results/rag", help="directory for results.json/.md and the PNG")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small worlds, few seconds per stage")
     ap.add_argument("--train-seconds", type=float, default=None)
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--d-model", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--questions-per-world", type=int, default=300)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--test-questions", type=int, default=150)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 because the 2 cores are shared (2 threads thrash when another job runs)")
     args = ap.parse_args(argv)
     q = args.quick
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    timing = {}
     task = EntityQATask(num_people=60 if q else 340, num_countries=12 if q else 40, seed=0)
     torch.manual_seed(0)
     model = FiDT5.from_config(small_t5_config(len(task.tokenizer), 32 if q else args.d_model))
     worlds = [task.world("train", i) for i in range(1 if q else 3)]
-    data = training_sets(task, worlds, model, 60 if q else args.questions_per_world, max(TOP_K))
-    t_data = time.perf_counter() - t_start
-    steps = args.steps or (20 if q else 3000)
-    cfg = TrainConfig(lr=3e-3, warmup_steps=min(100, steps // 10), max_steps=steps,
-                      max_seconds=args.train_seconds or (30 if q else 360), log_every=max(10, steps // 20))
+    data = training_sets(task, worlds, model, 200 if q else args.questions_per_world, max(TOP_K))
+    timing["data"] = time.perf_counter() - t_start
+    budget = args.train_seconds or (10 if q else 480)
+    steps = args.steps or 100000
+    cfg = TrainConfig(lr=args.lr, warmup_steps=100 if not q else 5, max_steps=steps, max_seconds=budget,
+                      log_every=50)
     trainer = Trainer(model, lambda m, b: m(b["input_ids"], b["attention_mask"], labels=b["labels"])["loss"], cfg)
     t0 = time.perf_counter()
-    trainer.train(batches(task, data, args.batch_size, seed=1))
-    t_train = time.perf_counter() - t0
-    test = task.world("test")
-    index = WorldIndex(test, model, task.tokenizer)
-    questions = task.questions(test, 40 if q else 200, seed=7)
+    trainer.train(batches(task, data, args.batch_size, seed=1,
+                          budget_seconds=None if args.steps else budget, total_steps=args.steps))
+    timing["train"], timing["train_steps"] = time.perf_counter() - t0, trainer.step
+    test, dev = task.world("test"), task.world("dev")
+    index, dev_index = WorldIndex(test, model, task.tokenizer), WorldIndex(dev, model, task.tokenizer)
+    questions = task.questions(test, 30 if q else args.test_questions, seed=7)
     t0 = time.perf_counter()
     rows, gold = evaluate(model, task, test, index, questions)
-    t_eval = time.perf_counter() - t0
+    timing["eval"] = time.perf_counter() - t0
     print_tables(rows, gold)
-    em = {(r["rounds"], r["top_k"]): r["exact_match"] for r in rows if r["hops"] == "all"}
-    print(f"\ncorpus {len(test.passages)} passages; reader trained {trainer.step} steps in {t_train:.0f} s on "
-          f"{len(data)} retrieved sets; data {t_data:.0f} s, eval {t_eval:.0f} s, total "
-          f"{time.perf_counter() - t_start:.0f} s")
-    print(f"EM top-10 >= top-1: {em[(2, 10)] >= em[(2, 1)]}; EM top-10 / gold-handed EM: "
-          f"{em[(2, 10)] / max(gold['all'], 1e-9):.2f}")
+    t0 = time.perf_counter()
+    retr = retriever_stage(task, model, data, test, questions, 6 if q else 60)
+    timing["retriever"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    torch.manual_seed(1)
+    cfg_s = small_t5_config(len(task.tokenizer), 32 if q else 64)
+    cfg_s.num_layers = cfg_s.num_decoder_layers = 1
+    student = FiDT5.from_config(cfg_s)
+    s_budget = 5 if q else 120
+    Trainer(student, lambda m, b: m(b["input_ids"], b["attention_mask"], labels=b["labels"])["loss"],
+            TrainConfig(lr=2e-3, warmup_steps=5 if q else 100, max_steps=100000, max_seconds=s_budget,
+                        log_every=100)).train(batches(task, data, args.batch_size, seed=2, budget_seconds=s_budget))
+    dev_qs = task.questions(dev, 30 if q else 150, seed=9)
+    casc = cascade_stage(task, model, student, dev_index, index, dev_qs, questions)
+    timing["cascade"] = time.perf_counter() - t0
     os.makedirs(args.out, exist_ok=True)
+    figure = attention_figure(task, model, test, index, questions, os.path.join(args.out, "passage_attention.png"))
+    demo = compare_methods_demo(index, questions)
+    timing["total"] = time.perf_counter() - t_start
+    em = {(r["rounds"], r["top_k"]): r["exact_match"] for r in rows if r["hops"] == "all"}
+    cmd = "PYTHONPATH=. python bench/rag_experiment.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = markdown(rows, gold, retr, casc, demo, timing, cmd.strip())
+    md += (f"\nEM top-10 >= top-1: {em[(2, 10)] >= em[(2, 1)]}; EM top-10 / gold-handed EM: "
+           f"{em[(2, 10)] / max(gold['all'], 1e-9):.2f}\n")
+    print(md)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"rows": rows, "gold_exact_match": {str(k): v for k, v in gold.items()},
-                   "corpus_passages": len(test.passages), "train_steps": trainer.step,
-                   "train_seconds": t_train, "args": vars(args)}, f, indent=1)
-    return rows, gold
+                   "retriever": retr, "cascade": casc, "attention": figure, "compare_methods": demo,
+                   "corpus_passages": len(test.passages), "timing": timing,
+                   "train_history": trainer.history, "args": vars(args)}, f, indent=1, default=str)
+    return {"rows": rows, "gold": gold, "retriever": retr, "cascade": casc, "timing": timing}
 
 
 if __name__ == "__main__":

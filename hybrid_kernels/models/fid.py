@@ -45,6 +45,7 @@ class _CrossContext:
         self.quant: Optional[str] = None
         self.top_passages: Optional[int] = None
         self.backend = "auto"
+        self.attention_probs: Optional[List[Tensor]] = None   # filled per layer when recording
 
 
 class HKCrossAttention(nn.Module):
@@ -75,9 +76,22 @@ class HKCrossAttention(nn.Module):
             k, v = self.project_kv(key_value_states)
             key_mask = ctx.key_mask if ctx.key_mask is not None else _key_mask_from_hf(mask)
             cache = CrossKV(k, v, key_mask, ctx.passage_len, ctx.quant)
+        if ctx.attention_probs is not None:
+            ctx.attention_probs.append(_dense_cross_probs(q, cache))
         out = cache.attend(q, top_passages=ctx.top_passages, backend=ctx.backend)
         out = self.o(out.transpose(1, 2).reshape(B, Nq, -1))
         return out, None, None
+
+
+def _dense_cross_probs(q: Tensor, cache: CrossKV) -> Tensor:
+    """T5 cross-attention weights in plain torch (scale 1, key padding mask): q (B, H, Nq, D)
+    against the cache's keys -> (B, H, Nq, Nk). Only for analysis; the output uses the kernels."""
+    if cache.k is None:
+        raise NotImplementedError("passage attention is recorded from float K (cross_attention_quant=None)")
+    logits = q.float() @ cache.k.float().transpose(-1, -2)
+    if cache.key_mask is not None:
+        logits = logits.masked_fill(~cache.key_mask[:, None, None, :], float("-inf"))
+    return logits.softmax(-1)
 
 
 def _key_mask_from_hf(mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -180,6 +194,30 @@ class FiDT5(nn.Module):
             out["loss"] = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                           labels.reshape(-1), ignore_index=-100)
         return out
+
+    @torch.no_grad()
+    def passage_attention(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                          labels: Optional[Tensor] = None,
+                          decoder_input_ids: Optional[Tensor] = None) -> Tensor:
+        """Cross-attention mass per passage (Izacard & Grave's reader signal): the decoder's
+        attention weights summed over each passage's tokens, averaged over layers, heads and the
+        decoder positions of real answer tokens (labels != -100). Inputs (B, P, L) -> (B, P), rows
+        sum to 1. Weights are recomputed in plain torch from the layers' q/k."""
+        B, P, L = input_ids.shape
+        was_training = self.training
+        self.eval()
+        self._ctx.attention_probs = []
+        try:
+            self.forward(input_ids, attention_mask, decoder_input_ids=decoder_input_ids, labels=labels)
+            probs = torch.stack(self._ctx.attention_probs)          # (layers, B, H, T, P*L)
+        finally:
+            self._ctx.attention_probs = None
+            self.train(was_training)
+        per_passage = probs.reshape(*probs.shape[:4], P, L).sum(-1).mean(dim=(0, 2))   # (B, T, P)
+        if labels is None:
+            return per_passage.mean(1)
+        w = (labels != -100).float()
+        return (per_passage * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
 
     # ----------------------------------------------------------------- generation
     def cross_caches(self, enc: Tensor, key_mask: Tensor, passage_len: int) -> List[CrossKV]:

@@ -8,7 +8,8 @@ import importlib
 _WHERE = {"VectorStore": "vector_store", "ShardedVectorStore": "sharded_store",
           "TextEmbedder": "embedder", "HashingEmbedder": "embedder", "TfidfEmbedder": "embedder",
           "default_embedder": "embedder", "NeuralRetriever": "neural",
-          "DynamicQueryGenerator": "query_generator", "reciprocal_rank_fusion": "query_generator"}
+          "DynamicQueryGenerator": "query_generator",
+          "BagOfWordsTower": "distill", "reader_distillation_loss": "distill", "reciprocal_rank_fusion": "query_generator"}
 __all__ = list(_WHERE)
 
 

@@ -49,12 +49,16 @@ class Trainer:
              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
+        self._start: Optional[float] = None
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.config
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.max_seconds is not None and self._start is not None:
+            # a time budget ends training first: decay over the seconds, not the steps
+            frac = max(frac, (time.perf_counter() - self._start) / cfg.max_seconds)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
     def _autocast(self):
@@ -66,7 +70,7 @@ class Trainer:
     def train(self, batches: Iterator[Dict[str, Tensor]]) -> List[Dict[str, float]]:
         cfg = self.config
         self.model.train()
-        start = time.perf_counter()
+        start = self._start = time.perf_counter()
         running, seen = 0.0, 0
         for batch in batches:
             if self.step >= cfg.max_steps:
