@@ -11,7 +11,7 @@ CORE = {"api", "pattern", "score_mods", "backend_base", "dispatch", "ops", "refe
         "backends", "triton_kernels", "validation", "fast_path"}
 APPLICATIONS = {"nn", "integrations", "models", "streaming", "retrieval", "rag", "training",
                 "distributed", "domains", "service", "diffusion", "cascade", "bench", "cli",
-                "int8_cache", "__main__"}
+                "int8_cache", "rag_plots", "reader_cascade", "__main__"}
 
 
 def _module_name(path: Path) -> str:
