@@ -1,13 +1,15 @@
-"""Models built on hybrid-kernels: :class:`HybridEncoder` and Fusion-in-Decoder :class:`FiDT5`."""
+"""Models built on hybrid-kernels: :class:`HybridEncoder`, Fusion-in-Decoder :class:`FiDT5` and the
+hierarchical :class:`RetrievalAugmentedSegments`."""
 from __future__ import annotations
 
 import importlib
 
 __all__ = ["HybridEncoder", "HybridEncoderConfig", "FiDT5", "HKCrossAttention", "CrossKV",
-           "format_passage"]
+           "format_passage", "RetrievalAugmentedSegments", "SegmentsOutput"]
 
 _WHERE = {"HybridEncoder": "encoder", "HybridEncoderConfig": "encoder", "FiDT5": "fid",
-          "HKCrossAttention": "fid", "format_passage": "fid", "CrossKV": "cross_kv"}
+          "HKCrossAttention": "fid", "format_passage": "fid", "CrossKV": "cross_kv",
+          "RetrievalAugmentedSegments": "segments", "SegmentsOutput": "segments"}
 
 
 def __getattr__(name):
