@@ -117,15 +117,6 @@ class PrepInt8 {
     }
   }
 
-  // Nearest bf16 (ties to even) of x as its 16 bits; NaN stays NaN. Branch-free, so the loops
-  // below vectorize with the including translation unit's flags.
-  static uint32_t bf16_bits(float x) {
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : r;
-  }
-
   // V row j of head bh as bf16 bits (bf16 inputs exact; the others rounded to nearest even).
   void v_bits(int64_t bh, int64_t j, uint32_t* dst, float* wide) const {
     const int64_t off = (bh / f_.Hk) * f_.v_stride[0] + (bh % f_.Hk) * f_.v_stride[1] + j * f_.v_stride[2];
@@ -140,7 +131,7 @@ class PrepInt8 {
       kern_.widen(static_cast<const uint16_t*>(f_.v) + off, false, Dv, wide);
       x = wide;
     }
-    for (int64_t e = 0; e < Dv; ++e) dst[e] = bf16_bits(x[e]);
+    for (int64_t e = 0; e < Dv; ++e) dst[e] = f32_to_bf16(x[e]);
   }
 
   // Keys ja and, when kVPairs, jb (-1: a zero partner) of head bh into Dv words at dst: bf16 key

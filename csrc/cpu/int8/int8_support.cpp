@@ -2,6 +2,7 @@
 #include "cpu/int8/int8_support.h"
 
 #include "cpu/attention_cpu.h"
+#include "cpu/simd/simd_common.h"
 
 #include <cpuid.h>
 
@@ -16,21 +17,6 @@ namespace hk {
 namespace cpu {
 namespace int8 {
 namespace {
-
-float bf16_to_float(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40);  // quiet NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return uint16_t(bits >> 16);
-}
 
 struct Isa {
   bool avx2 = false, avx512 = false;
@@ -69,7 +55,7 @@ bool has_amx_int8_tiles() {
 }  // namespace
 
 void round_to_bf16(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_float(float_to_bf16(x[i]));
+  for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
 }
 
 void to_float(const void* src, DType dtype, int64_t n, float* dst) {
@@ -77,7 +63,7 @@ void to_float(const void* src, DType dtype, int64_t n, float* dst) {
     std::memcpy(dst, src, size_t(n) * 4);
   } else if (dtype == DType::BF16) {
     const uint16_t* s = static_cast<const uint16_t*>(src);
-    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
   } else {
     const _Float16* s = static_cast<const _Float16*>(src);
     for (int64_t i = 0; i < n; ++i) dst[i] = float(s[i]);
@@ -89,7 +75,7 @@ void from_float(const float* src, DType dtype, int64_t n, void* dst) {
     std::memcpy(dst, src, size_t(n) * 4);
   } else if (dtype == DType::BF16) {
     uint16_t* o = static_cast<uint16_t*>(dst);
-    for (int64_t i = 0; i < n; ++i) o[i] = float_to_bf16(src[i]);
+    for (int64_t i = 0; i < n; ++i) o[i] = f32_to_bf16(src[i]);
   } else {
     _Float16* o = static_cast<_Float16*>(dst);
     for (int64_t i = 0; i < n; ++i) o[i] = _Float16(src[i]);
