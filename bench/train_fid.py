@@ -24,20 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hybrid_kernels.models.cross_kv import CrossKV, attend_dense_masked  # noqa: E402
-from hybrid_kernels.models.fid import FiDT5  # noqa: E402
+from hybrid_kernels.models.fid import FiDT5, small_t5_config  # noqa: E402
 from hybrid_kernels.training import QATask, TrainConfig, Trainer, exact_match  # noqa: E402
 
 K_PASSAGES = 10
 D_MODEL = int(os.environ.get('FID_D_MODEL', 64))
-
-
-def small_t5_config(vocab_size: int, quick: bool):
-    from transformers import T5Config
-    d = 32 if quick else D_MODEL
-    return T5Config(vocab_size=vocab_size, d_model=d, d_kv=d // 4, d_ff=2 * d, num_layers=2,
-                    num_decoder_layers=2, num_heads=4, dropout_rate=0.0,
-                    relative_attention_num_buckets=16, relative_attention_max_distance=64,
-                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
 def batches(task: QATask, n: int, batch_size: int, seed: int, ramp_steps: int = 0):
@@ -75,7 +66,7 @@ def evaluate(model: FiDT5, task: QATask, n: int, num_questions: int, batch_size:
 
 def train_one(task, n, args):
     torch.manual_seed(0)
-    model = FiDT5.from_config(small_t5_config(len(task.tokenizer), args.quick))
+    model = FiDT5.from_config(small_t5_config(len(task.tokenizer), 32 if args.quick else D_MODEL))
     budget = args.seconds_per_passage * n + args.seconds_base
     cfg = TrainConfig(lr=args.lr, warmup_steps=min(100, args.steps // 10), max_steps=args.steps,
                       max_seconds=budget, log_every=max(10, args.steps // 20),

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hybrid_kernels.models import FiDT5  # noqa: E402
+from hybrid_kernels.models import FiDT5, small_t5_config  # noqa: E402
 from hybrid_kernels.reader_cascade import cascade_answers, route, threshold_for_accuracy  # noqa: E402
 from hybrid_kernels.retrieval.distill import (BagOfWordsTower, reader_distillation_loss,  # noqa: E402
                                               recall_at_k, set_scores)
@@ -15,21 +15,7 @@ from hybrid_kernels.retrieval.neural import NeuralRetriever  # noqa: E402
 from hybrid_kernels.training import EntityQATask, exact_match  # noqa: E402
 
 
-def _config(vocab, d=32, layers=1):
-    from transformers import T5Config
-    return T5Config(vocab_size=vocab, d_model=d, d_kv=d // 4, d_ff=2 * d, num_layers=layers,
-                    num_decoder_layers=layers, num_heads=4, dropout_rate=0.0,
-                    relative_attention_num_buckets=16, relative_attention_max_distance=64,
-                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared small machine two threads thrash and take 5x longer."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +25,7 @@ def task():
 
 def test_passage_attention_is_a_distribution_matching_dense_attention(task):
     torch.manual_seed(0)
-    model = FiDT5.from_config(_config(len(task.tokenizer)))
+    model = FiDT5.from_config(small_t5_config(len(task.tokenizer), 32, layers=1))
     w = task.world("train")
     qs = task.questions(w, 3, seed=1)
     # ragged sets: the padding passage of the short one gets no mass
@@ -127,7 +113,7 @@ def test_reader_learns_a_tiny_task_above_chance(task):
     """Gold passage handed over: the reader must copy the value from it; chance is ~1/16."""
     from hybrid_kernels.training import TrainConfig, Trainer
     torch.manual_seed(0)
-    model = FiDT5.from_config(_config(len(task.tokenizer), d=64, layers=2))
+    model = FiDT5.from_config(small_t5_config(len(task.tokenizer), 64))
     world = task.world("train")
     rng = random.Random(0)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["HybridEncoder", "HybridEncoderConfig", "FiDT5", "HKCrossAttention", "CrossKV",
-           "format_passage", "RetrievalAugmentedSegments", "SegmentsOutput"]
+           "format_passage", "small_t5_config", "RetrievalAugmentedSegments", "SegmentsOutput"]
 
 _WHERE = {"HybridEncoder": "encoder", "HybridEncoderConfig": "encoder", "FiDT5": "fid",
-          "HKCrossAttention": "fid", "format_passage": "fid", "CrossKV": "cross_kv",
+          "HKCrossAttention": "fid", "format_passage": "fid", "small_t5_config": "fid", "CrossKV": "cross_kv",
           "RetrievalAugmentedSegments": "segments", "SegmentsOutput": "segments"}
 
 
