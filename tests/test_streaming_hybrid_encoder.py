@@ -25,14 +25,7 @@ def _model(**kw):
     return HybridEncoder(_config(**kw)).eval()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Token-sized ops gain nothing from threads, and on a loaded 2-core runner OpenMP spinning
-    made the one-token-chunk test ~50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
