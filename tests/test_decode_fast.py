@@ -81,6 +81,18 @@ def test_decode_matches_oracle(dtype, Nq, Nk, variant):
                    **_pattern_kwargs(kw, B, Nk))
 
 
+@pytest.mark.parametrize("D,Dv", [(32, 32), (96, 96), (128, 128), (64, 32), (64, 96), (59, 59), (48, 64)])
+@pytest.mark.parametrize("Hk", [8, 2])
+def test_decode_head_dims(D, Dv, Hk):
+    """Head dims around the bf16 vdpbf16ps path (D and Dv multiples of 32; P V alone when only Dv
+    is; 64-feature and 32-feature V blocks; neither) and the widening path, odd key counts."""
+    for dtype in DTYPES:
+        q, k, v = _inputs(1, 8, Hk, 1, 333, D, dtype, seed=D * 7 + Dv, Dv=Dv)
+        with torch.inference_mode():
+            out, lse = hk.attention(q, k, v, return_lse=True)
+        _check(f"{dtype} D={D} Dv={Dv} Hk={Hk}", q, k, v, out, lse)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mods", ["softcap", "position_bias", "sinks", "all"])
 def test_score_modifiers_through_the_fast_path(dtype, mods):

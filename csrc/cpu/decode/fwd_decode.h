@@ -117,6 +117,8 @@ struct DecodeScratch {
     q_.ensure(kDecodeGroup * DP);
     tmp_.ensure(kDecodeGroup * W * W + W * W);
     o_.ensure(p.Dv + W);
+    pp_.ensure(kDecodeGroup * (SP / 2 + W));
+    kscale_.ensure(SP);
   }
   int64_t SP = 0, DP = 0;   // row lengths of S and q
   GrowBuf<float> S_;        // per row: scores, then probabilities, of the item's keys
@@ -124,11 +126,15 @@ struct DecodeScratch {
   GrowBuf<float> q_;        // per row: the query as fp32, times scale * log2(e)
   GrowBuf<float> tmp_;      // W x W transpose buffers
   GrowBuf<float> o_;        // merged output row
+  GrowBuf<uint32_t> pp_;    // per row (stride SP / 2): P as bf16 key pairs (the vdpbf16ps path)
+  GrowBuf<float> kscale_;   // the int8 K cache: each key's block scale
   float* S() const { return S_.buf.get(); }
   int32_t* idx() const { return idx_.buf.get(); }
   float* q() const { return q_.buf.get(); }
   float* tmp() const { return tmp_.buf.get(); }
   float* o() const { return o_.buf.get(); }
+  uint32_t* pp() const { return pp_.buf.get(); }
+  float* kscale() const { return kscale_.buf.get(); }
 };
 
 // Per item of the int8 K cache path: the rows' factors q_scale * scale * log2(e) and the kv head's
@@ -289,6 +295,172 @@ struct DecodeKernel {
         float* dst = o[r] + e0 + x * 32;
         _mm512_storeu_ps(dst, _mm512_permutex2var_ps(acc[r][2 * x], lo_idx, acc[r][2 * x + 1]));
         _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(acc[r][2 * x], hi_idx, acc[r][2 * x + 1]));
+      }
+  }
+#endif
+
+  // bf16 on AVX-512 BF16, as in the bf16 forward core: both products on vdpbf16ps, q and K in bf16
+  // pairs as given (D % 32 == 0), V key pairs interleaved on the fly and P rounded to bf16 for P V
+  // (Dv % 32 == 0; the softmax sum l uses fp32 P). Half the instructions of widening to fp32. The
+  // int8 K cache with bf16 V (whose P is rounded to bf16 anyway) takes the P V half.
+  static constexpr bool kDot2 =
+#if defined(__AVX512BF16__)
+      DT == DType::BF16 && std::is_same<V, VecAvx512>::value;
+#else
+      false;
+#endif
+  static bool dot2_qk(const AttnParams& p) { return kDot2 && !K8 && p.D % 32 == 0 && p.Dv % 32 == 0; }
+  static bool dot2_pv(const AttnParams& p) { return kDot2 && p.Dv % 32 == 0; }
+  // The int8 K cache with D % 32 == 0 on AVX-512 VNNI: q8 . k8 by vpdpwssd on int16 pairs (k8
+  // widened, 32 features per instruction), exact in int32, the same value as the fp32 sum.
+  static constexpr bool kK8Dot =
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      K8 && std::is_same<V, VecAvx512>::value;
+#else
+      false;
+#endif
+  static bool k8_dot(const AttnParams& p) { return kK8Dot && p.D % 32 == 0; }
+
+#if defined(__AVX512BF16__)
+  // S[r * SP + t] = c * (q_r . K[idx[t]]), q_r as bf16 at reinterpret_cast<uint16_t*>(q + r * DP).
+  template <int NR>
+  static void scores_dot2(const float* q, int64_t DP, int64_t D, const uint16_t* k, int64_t ks,
+                          const int32_t* idx, int n, float* S, int64_t SP, float* tmp, float c) {
+    constexpr int U = NR == 1 ? 16 : NR == 2 ? 8 : 4;
+    const __m512 cv = _mm512_set1_ps(c);
+    for (int t = 0; t < n; t += 16) {
+      const int nk = std::min(16, n - t);
+      const uint16_t* kp[16];
+      for (int u = 0; u < 16; ++u) kp[u] = k + int64_t(idx[t + std::min(u, nk - 1)]) * ks;
+      for (int u = 0; u < 16; ++u) {
+        const int ta = t + kDecodePrefetchKeys + u;
+        if (ta < n) prefetch_row(k + int64_t(idx[ta]) * ks, D);
+      }
+      for (int u0 = 0; u0 < 16; u0 += U) {
+        __m512 acc[NR][U];
+        for (int r = 0; r < NR; ++r)
+          for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 32) {
+          __m512bh qv[NR];
+          for (int r = 0; r < NR; ++r)
+            qv[r] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const uint16_t*>(q + r * DP) + d);
+          for (int u = 0; u < U; ++u) {
+            const __m512bh kv = (__m512bh)_mm512_loadu_si512(kp[u0 + u] + d);
+            for (int r = 0; r < NR; ++r) acc[r][u] = _mm512_dpbf16_ps(acc[r][u], qv[r], kv);
+          }
+        }
+        for (int r = 0; r < NR; ++r)
+          for (int u = 0; u < U; u += 4)
+            _mm512_storeu_ps(tmp + (r * 4 + (u0 + u) / 4) * 16,
+                             reduce4(acc[r][u], acc[r][u + 1], acc[r][u + 2], acc[r][u + 3]));
+      }
+      for (int r = 0; r < NR; ++r) {
+        const float* qd = tmp + r * 4 * 16;
+        const __m512 sv = reduce_lanes(_mm512_loadu_ps(qd), _mm512_loadu_ps(qd + 16),
+                                       _mm512_loadu_ps(qd + 32), _mm512_loadu_ps(qd + 48));
+        _mm512_storeu_ps(S + r * SP + t, _mm512_mul_ps(sv, cv));
+      }
+    }
+  }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  // S[r * SP + t] = q8_r . k8[idx[t]] (exact), q8_r as int16 at reinterpret_cast<int16_t*>(q + r * DP).
+  template <int NR>
+  static void scores_k8(const float* q, int64_t DP, int64_t D, const int8_t* k, int64_t ks,
+                        const int32_t* idx, int n, float* S, int64_t SP, float* tmp) {
+    constexpr int U = NR == 1 ? 16 : NR == 2 ? 8 : 4;
+    for (int t = 0; t < n; t += 16) {
+      const int nk = std::min(16, n - t);
+      const int8_t* kp[16];
+      for (int u = 0; u < 16; ++u) kp[u] = k + int64_t(idx[t + std::min(u, nk - 1)]) * ks;
+      for (int u = 0; u < 16; ++u) {
+        const int ta = t + kDecodePrefetchKeys + u;
+        if (ta < n) prefetch_row(k + int64_t(idx[ta]) * ks, D);
+      }
+      for (int u0 = 0; u0 < 16; u0 += U) {
+        __m512i acc[NR][U];
+        for (int r = 0; r < NR; ++r)
+          for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_si512();
+        for (int64_t d = 0; d < D; d += 32) {
+          __m512i qv[NR];
+          for (int r = 0; r < NR; ++r)
+            qv[r] = _mm512_loadu_si512(reinterpret_cast<const int16_t*>(q + r * DP) + d);
+          for (int u = 0; u < U; ++u) {
+            const __m512i kv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp[u0 + u] + d)));
+            for (int r = 0; r < NR; ++r) acc[r][u] = _mm512_dpwssd_epi32(acc[r][u], kv, qv[r]);
+          }
+        }
+        for (int r = 0; r < NR; ++r)
+          for (int u = 0; u < U; u += 4)
+            _mm512_storeu_ps(tmp + (r * 4 + (u0 + u) / 4) * 16,
+                             reduce4(_mm512_cvtepi32_ps(acc[r][u]), _mm512_cvtepi32_ps(acc[r][u + 1]),
+                                     _mm512_cvtepi32_ps(acc[r][u + 2]), _mm512_cvtepi32_ps(acc[r][u + 3])));
+      }
+      for (int r = 0; r < NR; ++r) {
+        const float* qd = tmp + r * 4 * 16;
+        _mm512_storeu_ps(S + r * SP + t, reduce_lanes(_mm512_loadu_ps(qd), _mm512_loadu_ps(qd + 16),
+                                                      _mm512_loadu_ps(qd + 32), _mm512_loadu_ps(qd + 48)));
+      }
+    }
+  }
+#endif
+
+  // Rows' probabilities P[r * SP + t] (t < n) as bf16 key pairs: Pp[r * PPS + t / 2], low half
+  // the even key; keys from n up to the next multiple of 32 count as p = 0.
+  template <int NR>
+  static void pack_p_pairs(float* P, int64_t SP, int n, uint32_t* Pp, int64_t PPS) {
+    const int n32 = (n + 31) / 32 * 32;
+    for (int r = 0; r < NR; ++r) {
+      float* Pr = P + r * SP;
+      for (int t = n; t < n32; ++t) Pr[t] = 0.f;
+      for (int t = 0; t < n32; t += 32)
+        _mm512_storeu_si512(Pp + r * PPS + t / 2,
+                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(Pr + t + 16), _mm512_loadu_ps(Pr + t)));
+    }
+  }
+
+  // o[r][e0 + e] = sum_t P_r[t] V[idx[t]][e0 + e] for NP blocks of 32 features: two keys' V rows
+  // interleaved into bf16 pairs (unpacklo / unpackhi per 128-bit lane), reordered on the store.
+  template <int NR, int NP>
+  static void pv_dot2(const uint32_t* Pp, int64_t PPS, int n, const uint16_t* v, int64_t vs,
+                      const int32_t* idx, float* const* o, int64_t e0) {
+    __m512 acc[NR][2 * NP];
+    for (int r = 0; r < NR; ++r)
+      for (int x = 0; x < 2 * NP; ++x) acc[r][x] = _mm512_setzero_ps();
+    auto step = [&](int t, const uint16_t* va, const uint16_t* vb) {
+      __m512bh lo[NP], hi[NP];
+      for (int x = 0; x < NP; ++x) {
+        const __m512i a = _mm512_loadu_si512(va + x * 32);
+        const __m512i b = vb ? _mm512_loadu_si512(vb + x * 32) : _mm512_setzero_si512();
+        lo[x] = (__m512bh)_mm512_unpacklo_epi16(a, b);
+        hi[x] = (__m512bh)_mm512_unpackhi_epi16(a, b);
+      }
+      for (int r = 0; r < NR; ++r) {
+        const __m512bh pb = (__m512bh)_mm512_set1_epi32(int(Pp[r * PPS + t / 2]));
+        for (int x = 0; x < NP; ++x) {
+          acc[r][2 * x] = _mm512_dpbf16_ps(acc[r][2 * x], lo[x], pb);
+          acc[r][2 * x + 1] = _mm512_dpbf16_ps(acc[r][2 * x + 1], hi[x], pb);
+        }
+      }
+    };
+    int t = 0;
+    for (; t + 1 < n; t += 2) {
+      if (t + kDecodePrefetchKeys + 1 < n) {
+        prefetch_row(v + int64_t(idx[t + kDecodePrefetchKeys]) * vs, NP * 32);
+        prefetch_row(v + int64_t(idx[t + kDecodePrefetchKeys + 1]) * vs, NP * 32);
+      }
+      step(t, v + int64_t(idx[t]) * vs, v + int64_t(idx[t + 1]) * vs);
+    }
+    if (t < n) step(t, v + int64_t(idx[t]) * vs, nullptr);
+    // 32-bit lane 4L + i of lo holds feature 8L + i, of hi feature 8L + 4 + i (L: 128-bit lane).
+    alignas(64) static const int32_t first[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
+    alignas(64) static const int32_t second[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+    const __m512i i0 = _mm512_load_si512(first), i1 = _mm512_load_si512(second);
+    for (int r = 0; r < NR; ++r)
+      for (int x = 0; x < NP; ++x) {
+        float* dst = o[r] + e0 + x * 32;
+        _mm512_storeu_ps(dst, _mm512_permutex2var_ps(acc[r][2 * x], i0, acc[r][2 * x + 1]));
+        _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(acc[r][2 * x], i1, acc[r][2 * x + 1]));
       }
   }
 #endif
@@ -483,13 +655,38 @@ struct DecodeKernel {
       }
       return;
     }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if constexpr (kK8Dot) {
+      if (k8_dot(p))
+        scores_k8<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
+      else
+        scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
+    } else
+#endif
+#if defined(__AVX512BF16__)
+    if constexpr (kDot2 && !K8) {
+      if (dot2_qk(p))
+        scores_dot2<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp(), p.scale * kLog2e);
+      else
+        scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
+    } else
+#endif
     scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
     if constexpr (K8) {
-      // S = (q8 . k8) * q_scale * k_scale * scale (log2 units): per-key factor k_scale[j / k_block].
+      // S = (q8 . k8) * q_scale * k_scale * scale (log2 units): per-key factor k_scale[j / k_block],
+      // looked up once for all rows.
+      float* ksc = s.kscale();
+      const int64_t kb = k8->k_block;
+      if ((kb & (kb - 1)) == 0) {
+        const int sh = __builtin_ctzll(uint64_t(kb));
+        for (int t = 0; t < n; ++t) ksc[t] = k8->k_scale[idx[t] >> sh];
+      } else {
+        for (int t = 0; t < n; ++t) ksc[t] = k8->k_scale[idx[t] / kb];
+      }
       for (int r = 0; r < NR; ++r) {
         float* Sr = S + r * s.SP;
         const float rf = k8->row_factor[r];
-        for (int t = 0; t < n; ++t) Sr[t] = Sr[t] * (rf * k8->k_scale[idx[t] / k8->k_block]);
+        for (int t = 0; t < n; ++t) Sr[t] = Sr[t] * (rf * ksc[t]);
       }
     }
     float* o[NR];
@@ -497,7 +694,21 @@ struct DecodeKernel {
       if (mods) modify(mods[r], idx, n, S + r * s.SP);
       softmax(S + r * s.SP, pad, idx, n, part[r], part[r] + 1);
       o[r] = part[r] + 2;
-      if constexpr (K8) {
+    }
+#if defined(__AVX512BF16__)
+    if constexpr (kDot2) {
+      if (dot2_pv(p)) {
+        const int64_t PPS = s.SP / 2;
+        pack_p_pairs<NR>(S, s.SP, n, s.pp(), PPS);  // P rounded to bf16 (l above is from fp32 P)
+        int64_t e = 0;
+        for (; e + 64 <= p.Dv; e += 64) pv_dot2<NR, 2>(s.pp(), PPS, n, v + e, p.v_stride[2], idx, o, e);
+        for (; e < p.Dv; e += 32) pv_dot2<NR, 1>(s.pp(), PPS, n, v + e, p.v_stride[2], idx, o, e);
+        return;
+      }
+    }
+#endif
+    if constexpr (K8) {
+      for (int r = 0; r < NR; ++r) {
         float* Sr = S + r * s.SP;
         int t = 0;
         for (; t + W <= n; t += W) V::store(Sr + t, round_bf16(V::load(Sr + t)));
@@ -656,9 +867,17 @@ class DecodeForward {
         float* q = s.q() + r * s.DP;
         if constexpr (K8) {
           const int8_t* qr = p8->q8 + ((b * p.Hq + h) * p.Nq + i) * p.D;
-          for (int64_t d = 0; d < p.D; ++d) q[d] = float(qr[d]);
+          if (K::k8_dot(p)) {
+            int16_t* q16 = reinterpret_cast<int16_t*>(q);
+            for (int64_t d = 0; d < p.D; ++d) q16[d] = qr[d];
+          } else {
+            for (int64_t d = 0; d < p.D; ++d) q[d] = float(qr[d]);
+          }
           const int64_t nqb = ceil_div(p.Nq, p8->q_block);
           k8info.row_factor[r] = p8->q_scale[(b * p.Hq + h) * nqb + i / p8->q_block] * c;
+        } else if (K::dot2_qk(p)) {  // bf16 as given; the scale multiplies the scores
+          const T* qr = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
+          std::memcpy(q, qr, sizeof(T) * p.D);
         } else {
           const T* qr = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
           for (int64_t d = 0; d < p.D; ++d) q[d] = K::ld1(qr + d) * c;
