@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+import torch
 from torch import Tensor
 
 from .backends._params import QUANT_BLOCK
@@ -57,22 +58,33 @@ class Int8KVCache:
         return sum(t.numel() * t.element_size() for t in (self.k8, self.k_scale, self.k_mean, self.v))
 
     def attention(self, q: Tensor, *, window=None, landmarks=None, causal: bool = False,
-                  scale: Optional[float] = None, return_lse: bool = False):
-        """hk.attention(q, K, V, quant="int8", ...) against the cached K/V (forward only)."""
-        key = self._plan_key(q, window, landmarks, causal, scale, return_lse)
+                  scale: Optional[float] = None, softcap: Optional[float] = None,
+                  sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+                  position_bias: Optional[Tensor] = None, return_lse: bool = False):
+        """hk.attention(q, K, V, quant="int8", ...) against the cached K/V (forward only); the
+        score modifiers (softcap, sinks, alibi_slopes, position_bias) as in hk.attention."""
+        mods = not (softcap is None and sinks is None and alibi_slopes is None
+                    and position_bias is None)
+        key = None if mods else self._plan_key(q, window, landmarks, causal, scale, return_lse)
         if key is not None:
             plan = self._plans.get(key)
             if plan is not None:
                 return plan(q)
         from . import api
         from .dispatch import Problem, get_backend, select_backend
+        from .ops import apply_sinks
+        from .score_mods import normalize_sinks
 
         fake_k = q.new_empty((1,)).expand(*self.k8.shape)  # shapes only, for validation
         v = self.v if self.v.dtype == q.dtype else self.v.to(q.dtype)
         pattern, _ = api.plan(q, fake_k, v, window=window, landmarks=landmarks, causal=causal,
-                              key_padding_mask=self.key_padding_mask, scale=scale, quant="int8")
+                              key_padding_mask=self.key_padding_mask, scale=scale, quant="int8",
+                              softcap=softcap, alibi_slopes=alibi_slopes,
+                              position_bias=position_bias)
+        sinks = normalize_sinks(sinks, q.shape[1], q.device)
         problem = Problem.from_inputs(q, v, pattern, "int8", needs_grad=False)
         backend = select_backend(problem, "auto")
+        out = lse = None
         if hasattr(backend, "forward_int8_cache"):  # q quantized in the kernel, exact lse
             res = backend.forward_int8_cache(q, self.k8, self.k_scale, self.k_mean.float(), v,
                                              pattern, self.block)
@@ -81,21 +93,36 @@ class Int8KVCache:
                     self._remember(key, backend.int8_cache_plan(
                         q, self.k8, self.k_scale, self.k_mean.float(), v, pattern, self.block,
                         return_lse))
-                return res if return_lse else res[0]
-        # quantize_qk's own quantization of q (same bits), without quantizing a dummy key too.
-        q8, q_scale = _quantize_blocks(q, self.block)
-        if hasattr(backend, "forward_int8_quantized"):
-            out, lse = backend.forward_int8_quantized(q8, q_scale, self.k8, self.k_scale, v, q,
-                                                      pattern, self.block, self.block)
-        else:
-            k_deq = dequantize(self.k8, self.k_scale, self.block)
-            q_deq = dequantize(q8, q_scale, self.block)
-            out, lse = get_backend("reference").forward(q_deq, k_deq, v.float(), pattern, None)
-            out = out.to(q.dtype)
-        lse = lse + smoothing_lse_offset(q, self.k_mean, pattern.scale)
+                out, lse = res
+        if out is None:
+            out, lse = self._attention_quantized(q, v, pattern, backend)
+        if sinks is not None:
+            out, lse = apply_sinks(out, lse, sinks)
         return (out, lse) if return_lse else out
 
+    def _attention_quantized(self, q: Tensor, v: Tensor, pattern, backend):
+        """(out, exact-score lse) with q quantized here (quantize_qk's bits): the backend's kernel
+        on pre-quantized Q/K, or the torch emulation (under a softcap, which is not shift-invariant,
+        with the smoothing shift in the scores)."""
+        from .dispatch import get_backend
 
+        q8, q_scale = _quantize_blocks(q, self.block)
+        if hasattr(backend, "forward_int8_quantized") and not pattern.softcap > 0:
+            out, lse = backend.forward_int8_quantized(q8, q_scale, self.k8, self.k_scale, v, q,
+                                                      pattern, self.block, self.block)
+            return out, lse + smoothing_lse_offset(q, self.k_mean, pattern.scale)
+        k_deq = dequantize(self.k8, self.k_scale, self.block)
+        q_deq = dequantize(q8, q_scale, self.block)
+        if pattern.softcap > 0:
+            # The smoothing shift scale * q . mean(k), with q unquantized, joins the scores
+            # before the cap (as in the kernels): one product over [q_deq, q] . [k_deq, mean].
+            mean = self.k_mean.float().expand(*k_deq.shape[:3], -1)
+            q_deq = torch.cat([q_deq, q.float()], dim=-1)
+            k_deq = torch.cat([k_deq, mean], dim=-1)
+        out, lse = get_backend("reference").forward(q_deq, k_deq, v.float(), pattern, None)
+        if not pattern.softcap > 0:
+            lse = lse + smoothing_lse_offset(q, self.k_mean, pattern.scale)
+        return out.to(q.dtype), lse
 
     _MAX_PLANS = 16
 

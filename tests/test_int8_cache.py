@@ -81,3 +81,51 @@ def test_a_plan_never_skips_an_error():
     for _ in range(2):
         with pytest.raises(ValueError, match="window"):
             cache.attention(q, window=(-5, 0), causal=True)
+
+
+def _mods(name, heads, nq, nk):
+    g = torch.Generator().manual_seed(5)
+    every = dict(softcap=dict(softcap=4.0), sinks=dict(sinks=torch.randn(heads, generator=g)),
+                 alibi=dict(alibi_slopes=torch.rand(heads, generator=g) * 0.2),
+                 position_bias=dict(position_bias=torch.randn(heads, nq + nk - 1, generator=g)))
+    if name == "all":
+        return {**every["softcap"], **every["sinks"], **every["alibi"]}
+    return every[name]
+
+
+@pytest.mark.parametrize("override", [None, "reference"])
+@pytest.mark.parametrize("mods", ["softcap", "sinks", "alibi", "position_bias", "all"])
+def test_cache_score_modifiers(monkeypatch, override, mods):
+    """Softcap, sinks and biases on the cache: the same int8 integers as the fused int8 call
+    (hk.attention(quant="int8")), so as close to the exact result as that call; on the native
+    kernel and, with the reference override, on the torch emulation."""
+    if override:
+        monkeypatch.setenv("HYBRID_KERNELS_BACKEND", override)
+    torch.manual_seed(11)
+    q, k, v, kpm = _inputs(nq=3)
+    kw = _mods(mods, heads=4, nq=3, nk=k.shape[2])
+    pattern = dict(window=(32, 0), causal=True)
+    cache = Int8KVCache.from_kv(k, v, key_padding_mask=kpm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, lse = cache.attention(q, **pattern, return_lse=True, **kw)
+        fused, fused_lse = hk.attention(q, k, v, quant="int8", key_padding_mask=kpm,
+                                        return_lse=True, **pattern, **kw)
+    exact, exact_lse = hk.attention(q, k, v, key_padding_mask=kpm, return_lse=True,
+                                    backend="reference", **pattern, **kw)
+    bf16_step = 2.0 ** -8 * float(v.abs().max())  # P's bf16 rounding, taken at another max
+    assert float((out - fused).abs().max()) <= bf16_step
+    assert float((out - exact).abs().max()) <= 1.5 * float((fused - exact).abs().max()) + bf16_step
+    assert float((lse - fused_lse).abs().max()) <= 1e-4 + 1e-5 * float(fused_lse.abs().max())
+    plain = cache.attention(q, **pattern)
+    assert float((plain - out).abs().max()) > 10 * float((out - fused).abs().max()) + 1e-3, \
+        "the modifier changed the result"
+
+
+def test_cache_score_modifier_errors():
+    q, k, v, kpm = _inputs(nq=3)
+    cache = Int8KVCache.from_kv(k, v)
+    with pytest.raises(ValueError, match="sinks"):
+        cache.attention(q, sinks=torch.zeros(3))
+    with pytest.raises(ValueError, match="position_bias"):
+        cache.attention(q, position_bias=torch.zeros(4, 5))
