@@ -139,14 +139,31 @@ def _quantize_blocks(x: Tensor, block: int, shift: Optional[Tensor] = None) -> T
     return out.view(B, H, N, D), scale.contiguous()
 
 
+# Keys per step of the smoothing mean on the CPU: a chunk cast to fp32 stays in cache. One pass
+# over a bf16 K (1, 8, 16384, 64) took 22 ms on one core (an fp32 copy of K, then a strided
+# reduction over it), 256-key chunks 2.5 ms.
+_MEAN_CHUNK = 256
+
+
 def smoothing_mean(k: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """The K smoothing mean (B, Hk, 1, D) float32 over the real keys. The CPU kernel's fused
-    quantization takes this exact tensor, so both quantize to the same bits."""
-    if key_padding_mask is None:
-        return k.mean(dim=2, keepdim=True, dtype=torch.float32)
-    real = key_padding_mask[:, None, None, :].float()             # (B, 1, 1, Nk)
-    count = real.sum(dim=-1, keepdim=True).clamp_min(1.0)
-    return torch.matmul(real, k.float()) / count                  # (B, Hk, 1, D)
+    quantization takes this exact tensor, so both quantize to the same bits. On the CPU it sums
+    chunks of keys in order (the same bits for the same input on every call)."""
+    n = k.shape[2]
+    real = None if key_padding_mask is None else key_padding_mask[:, None, None, :].float()
+    if k.device.type != "cpu" or n <= _MEAN_CHUNK:
+        if real is None:
+            return k.mean(dim=2, keepdim=True, dtype=torch.float32)
+        count = real.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        return torch.matmul(real, k.float()) / count              # (B, Hk, 1, D)
+    total = None
+    for t0 in range(0, n, _MEAN_CHUNK):
+        chunk = k[:, :, t0:t0 + _MEAN_CHUNK].float()
+        part = (chunk.sum(dim=2, keepdim=True) if real is None
+                else torch.matmul(real[..., t0:t0 + _MEAN_CHUNK], chunk))
+        total = part if total is None else total.add_(part)
+    count = n if real is None else real.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    return total / count
 
 
 def quantize_qk(
