@@ -139,31 +139,44 @@ def _quantize_blocks(x: Tensor, block: int, shift: Optional[Tensor] = None) -> T
     return out.view(B, H, N, D), scale.contiguous()
 
 
-# Keys per step of the smoothing mean on the CPU: a chunk cast to fp32 stays in cache. One pass
-# over a bf16 K (1, 8, 16384, 64) took 22 ms on one core (an fp32 copy of K, then a strided
-# reduction over it), 256-key chunks 2.5 ms.
-_MEAN_CHUNK = 256
-
-
 def smoothing_mean(k: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """The K smoothing mean (B, Hk, 1, D) float32 over the real keys. The CPU kernel's fused
-    quantization takes this exact tensor, so both quantize to the same bits. On the CPU it sums
-    chunks of keys in order (the same bits for the same input on every call)."""
-    n = k.shape[2]
-    real = None if key_padding_mask is None else key_padding_mask[:, None, None, :].float()
-    if k.device.type != "cpu" or n <= _MEAN_CHUNK:
-        if real is None:
-            return k.mean(dim=2, keepdim=True, dtype=torch.float32)
-        count = real.sum(dim=-1, keepdim=True).clamp_min(1.0)
-        return torch.matmul(real, k.float()) / count              # (B, Hk, 1, D)
-    total = None
-    for t0 in range(0, n, _MEAN_CHUNK):
-        chunk = k[:, :, t0:t0 + _MEAN_CHUNK].float()
-        part = (chunk.sum(dim=2, keepdim=True) if real is None
-                else torch.matmul(real[..., t0:t0 + _MEAN_CHUNK], chunk))
-        total = part if total is None else total.add_(part)
-    count = n if real is None else real.sum(dim=-1, keepdim=True).clamp_min(1.0)
-    return total / count
+    quantization takes this exact tensor, so both quantize to the same bits. CPU tensors go to
+    the native module's key_mean (256-key chunks summed in order; torch's mean over dim 2 was
+    ~20x slower on a long bf16 K), when it is built."""
+    native = _native_key_mean(k, key_padding_mask)
+    if native is not None:
+        return native
+    if key_padding_mask is None:
+        return k.mean(dim=2, keepdim=True, dtype=torch.float32)
+    real = key_padding_mask[:, None, None, :].float()             # (B, 1, 1, Nk)
+    count = real.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    return torch.matmul(real, k.float()) / count                  # (B, Hk, 1, D)
+
+
+def _native_key_mean(k: Tensor, key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    if (k.device.type != "cpu" or k.dim() != 4 or k.shape[2] == 0 or k.requires_grad
+            or k.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+        return None
+    from .backends.cpu import _module_error, load_module, num_threads
+    from .backends._params import DTYPE_CODES
+
+    if _module_error() is not None:
+        return None
+    mod = load_module()
+    if not hasattr(mod, "key_mean"):
+        return None
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    B, H, N, D = k.shape
+    real = None
+    if key_padding_mask is not None:
+        real = key_padding_mask.to(device="cpu", dtype=torch.bool).contiguous()
+    out = torch.empty((B, H, 1, D), dtype=torch.float32)
+    mod.key_mean(k.data_ptr(), getattr(mod.DType, DTYPE_CODES[k.dtype]), B, H, N, D,
+                 k.stride(0), k.stride(1), k.stride(2), 0 if real is None else real.data_ptr(),
+                 out.data_ptr(), num_threads())
+    return out
 
 
 def quantize_qk(

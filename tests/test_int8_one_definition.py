@@ -457,3 +457,34 @@ def test_triton_score_modifiers_agree_with_reference(case):
         fin = torch.isfinite(ref[1])
         torch.testing.assert_close(tri[1][fin], ref[1][fin], rtol=1e-5, atol=2e-4,
                                    msg=lambda m: f"lse {mods.keys()}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_smoothing_mean_native_matches_torch(monkeypatch, dtype, masked):
+    """The CPU smoothing mean (the native key_mean when built) against torch's formula: the
+    same value to fp32 summation-order rounding, bit-equal for 1 and 3 threads and for a
+    strided K, an all-padded batch row gives 0."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(2, 3, 1025, 80, generator=g) + 3.0
+    k = base[..., 8:67].to(dtype)                       # D = 59, rows strided
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1025, generator=g) > 0.3
+        mask[1] = False
+    monkeypatch.setenv("HYBRID_KERNELS_NUM_THREADS", "1")
+    one = quant.smoothing_mean(k, mask)
+    monkeypatch.setenv("HYBRID_KERNELS_NUM_THREADS", "3")
+    three = quant.smoothing_mean(k, mask)
+    assert torch.equal(one, three)
+    assert torch.equal(one, quant.smoothing_mean(k.contiguous(), mask))
+    kf = k.float()
+    if mask is None:
+        want = kf.mean(dim=2, keepdim=True)
+    else:
+        real = mask[:, None, None, :].float()
+        want = torch.matmul(real, kf) / real.sum(-1, keepdim=True).clamp_min(1.0)
+    assert one.shape == (2, 3, 1, 59) and one.dtype == torch.float32
+    assert float((one - want).abs().max()) <= 1025 * 2.0 ** -24 * float(kf.abs().max())
+    if masked:
+        assert torch.equal(one[1], torch.zeros_like(one[1]))

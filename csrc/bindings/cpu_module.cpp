@@ -11,6 +11,7 @@
 
 #include "bindings/params_bindings.h"
 #include "cpu/attention_cpu.h"
+#include "cpu/int8/key_mean.h"
 #include "cpu/scratch_cache.h"
 
 namespace py = pybind11;
@@ -102,6 +103,19 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_forward_int8", &hk::cpu::attention_forward_int8, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());
+  // quant.smoothing_mean on CPU tensors (see cpu/int8/key_mean.h).
+  m.def(
+      "key_mean",
+      [](std::uintptr_t k, hk::DType dtype, int64_t B, int64_t H, int64_t N, int64_t D, int64_t s0,
+         int64_t s1, int64_t s2, std::uintptr_t real, std::uintptr_t out, int num_threads) {
+        const int64_t stride[3] = {s0, s1, s2};
+        hk::cpu::key_mean(reinterpret_cast<const void*>(k), dtype, B, H, N, D, stride,
+                          reinterpret_cast<const uint8_t*>(real), reinterpret_cast<float*>(out),
+                          num_threads);
+      },
+      py::arg("k"), py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("N"), py::arg("D"),
+      py::arg("s0"), py::arg("s1"), py::arg("s2"), py::arg("real"), py::arg("out"),
+      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   // Int8KVCache's per-call fast path: params prefilled once per plan (the cache's k8, scales,
   // mean and V included); only q, out and lse change per call.
   m.def(
