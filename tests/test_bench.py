@@ -195,10 +195,11 @@ def test_cpu_report_ratios_from_results():
 
     def res(provider, ms, case=fp32):
         return Result(case, provider, "ok", ms_median=ms, ms_p20=ms, ms_p80=ms, max_abs_err=0.0)
-    rep = CpuReport(mm_fp32=100.0, results=[
+    rep = CpuReport(mm_fp32=100.0, mm_bf16=400.0, results=[
         res("hk-cpu", 10.0), res("flex", 20.0), res("sdpa", 50.0), res("reference", 40.0),
         res("hk-cpu", 4.0, report_case(n, torch.bfloat16)),
         res("hk-cpu", 5.0, report_case(n, quant=True)),
+        res("hk-cpu", 2.0, report_case(n, torch.bfloat16, quant=True)),
         res("hk-cpu", 25.0, report_case(n, mode="bwd")),
         res("hk-cpu", 16.0, report_case(n, torch.bfloat16, mode="bwd"))],
         memory={n: {"peak_bytes": 100 << 20, "qkv_bytes": 24 << 20, "io_bytes": 32 << 20}})
@@ -211,6 +212,8 @@ def test_cpu_report_ratios_from_results():
     assert rows["hk int8 fwd speedup vs hk fp32 fwd"] == (pytest.approx(2.0), True)
     assert rows["hk fp32 bwd time / fwd time"] == (pytest.approx(2.5), True)
     assert rows["hk bf16 bwd time / bf16 fwd time"] == (pytest.approx(4.0), False)
+    assert rows["hk bf16 fwd GF/s / torch.mm bf16 GF/s"][0] == pytest.approx(gf * 2.5 / 400.0)
+    assert rows["hk int8 fwd speedup vs hk bf16 fwd, bf16 inputs"] == (pytest.approx(2.0), True)
     text = format_report(rep, [n], 2)
     assert "peak memory / (q+k+v+out)" in text and "NOT met" in text  # (24+100)/32 > 2
 
@@ -227,8 +230,8 @@ def test_cpu_report_ratios_prefer_the_round_robin():
         Result(fp32, "hk-cpu", "ok", ms_median=99.0, ms_p20=99.0, ms_p80=99.0, max_abs_err=0.0),
         Result(fp32, "flex", "ok", ms_median=30.0, ms_p20=30.0, ms_p80=30.0, max_abs_err=0.0)])
     mm_ms = 2.0 * 4096 ** 3 / (200.0 * 1e6)  # 200 GF/s
-    rep.paired[n] = {"fp32": 10.0, "bf16": 4.0, "int8": 5.0, "bwd fp32": 25.0, "bwd bf16": 12.0,
-                     "mm": mm_ms}
+    rep.paired[n] = {"fp32": 10.0, "bf16": 4.0, "int8": 5.0, "int8 bf16": 3.2, "bwd fp32": 25.0,
+                     "bwd bf16": 12.0, "mm": mm_ms, "mm bf16": mm_ms / 4}
     rows = {what.split(" (")[0]: (value, met) for what, value, _, met in ratio_rows(rep, n)}
     gf = 4 * fp32.pairs() * 64 * 8 / (10.0 * 1e6)
     assert rows["hk fp32 fwd GF/s / torch.mm fp32 GF/s"][0] == pytest.approx(gf / 200.0)
@@ -237,6 +240,8 @@ def test_cpu_report_ratios_prefer_the_round_robin():
     assert rows["hk int8 fwd speedup vs hk fp32 fwd"] == (pytest.approx(2.0), True)
     assert rows["hk fp32 bwd time / fwd time"] == (pytest.approx(2.5), True)
     assert rows["hk bf16 bwd time / bf16 fwd time"] == (pytest.approx(3.0), True)
+    assert rows["hk bf16 fwd GF/s / torch.mm bf16 GF/s"][0] == pytest.approx(gf * 2.5 / 800.0)
+    assert rows["hk int8 fwd speedup vs hk bf16 fwd, bf16 inputs"] == (pytest.approx(1.25), False)
     assert "round-robin" in format_report(rep, [n], 2)
     calls = []
     med = paired_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},

@@ -3,11 +3,11 @@
 B=1, Hq=8, D=64, window (256, 256), 16 landmarks, N in {4096, 16384, 65536}, fp32 and bf16:
 hk (cpu), the blocked reference, SDPA with an explicit bool mask (where it fits) and
 FlexAttention compiled in its best arrangement; the torch.mm 4096^2 rate as the anchor; hk's int8
-forward, its backward (fp32 and bf16), and its peak memory at the largest N.
+forward (fp32 and bf16 inputs), its backward (fp32 and bf16), and its peak memory at the largest N.
 
 The target ratios come from a separate round-robin per N (``paired_medians``): hk's fp32, bf16
-and int8 forwards, its fp32 and bf16 backwards and torch.mm, in turn, one timed call each per
-round. Measured
+and int8 (fp32 and bf16 inputs) forwards, its fp32 and bf16 backwards and torch.mm (fp32 and
+bf16), in turn, one timed call each per round. Measured
 minutes apart, as in the table, the machine's speed drifts between them (turbo, other tenants:
 the mm anchor alone moved between 346 and 413 GF/s across runs here), and the ratios with it.
 
@@ -71,13 +71,13 @@ def paired_medians(fns: Dict[str, Callable[[], object]], rounds: int = PAIRED_RO
 
 PAIRED_CASES = {  # name -> report_case arguments after n
     "fp32": (torch.float32, "fwd", False), "bf16": (torch.bfloat16, "fwd", False),
-    "int8": (torch.float32, "fwd", True), "bwd fp32": (torch.float32, "bwd", False),
-    "bwd bf16": (torch.bfloat16, "bwd", False)}
+    "int8": (torch.float32, "fwd", True), "int8 bf16": (torch.bfloat16, "fwd", True),
+    "bwd fp32": (torch.float32, "bwd", False), "bwd bf16": (torch.bfloat16, "bwd", False)}
 
 
 def paired_run(hk, n: int, dtypes, n_mm: int = 4096) -> Dict[str, float]:
     """paired_medians of hk's report cases at ``n`` (bf16 ones if bf16 is in ``dtypes``) and
-    torch.mm of n_mm^2 fp32 ('mm')."""
+    torch.mm of n_mm^2 fp32 ('mm') and, with bf16, bf16 ('mm bf16')."""
     fns = {}
     for name, (dt, mode, quant) in PAIRED_CASES.items():
         if dt in dtypes:
@@ -85,6 +85,9 @@ def paired_run(hk, n: int, dtypes, n_mm: int = 4096) -> Dict[str, float]:
             fns[name] = timed_callable(hk, case, *make_inputs(case, requires_grad=mode == "bwd"))
     a, b = torch.randn(n_mm, n_mm), torch.randn(n_mm, n_mm)
     fns["mm"] = lambda: torch.mm(a, b)
+    if torch.bfloat16 in dtypes:
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        fns["mm bf16"] = lambda: torch.mm(a16, b16)
     return paired_medians(fns)
 
 
@@ -124,17 +127,21 @@ def ratio_rows(rep: CpuReport, n: int) -> List[Tuple[str, Optional[float], str, 
     torch_best = min((r for r in (rep.get(p, n) for p in PURE_TORCH) if r),
                      key=lambda r: r.ms_median, default=None)
     paired = rep.paired.get(n)
+    mm_rate = lambda ms_: 2.0 * 4096 ** 3 / (ms_ * 1e6) if ms_ else None  # noqa: E731
     if paired:
         hk_ms = paired.get
-        mm = 2.0 * 4096 ** 3 / (paired["mm"] * 1e6)
+        mm, mm16 = mm_rate(paired["mm"]), mm_rate(paired.get("mm bf16"))
     else:
         table = {"fp32": f32, "bf16": rep.get("hk-cpu", n, torch.bfloat16),
                  "int8": rep.get("hk-cpu", n, quant=True),
+                 "int8 bf16": rep.get("hk-cpu", n, torch.bfloat16, quant=True),
                  "bwd fp32": rep.get("hk-cpu", n, mode="bwd"),
                  "bwd bf16": rep.get("hk-cpu", n, torch.bfloat16, mode="bwd")}
         hk_ms = lambda name: ms(table[name])  # noqa: E731
-        mm = rep.mm_fp32
-    f32_gflops = f32.case.flops() / (hk_ms("fp32") * 1e6) if f32 and hk_ms("fp32") else None
+        mm, mm16 = rep.mm_fp32, rep.mm_bf16
+    gflops = lambda name: (f32.case.flops() / (hk_ms(name) * 1e6)  # noqa: E731
+                           if f32 and hk_ms(name) else None)
+    f32_gflops = gflops("fp32")
     rows = [
         ("hk fp32 fwd GF/s / torch.mm fp32 GF/s", _ratio(f32_gflops, mm), ">= 0.65"),
         ("hk fp32 fwd speedup vs flex (best arrangement)", _ratio(ms(flex), ms(f32)), ">= 1.5"),
@@ -145,6 +152,11 @@ def ratio_rows(rep: CpuReport, n: int) -> List[Tuple[str, Optional[float], str, 
         ("hk int8 fwd speedup vs hk fp32 fwd", _ratio(hk_ms("fp32"), hk_ms("int8")), ">= 2"),
         ("hk fp32 bwd time / fwd time", _ratio(hk_ms("bwd fp32"), hk_ms("fp32")), "<= 3"),
     ]
+    if hk_ms("bf16"):
+        rows.append(("hk bf16 fwd GF/s / torch.mm bf16 GF/s", _ratio(gflops("bf16"), mm16), ">= 0.5"))
+    if hk_ms("int8 bf16"):
+        rows.append(("hk int8 fwd speedup vs hk bf16 fwd, bf16 inputs",
+                     _ratio(hk_ms("bf16"), hk_ms("int8 bf16")), ">= 1.5"))
     if hk_ms("bwd bf16"):
         rows.append(("hk bf16 bwd time / bf16 fwd time",
                      _ratio(hk_ms("bwd bf16"), hk_ms("bf16")), "<= 3"))
@@ -238,7 +250,8 @@ def run_report(sizes: Sequence[int] = SIZES, dtypes=(torch.float32, torch.bfloat
             progress(f"N={n} {dtype}: {', '.join(COMPETITORS)} ...")
             rep.add(run_case(report_case(n, dtype), competitors, timing))
         progress(f"N={n}: hk int8 forward, hk backward ...")
-        rep.add(run_case(report_case(n, quant=True), [hk], timing))
+        for dtype in dtypes:
+            rep.add(run_case(report_case(n, dtype, quant=True), [hk], timing))
         for dtype in dtypes:
             rep.add(run_case(report_case(n, dtype, mode="bwd"), [hk], timing))
         progress(f"N={n}: hk and torch.mm round-robin for the target ratios ...")
