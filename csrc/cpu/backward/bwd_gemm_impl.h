@@ -9,25 +9,7 @@ static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ------------------------------------------------------------------------- dtype conversion
-static inline float bf16_to_float(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-static inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-  if (e == 0) {  // zero or subnormal: m * 2^-24
-    float v = static_cast<float>(m) * 5.9604644775390625e-8f;
-    return sign ? -v : v;
-  }
-  uint32_t u = e == 31 ? (sign | 0x7f800000u | (m << 13)) : (sign | ((e + 112u) << 23) | (m << 13));
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+// (scalar bf16 / fp16 conversions: cpu/simd/simd_common.h)
 
 // Short row copies: explicit vector loops, because GCC inlines memcpy / memset of unknown size
 // here as `rep movsq` / `rep stosq`, which are slow for rows of a few hundred bytes.
@@ -49,10 +31,10 @@ static inline void load_row(const void* base, DType dtype, int64_t off, int64_t 
     copy_f32(dst, static_cast<const float*>(base) + off, n);
   } else if (dtype == DType::BF16) {
     const uint16_t* s = static_cast<const uint16_t*>(base) + off;
-    for (int64_t d = 0; d < n; ++d) dst[d] = bf16_to_float(s[d]);
+    for (int64_t d = 0; d < n; ++d) dst[d] = bf16_to_f32(s[d]);
   } else {
     const uint16_t* s = static_cast<const uint16_t*>(base) + off;
-    for (int64_t d = 0; d < n; ++d) dst[d] = half_to_float(s[d]);
+    for (int64_t d = 0; d < n; ++d) dst[d] = f16_to_f32(s[d]);
   }
 }
 
