@@ -321,38 +321,71 @@ struct DecodeKernel {
 #endif
   static bool k8_dot(const AttnParams& p) { return kK8Dot && p.D % 32 == 0; }
 
+#if defined(__AVX512F__)
+  // The two 32-feature dot products of the scores_dot tiling: bf16 pairs on vdpbf16ps (q and K
+  // as given), and the int8 K cache's q8 . k8 on vpdpwssd (k8 widened to int16; exact int32).
 #if defined(__AVX512BF16__)
-  // S[r * SP + t] = c * (q_r . K[idx[t]]), q_r as bf16 at reinterpret_cast<uint16_t*>(q + r * DP).
-  template <int NR>
-  static void scores_dot2(const float* q, int64_t DP, int64_t D, const uint16_t* k, int64_t ks,
-                          const int32_t* idx, int n, float* S, int64_t SP, float* tmp, float c) {
+  struct DotBf16 {
+    using TK = uint16_t;
+    using A = __m512;
+    using Q = __m512bh;
+    static A zero() { return _mm512_setzero_ps(); }
+    static Q load_q(const float* q, int64_t d) {
+      return (Q)_mm512_loadu_si512(reinterpret_cast<const uint16_t*>(q) + d);
+    }
+    static A dot(A acc, const TK* k, Q q) { return _mm512_dpbf16_ps(acc, q, (__m512bh)_mm512_loadu_si512(k)); }
+    static __m512 to_float(A a) { return a; }
+  };
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  struct DotInt8 {
+    using TK = int8_t;
+    using A = __m512i;
+    using Q = __m512i;
+    static A zero() { return _mm512_setzero_si512(); }
+    static Q load_q(const float* q, int64_t d) {
+      return _mm512_loadu_si512(reinterpret_cast<const int16_t*>(q) + d);
+    }
+    static A dot(A acc, const TK* k, Q q) {
+      const __m512i kv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k)));
+      return _mm512_dpwssd_epi32(acc, kv, q);
+    }
+    static __m512 to_float(A a) { return _mm512_cvtepi32_ps(a); }
+  };
+#endif
+
+  // S[r * SP + t] = c * (q_r . K[idx[t]]) for t < n (D % 32 == 0), with q_r in Dot's layout at
+  // q + r * DP: one accumulator per (row, key) over 32 features at a time, reduced by the
+  // shuffle tree 16 keys at once.
+  template <class Dot, int NR>
+  static void scores_dot(const float* q, int64_t DP, int64_t D, const typename Dot::TK* k, int64_t ks,
+                         const int32_t* idx, int n, float* S, int64_t SP, float* tmp, float c) {
+    using TKd = typename Dot::TK;
     constexpr int U = NR == 1 ? 16 : NR == 2 ? 8 : 4;
     const __m512 cv = _mm512_set1_ps(c);
     for (int t = 0; t < n; t += 16) {
       const int nk = std::min(16, n - t);
-      const uint16_t* kp[16];
+      const TKd* kp[16];
       for (int u = 0; u < 16; ++u) kp[u] = k + int64_t(idx[t + std::min(u, nk - 1)]) * ks;
       for (int u = 0; u < 16; ++u) {
         const int ta = t + kDecodePrefetchKeys + u;
         if (ta < n) prefetch_row(k + int64_t(idx[ta]) * ks, D);
       }
       for (int u0 = 0; u0 < 16; u0 += U) {
-        __m512 acc[NR][U];
+        typename Dot::A acc[NR][U];
         for (int r = 0; r < NR; ++r)
-          for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+          for (int u = 0; u < U; ++u) acc[r][u] = Dot::zero();
         for (int64_t d = 0; d < D; d += 32) {
-          __m512bh qv[NR];
-          for (int r = 0; r < NR; ++r)
-            qv[r] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const uint16_t*>(q + r * DP) + d);
-          for (int u = 0; u < U; ++u) {
-            const __m512bh kv = (__m512bh)_mm512_loadu_si512(kp[u0 + u] + d);
-            for (int r = 0; r < NR; ++r) acc[r][u] = _mm512_dpbf16_ps(acc[r][u], qv[r], kv);
-          }
+          typename Dot::Q qv[NR];
+          for (int r = 0; r < NR; ++r) qv[r] = Dot::load_q(q + r * DP, d);
+          for (int u = 0; u < U; ++u)
+            for (int r = 0; r < NR; ++r) acc[r][u] = Dot::dot(acc[r][u], kp[u0 + u] + d, qv[r]);
         }
         for (int r = 0; r < NR; ++r)
           for (int u = 0; u < U; u += 4)
             _mm512_storeu_ps(tmp + (r * 4 + (u0 + u) / 4) * 16,
-                             reduce4(acc[r][u], acc[r][u + 1], acc[r][u + 2], acc[r][u + 3]));
+                             reduce4(Dot::to_float(acc[r][u]), Dot::to_float(acc[r][u + 1]),
+                                     Dot::to_float(acc[r][u + 2]), Dot::to_float(acc[r][u + 3])));
       }
       for (int r = 0; r < NR; ++r) {
         const float* qd = tmp + r * 4 * 16;
@@ -362,49 +395,9 @@ struct DecodeKernel {
       }
     }
   }
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  // S[r * SP + t] = q8_r . k8[idx[t]] (exact), q8_r as int16 at reinterpret_cast<int16_t*>(q + r * DP).
-  template <int NR>
-  static void scores_k8(const float* q, int64_t DP, int64_t D, const int8_t* k, int64_t ks,
-                        const int32_t* idx, int n, float* S, int64_t SP, float* tmp) {
-    constexpr int U = NR == 1 ? 16 : NR == 2 ? 8 : 4;
-    for (int t = 0; t < n; t += 16) {
-      const int nk = std::min(16, n - t);
-      const int8_t* kp[16];
-      for (int u = 0; u < 16; ++u) kp[u] = k + int64_t(idx[t + std::min(u, nk - 1)]) * ks;
-      for (int u = 0; u < 16; ++u) {
-        const int ta = t + kDecodePrefetchKeys + u;
-        if (ta < n) prefetch_row(k + int64_t(idx[ta]) * ks, D);
-      }
-      for (int u0 = 0; u0 < 16; u0 += U) {
-        __m512i acc[NR][U];
-        for (int r = 0; r < NR; ++r)
-          for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_si512();
-        for (int64_t d = 0; d < D; d += 32) {
-          __m512i qv[NR];
-          for (int r = 0; r < NR; ++r)
-            qv[r] = _mm512_loadu_si512(reinterpret_cast<const int16_t*>(q + r * DP) + d);
-          for (int u = 0; u < U; ++u) {
-            const __m512i kv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp[u0 + u] + d)));
-            for (int r = 0; r < NR; ++r) acc[r][u] = _mm512_dpwssd_epi32(acc[r][u], kv, qv[r]);
-          }
-        }
-        for (int r = 0; r < NR; ++r)
-          for (int u = 0; u < U; u += 4)
-            _mm512_storeu_ps(tmp + (r * 4 + (u0 + u) / 4) * 16,
-                             reduce4(_mm512_cvtepi32_ps(acc[r][u]), _mm512_cvtepi32_ps(acc[r][u + 1]),
-                                     _mm512_cvtepi32_ps(acc[r][u + 2]), _mm512_cvtepi32_ps(acc[r][u + 3])));
-      }
-      for (int r = 0; r < NR; ++r) {
-        const float* qd = tmp + r * 4 * 16;
-        _mm512_storeu_ps(S + r * SP + t, reduce_lanes(_mm512_loadu_ps(qd), _mm512_loadu_ps(qd + 16),
-                                                      _mm512_loadu_ps(qd + 32), _mm512_loadu_ps(qd + 48)));
-      }
-    }
-  }
 #endif
 
+#if defined(__AVX512BF16__)
   // Rows' probabilities P[r * SP + t] (t < n) as bf16 key pairs: Pp[r * PPS + t / 2], low half
   // the even key; keys from n up to the next multiple of 32 count as p = 0.
   template <int NR>
@@ -658,7 +651,7 @@ struct DecodeKernel {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if constexpr (kK8Dot) {
       if (k8_dot(p))
-        scores_k8<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
+        scores_dot<DotInt8, NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp(), 1.f);
       else
         scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
     } else
@@ -666,7 +659,8 @@ struct DecodeKernel {
 #if defined(__AVX512BF16__)
     if constexpr (kDot2 && !K8) {
       if (dot2_qk(p))
-        scores_dot2<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp(), p.scale * kLog2e);
+        scores_dot<DotBf16, NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp(),
+                                p.scale * kLog2e);
       else
         scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
     } else
