@@ -290,11 +290,19 @@ struct DecodeKernel {
     }
     const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    store_halves<NR, NP>(acc, lo_idx, hi_idx, o, e0);
+  }
+
+  // o[r][e0 + 32 x + i] for i < 32 from the pair of accumulators (acc[r][2x], acc[r][2x + 1]):
+  // features 0-15 by permutation i0 of the two, 16-31 by i1.
+  template <int NR, int NP>
+  static void store_halves(const __m512 (&acc)[NR][2 * NP], __m512i i0, __m512i i1, float* const* o,
+                           int64_t e0) {
     for (int r = 0; r < NR; ++r)
       for (int x = 0; x < NP; ++x) {
         float* dst = o[r] + e0 + x * 32;
-        _mm512_storeu_ps(dst, _mm512_permutex2var_ps(acc[r][2 * x], lo_idx, acc[r][2 * x + 1]));
-        _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(acc[r][2 * x], hi_idx, acc[r][2 * x + 1]));
+        _mm512_storeu_ps(dst, _mm512_permutex2var_ps(acc[r][2 * x], i0, acc[r][2 * x + 1]));
+        _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(acc[r][2 * x], i1, acc[r][2 * x + 1]));
       }
   }
 #endif
@@ -448,13 +456,7 @@ struct DecodeKernel {
     // 32-bit lane 4L + i of lo holds feature 8L + i, of hi feature 8L + 4 + i (L: 128-bit lane).
     alignas(64) static const int32_t first[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
     alignas(64) static const int32_t second[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
-    const __m512i i0 = _mm512_load_si512(first), i1 = _mm512_load_si512(second);
-    for (int r = 0; r < NR; ++r)
-      for (int x = 0; x < NP; ++x) {
-        float* dst = o[r] + e0 + x * 32;
-        _mm512_storeu_ps(dst, _mm512_permutex2var_ps(acc[r][2 * x], i0, acc[r][2 * x + 1]));
-        _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(acc[r][2 * x], i1, acc[r][2 * x + 1]));
-      }
+    store_halves<NR, NP>(acc, _mm512_load_si512(first), _mm512_load_si512(second), o, e0);
   }
 #endif
 
