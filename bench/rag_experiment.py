@@ -61,13 +61,15 @@ class WorldIndex:
         return self.generators[rounds].retrieve(question, self.search, k)[0]
 
 
-def training_sets(task, worlds, model, questions_per_world, k):
+def training_sets(task, worlds, model, questions_per_world, k, seed=0, multi_hop_share=None):
     """(question, top-k passages of the two-round retriever in rank order, answer, gold passages)
-    for training-world questions; a gold passage the retriever missed replaces the lowest ranks."""
+    for training-world questions; a gold passage the retriever missed replaces the lowest ranks.
+    Every world draws fresh facts about the same names, so more worlds mean less memorization."""
     data = []
     for w, world in enumerate(worlds):
         index = WorldIndex(world, model, task.tokenizer)
-        for q in task.questions(world, questions_per_world, seed=100 + w):
+        for q in task.questions(world, questions_per_world, seed=100 + w + 1000 * seed,
+                                multi_hop_share=multi_hop_share):
             ps = [(p["title"], p["text"]) for p in index.retrieve(q.question, k, rounds=2)]
             gold = [world.passages[i] for i in q.gold]
             missing = [g for g in gold if g not in ps]
@@ -77,27 +79,39 @@ def training_sets(task, worlds, model, questions_per_world, k):
     return data
 
 
-def curriculum_passages(fraction: float) -> int:
-    """Passages read at this fraction of the training budget: gold only, then 5 (where telling
-    the asked name from the others is learned; the longest stage), 10, 20."""
-    return 1 if fraction < 0.1 else 5 if fraction < 0.6 else 10 if fraction < 0.8 else 20
+CURRICULUM = ((0.08, (1,)), (0.3, (5,)), (1.0, (5, 10, 20, 20)))
+
+
+def curriculum_passages(fraction: float, rng: random.Random) -> int:
+    """Passages read at this fraction of the training budget: the gold passages alone (n = 1), then
+    5 (where telling the asked name from the others is learned), then a mix of 5, 10 and 20 (20
+    twice as often) for the rest, so that the reader is trained at the set sizes it is evaluated
+    at and more passages do not become a distribution shift."""
+    for end, sizes in CURRICULUM:
+        if fraction < end:
+            return rng.choice(sizes)
+    return rng.choice(CURRICULUM[-1][1])
 
 
 def batches(task, data, batch_size, seed, budget_seconds=None, total_steps=None):
     """Training batches whose passage count follows :func:`curriculum_passages` over the time
-    budget (or the step budget); n = 1 reads the gold passages alone."""
+    budget (or the step budget); n = 1 reads the gold passages alone. The gold passages stay in
+    every set and each set is shuffled, so that the reader cannot learn the retriever's rank
+    order (where the gold passage sits) instead of reading the asked name."""
     rng = random.Random(seed)
     t0, step = time.perf_counter(), 0
     while True:
         frac = ((time.perf_counter() - t0) / budget_seconds if budget_seconds
                 else step / max(1, total_steps or 1))
-        n = curriculum_passages(frac)
+        n = curriculum_passages(frac, rng)
         chosen = rng.sample(data, batch_size)
-        sets = [c[3] if n == 1 else c[1][:n] for c in chosen]
-        for c, ps in zip(chosen, sets):      # the gold passages stay in every training set
+        sets = [list(c[3]) if n == 1 else list(c[1][:n]) for c in chosen]
+        for c, ps in zip(chosen, sets):
             for g in c[3]:
                 if g not in ps:
                     ps[len(ps) - 1 - c[3].index(g)] = g
+            if n > 1:
+                rng.shuffle(ps)
         step += 1
         yield task.batch([c[0] for c in chosen], sets, [c[2] for c in chosen])
 
@@ -341,6 +355,12 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--questions-per-world", type=int, default=300)
+    ap.add_argument("--train-worlds", type=int, default=10,
+                    help="training worlds (fresh facts about the same names; questions are generated, not reused)")
+    ap.add_argument("--train-multi-hop-share", type=float, default=0.45,
+                    help="share of 2-hop questions in the training sets (the test split keeps the task's 0.3)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seeds the reader's initialization, its training questions and batch order")
     ap.add_argument("--test-questions", type=int, default=150)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 because the 2 cores are shared (2 threads thrash when another job runs)")
@@ -350,18 +370,19 @@ def main(argv=None):
     t_start = time.perf_counter()
     timing = {}
     task = EntityQATask(num_people=60 if q else 340, num_countries=12 if q else 40, seed=0)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = FiDT5.from_config(small_t5_config(len(task.tokenizer), 32 if q else args.d_model))
-    worlds = [task.world("train", i) for i in range(1 if q else 3)]
-    data = training_sets(task, worlds, model, 200 if q else args.questions_per_world, max(TOP_K))
+    worlds = [task.world("train", i) for i in range(1 if q else args.train_worlds)]
+    data = training_sets(task, worlds, model, 200 if q else args.questions_per_world, max(TOP_K),
+                         seed=args.seed, multi_hop_share=args.train_multi_hop_share)
     timing["data"] = time.perf_counter() - t_start
-    budget = args.train_seconds or (10 if q else 480)
+    budget = args.train_seconds or (10 if q else 540)
     steps = args.steps or 100000
     cfg = TrainConfig(lr=args.lr, warmup_steps=100 if not q else 5, max_steps=steps, max_seconds=budget,
                       log_every=50)
     trainer = Trainer(model, lambda m, b: m(b["input_ids"], b["attention_mask"], labels=b["labels"])["loss"], cfg)
     t0 = time.perf_counter()
-    trainer.train(batches(task, data, args.batch_size, seed=1,
+    trainer.train(batches(task, data, args.batch_size, seed=1 + 100 * args.seed,
                           budget_seconds=None if args.steps else budget, total_steps=args.steps))
     timing["train"], timing["train_steps"] = time.perf_counter() - t0, trainer.step
     test, dev = task.world("test"), task.world("dev")
