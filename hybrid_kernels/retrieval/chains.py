@@ -1,0 +1,45 @@
+"""Entity-linked passage chains for a reader that encodes each passage on its own (FiD).
+
+A passage whose text names another retrieved passage's entity (its title) is read together with
+that passage: "X was born in C ." followed by "the capital of C is Y ." becomes one input, so the
+encoder sees both hops of a bridge question in one place instead of the decoder having to join
+them across separate passages among distractors. The set keeps its size and order (the linked
+passage also stays on its own), so retrieval metrics and per-passage attention are unchanged.
+
+    linked = link_passages([("X", "X was born in C ."), ("C", "the capital of C is Y .")])
+    # [("X", "X was born in C . the capital of C is Y ."), ("C", "the capital of C is Y .")]
+"""
+from __future__ import annotations
+
+import re
+from typing import List, Sequence, Tuple
+
+__all__ = ["link_passages"]
+
+
+def _words(text: str) -> List[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def link_passages(passages: Sequence[Tuple[str, str]], max_links: int = 1) -> List[Tuple[str, str]]:
+    """(title, text) passages -> the same passages, each text followed by the texts of up to
+    ``max_links`` other passages (best-ranked first) whose title it mentions and whose title is not
+    its own. One hop: the appended texts are the originals, not their linked versions."""
+    if not isinstance(max_links, int) or max_links < 0:
+        raise ValueError(f"max_links must be an int >= 0; got {max_links!r}")
+    for i, p in enumerate(passages):
+        if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)):
+            raise TypeError(f"passages[{i}] must be a (title, text) pair of str; got {p!r}")
+    titles = [set(_words(t)) for t, _ in passages]
+    out = []
+    for title, text in passages:
+        words = set(_words(text))
+        own = set(_words(title))
+        linked = []
+        for j, (t2, x2) in enumerate(passages):
+            if len(linked) >= max_links:
+                break
+            if titles[j] and titles[j] != own and titles[j] <= words and x2 != text and x2 not in linked:
+                linked.append(x2)
+        out.append((title, " ".join([text] + linked)))
+    return out

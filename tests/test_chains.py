@@ -1,0 +1,30 @@
+"""Entity-linked passage chains: a passage naming another retrieved passage's entity is read with it."""
+import pytest
+
+from hybrid_kernels.retrieval.chains import link_passages
+
+
+def test_bridge_passage_is_appended_to_the_passage_naming_it():
+    ps = [("bodu", "bodu was born in kenia ."), ("bodu", "bodu has a cat ."),
+          ("kenia", "the capital of kenia is lima ."), ("sato", "sato was born in peria .")]
+    out = link_passages(ps)
+    assert len(out) == len(ps) and [t for t, _ in out] == [t for t, _ in ps]
+    assert out[0] == ("bodu", "bodu was born in kenia . the capital of kenia is lima .")
+    # same entity (title) is not a link; a passage without a named entity in the set is unchanged
+    assert out[1] == ps[1] and out[3] == ps[3]
+    assert out[2] == ps[2]                       # its own title is not a link
+
+
+def test_link_limit_and_rank_order():
+    ps = [("a", "a knows b and c ."), ("b", "b is tall ."), ("c", "c is short .")]
+    assert link_passages(ps)[0][1] == "a knows b and c . b is tall ."
+    assert link_passages(ps, max_links=2)[0][1] == "a knows b and c . b is tall . c is short ."
+    assert link_passages(ps, max_links=0) == ps
+    assert link_passages([]) == []
+
+
+def test_link_passages_input_errors():
+    with pytest.raises(ValueError, match="max_links"):
+        link_passages([("a", "b")], max_links=-1)
+    with pytest.raises(TypeError, match=r"passages\[0\]"):
+        link_passages(["just text"])
