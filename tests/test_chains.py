@@ -28,3 +28,29 @@ def test_link_passages_input_errors():
         link_passages([("a", "b")], max_links=-1)
     with pytest.raises(TypeError, match=r"passages\[0\]"):
         link_passages(["just text"])
+
+
+def test_pipeline_reads_linked_passages():
+    from hybrid_kernels.rag import HybridRAGPipeline
+    from hybrid_kernels.training import EntityQATask
+
+    class _Embedder:
+        dim = 4
+
+        def __call__(self, texts):
+            import numpy as np
+            return np.ones((len(texts), 4), dtype="float32")
+
+    tok = EntityQATask(num_people=4, num_countries=2).tokenizer
+    ps = [{"title": "bodu", "text": "bodu was born in kenia ."},
+          {"title": "kenia", "text": "the capital of kenia is lima ."}]
+    plain = HybridRAGPipeline(None, tok, embedder=_Embedder())
+    linked = HybridRAGPipeline(None, tok, embedder=_Embedder(), passage_linker=link_passages)
+    ids_plain, _ = plain._inputs(["q"], [ps])
+    ids_linked, mask_linked = linked._inputs(["q"], [ps])
+    assert ids_linked.shape[:2] == ids_plain.shape[:2] == (1, 2)
+    first = tok.decode(ids_linked[0, 0][mask_linked[0, 0]].tolist())
+    assert "capital" in first and "lima" in first
+    assert "capital" not in tok.decode(ids_plain[0, 0].tolist())
+    with pytest.raises(TypeError, match="passage_linker"):
+        HybridRAGPipeline(None, tok, embedder=_Embedder(), passage_linker="yes")
