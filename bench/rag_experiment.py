@@ -85,21 +85,25 @@ def fid_batch(task, questions, passage_sets, answers=None):
     return task.batch(questions, [link_passages(ps) for ps in passage_sets], answers)
 
 
-def training_sets(task, worlds, model, questions_per_world, k, seed=0, multi_hop_share=None):
-    """(question, top-k passages of the two-round retriever in rank order, answer, gold passages)
-    for training-world questions; a gold passage the retriever missed replaces the lowest ranks.
-    Every world draws fresh facts about the same names, so more worlds mean less memorization."""
+def _with_gold(ps, gold, k):
+    """A gold passage the retriever missed replaces the lowest ranks."""
+    missing = [g for g in gold if g not in ps]
+    return ps[:k - len(missing)] + missing if missing else ps
+
+
+def training_sets(task, worlds, indexes, questions_per_world, k, seed=0, multi_hop_share=None):
+    """(question, top-k passages of the two-round retriever in rank order, answer, gold passages,
+    [top-k of the other retrieval methods of the index]) for training-world questions, gold
+    passages always in. Every world draws fresh facts about the same names, so more worlds mean
+    less memorization; training on every method's sets keeps their distractors in distribution."""
     data = []
-    for w, world in enumerate(worlds):
-        index = WorldIndex(world, model, task.tokenizer)
+    for w, (world, index) in enumerate(zip(worlds, indexes)):
         for q in task.questions(world, questions_per_world, seed=100 + w + 1000 * seed,
                                 multi_hop_share=multi_hop_share):
-            ps = [(p["title"], p["text"]) for p in index.retrieve(q.question, k, rounds=2)]
             gold = [world.passages[i] for i in q.gold]
-            missing = [g for g in gold if g not in ps]
-            if missing:
-                ps = ps[:k - len(missing)] + missing
-            data.append((q.question, ps, q.answer, gold))
+            sets = {m: _with_gold([(p["title"], p["text"]) for p in index.retrieve(q.question, k, m)], gold, k)
+                    for m in index.generators}
+            data.append((q.question, sets[2], q.answer, gold, [ps for m, ps in sets.items() if m != 2]))
     return data
 
 
@@ -129,7 +133,9 @@ def batches(task, data, batch_size, seed, budget_seconds=None, total_steps=None,
                 else step / max(1, total_steps or 1))
         n = curriculum_passages(frac, rng, curriculum)
         chosen = rng.sample(data, batch_size)
-        sets = [list(c[3]) if n == 1 else list(c[1][:n]) for c in chosen]
+        # the set of one of the retrieval methods (the two-round one, or one of c[4])
+        sets = [list(c[3]) if n == 1 else list(rng.choice([c[1]] + list(c[4] if len(c) > 4 else []))[:n])
+                for c in chosen]
         for c, ps in zip(chosen, sets):
             for g in c[3]:
                 if g not in ps:
@@ -333,37 +339,40 @@ def retriever_stage(task, model, data, worlds, test, questions, seconds, reader_
     return result
 
 
-def enhancer_stage(task, model, worlds, test_index, test, questions, seconds, seed=0, max_passages=3):
+def enhancer_stage(task, worlds, indexes, test_index, questions, seconds, seed=0, max_passages=3):
     """Train the learned second round (:class:`LearnedQueryEnhancer`: question tokens attend over
     the first round's top ``max_passages`` passages) with InfoNCE over each training world's whole
-    corpus, the bridge passage (second hop) of 2-hop training questions as the positive; attach it
-    to ``test_index`` as method "learned". Returns the bridge passage's recall@k under the
-    enhanced query alone (whole test corpus), untrained and trained, and the losses."""
+    corpus; the positive is the passage the first round cannot find by the question's words: the
+    bridge passage (second hop) of a 2-hop question, the gold passage itself of a 1-hop one (half
+    of the questions each). Attaches it to every index in ``indexes`` and to ``test_index`` as
+    method "learned". Returns the target passage's recall@k under the enhanced query alone (whole
+    test corpus, per hop type), untrained and trained, and the losses."""
     groups = []
-    for w, world in enumerate(worlds):
-        index = WorldIndex(world, model, task.tokenizer)
-        qs = task.questions(world, 200, seed=500 + w + 1000 * seed, multi_hop_share=1.0)
+    for w, (world, index) in enumerate(zip(worlds, indexes)):
+        qs = task.questions(world, 300, seed=500 + w + 1000 * seed, multi_hop_share=0.5)
         first = [[f"{p['title']} {p['text']}" for p in index.retrieve(q.question, max_passages, 1)] for q in qs]
         groups.append(EnhancerGroup.from_texts(task.tokenizer.encode, [q.question for q in qs], first,
                                                [f"{t} {x}" for t, x in world.passages],
-                                               [q.gold[1] for q in qs], max_passages))
-    multi = [q for q in questions if q.hops == 2]
+                                               [q.gold[-1] for q in qs], max_passages))
 
-    def bridge_recall():
+    def target_recall():
         second = LearnedSecondRound(enhancer, task.tokenizer.encode, test_index.corpus, test_index.generators[1])
         ranked = [(second.documents @ second.query(q.question, test_index.retrieve(q.question, max_passages, 1))
-                   ).topk(max(TOP_K)).indices.tolist() for q in multi]
-        return {k: recall_at_k(ranked, [[q.gold[1]] for q in multi], k) for k in TOP_K}
+                   ).topk(max(TOP_K)).indices.tolist() for q in questions]
+        return {str(h): {k: recall_at_k([r for r, q in zip(ranked, questions) if q.hops == h],
+                                        [[q.gold[-1]] for q in questions if q.hops == h], k) for k in TOP_K}
+                for h in (1, 2)}
 
     torch.manual_seed(seed)
     enhancer = LearnedQueryEnhancer(len(task.tokenizer), dim=64, num_heads=4, max_passages=max_passages)
-    before = bridge_recall()
+    before = target_recall()
     t0 = time.perf_counter()
     losses = fit_query_enhancer(enhancer, groups, steps=100000, seconds=seconds, batch_size=32, lr=3e-3, seed=seed)
     trained_seconds = time.perf_counter() - t0
-    after = bridge_recall()
-    test_index.add_learned_round(enhancer, task.tokenizer)
-    return {"bridge_recall_untrained": before, "bridge_recall_trained": after, "steps": len(losses),
+    after = target_recall()
+    for index in list(indexes) + [test_index]:
+        index.add_learned_round(enhancer, task.tokenizer)
+    return {"target_recall_untrained": before, "target_recall_trained": after, "steps": len(losses),
             "seconds": trained_seconds, "loss_first": sum(losses[:20]) / max(1, len(losses[:20])),
             "loss_last": sum(losses[-20:]) / max(1, len(losses[-20:])),
             "training_questions": sum(g.positives.shape[0] for g in groups)}
@@ -438,23 +447,26 @@ def compare_methods_demo(index, questions):
 def markdown(rows, gold, retr, enh, casc, demo, timing, cmd):
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     lines = [f"# RAG on the entity-grounded multi-hop corpus\n\n`{cmd}`: wall time {timing['total']:.0f} s "
-             f"(data {timing['data']:.0f} s, reader {timing['train']:.0f} s / {timing['train_steps']} steps, "
-             f"learned query enhancer {timing['enhancer']:.0f} s, eval {timing['eval']:.0f} s, "
+             f"(data and learned query enhancer {timing['data']:.0f} s, reader {timing['train']:.0f} s / {timing['train_steps']} steps, "
+             f"eval {timing['eval']:.0f} s, "
              f"alternating retriever/reader rounds {timing['retriever']:.0f} s, cascade {timing['cascade']:.0f} s)\n",
              f"Gold passages handed over: EM all {pct(gold['all'])}, 1-hop {pct(gold[1])}, 2-hop {pct(gold[2])}\n",
              *em_table(rows, gold, pct)]
     r10 = {(x["rounds"], str(x["hops"])): x for x in rows if x["top_k"] == 10}
     lines += ["", "Second retrieval round, rule-based against learned (top-10; the learned round: question "
               "tokens attend over the first round's top-3 passages, 4 heads, InfoNCE on the bridge passage of "
-              f"{enh['training_questions']} training-world 2-hop questions, {enh['steps']} steps / "
+              f"2-hop and the gold passage of 1-hop questions, {enh['training_questions']} training-world "
+              f"questions, {enh['steps']} steps / "
               f"{enh['seconds']:.0f} s, loss {enh['loss_first']:.2f} -> {enh['loss_last']:.2f})\n",
               "| second round | EM@10 all | EM@10 2-hop | 2-hop recall@10 |", "|---|---:|---:|---:|"]
     for m in (1, 2, "learned"):
         lines.append(f"| {METHODS[m]} | {pct(r10[(m, 'all')]['exact_match'])} | {pct(r10[(m, '2')]['exact_match'])} | "
                      f"{pct(r10[(m, '2')]['recall'])} |")
-    lines += ["", "Bridge passage under the enhanced query alone (whole test corpus, 2-hop questions): "
-              + ", ".join(f"R@{k} {pct(enh['bridge_recall_untrained'][k])} -> {pct(enh['bridge_recall_trained'][k])}"
-                          for k in TOP_K) + " (untrained -> trained)"]
+    lines += [""] + [
+        f"Target passage ({'bridge' if h == '2' else 'gold'}) under the enhanced query alone, {h}-hop test "
+        "questions, whole test corpus, untrained -> trained: " + ", ".join(
+            f"R@{k} {pct(enh['target_recall_untrained'][h][k])} -> {pct(enh['target_recall_trained'][h][k])}"
+            for k in TOP_K) for h in ("1", "2")]
     lines += ["", "Dual-encoder retriever trained by the reader, alternating rounds (whole test corpus, recall@k; "
               "2-hop: both gold passages; reader EM@10: the reader of that round on the retriever's top-10). "
               f"Reader attention mass on gold passages of its training sets: round 1 "
@@ -515,7 +527,14 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model = FiDT5.from_config(small_t5_config(len(task.tokenizer), 32 if q else args.d_model))
     worlds = [task.world("train", i) for i in range(1 if q else args.train_worlds)]
-    data = training_sets(task, worlds, model, 200 if q else args.questions_per_world, max(TOP_K),
+    indexes = [WorldIndex(world, model, task.tokenizer) for world in worlds]
+    test, dev = task.world("test"), task.world("dev")
+    index, dev_index = WorldIndex(test, model, task.tokenizer), WorldIndex(dev, model, task.tokenizer)
+    questions = task.questions(test, 30 if q else args.test_questions, seed=7)
+    t0 = time.perf_counter()
+    enh = enhancer_stage(task, worlds, indexes, index, questions, 4 if q else 45, seed=args.seed)
+    timing["enhancer"] = time.perf_counter() - t0
+    data = training_sets(task, worlds, indexes, 200 if q else args.questions_per_world, max(TOP_K),
                          seed=args.seed, multi_hop_share=args.train_multi_hop_share)
     timing["data"] = time.perf_counter() - t_start
     budget = args.train_seconds or (10 if q else 540)
@@ -527,12 +546,6 @@ def main(argv=None):
     trainer.train(batches(task, data, args.batch_size, seed=1 + 100 * args.seed,
                           budget_seconds=None if args.steps else budget, total_steps=args.steps))
     timing["train"], timing["train_steps"] = time.perf_counter() - t0, trainer.step
-    test, dev = task.world("test"), task.world("dev")
-    index, dev_index = WorldIndex(test, model, task.tokenizer), WorldIndex(dev, model, task.tokenizer)
-    questions = task.questions(test, 30 if q else args.test_questions, seed=7)
-    t0 = time.perf_counter()
-    enh = enhancer_stage(task, model, worlds, index, test, questions, 4 if q else 45, seed=args.seed)
-    timing["enhancer"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     rows, gold = evaluate(model, task, test, index, questions)
     timing["eval"] = time.perf_counter() - t0
