@@ -43,7 +43,7 @@ from hybrid_kernels.reader_cascade import (cascade_answers, first_token_answers,
 from hybrid_kernels.retrieval import DynamicQueryGenerator, TfidfEmbedder, VectorStore  # noqa: E402
 from hybrid_kernels.retrieval.distill import (BagOfWordsTower, reader_distillation_loss,  # noqa: E402
                                               recall_at_k, set_scores)
-from hybrid_kernels.retrieval.chains import link_passages  # noqa: E402
+from hybrid_kernels.retrieval.chains import prepare_for_reader  # noqa: E402
 from hybrid_kernels.retrieval.neural import NeuralRetriever  # noqa: E402
 from hybrid_kernels.retrieval.query_enhancer import (EnhancerGroup, LearnedQueryEnhancer,  # noqa: E402
                                                      LearnedSecondRound, fit_query_enhancer)
@@ -61,7 +61,7 @@ class WorldIndex:
         embedder = TfidfEmbedder(texts)
         self.pipe = HybridRAGPipeline(model, tokenizer, embedder=embedder,
                                       store=VectorStore(embedder.dim), top_k=max(TOP_K), max_new_tokens=4,
-                                      passage_linker=link_passages)
+                                      prepare_passages=prepare_for_reader)
         self.pipe.add_documents([{"title": t, "text": x} for t, x in world.passages])
         self.generators = {rounds: DynamicQueryGenerator(texts, rounds=rounds) for rounds in (1, 2)}
         self.corpus = [{"id": i, "title": t, "text": x} for i, (t, x) in enumerate(world.passages)]
@@ -80,9 +80,10 @@ class WorldIndex:
 
 
 def fid_batch(task, questions, passage_sets, answers=None):
-    """The reader's tensors for (title, text) sets, entity-linked (:func:`link_passages`: a passage
-    naming another retrieved passage's entity is read together with it)."""
-    return task.batch(questions, [link_passages(ps) for ps in passage_sets], answers)
+    """The reader's tensors for (title, text) sets, entity-linked (a passage naming another retrieved
+    passage's entity is read together with it) and marked where the question names the passage's
+    entity (:func:`prepare_for_reader`)."""
+    return task.batch(questions, [prepare_for_reader(q, ps) for q, ps in zip(questions, passage_sets)], answers)
 
 
 def _with_gold(ps, gold, k):
@@ -378,6 +379,65 @@ def enhancer_stage(task, worlds, indexes, test_index, questions, seconds, seed=0
             "training_questions": sum(g.positives.shape[0] for g in groups)}
 
 
+def segments_rerank_stage(task, model, data, index, questions, seconds, seed=0, k=20):
+    """RetrievalAugmentedSegments as a passage reranker: the question's token embeddings are the
+    main sequence (segments of 4 tokens, window + landmark attention), the two-round retriever's
+    top-``k`` passages its cross-attended passages; the segments' mean relevance over the passages
+    is trained (cross entropy) toward the gold passages of the training sets. Reports recall@k of
+    the retriever's order and of the reranked order on the test questions, and the reader's EM at
+    top-5 of each."""
+    from hybrid_kernels.models import RetrievalAugmentedSegments
+    torch.manual_seed(seed)
+    d = 64
+    embed = torch.nn.Embedding(len(task.tokenizer), d, padding_idx=0)
+    ranker = RetrievalAugmentedSegments(d, 4, segment_len=4, window=(4, 4), num_layers=1)
+    params = list(embed.parameters()) + list(ranker.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+
+    def relevance(qs, sets):
+        """(B,) questions, B sets of k (title, text) -> mean segment relevance (B, k)."""
+        q_ids, q_mask = encode_texts(task.tokenizer, qs)
+        padded = [list(ps)[:k] + [None] * (k - len(ps)) for ps in sets]      # short lists: empty passages
+        p_ids, p_mask = encode_texts(task.tokenizer, [f"{p[0]} {p[1]}" if p else "" for ps in padded for p in ps])
+        p_mask &= torch.tensor([p is not None for ps in padded for p in ps])[:, None]
+        B, L = len(sets), p_ids.shape[1]
+        out = ranker(embed(q_ids), embed(p_ids).view(B, k, L, d), p_mask.view(B, k, L), q_mask)
+        seg_real = q_mask[:, ::4].float()                                   # (B, S) real segments
+        return (out.relevance * seg_real[..., None]).sum(1) / seg_real.sum(1, keepdim=True)
+
+    rng = random.Random(seed)
+    train = [c for c in data if len(c[1]) == k]
+    t0, steps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        part = rng.sample(train, min(32, len(train)))
+        sets = [list(c[1]) for c in part]
+        for ps in sets:
+            rng.shuffle(ps)
+        target = torch.tensor([[float(p in c[3]) for p in ps] for c, ps in zip(part, sets)])
+        rel = relevance([c[0] for c in part], sets)
+        loss = -(target / target.sum(1, keepdim=True) * torch.log(rel + 1e-9)).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    found = [index.retrieve(q.question, k, 2) for q in questions]
+    with torch.no_grad():
+        rel = torch.cat([relevance([q.question for q in questions[i:i + 50]],
+                                   [[(p["title"], p["text"]) for p in ps] for ps in found[i:i + 50]])
+                         for i in range(0, len(questions), 50)])
+    reranked = [[ps[j] for j in r.argsort(descending=True).tolist() if j < len(ps)] for ps, r in zip(found, rel)]
+    out = {"steps": steps, "seconds": time.perf_counter() - t0}
+    for name, lists in (("retriever order", found), ("segments reranker", reranked)):
+        ids = [[p["id"] for p in ps] for ps in lists]
+        out[name] = {str(h): {kk: recall_at_k([r for r, q in zip(ids, questions) if h == "all" or q.hops == h],
+                                              [q.gold for q in questions if h == "all" or q.hops == h], kk)
+                              for kk in (1, 5, 10)} for h in ("all", 1, 2)}
+        answers = read(model, task, [q.question for q in questions],
+                       [[(p["title"], p["text"]) for p in ps[:5]] for ps in lists])
+        out[name]["reader_em5"] = sum(exact_match(a, q.answer) for a, q in zip(answers, questions)) / len(questions)
+    return out
+
+
 def cascade_stage(task, teacher, student, dev_index, test_index, dev_qs, test_qs, k=10):
     """Student answers when its first-token probability clears a threshold calibrated on dev, else
     the teacher. Time saved is estimated from the measured all-student and all-teacher times."""
@@ -444,12 +504,13 @@ def compare_methods_demo(index, questions):
                       "passages": len(r.passages)} for name, r in out.items()}}
 
 
-def markdown(rows, gold, retr, enh, casc, demo, timing, cmd):
+def markdown(rows, gold, retr, enh, casc, demo, timing, cmd, segs):
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     lines = [f"# RAG on the entity-grounded multi-hop corpus\n\n`{cmd}`: wall time {timing['total']:.0f} s "
              f"(data and learned query enhancer {timing['data']:.0f} s, reader {timing['train']:.0f} s / {timing['train_steps']} steps, "
              f"eval {timing['eval']:.0f} s, "
-             f"alternating retriever/reader rounds {timing['retriever']:.0f} s, cascade {timing['cascade']:.0f} s)\n",
+             f"alternating retriever/reader rounds {timing['retriever']:.0f} s, cascade {timing['cascade']:.0f} s, "
+             f"segments reranker {timing['segments']:.0f} s)\n",
              f"Gold passages handed over: EM all {pct(gold['all'])}, 1-hop {pct(gold[1])}, 2-hop {pct(gold[2])}\n",
              *em_table(rows, gold, pct)]
     r10 = {(x["rounds"], str(x["hops"])): x for x in rows if x["top_k"] == 10}
@@ -493,6 +554,14 @@ def markdown(rows, gold, retr, enh, casc, demo, timing, cmd):
     for r in casc["rows"]:
         lines.append(f"| {r['rule']} | {r['threshold']:.3f} | {pct(r['student_share'])} | "
                      f"{pct(r['accuracy'])} | {pct(r['time_saved'])} |")
+    lines += ["", "Hierarchical segments reranker (RetrievalAugmentedSegments: question segments with window + "
+              "landmark attention, cross-attention to the passages, per-segment relevance) over the rule-based "
+              f"two-round top-20, {segs['steps']} steps / {segs['seconds']:.0f} s (recall@k; reader EM on the top-5)\n",
+              "| order | hops | R@1 | R@5 | R@10 | reader EM@5 |", "|---|---|---:|---:|---:|---:|"]
+    for name in ("retriever order", "segments reranker"):
+        for h in ("all", "1", "2"):
+            em5 = pct(segs[name]["reader_em5"]) if h == "all" else ""
+            lines.append(f"| {name} | {h} | " + " | ".join(pct(segs[name][h][kk]) for kk in (1, 5, 10)) + f" | {em5} |")
     lines += ["", f"compare_methods on \"{demo['question']}\" (answer {demo['answer']}): " + "; ".join(
         f"{n}: {demo[n]['answer']!r} (gold retrieved: {demo[n]['gold_retrieved']})"
         for n in ("no_retrieval", "retrieve_then_read", "hybrid")), ""]
@@ -564,13 +633,16 @@ def main(argv=None):
     dev_qs = task.questions(dev, 30 if q else 150, seed=9)
     casc = cascade_stage(task, model, student, dev_index, index, dev_qs, questions)
     timing["cascade"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    segs = segments_rerank_stage(task, model, data, index, questions, 5 if q else 50, seed=args.seed)
+    timing["segments"] = time.perf_counter() - t0
     os.makedirs(args.out, exist_ok=True)
     figure = attention_figure(task, model, test, index, questions, os.path.join(args.out, "passage_attention.png"))
     demo = compare_methods_demo(index, questions)
     timing["total"] = time.perf_counter() - t_start
     em = {(r["rounds"], r["top_k"]): r["exact_match"] for r in rows if r["hops"] == "all"}
     cmd = "PYTHONPATH=. python bench/rag_experiment.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = markdown(rows, gold, retr, enh, casc, demo, timing, cmd.strip())
+    md = markdown(rows, gold, retr, enh, casc, demo, timing, cmd.strip(), segs)
     md += "\n" + "\n".join(
         f"{METHODS[m]}: EM top-10 >= top-1: {em[(m, 10)] >= em[(m, 1)]}; top-20 >= top-10: "
         f"{em[(m, 20)] >= em[(m, 10)]}; EM top-10 / gold-handed EM: "
@@ -581,7 +653,8 @@ def main(argv=None):
         f.write(md)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"rows": rows, "gold_exact_match": {str(k): v for k, v in gold.items()},
-                   "retriever": retr, "query_enhancer": enh, "cascade": casc, "attention": figure,
+                   "retriever": retr, "query_enhancer": enh, "cascade": casc, "segments_reranker": segs,
+                   "attention": figure,
                    "compare_methods": demo,
                    "corpus_passages": len(test.passages), "timing": timing,
                    "train_history": trainer.history, "args": vars(args)}, f, indent=1, default=str)

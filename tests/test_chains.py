@@ -1,7 +1,7 @@
 """Entity-linked passage chains: a passage naming another retrieved passage's entity is read with it."""
 import pytest
 
-from hybrid_kernels.retrieval.chains import link_passages
+from hybrid_kernels.retrieval.chains import link_passages, mark_asked_entities, prepare_for_reader
 
 
 def test_bridge_passage_is_appended_to_the_passage_naming_it():
@@ -45,12 +45,26 @@ def test_pipeline_reads_linked_passages():
     ps = [{"title": "bodu", "text": "bodu was born in kenia ."},
           {"title": "kenia", "text": "the capital of kenia is lima ."}]
     plain = HybridRAGPipeline(None, tok, embedder=_Embedder())
-    linked = HybridRAGPipeline(None, tok, embedder=_Embedder(), passage_linker=link_passages)
-    ids_plain, _ = plain._inputs(["q"], [ps])
-    ids_linked, mask_linked = linked._inputs(["q"], [ps])
+    linked = HybridRAGPipeline(None, tok, embedder=_Embedder(), prepare_passages=prepare_for_reader)
+    ids_plain, _ = plain._inputs(["where was bodu born ?"], [ps])
+    ids_linked, mask_linked = linked._inputs(["where was bodu born ?"], [ps])
     assert ids_linked.shape[:2] == ids_plain.shape[:2] == (1, 2)
     first = tok.decode(ids_linked[0, 0][mask_linked[0, 0]].tolist())
-    assert "capital" in first and "lima" in first
+    assert "capital" in first and "lima" in first and "match:" in first
     assert "capital" not in tok.decode(ids_plain[0, 0].tolist())
-    with pytest.raises(TypeError, match="passage_linker"):
-        HybridRAGPipeline(None, tok, embedder=_Embedder(), passage_linker="yes")
+    with pytest.raises(TypeError, match="prepare_passages"):
+        HybridRAGPipeline(None, tok, embedder=_Embedder(), prepare_passages="yes")
+
+
+def test_mark_asked_entities():
+    ps = [("bodu", "bodu has a cat ."), ("sato", "sato has a dog ."), ("", "untitled .")]
+    out = mark_asked_entities("what pet does bodu have ?", ps)
+    assert out == [("match: bodu", "bodu has a cat ."), ("sato", "sato has a dog ."), ("", "untitled .")]
+    both = prepare_for_reader("where was bodu born ?", [("bodu", "bodu was born in kenia ."),
+                                                        ("kenia", "the capital of kenia is lima .")])
+    assert both[0] == ("match: bodu", "bodu was born in kenia . the capital of kenia is lima .")
+    assert both[1] == ("kenia", "the capital of kenia is lima .")
+    with pytest.raises(TypeError, match="question"):
+        mark_asked_entities(None, ps)
+    with pytest.raises(TypeError, match=r"passages\[0\]"):
+        mark_asked_entities("q", ["text"])

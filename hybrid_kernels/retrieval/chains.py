@@ -8,13 +8,18 @@ passage also stays on its own), so retrieval metrics and per-passage attention a
 
     linked = link_passages([("X", "X was born in C ."), ("C", "the capital of C is Y .")])
     # [("X", "X was born in C . the capital of C is Y ."), ("C", "the capital of C is Y .")]
+
+:func:`mark_asked_entities` adds an exact-match marker to the title of passages about an entity
+the question names; :func:`prepare_for_reader` does both.
 """
 from __future__ import annotations
 
 import re
 from typing import List, Sequence, Tuple
 
-__all__ = ["link_passages"]
+__all__ = ["link_passages", "mark_asked_entities", "prepare_for_reader"]
+
+MATCH_MARKER = "match:"
 
 
 def _words(text: str) -> List[str]:
@@ -43,3 +48,26 @@ def link_passages(passages: Sequence[Tuple[str, str]], max_links: int = 1) -> Li
                 linked.append(x2)
         out.append((title, " ".join([text] + linked)))
     return out
+
+
+def mark_asked_entities(question: str, passages: Sequence[Tuple[str, str]],
+                        marker: str = MATCH_MARKER) -> List[Tuple[str, str]]:
+    """An exact-match feature (as DrQA's): a passage whose title (its entity) the question names
+    gets ``marker`` before its title, so a reader that encodes each passage with the question need
+    not learn to compare names token by token. (title, text) pairs in, same count and order out."""
+    if not isinstance(question, str):
+        raise TypeError(f"question must be a str; got {type(question).__name__}")
+    asked = set(_words(question))
+    out = []
+    for i, p in enumerate(passages):
+        if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)):
+            raise TypeError(f"passages[{i}] must be a (title, text) pair of str; got {p!r}")
+        title, text = p
+        words = set(_words(title))
+        out.append((f"{marker} {title}" if words and words <= asked else title, text))
+    return out
+
+
+def prepare_for_reader(question: str, passages: Sequence[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    """:func:`link_passages`, then :func:`mark_asked_entities`: the reader's view of a retrieved set."""
+    return mark_asked_entities(question, link_passages(passages))
