@@ -17,8 +17,12 @@ The reader is trained on the sets the two-round retriever returns for questions 
 training worlds (gold passages always in, each set shuffled so that rank position tells nothing),
 with a curriculum over the passages read: the gold passages alone, then 5, then a mix of 5, 10 and
 20 (fractions 0.08 / 0.3 / 1 of the time budget). Distractors state the same relation about other
-people, so only the asked name tells the gold passage apart. Every set is read entity-linked
-(link_passages: "X was born in C ." is read together with a retrieved "the capital of C is Y .").
+people, so only the asked name tells the gold passage apart. Every set is read as
+prepare_for_reader makes it: entity-linked where the chain answers the rest of the question ("X
+was born in C ." is read together with a retrieved "the capital of C is Y ." for the 2-hop
+question, not for "where was X born ?") and with an exact-match marker on the passages about the
+asked entity. The reader trains on the sets of every retrieval method (one round, rule-based and
+learned second round), the learned round being trained first.
 """
 from __future__ import annotations
 

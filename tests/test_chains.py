@@ -15,6 +15,15 @@ def test_bridge_passage_is_appended_to_the_passage_naming_it():
     assert out[2] == ps[2]                       # its own title is not a link
 
 
+def test_question_aware_linking_only_where_the_chain_answers_the_rest():
+    ps = [("bodu", "bodu was born in kenia ."), ("kenia", "the capital of kenia is lima .")]
+    two_hop = link_passages(ps, question="what is the capital of the country where bodu was born ?")
+    assert two_hop[0][1] == "bodu was born in kenia . the capital of kenia is lima ."
+    assert link_passages(ps, question="where was bodu born ?") == ps
+    with pytest.raises(TypeError, match="question"):
+        link_passages(ps, question=3)
+
+
 def test_link_limit_and_rank_order():
     ps = [("a", "a knows b and c ."), ("b", "b is tall ."), ("c", "c is short .")]
     assert link_passages(ps)[0][1] == "a knows b and c . b is tall ."
@@ -46,12 +55,13 @@ def test_pipeline_reads_linked_passages():
           {"title": "kenia", "text": "the capital of kenia is lima ."}]
     plain = HybridRAGPipeline(None, tok, embedder=_Embedder())
     linked = HybridRAGPipeline(None, tok, embedder=_Embedder(), prepare_passages=prepare_for_reader)
-    ids_plain, _ = plain._inputs(["where was bodu born ?"], [ps])
-    ids_linked, mask_linked = linked._inputs(["where was bodu born ?"], [ps])
+    q = "what is the capital of the country where bodu was born ?"
+    ids_plain, _ = plain._inputs([q], [ps])
+    ids_linked, mask_linked = linked._inputs([q], [ps])
     assert ids_linked.shape[:2] == ids_plain.shape[:2] == (1, 2)
     first = tok.decode(ids_linked[0, 0][mask_linked[0, 0]].tolist())
     assert "capital" in first and "lima" in first and "match:" in first
-    assert "capital" not in tok.decode(ids_plain[0, 0].tolist())
+    assert "capital" not in tok.decode(ids_plain[0, 0].tolist()).split("context:")[1]
     with pytest.raises(TypeError, match="prepare_passages"):
         HybridRAGPipeline(None, tok, embedder=_Embedder(), prepare_passages="yes")
 
@@ -60,8 +70,8 @@ def test_mark_asked_entities():
     ps = [("bodu", "bodu has a cat ."), ("sato", "sato has a dog ."), ("", "untitled .")]
     out = mark_asked_entities("what pet does bodu have ?", ps)
     assert out == [("match: bodu", "bodu has a cat ."), ("sato", "sato has a dog ."), ("", "untitled .")]
-    both = prepare_for_reader("where was bodu born ?", [("bodu", "bodu was born in kenia ."),
-                                                        ("kenia", "the capital of kenia is lima .")])
+    both = prepare_for_reader("what is the capital of the country where bodu was born ?",
+                              [("bodu", "bodu was born in kenia ."), ("kenia", "the capital of kenia is lima .")])
     assert both[0] == ("match: bodu", "bodu was born in kenia . the capital of kenia is lima .")
     assert both[1] == ("kenia", "the capital of kenia is lima .")
     with pytest.raises(TypeError, match="question"):

@@ -15,7 +15,7 @@ the question names; :func:`prepare_for_reader` does both.
 from __future__ import annotations
 
 import re
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 __all__ = ["link_passages", "mark_asked_entities", "prepare_for_reader"]
 
@@ -26,26 +26,39 @@ def _words(text: str) -> List[str]:
     return re.findall(r"\w+", text.lower())
 
 
-def link_passages(passages: Sequence[Tuple[str, str]], max_links: int = 1) -> List[Tuple[str, str]]:
+def link_passages(passages: Sequence[Tuple[str, str]], max_links: int = 1,
+                  question: Optional[str] = None) -> List[Tuple[str, str]]:
     """(title, text) passages -> the same passages, each text followed by the texts of up to
     ``max_links`` other passages (best-ranked first) whose title it mentions and whose title is not
-    its own. One hop: the appended texts are the originals, not their linked versions."""
+    its own. With ``question``, a passage is linked only where it covers a question word the
+    linking passage leaves open (the chain answers the rest of the question): "the capital of C
+    is Y ." joins "X was born in C ." for "what is the capital of the country where X was born ?"
+    but not for "where was X born ?", which "X was born in C ." answers alone. One hop: the
+    appended texts are the originals, not their linked versions."""
     if not isinstance(max_links, int) or max_links < 0:
         raise ValueError(f"max_links must be an int >= 0; got {max_links!r}")
+    if question is not None and not isinstance(question, str):
+        raise TypeError(f"question must be None or a str; got {type(question).__name__}")
     for i, p in enumerate(passages):
         if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(x, str) for x in p)):
             raise TypeError(f"passages[{i}] must be a (title, text) pair of str; got {p!r}")
+    asked = set(_words(question)) if question is not None else None
     titles = [set(_words(t)) for t, _ in passages]
+    bodies = [set(_words(f"{t} {x}")) for t, x in passages]
     out = []
     for title, text in passages:
         words = set(_words(text))
         own = set(_words(title))
+        open_words = asked - words - own if asked is not None else None
         linked = []
         for j, (t2, x2) in enumerate(passages):
             if len(linked) >= max_links:
                 break
-            if titles[j] and titles[j] != own and titles[j] <= words and x2 != text and x2 not in linked:
-                linked.append(x2)
+            if not titles[j] or titles[j] == own or not titles[j] <= words or x2 == text or x2 in linked:
+                continue
+            if open_words is not None and not open_words & bodies[j]:
+                continue
+            linked.append(x2)
         out.append((title, " ".join([text] + linked)))
     return out
 
@@ -69,5 +82,6 @@ def mark_asked_entities(question: str, passages: Sequence[Tuple[str, str]],
 
 
 def prepare_for_reader(question: str, passages: Sequence[Tuple[str, str]]) -> List[Tuple[str, str]]:
-    """:func:`link_passages`, then :func:`mark_asked_entities`: the reader's view of a retrieved set."""
-    return mark_asked_entities(question, link_passages(passages))
+    """:func:`link_passages` (question-aware), then :func:`mark_asked_entities`: the reader's view
+    of a retrieved set."""
+    return mark_asked_entities(question, link_passages(passages, question=question))
