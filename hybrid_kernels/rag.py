@@ -102,12 +102,18 @@ class HybridRAGPipeline:
         chunk_words / chunk_overlap: document chunking (in words).
         max_passage_tokens: truncation of each encoded (question, passage) input.
         max_new_tokens, num_beams: decoding.
+        prepare_passages: optional ``prepare(question, [(title, text)]) -> [(title, text)]``
+            applied to each question's passages before reading (same count and order), e.g.
+            :func:`hybrid_kernels.retrieval.chains.prepare_for_reader`.
     """
 
     def __init__(self, model, tokenizer, *, embedder=None, store=None, top_k: int = 5,
                  chunk_words: int = 100, chunk_overlap: int = 20, max_passage_tokens: int = 256,
-                 max_new_tokens: int = 32, num_beams: int = 1):
+                 max_new_tokens: int = 32, num_beams: int = 1, prepare_passages=None):
         from .retrieval.vector_store import VectorStore
+        if prepare_passages is not None and not callable(prepare_passages):
+            raise TypeError(f"prepare_passages must be None or callable; got {type(prepare_passages).__name__}")
+        self.prepare_passages = prepare_passages
         if embedder is None:
             from .retrieval.embedder import TextEmbedder
             embedder = TextEmbedder()
@@ -152,6 +158,9 @@ class HybridRAGPipeline:
         P = max(1, max(len(p) for p in passages))
         rows = []
         for qtext, ps in zip(questions, passages):
+            if self.prepare_passages is not None and ps:
+                linked = self.prepare_passages(qtext, [(p["title"], p["text"]) for p in ps])
+                ps = [{**p, "title": t, "text": x} for p, (t, x) in zip(ps, linked)]
             enc = [self.tokenizer.encode(format_passage(qtext, p["title"], p["text"]))[:self.max_passage_tokens]
                    for p in ps] or [self.tokenizer.encode(format_passage(qtext, "", ""))]
             rows.append(enc)

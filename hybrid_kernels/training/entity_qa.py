@@ -103,7 +103,7 @@ class EntityQATask:
         words = " ".join(t for _, t, p in _PERSON.values()) + " " + CAPITAL + " " + MULTI_HOP_QUESTION
         words += " " + " ".join(p for _, _, p in _PERSON.values())
         template = words.replace("{name}", "").replace("{x}", "").split()
-        self.tokenizer = WordTokenizer(["question:", "title:", "context:"] + template + self.people
+        self.tokenizer = WordTokenizer(["question:", "title:", "context:", "match:"] + template + self.people
                                        + self.countries + values + list(_CITIES))
 
     def world(self, split: str = "train", index: int = 0) -> EntityWorld:
