@@ -158,8 +158,7 @@ def _native_key_mean(k: Tensor, key_padding_mask: Optional[Tensor]) -> Optional[
     if (k.device.type != "cpu" or k.dim() != 4 or k.shape[2] == 0 or k.requires_grad
             or k.dtype not in (torch.float32, torch.bfloat16, torch.float16)):
         return None
-    from .backends.cpu import _module_error, load_module, num_threads
-    from .backends._params import DTYPE_CODES
+    from .backends._native_cpu import DTYPE_CODES, _module_error, load_module, num_threads
 
     if _module_error() is not None:
         return None

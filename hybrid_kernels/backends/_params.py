@@ -8,7 +8,7 @@ from torch import Tensor
 from ..pattern import Pattern
 from ..quant import QUANT_BLOCK  # noqa: F401  (the int8 definition: hybrid_kernels/quant.py)
 
-DTYPE_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+from ._native_cpu import DTYPE_CODES  # noqa: F401  (used here and by the backends)
 
 
 def last_dim_contiguous(t: Tensor) -> Tensor:

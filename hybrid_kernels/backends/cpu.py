@@ -5,7 +5,6 @@ here when it is not). Outputs are allocated here; the kernels write every elemen
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -15,41 +14,10 @@ from ..backend_base import Backend
 from ..pattern import Pattern
 from ._alloc import new_output
 from ..quant import smoothing_mean
+from ._native_cpu import _module_error, load_module, num_threads  # noqa: F401  (re-exported)
 from ._params import QUANT_BLOCK, Keep, fill_params, last_dim_contiguous, strides3
 
 MAX_HEAD_DIM = 512
-
-_MODULE = None
-_MODULE_ERROR: Optional[str] = None
-
-
-def _import_module() -> None:
-    global _MODULE, _MODULE_ERROR
-    if _MODULE is None and _MODULE_ERROR is None:
-        try:
-            from .. import _C_cpu  # built by CMake; see README
-            _MODULE = _C_cpu
-        except ImportError as exc:  # not built, or built for another Python
-            _MODULE_ERROR = f"native CPU module not importable ({exc})"
-
-
-def load_module():
-    """The compiled CPU module, or raise ImportError with the reason."""
-    _import_module()
-    if _MODULE is None:
-        raise ImportError(_MODULE_ERROR)
-    return _MODULE
-
-
-def _module_error() -> Optional[str]:
-    _import_module()
-    return _MODULE_ERROR
-
-
-def num_threads() -> int:
-    """Threads for the kernels: HYBRID_KERNELS_NUM_THREADS, else torch's intra-op count."""
-    env = os.environ.get("HYBRID_KERNELS_NUM_THREADS")
-    return int(env) if env else torch.get_num_threads()
 
 
 def _int8_params(mod, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern, keep: Keep):
