@@ -64,8 +64,7 @@ def _worker(rank, P, port, sizes, backward, reps, queue):
         sent = {kind: nbytes for kind, nbytes in stats.sent.items()}
         if rank == 0:
             queue.put((P, N, statistics.median(times[1:]) * 1e3, sent))
-    dist.barrier()  # no rank tears down the group while another still uses it
-    dist.destroy_process_group()
+    hkd.shutdown()  # no rank tears down the group while another still uses it
 
 
 def main() -> int:

@@ -177,8 +177,7 @@ def main() -> int:
     if rank == 0:
         print(f"{args.mode}: {world} ranks, loss {shares[0]:.3f} -> {shares[1]:.3f} "
               f"after {args.steps} steps")
-    dist.barrier()  # no rank tears down the group while another still uses it
-    dist.destroy_process_group()
+    hkd.shutdown()  # no rank tears down the group while another still uses it
     return 0
 
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import hybrid_kernels.distributed as hkd
 from hybrid_kernels.service.process import free_port
 from test_distributed import _init
 
@@ -54,7 +55,7 @@ def _train_both(rank: int, world: int, port: int) -> None:
     ex.train_sequence_parallel(DDP(sp), n, steps=3, rank=rank, world=world)
     ex.train_sequence_parallel(alone, n, steps=3, rank=0, world=1)
     _assert_same_parameters(sp, alone, "sequence-parallel")
-    dist.destroy_process_group()
+    hkd.shutdown()
 
 
 def test_distributed_training_equals_single_process_training():

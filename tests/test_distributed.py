@@ -88,7 +88,7 @@ def _check_cases(rank: int, world: int, port: int, lengths) -> None:
         exact = hk.attention(q, k, v, backend="reference", **kw)[:, :, s:e]
     err, err_single = (out - exact).abs().max(), (single - exact).abs().max()
     assert err <= 2 * err_single + 1e-3, (float(err), float(err_single))
-    dist.destroy_process_group()
+    hkd.shutdown()
 
 
 @pytest.mark.parametrize("lengths", [[20, 17], [9, 15, 13]], ids=["2 ranks", "3 ranks uneven"])
@@ -112,7 +112,9 @@ def _check_errors(rank: int, world: int, port: int) -> None:
     # Still usable after the errors: the ranks stayed in step.
     out = hkd.attention(q, k, v, window=2)
     assert out.shape == q.shape
-    dist.destroy_process_group()
+    hkd.shutdown()
+    assert not dist.is_initialized()
+    hkd.shutdown()  # once the group is gone: nothing to do
 
 
 def test_ranks_that_disagree_all_raise_the_same_error():
