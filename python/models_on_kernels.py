@@ -4,12 +4,18 @@ model's default attention (SDPA with transformers' materialized mask), in one ru
     PYTHONPATH=. python python/models_on_kernels.py                      # 8192 and 16384 tokens
     PYTHONPATH=. python python/models_on_kernels.py --seq-lens 8192 --models mistral
     PYTHONPATH=. python python/models_on_kernels.py --quick               # tiny smoke run
+    PYTHONPATH=. python python/models_on_kernels.py --decode --zoo        # generation steps
 
 Nothing about the models changes: a Mistral-like decoder keeps its causal sliding window (512),
 a ModernBERT-like encoder its alternating local (128) and global layers. Random-init weights
 (transformers builds them from a config, offline); the same model object is timed with
 ``attn_implementation="sdpa"`` and with ``"hybrid_kernels"``, alternately, so drift of the
 machine's speed hits both. Prints one table (median ms, speedup) and the outputs' agreement.
+
+``--decode`` times generation instead (decoder models only): a prompt of each --seq-lens length is
+prefilled once into a KV cache, then --new-tokens one-token steps run on a fresh copy of it with
+either attention; the table shows milliseconds per generated token, and the agreement of the
+first step's hidden states.
 """
 from __future__ import annotations
 
@@ -98,6 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--quick", action="store_true", help="tiny models, 256 tokens, 1 round")
+    p.add_argument("--decode", action="store_true",
+                   help="time one-token generation steps after a prompt of each length instead")
+    p.add_argument("--new-tokens", type=int, default=16, help="steps per timed round (--decode)")
     args = p.parse_args(argv)
     if args.zoo and args.seq_lens == [8192, 16384]:
         args.seq_lens = [4096]
@@ -138,6 +147,55 @@ def measure(name: str, model, seq_len: int, repeats: int) -> dict:
             "max_rel_diff": ((got - ref).abs().max() / ref.abs().max()).item()}
 
 
+ENCODERS = ("modernbert", "bert", "t5_encoder")
+
+
+def _decode_steps(model, cache, token, steps: int):
+    """Runs ``steps`` one-token forwards on ``cache`` (grown in place); the first step's output."""
+    from hybrid_kernels.integrations.hf_compat import cache_kwargs
+    first = None
+    with torch.inference_mode():
+        for _ in range(steps):
+            out = model(input_ids=token, use_cache=True,
+                        **cache_kwargs(model, cache)).last_hidden_state
+            first = out if first is None else first
+    return first
+
+
+def measure_decode(name: str, model, seq_len: int, repeats: int, steps: int) -> dict:
+    """Median milliseconds per generated token after a prompt of ``seq_len`` tokens, with the
+    model's default attention and with hybrid_kernels (each from its own copy of one prefilled
+    cache, so both decode the same context)."""
+    import copy
+    from hybrid_kernels.integrations.hf_compat import output_cache
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, seq_len))
+    token = torch.randint(3, model.config.vocab_size, (1, 1))
+    kernel = hk.integrations.transformers.register()
+    default = model.config._attn_implementation
+    impls = {"default": default, "hybrid_kernels": kernel}
+    with torch.inference_mode():
+        prompt_cache = output_cache(model(input_ids=ids, use_cache=True))
+        outs = {}
+        for label, impl in impls.items():  # warm-up, and the first steps to compare
+            model.set_attn_implementation(impl)
+            outs[label] = _decode_steps(model, copy.deepcopy(prompt_cache), token, 1).float()
+        times = {k: [] for k in impls}
+        for _ in range(repeats):
+            for label, impl in impls.items():
+                model.set_attn_implementation(impl)
+                cache = copy.deepcopy(prompt_cache)
+                t0 = time.perf_counter()
+                _decode_steps(model, cache, token, steps)
+                times[label].append((time.perf_counter() - t0) / steps)
+    model.set_attn_implementation(default)
+    ref, got = outs["default"], outs["hybrid_kernels"]
+    t_ref, t_hk = statistics.median(times["default"]), statistics.median(times["hybrid_kernels"])
+    return {"model": name, "default": default, "seq_len": seq_len, "default_ms": t_ref * 1e3,
+            "hybrid_ms": t_hk * 1e3, "speedup": t_ref / t_hk,
+            "max_rel_diff": ((got - ref).abs().max() / ref.abs().max()).item()}
+
+
 def main(argv=None) -> list:
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -148,14 +206,22 @@ def main(argv=None) -> list:
         isa = f"none ({exc})"
     print(f"{device_name('cpu')}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{args.dtype}, CPU kernel ISA {isa}")
+    steps = 2 if args.quick else args.new_tokens
+    if args.decode:
+        print(f"one-token decode after a prompt of 'tokens', ms per generated token "
+              f"({steps} steps per round, median of {args.repeats} rounds)")
     print(f"{'model':<11} {'default':>8} {'tokens':>7} {'default ms':>11} {'hk ms':>9} "
           f"{'speedup':>8} {'max rel diff':>13}")
     builders = zoo(args.quick) if args.zoo else {n: (lambda n=n: MODELS[n](args.quick)) for n in args.models}
+    if args.decode:
+        builders = {n: b for n, b in builders.items() if n not in ENCODERS}
     for name, build in builders.items():
         torch.manual_seed(0)
         model = build().eval().to(dtype)
         for n in args.seq_lens:
-            row = measure(name, model, n, args.repeats)
+            row = (measure_decode(name, model, n, args.repeats, steps)
+                   if args.decode else measure(name, model, n, args.repeats))
+            row["mode"] = "decode" if args.decode else "prefill"
             rows.append(row)
             print(f"{name:<11} {row['default']:>8} {n:>7} {row['default_ms']:>11.1f} "
                   f"{row['hybrid_ms']:>9.1f} {row['speedup']:>7.2f}x {row['max_rel_diff']:>13.2e}",

@@ -67,6 +67,7 @@ def main() -> None:
     except ImportError:
         print("5. skipped (transformers>=5 not installed)")
         return
+    from hybrid_kernels.integrations.hf_compat import cache_kwargs
     from hybrid_kernels.streaming.hf_cache import SinkWindowHFCache
     print("5. Hugging Face generate with a sink + window cache (4 + 60 tokens)")
     cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -74,8 +75,9 @@ def main() -> None:
     llm = LlamaForCausalLM(cfg).eval()
     for new_tokens in (100, 300):
         cache = SinkWindowHFCache.from_model(llm, num_sinks=4, window=60)
-        out = llm.generate(torch.randint(0, 1000, (1, 8), generator=gen), past_key_values=cache,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        out = llm.generate(torch.randint(0, 1000, (1, 8), generator=gen),
+                           **cache_kwargs(llm, cache), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False)
         print(f"   generated {out.shape[1] - 8} tokens, cache holds {cache.layers[0].cached_length()} "
               f"per layer, {cache.nbytes() / 1024:.1f} KiB")
 

@@ -35,10 +35,14 @@ def test_fid_qa_end_to_end_with_a_random_reader():
 
 
 @pytest.mark.parametrize("zoo", [False, True])
-def test_models_on_kernels_quick(zoo):
-    out = run("models_on_kernels.py", "--quick", *(["--zoo"] if zoo else []))
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+def test_models_on_kernels_quick(zoo, decode):
+    out = run("models_on_kernels.py", "--quick", *(["--zoo"] if zoo else []),
+              *(["--decode"] if decode else []))
     names = (["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3", "cohere2", "gpt_oss",
               "modernbert", "bert", "t5_encoder"] if zoo else ["mistral", "modernbert"])
+    if decode:  # generation steps: the decoders only
+        names = [n for n in names if n not in ("modernbert", "bert", "t5_encoder")]
     rows = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in names]
     assert [r[0] for r in rows] == names, out
     for r in rows:

@@ -5,6 +5,7 @@ import torch
 transformers = pytest.importorskip("transformers", minversion="5.0")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from hybrid_kernels.integrations.hf_compat import cache_kwargs  # noqa: E402
 from hybrid_kernels.streaming.hf_cache import SinkWindowHFCache  # noqa: E402
 
 S, W = 4, 16
@@ -21,8 +22,8 @@ def test_generate_equals_full_cache_while_shorter_than_window():
     m = _model()
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=S + W - 9, do_sample=False)
-    full = m.generate(ids, past_key_values=DynamicCache(), **kw)
-    sink = m.generate(ids, past_key_values=SinkWindowHFCache.from_model(m, S, W), **kw)
+    full = m.generate(ids, **cache_kwargs(m, DynamicCache()), **kw)
+    sink = m.generate(ids, **cache_kwargs(m, SinkWindowHFCache.from_model(m, S, W)), **kw)
     assert torch.equal(full, sink)
 
 
@@ -32,7 +33,8 @@ def test_generate_beyond_window_bounded_memory():
     sizes = []
     for new in (25, 40):
         cache = SinkWindowHFCache.from_model(m, S, W)
-        out = m.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        out = m.generate(ids, **cache_kwargs(m, cache), max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False)
         assert out.shape[1] == 5 + new
         assert cache.get_seq_length() == 5 + new - 1
         assert all(layer.cached_length() == S + W for layer in cache.layers)
@@ -50,7 +52,7 @@ def test_decode_beyond_window_matches_streamingllm_recompute():
     cache = SinkWindowHFCache.from_model(m, S, W)
     with torch.no_grad():
         for t in range(seq.shape[1]):
-            logits = m(seq[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = m(seq[:, t:t + 1], use_cache=True, **cache_kwargs(m, cache)).logits[:, -1]
             ctx = list(range(min(t, S))) + list(range(max(S, t - W), t)) + [t]
             ref = m(seq[:, ctx]).logits[:, -1]
             torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
@@ -61,9 +63,10 @@ def test_beam_search_reorders_the_sink_cache():
     ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
     kw = dict(attention_mask=mask, num_beams=3, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    full = m.generate(ids, past_key_values=DynamicCache(), **kw)
-    assert torch.equal(full, m.generate(ids, past_key_values=SinkWindowHFCache.from_model(m, S, W), **kw))
+    full = m.generate(ids, **cache_kwargs(m, DynamicCache()), **kw)
+    sink = SinkWindowHFCache.from_model(m, S, W)
+    assert torch.equal(full, m.generate(ids, **cache_kwargs(m, sink), **kw))
     cache = SinkWindowHFCache.from_model(m, S, W)
     kw.update(max_new_tokens=30, min_new_tokens=30)
-    assert m.generate(ids, past_key_values=cache, **kw).shape == (2, 36)
+    assert m.generate(ids, **cache_kwargs(m, cache), **kw).shape == (2, 36)
     assert all(layer.cached_length() == S + W for layer in cache.layers)

@@ -1,7 +1,7 @@
 """Integrations with other libraries, imported on first use (``hk.integrations.transformers``)."""
 import importlib
 
-_SUBMODULES = {"transformers", "hf_config"}
+_SUBMODULES = {"transformers", "hf_config", "hf_compat"}
 
 
 def __getattr__(name):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cross_kv import CrossKV
+from ..integrations.hf_compat import cache_kwargs
 
 __all__ = ["FiDT5", "HKCrossAttention", "format_passage", "small_t5_config"]
 
@@ -240,8 +241,8 @@ class FiDT5(nn.Module):
         return caches
 
     def _decode_step(self, tokens: Tensor, past, dummy_enc: Tensor) -> Tensor:
-        out = self.t5.decoder(input_ids=tokens, encoder_hidden_states=dummy_enc,
-                              past_key_values=past, use_cache=True)
+        out = self.t5.decoder(input_ids=tokens, encoder_hidden_states=dummy_enc, use_cache=True,
+                              **cache_kwargs(self.t5.decoder, past))
         return self.lm_logits(out.last_hidden_state[:, -1]).float()
 
     @torch.no_grad()

@@ -2,7 +2,8 @@
 per layer (StreamingLLM), built on the cache-layer API, for ``model.generate`` on causal LMs::
 
     cache = SinkWindowHFCache.from_model(model, num_sinks=4, window=1020)
-    model.generate(input_ids, past_key_values=cache, max_new_tokens=10_000)
+    model.generate(input_ids, cache=cache, max_new_tokens=10_000)   # past_key_values= before
+                                                                     # transformers renamed it
 
 Each forward attends to [sinks ‖ recent window ‖ new tokens] with the model's own attention
 implementation (eager / sdpa / any registered one): :meth:`SinkWindowLayer.get_mask_sizes`
