@@ -63,13 +63,17 @@ class Int8KVCache:
                   position_bias: Optional[Tensor] = None, return_lse: bool = False):
         """hk.attention(q, K, V, quant="int8", ...) against the cached K/V (forward only); the
         score modifiers (softcap, sinks, alibi_slopes, position_bias) as in hk.attention."""
-        mods = not (softcap is None and sinks is None and alibi_slopes is None
-                    and position_bias is None)
-        key = None if mods else self._plan_key(q, window, landmarks, causal, scale, return_lse)
+        biased = alibi_slopes is not None or position_bias is not None
+        key = None if biased else self._plan_key(q, window, landmarks, causal, scale, softcap,
+                                                 sinks, return_lse)
         if key is not None:
             plan = self._plans.get(key)
             if plan is not None:
-                return plan(q)
+                if sinks is None:
+                    return plan(q)
+                from .ops import apply_sinks
+                out, lse = apply_sinks(*plan(q), sinks)
+                return (out, lse) if return_lse else out
         from . import api
         from .dispatch import Problem, get_backend, select_backend
         from .ops import apply_sinks
@@ -92,7 +96,7 @@ class Int8KVCache:
                 if key is not None and v is self.v:
                     self._remember(key, backend.int8_cache_plan(
                         q, self.k8, self.k_scale, self.k_mean.float(), v, pattern, self.block,
-                        return_lse))
+                        return_lse or sinks is not None))
                 out, lse = res
         if out is None:
             out, lse = self._attention_quantized(q, v, pattern, backend)
@@ -126,19 +130,25 @@ class Int8KVCache:
 
     _MAX_PLANS = 16
 
-    def _plan_key(self, q, window, landmarks, causal, scale, return_lse) -> Optional[tuple]:
+    def _plan_key(self, q, window, landmarks, causal, scale, softcap, sinks,
+                  return_lse) -> Optional[tuple]:
         """The plan key of a call, or None when the call is not one a plan replays (landmark
-        tensors, autograd, tracing, modes, arguments of types the key does not cover)."""
+        tensors, autograd, tracing, modes, arguments of types the key does not cover). A softcap
+        is part of the plan; sinks are applied to its (out, lse), so only what decides their
+        validity (shape, dtype, device) is keyed."""
         from .fast_path import eligible, environment_key, keyable_scalars
 
         if not (keyable_scalars(window, causal, scale, return_lse)
-                and (landmarks is None or type(landmarks) is int) and eligible(q, q, q)):
+                and (landmarks is None or type(landmarks) is int) and eligible(q, q, q)
+                and (softcap is None or type(softcap) is float or type(softcap) is int)
+                and (sinks is None or (type(sinks) is torch.Tensor and not sinks.requires_grad))):
             return None
+        sink_key = None if sinks is None else (sinks.shape, sinks.dtype, sinks.device)
         kpm = self.key_padding_mask
         cache = tuple(t.data_ptr() for t in (self.k8, self.k_scale, self.k_mean, self.v)) + (
             None if kpm is None else kpm.data_ptr(), self.block)
         return (q.shape, q.stride(), q.dtype, q.device, window, landmarks, causal, scale,
-                return_lse, cache, environment_key())
+                softcap, sink_key, return_lse, cache, environment_key())
 
     def _remember(self, key: tuple, plan) -> None:
         if plan is None:

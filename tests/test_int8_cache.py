@@ -74,6 +74,34 @@ def test_repeated_decode_calls_replay_a_plan_bit_for_bit(dtype):
     assert torch.equal(wide, fresh.attention(q, window=(200, 0), causal=True))
 
 
+def test_softcap_and_sinks_calls_replay_a_plan():
+    """Softcap (in the plan) and sinks (applied to the plan's out and lse) replay bit for bit;
+    new sink values are read per call; a softcap or sinks the general path rejects still raise."""
+    from hybrid_kernels.backends.cpu import CpuBackend
+    if CpuBackend().unavailable_reason():
+        pytest.skip("native CPU module not built")
+    q, k, v, kpm = _inputs(nq=1, nk=257)
+    q = q.bfloat16()
+    cache = Int8KVCache.from_kv(k, v.bfloat16(), key_padding_mask=kpm)
+    sinks = torch.randn(q.shape[1])
+    kw = dict(window=(40, 0), causal=True, softcap=5.0)
+    general = cache.attention(q, sinks=sinks, return_lse=True, **kw)
+    assert len(cache._plans) == 1
+    for _ in range(2):
+        out, lse = cache.attention(q, sinks=sinks, return_lse=True, **kw)
+        assert torch.equal(out, general[0]) and torch.equal(lse, general[1])
+    assert len(cache._plans) == 1
+    fresh = Int8KVCache.from_kv(k, v.bfloat16(), key_padding_mask=kpm)
+    other = sinks + 3.0
+    assert torch.equal(cache.attention(q, sinks=other, **kw), fresh.attention(q, sinks=other, **kw))
+    assert torch.equal(cache.attention(q, **kw), fresh.attention(q, **kw)), "no sinks: a plan of its own"
+    for _ in range(2):
+        with pytest.raises(ValueError, match="sinks"):
+            cache.attention(q, sinks=torch.zeros(3), **kw)
+        with pytest.raises(ValueError, match="softcap"):
+            cache.attention(q, window=(40, 0), causal=True, softcap=-1.0)
+
+
 def test_a_plan_never_skips_an_error():
     q, k, v, kpm = _inputs(nq=1)
     cache = Int8KVCache.from_kv(k, v, key_padding_mask=kpm)
@@ -120,6 +148,29 @@ def test_cache_score_modifiers(monkeypatch, override, mods):
     plain = cache.attention(q, **pattern)
     assert float((plain - out).abs().max()) > 10 * float((out - fused).abs().max()) + 1e-3, \
         "the modifier changed the result"
+
+
+@pytest.mark.parametrize("d", [59, 64])
+@pytest.mark.parametrize("nq", [1, 5])
+def test_cache_softcap_on_the_decode_path(nq, d):
+    """A softcap on the decode path (the smoothing shift joins the scores before the cap): the
+    fused int8 call's result and lse, with and without the int8 dot-product tiling (D = 64 / 59)."""
+    torch.manual_seed(3)
+    q, k, v, kpm = _inputs(nq=nq, nk=333, d=d)
+    q = q * 3.0  # scores large enough for the cap to bend them
+    kw = dict(window=(100, 0), causal=True, softcap=2.0, key_padding_mask=kpm)
+    cache = Int8KVCache.from_kv(k.bfloat16(), v.bfloat16(), key_padding_mask=kpm)
+    args = {key: val for key, val in kw.items() if key != "key_padding_mask"}
+    out, lse = cache.attention(q.bfloat16(), return_lse=True, **args)
+    fused, fused_lse = hk.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), quant="int8",
+                                    return_lse=True, **kw)
+    exact, _ = hk.attention(q, k, v, return_lse=True, backend="reference", **kw)
+    uncapped = cache.attention(q.bfloat16(), **{**args, "softcap": None})
+    step = 2.0 ** -7 * float(fused.float().abs().max())  # one bf16 ulp of the largest output
+    assert float((out.float() - fused.float()).abs().max()) <= 2 * step
+    assert float((lse - fused_lse).abs().max()) <= 1e-5 * (1 + float(fused_lse.abs().max()))
+    assert float((out.float() - exact).abs().max()) <= 1.5 * float((fused.float() - exact).abs().max()) + 2 * step
+    assert float((uncapped.float() - out.float()).abs().max()) > 10 * step, "the cap changed nothing"
 
 
 def test_cache_score_modifier_errors():

@@ -94,6 +94,9 @@ struct AttnInt8Params {
   // contiguous, the mean of K over the real keys (nullptr: no smoothing); padded keys quantize to
   // zero; and the lse written is that of the exact scores (scale * q . k_mean added back).
   const float* k_mean = nullptr;
+  // Set by the CPU decode route for itself (callers leave it null): per query row (B, Hq, Nq), the
+  // smoothing shift scale * q . k_mean, which joins the scores before a softcap.
+  const float* score_shift = nullptr;
 };
 
 }  // namespace hk

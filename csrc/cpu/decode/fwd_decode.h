@@ -137,10 +137,12 @@ struct DecodeScratch {
   float* kscale() const { return kscale_.buf.get(); }
 };
 
-// Per item of the int8 K cache path: the rows' factors q_scale * scale * log2(e) and the kv head's
-// k_scale (one per k_block keys).
+// Per item of the int8 K cache path: the rows' factors q_scale * scale * log2(e), their score
+// shifts (the smoothing shift in log2 units under a softcap, else 0) and the kv head's k_scale
+// (one per k_block keys).
 struct DecodeK8 {
   float row_factor[kDecodeGroup];
+  float row_shift[kDecodeGroup];
   const float* k_scale;
   int64_t k_block;
 };
@@ -669,8 +671,8 @@ struct DecodeKernel {
 #endif
     scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
     if constexpr (K8) {
-      // S = (q8 . k8) * q_scale * k_scale * scale (log2 units): per-key factor k_scale[j / k_block],
-      // looked up once for all rows.
+      // S = (q8 . k8) * q_scale * k_scale * scale (log2 units) + the row's shift: per-key factor
+      // k_scale[j / k_block], looked up once for all rows.
       float* ksc = s.kscale();
       const int64_t kb = k8->k_block;
       if ((kb & (kb - 1)) == 0) {
@@ -681,8 +683,12 @@ struct DecodeKernel {
       }
       for (int r = 0; r < NR; ++r) {
         float* Sr = S + r * s.SP;
-        const float rf = k8->row_factor[r];
-        for (int t = 0; t < n; ++t) Sr[t] = Sr[t] * (rf * ksc[t]);
+        const float rf = k8->row_factor[r], sh = k8->row_shift[r];
+        if (sh != 0.f) {
+          for (int t = 0; t < n; ++t) Sr[t] = Sr[t] * (rf * ksc[t]) + sh;
+        } else {
+          for (int t = 0; t < n; ++t) Sr[t] = Sr[t] * (rf * ksc[t]);
+        }
       }
     }
     float* o[NR];
@@ -871,6 +877,7 @@ class DecodeForward {
           }
           const int64_t nqb = ceil_div(p.Nq, p8->q_block);
           k8info.row_factor[r] = p8->q_scale[(b * p.Hq + h) * nqb + i / p8->q_block] * c;
+          k8info.row_shift[r] = p8->score_shift ? p8->score_shift[(b * p.Hq + h) * p.Nq + i] * kLog2e : 0.f;
         } else if (K::dot2_qk(p)) {  // bf16 as given; the scale multiplies the scores
           const T* qr = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2];
           std::memcpy(q, qr, sizeof(T) * p.D);

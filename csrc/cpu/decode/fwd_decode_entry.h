@@ -24,10 +24,11 @@ constexpr int64_t kDecodeMaxNq = 8;
 inline bool decode_path_applies(const AttnParams& p) { return p.Nq <= kDecodeMaxNq; }
 
 // The int8 decode path: a pre-quantized K (Q pre-quantized or quantized first), few query rows,
-// q8 . k8 exact in fp32 (D <= 1024); no softcap (it would cap the smoothed scores).
+// q8 . k8 exact in fp32 (D <= 1024); a softcap only with q quantized here (the smoothing shift
+// joins the scores before the cap).
 inline bool decode_int8_applies(const AttnInt8Params& p) {
-  return p.k8 != nullptr && p.fwd.Nq <= kDecodeMaxNq && p.fwd.Nk > 0 && p.fwd.softcap == 0.f &&
-         p.fwd.D <= 1024;
+  return p.k8 != nullptr && p.fwd.Nq <= kDecodeMaxNq && p.fwd.Nk > 0 &&
+         (p.fwd.softcap == 0.f || p.q8 == nullptr) && p.fwd.D <= 1024;
 }
 
 }  // namespace

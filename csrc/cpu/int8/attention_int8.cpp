@@ -108,9 +108,12 @@ void decode_int8(const AttnInt8Params& p, const int8::Kernels& kern) {
     d.q8 = q8.data();
     d.q_scale = qs.data();
     d.k_mean = nullptr;
+    // Under a softcap the shift joins the scores (the cap is not shift-invariant), so the lse
+    // the kernel writes is already that of the exact scores.
+    if (f.softcap > 0.f) d.score_shift = shift.data();
   }
   attention_forward_decode_int8_avx512(d);
-  if (p.q8 == nullptr && p.k_mean)
+  if (p.q8 == nullptr && p.k_mean && !(f.softcap > 0.f))
     for (int64_t r = 0; r < f.B * f.Hq * f.Nq; ++r) f.lse[r] += shift[size_t(r)];
 }
 
