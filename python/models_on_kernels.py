@@ -13,9 +13,9 @@ a ModernBERT-like encoder its alternating local (128) and global layers. Random-
 machine's speed hits both. Prints one table (median ms, speedup) and the outputs' agreement.
 
 ``--decode`` times generation instead (decoder models only): a prompt of each --seq-lens length is
-prefilled once into a KV cache, then --new-tokens one-token steps run on a fresh copy of it with
-either attention; the table shows milliseconds per generated token, and the agreement of the
-first step's hidden states.
+prefilled once into a KV cache (``--cache dynamic``, transformers' default, or ``static``), then
+--new-tokens one-token steps run on a fresh copy of it with either attention; the table shows
+milliseconds per generated token, and the agreement of the first step's hidden states.
 """
 from __future__ import annotations
 
@@ -107,6 +107,9 @@ def parse_args(argv=None):
     p.add_argument("--decode", action="store_true",
                    help="time one-token generation steps after a prompt of each length instead")
     p.add_argument("--new-tokens", type=int, default=16, help="steps per timed round (--decode)")
+    p.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                   help="--decode: transformers' default cache (a new K/V tensor per step) or a "
+                        "StaticCache (written in place)")
     args = p.parse_args(argv)
     if args.zoo and args.seq_lens == [8192, 16384]:
         args.seq_lens = [4096]
@@ -150,49 +153,64 @@ def measure(name: str, model, seq_len: int, repeats: int) -> dict:
 ENCODERS = ("modernbert", "bert", "t5_encoder")
 
 
-def _decode_steps(model, cache, token, steps: int):
-    """Runs ``steps`` one-token forwards on ``cache`` (grown in place); the first step's output."""
+def _decode_steps(model, cache, token, steps: int, start: int):
+    """Runs ``steps`` one-token forwards on ``cache`` (written in place) at positions ``start``,
+    ``start + 1``, ...; the first step's output."""
     from hybrid_kernels.integrations.hf_compat import cache_kwargs
     first = None
     with torch.inference_mode():
-        for _ in range(steps):
-            out = model(input_ids=token, use_cache=True,
+        for s in range(steps):
+            out = model(input_ids=token, use_cache=True, cache_position=torch.tensor([start + s]),
                         **cache_kwargs(model, cache)).last_hidden_state
             first = out if first is None else first
     return first
 
 
-def measure_decode(name: str, model, seq_len: int, repeats: int, steps: int) -> dict:
+def _prompt_cache(model, ids, kind: str, room: int):
+    """The KV cache after prefilling ``ids``: transformers' default (dynamic: every step
+    concatenates a new K/V tensor) or a static one with ``room`` free slots (written in place)."""
+    from hybrid_kernels.integrations.hf_compat import cache_kwargs, output_cache
+    with torch.inference_mode():
+        if kind == "dynamic":
+            return output_cache(model(input_ids=ids, use_cache=True))
+        from transformers import StaticCache
+        cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + room)
+        model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
+        return cache
+
+
+def measure_decode(name: str, model, seq_len: int, repeats: int, steps: int,
+                   cache_kind: str = "dynamic") -> dict:
     """Median milliseconds per generated token after a prompt of ``seq_len`` tokens, with the
     model's default attention and with hybrid_kernels (each from its own copy of one prefilled
     cache, so both decode the same context)."""
     import copy
-    from hybrid_kernels.integrations.hf_compat import output_cache
     torch.manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, seq_len))
     token = torch.randint(3, model.config.vocab_size, (1, 1))
     kernel = hk.integrations.transformers.register()
     default = model.config._attn_implementation
     impls = {"default": default, "hybrid_kernels": kernel}
+    prompt_cache = _prompt_cache(model, ids, cache_kind, steps + 1)
     with torch.inference_mode():
-        prompt_cache = output_cache(model(input_ids=ids, use_cache=True))
         outs = {}
         for label, impl in impls.items():  # warm-up, and the first steps to compare
             model.set_attn_implementation(impl)
-            outs[label] = _decode_steps(model, copy.deepcopy(prompt_cache), token, 1).float()
+            outs[label] = _decode_steps(model, copy.deepcopy(prompt_cache), token, 1,
+                                        seq_len).float()
         times = {k: [] for k in impls}
         for _ in range(repeats):
             for label, impl in impls.items():
                 model.set_attn_implementation(impl)
                 cache = copy.deepcopy(prompt_cache)
                 t0 = time.perf_counter()
-                _decode_steps(model, cache, token, steps)
+                _decode_steps(model, cache, token, steps, seq_len)
                 times[label].append((time.perf_counter() - t0) / steps)
     model.set_attn_implementation(default)
     ref, got = outs["default"], outs["hybrid_kernels"]
     t_ref, t_hk = statistics.median(times["default"]), statistics.median(times["hybrid_kernels"])
-    return {"model": name, "default": default, "seq_len": seq_len, "default_ms": t_ref * 1e3,
-            "hybrid_ms": t_hk * 1e3, "speedup": t_ref / t_hk,
+    return {"model": name, "default": default, "seq_len": seq_len, "cache": cache_kind,
+            "default_ms": t_ref * 1e3, "hybrid_ms": t_hk * 1e3, "speedup": t_ref / t_hk,
             "max_rel_diff": ((got - ref).abs().max() / ref.abs().max()).item()}
 
 
@@ -208,8 +226,8 @@ def main(argv=None) -> list:
           f"{args.dtype}, CPU kernel ISA {isa}")
     steps = 2 if args.quick else args.new_tokens
     if args.decode:
-        print(f"one-token decode after a prompt of 'tokens', ms per generated token "
-              f"({steps} steps per round, median of {args.repeats} rounds)")
+        print(f"one-token decode after a prompt of 'tokens', {args.cache} cache, ms per generated "
+              f"token ({steps} steps per round, median of {args.repeats} rounds)")
     print(f"{'model':<11} {'default':>8} {'tokens':>7} {'default ms':>11} {'hk ms':>9} "
           f"{'speedup':>8} {'max rel diff':>13}")
     builders = zoo(args.quick) if args.zoo else {n: (lambda n=n: MODELS[n](args.quick)) for n in args.models}
@@ -219,7 +237,7 @@ def main(argv=None) -> list:
         torch.manual_seed(0)
         model = build().eval().to(dtype)
         for n in args.seq_lens:
-            row = (measure_decode(name, model, n, args.repeats, steps)
+            row = (measure_decode(name, model, n, args.repeats, steps, args.cache)
                    if args.decode else measure(name, model, n, args.repeats))
             row["mode"] = "decode" if args.decode else "prefill"
             rows.append(row)

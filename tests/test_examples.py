@@ -35,10 +35,10 @@ def test_fid_qa_end_to_end_with_a_random_reader():
 
 
 @pytest.mark.parametrize("zoo", [False, True])
-@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+@pytest.mark.parametrize("decode", [None, "dynamic", "static"], ids=["prefill", "decode", "decode-static"])
 def test_models_on_kernels_quick(zoo, decode):
     out = run("models_on_kernels.py", "--quick", *(["--zoo"] if zoo else []),
-              *(["--decode"] if decode else []))
+              *(["--decode", "--cache", decode] if decode else []))
     names = (["llama", "mistral", "qwen2", "phi3", "gemma2", "gemma3", "cohere2", "gpt_oss",
               "modernbert", "bert", "t5_encoder"] if zoo else ["mistral", "modernbert"])
     if decode:  # generation steps: the decoders only
