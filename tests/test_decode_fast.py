@@ -140,6 +140,49 @@ def test_the_fast_path_is_taken_and_replays():
     assert_matches_oracle("new data", c, o64, ob)
 
 
+@pytest.mark.parametrize("layout", ["fresh", "static buffer", "v transposed storage"])
+@pytest.mark.parametrize("kw", [{}, {"causal": True, "window": (6, 0)}, {"softcap": 2.0}],
+                         ids=["plain", "causal window", "softcap"])
+def test_a_growing_kv_cache_replays_one_plan(layout, kw):
+    """Decode steps against a cache one key longer per call (generation): one plan serves every
+    length, each call passes its K/V length and strides, every result matches the oracle, and
+    the plan holds none of its first call's tensors."""
+    g = torch.Generator().manual_seed(21)
+    B, Hq, Hk, Nq, D = 2, 8, 2, 3 if kw.get("causal") else 1, 64
+    q = torch.randn(B, Hq, Nq, D, generator=g)
+    buf_k, buf_v = (torch.randn(B, Hk, 1200, D, generator=g) for _ in range(2))
+    fast_path._PLANS.clear()
+    for nk in [1, 2, 3, 17, 18, 97, 98, 1025, 1026]:
+        if layout == "fresh":
+            k, v = buf_k[:, :, :nk].clone(), buf_v[:, :, :nk].clone()
+        elif layout == "static buffer":
+            k, v = buf_k[:, :, :nk], buf_v[:, :, :nk]
+        else:
+            k = buf_k[:, :, :nk].clone()
+            v = buf_v[:, :, :nk].transpose(1, 2).contiguous().transpose(1, 2)
+        with torch.inference_mode():
+            out, lse = hk.attention(q, k, v, return_lse=True, **kw)
+        ref_kw = _pattern_kwargs(kw, B, nk)
+        (o64, l64), (ob, lb) = reference_pair(q, k, v, **ref_kw)
+        assert_matches_oracle(f"Nk={nk} out", out, o64, ob)
+        assert torch.equal(torch.isinf(lse), torch.isinf(l64)), f"Nk={nk}: -inf rows"
+        assert_matches_oracle(f"Nk={nk} lse", lse, l64, lb)
+    plans = [p for p in fast_path._PLANS.values() if isinstance(p, fast_path._CpuPlan)]
+    assert len(plans) == 1 and plans[0].any_length, "one plan for every length"
+    assert plans[0].keep.items == [], "a plan keeps no call's tensors alive"
+
+
+def test_an_any_length_plan_leaves_length_checks_to_the_general_path():
+    q, k, v = _inputs(1, 8, 2, 1, 40, 64, torch.float32)
+    with torch.inference_mode():
+        hk.attention(q, k, v)
+        with pytest.raises(ValueError, match="must agree on Hk and Nk"):
+            hk.attention(q, k, v[:, :, :39])
+        empty = hk.attention(q, k[:, :, :0], v[:, :, :0], return_lse=True)
+    ref = hk.attention(q, k[:, :, :0], v[:, :, :0], return_lse=True, backend="reference")
+    assert torch.equal(empty[0], ref[0]) and torch.equal(empty[1], ref[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_padding_masks_replay_a_plan_reading_each_calls_mask(dtype):
     """A key padding mask is keyed by its layout: every call reads its own mask's bytes, so new

@@ -28,6 +28,11 @@ class Keep:
         self.items.append(t)
         return t.data_ptr()
 
+    def drop(self, *tensors: Tensor) -> None:
+        """Stops holding these (a plan replaces their pointers on every call, and must not keep
+        its first call's inputs and outputs alive)."""
+        self.items = [t for t in self.items if not any(t is d for d in tensors)]
+
 
 def fill_params(mod, params, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                 pattern: Pattern, keep: Keep) -> None:

@@ -120,7 +120,8 @@ class CpuBackend(Backend):
         if not hasattr(mod, "attention_forward_int8_ptrs") or q.stride(-1) != 1:
             return None
         keep = Keep()
-        params, out, _ = _int8_cache_params(mod, q, k8, k_scale, k_mean, v, pattern, block, keep)
+        params, out, lse = _int8_cache_params(mod, q, k8, k_scale, k_mean, v, pattern, block, keep)
+        keep.drop(q, out, lse)  # every call passes its own
         return Int8CachePlan(mod, params, keep, tuple(out.shape), q.dtype, return_lse)
 
     def backward(self, dout, q, k, v, out, lse, pattern: Pattern, bias_grad: bool = False):
