@@ -13,25 +13,32 @@ the rendezvous store, which does not travel over the gloo connections:
 """
 from __future__ import annotations
 
+import datetime
+import itertools
+
 import torch.distributed as dist
 
 _KEY = "hybrid_kernels/shutdown"
+_round = itertools.count()  # every rank calls shutdown() as often: keys never repeat on a store
 
 
-def shutdown() -> None:
+def shutdown(timeout: datetime.timedelta = datetime.timedelta(minutes=5)) -> None:
     """Synchronize every rank of the default group, then destroy it (a no-op when none exists).
 
     Call it on every rank instead of ``dist.destroy_process_group()`` at the end of a program.
+    A rank that does not arrive within ``timeout`` makes the others raise (the store's error)
+    instead of waiting forever.
     """
     if not dist.is_initialized():
         return
     rank, world = dist.get_rank(), dist.get_world_size()
+    key = f"{_KEY}/{next(_round)}"
     dist.barrier()
     store = dist.distributed_c10d._get_default_store()
-    store.set(f"{_KEY}/done/{rank}", "1")
-    store.wait([f"{_KEY}/done/{r}" for r in range(world)])
+    store.set(f"{key}/done/{rank}", "1")
+    store.wait([f"{key}/done/{r}" for r in range(world)], timeout)
     if rank == 0:
-        store.wait([f"{_KEY}/left/{r}" for r in range(1, world)])
+        store.wait([f"{key}/left/{r}" for r in range(1, world)], timeout)
     else:
-        store.set(f"{_KEY}/left/{rank}", "1")
+        store.set(f"{key}/left/{rank}", "1")
     dist.destroy_process_group()
