@@ -4,15 +4,15 @@ A plan is keyed by everything that decides a call: shapes, strides, dtypes and d
 v; window, causal, scale, softcap (plain Python values of exact types, so True never stands for
 1), the requested backend, return_lse, the environment variables the call reads and torch's
 thread count. Calls with landmarks, padding, quant, sinks or biases (tensors), autograd, or under
-torch.compile never use it; a key padding mask is keyed by its layout only (its bytes are read
-per call). Without a mask the key leaves K/V's length and their strides over batch, heads and
+torch.compile never use it. The key leaves K/V's length and their strides over batch, heads and
 keys open (a decode step against a growing KV cache has a new length every call, and nothing
-the general path checks depends on it once k and v agree on it and it is not 0); the call
-passes them. A plan is either False (take the general path) or a _CpuPlan: the CPU backend's
-params prefilled, so a call only allocates the output and passes pointers (and K/V's length
-and strides). Entries are made after the general path's validation and dispatch accepted the
-same key, so a hit never skips an error. A plan holds none of its first call's tensors.
-register_backend() clears the cache.
+the general path checks depends on it once k and v agree on it, it is not 0, and a key
+padding mask is (B, Nk)); a mask is keyed by dtype, device and batch, its bytes read per call
+(a contiguous one; others take the general path). A plan is either False (take the general
+path) or a _CpuPlan: the CPU backend's params prefilled, so a call only allocates the output
+and passes its pointers, K/V's length and strides. Entries are made after the general path's
+validation and dispatch accepted the same key, so a hit never skips an error. A plan holds none
+of its calls' tensors. register_backend() clears the cache.
 """
 from __future__ import annotations
 
@@ -82,9 +82,9 @@ def keyable_scalars(window, causal, scale, return_lse) -> bool:
 def _plan_key(q, k, v, kpm, window, causal, scale, softcap, backend, return_lse):
     """The cache key of a call, or None when an argument is of a type the cache does not key."""
     if kpm is not None:
-        if type(kpm) is not Tensor:
+        if type(kpm) is not Tensor or kpm.dim() != 2:
             return None
-        kpm = (kpm.shape, kpm.stride(), kpm.dtype, kpm.device)
+        kpm = (kpm.shape[0], kpm.dtype, kpm.device)
     if not keyable_scalars(window, causal, scale, return_lse):
         return None
     if not (softcap is None or type(softcap) is float or type(softcap) is int):
@@ -95,30 +95,24 @@ def _plan_key(q, k, v, kpm, window, causal, scale, softcap, backend, return_lse)
         strides = (q.stride(), k.stride(), v.stride())
     except RuntimeError:  # sparse / nested layouts have no strides: the general path decides
         return None
-    if kpm is None:  # any K/V length (see the module docstring); run() checks the call
-        ks, vs = strides[1], strides[2]
-        kshape, vshape = k.shape, v.shape
-        if len(kshape) != 4 or len(vshape) != 4:
-            return None
-        return (q.shape, q.stride(), (kshape[0], kshape[1], kshape[3], ks[3]),
-                (vshape[0], vshape[1], vshape[3], vs[3]), q.dtype, k.dtype, v.dtype, q.device,
-                k.device, v.device, None, window, causal, scale, softcap, backend, return_lse,
-                environment_key())
-    return (q.shape, k.shape, v.shape, strides, q.dtype, k.dtype, v.dtype, q.device, k.device,
-            v.device, kpm, window, causal, scale, softcap, backend, return_lse, environment_key())
+    ks, vs = strides[1], strides[2]  # any K/V length (see the module docstring); run() checks it
+    kshape, vshape = k.shape, v.shape
+    if len(kshape) != 4 or len(vshape) != 4:
+        return None
+    return (q.shape, q.stride(), (kshape[0], kshape[1], kshape[3], ks[3]),
+            (vshape[0], vshape[1], vshape[3], vs[3]), q.dtype, k.dtype, v.dtype, q.device,
+            k.device, v.device, kpm, window, causal, scale, softcap, backend, return_lse,
+            environment_key())
 
 
 class _CpuPlan:
-    """A call on the native CPU backend with its params prefilled; only pointers change (and,
-    with ``any_length``, K/V's length and strides)."""
-    __slots__ = ("run", "run_kv", "any_length", "params", "out_shape", "dtype", "lse_shape",
-                 "return_lse", "poison", "cached_alloc", "keep")
+    """A call on the native CPU backend with its params prefilled; only pointers, K/V's length
+    and their strides change."""
+    __slots__ = ("run", "params", "out_shape", "dtype", "lse_shape", "return_lse", "poison",
+                 "cached_alloc")
 
-    def __init__(self, mod, params, out_shape, dtype, return_lse, poison, cached_alloc, keep,
-                 any_length):
-        self.run = mod.attention_forward_ptrs
-        self.run_kv = mod.attention_forward_ptrs_kv
-        self.any_length = any_length
+    def __init__(self, mod, params, out_shape, dtype, return_lse, poison, cached_alloc):
+        self.run = mod.attention_forward_ptrs_kv
         self.params = params
         self.out_shape = out_shape
         self.dtype = dtype
@@ -126,7 +120,6 @@ class _CpuPlan:
         self.return_lse = return_lse
         self.poison = poison
         self.cached_alloc = cached_alloc
-        self.keep = keep  # what the prefilled params point at (e.g. the first call's mask copy)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, kpm):
         if self.cached_alloc:
@@ -140,15 +133,10 @@ class _CpuPlan:
             lse = torch.empty(self.lse_shape, dtype=torch.float32, device=_CPU)
             if self.poison:
                 lse.fill_(float("nan"))
-        lse_ptr = 0 if lse is None else lse.data_ptr()
-        if self.any_length:
-            ks, vs = k.stride(), v.stride()
-            self.run_kv(self.params, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                        lse_ptr, k.shape[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2])
-        else:
-            pad = 0 if kpm is None else kpm.data_ptr()
-            self.run(self.params, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                     lse_ptr, pad)
+        ks, vs = k.stride(), v.stride()
+        self.run(self.params, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                 0 if lse is None else lse.data_ptr(), 0 if kpm is None else kpm.data_ptr(),
+                 k.shape[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2])
         return out if lse is None else (out, lse)
 
 
@@ -177,14 +165,14 @@ def _fast_plan(q, k, v, kpm, window, causal, scale, softcap, backend, return_lse
     out_shape = (B, Hq, Nq, Dv)
     out = torch.empty(out_shape, dtype=q.dtype)   # for the strides only
     lse = torch.empty(out_shape[:3], dtype=torch.float32)
-    params, keep = mod.AttnParams(), Keep()
-    fill_params(mod, params, q, k, v, out, lse, pattern, keep)
-    keep.drop(q, k, v, out, lse)  # every call passes its own
+    # Every pointer fill_params sets (q, k, v, out, lse, the mask) is replaced by each call's own,
+    # so the plan keeps none of the tensors behind them.
+    params = mod.AttnParams()
+    fill_params(mod, params, q, k, v, out, lse, pattern, Keep())
     params.num_threads = num_threads()
     nbytes = out.numel() * out.element_size()
     return _CpuPlan(mod, params, out_shape, q.dtype, return_lse, poison_enabled(),
-                    cached_alloc=nbytes >= mod.SCRATCH_MIN_CACHED_BYTES, keep=keep,
-                    any_length=kpm is None)
+                    cached_alloc=nbytes >= mod.SCRATCH_MIN_CACHED_BYTES)
 
 
 def _clear_plans() -> None:
@@ -211,8 +199,10 @@ def run(q, k, v, key_padding_mask, window, causal, scale, softcap, backend, retu
                     return_lse)
     if key is None:
         return None
-    if key_padding_mask is None and (k.shape[2] != v.shape[2] or k.shape[2] == 0):
-        return None  # checks an any-length plan cannot replay: the general path decides
+    nk = k.shape[2]
+    if nk != v.shape[2] or nk == 0 or (key_padding_mask is not None and (
+            key_padding_mask.shape[1] != nk or not key_padding_mask.is_contiguous())):
+        return None  # what a plan for any length cannot replay: the general path decides
     entry = _PLANS.get(key)
     if entry is None:
         entry = _fast_plan(q, k, v, key_padding_mask, window, causal, scale, softcap, backend,

@@ -6,8 +6,10 @@ computation in the input dtype plus fp32 rounding), the full pattern contract on
 kernel, plans never going stale, thread-count determinism, and unchanged errors."""
 from __future__ import annotations
 
+import gc
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -141,12 +143,16 @@ def test_the_fast_path_is_taken_and_replays():
 
 
 @pytest.mark.parametrize("layout", ["fresh", "static buffer", "v transposed storage"])
-@pytest.mark.parametrize("kw", [{}, {"causal": True, "window": (6, 0)}, {"softcap": 2.0}],
-                         ids=["plain", "causal window", "softcap"])
+@pytest.mark.parametrize("kw", [{}, {"causal": True, "window": (6, 0)}, {"softcap": 2.0},
+                                {"padded": True}],
+                         ids=["plain", "causal window", "softcap", "padding"])
 def test_a_growing_kv_cache_replays_one_plan(layout, kw):
     """Decode steps against a cache one key longer per call (generation): one plan serves every
-    length, each call passes its K/V length and strides, every result matches the oracle, and
-    the plan holds none of its first call's tensors."""
+    length (with a padding mask too: each call's (B, Nk) mask is read), each call passes its K/V
+    length and strides, every result matches the oracle, and the plan holds none of its first
+    call's tensors."""
+    kw = dict(kw)
+    padded = kw.pop("padded", False)
     g = torch.Generator().manual_seed(21)
     B, Hq, Hk, Nq, D = 2, 8, 2, 3 if kw.get("causal") else 1, 64
     q = torch.randn(B, Hq, Nq, D, generator=g)
@@ -160,6 +166,10 @@ def test_a_growing_kv_cache_replays_one_plan(layout, kw):
         else:
             k = buf_k[:, :, :nk].clone()
             v = buf_v[:, :, :nk].transpose(1, 2).contiguous().transpose(1, 2)
+        if padded:
+            kw["key_padding_mask"] = torch.rand(B, nk, generator=g) < 0.7
+            if nk == 98:
+                kw["key_padding_mask"][1] = False  # a batch row that sees nothing
         with torch.inference_mode():
             out, lse = hk.attention(q, k, v, return_lse=True, **kw)
         ref_kw = _pattern_kwargs(kw, B, nk)
@@ -168,8 +178,11 @@ def test_a_growing_kv_cache_replays_one_plan(layout, kw):
         assert torch.equal(torch.isinf(lse), torch.isinf(l64)), f"Nk={nk}: -inf rows"
         assert_matches_oracle(f"Nk={nk} lse", lse, l64, lb)
     plans = [p for p in fast_path._PLANS.values() if isinstance(p, fast_path._CpuPlan)]
-    assert len(plans) == 1 and plans[0].any_length, "one plan for every length"
-    assert plans[0].keep.items == [], "a plan keeps no call's tensors alive"
+    assert len(plans) == 1, "one plan for every length"
+    held = [weakref.ref(t) for t in (k, v, out, lse, *([kw["key_padding_mask"]] if padded else []))]
+    del k, v, out, lse, kw, ref_kw
+    gc.collect()
+    assert all(ref() is None for ref in held), "a plan keeps no call's tensors alive"
 
 
 def test_an_any_length_plan_leaves_length_checks_to_the_general_path():

@@ -106,8 +106,9 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def(
       "attention_forward_ptrs_kv",
       [forward_ptrs](const hk::AttnParams& params, std::uintptr_t q, std::uintptr_t k,
-                     std::uintptr_t v, std::uintptr_t o, std::uintptr_t lse, int64_t nk,
-                     int64_t ks0, int64_t ks1, int64_t ks2, int64_t vs0, int64_t vs1, int64_t vs2) {
+                     std::uintptr_t v, std::uintptr_t o, std::uintptr_t lse,
+                     std::uintptr_t key_padding, int64_t nk, int64_t ks0, int64_t ks1, int64_t ks2,
+                     int64_t vs0, int64_t vs1, int64_t vs2) {
         hk::AttnParams p = params;
         p.Nk = nk;
         p.k_stride[0] = ks0;
@@ -116,10 +117,10 @@ PYBIND11_MODULE(_C_cpu, m) {
         p.v_stride[0] = vs0;
         p.v_stride[1] = vs1;
         p.v_stride[2] = vs2;
-        forward_ptrs(p, q, k, v, o, lse, 0);
+        forward_ptrs(p, q, k, v, o, lse, key_padding);
       },
       py::arg("params"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
-      py::arg("nk"), py::arg("ks0"), py::arg("ks1"), py::arg("ks2"), py::arg("vs0"), py::arg("vs1"),
+      py::arg("key_padding"), py::arg("nk"), py::arg("ks0"), py::arg("ks1"), py::arg("ks2"), py::arg("vs0"), py::arg("vs1"),
       py::arg("vs2"), py::call_guard<py::gil_scoped_release>());
   m.def("attention_backward", &hk::cpu::attention_backward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());
