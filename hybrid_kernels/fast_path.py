@@ -3,7 +3,7 @@
 A plan is keyed by everything that decides a call: shapes, strides, dtypes and devices of q, k,
 v; window, causal, scale, softcap (plain Python values of exact types, so True never stands for
 1), the requested backend, return_lse, the environment variables the call reads and torch's
-thread count. Calls with landmarks, padding, quant, sinks or biases (tensors), autograd, or under
+thread count. Calls with landmarks, quant, sinks or biases (tensors), autograd, or under
 torch.compile never use it. The key leaves K/V's length and their strides over batch, heads and
 keys open (a decode step against a growing KV cache has a new length every call, and nothing
 the general path checks depends on it once k and v agree on it, it is not 0, and a key
@@ -157,8 +157,6 @@ def _fast_plan(q, k, v, kpm, window, causal, scale, softcap, backend, return_lse
         return False
     if any(t.stride(-1) != 1 and t.shape[-1] != 1 for t in (q, k, v)):
         return False
-    if kpm is not None and not kpm.is_contiguous():  # the kernel reads B rows of Nk bytes
-        return False
     mod = load_module()
     if not hasattr(mod, "attention_forward_ptrs_kv"):
         return False
@@ -199,10 +197,12 @@ def run(q, k, v, key_padding_mask, window, causal, scale, softcap, backend, retu
                     return_lse)
     if key is None:
         return None
+    # What a plan for any K/V length cannot replay (the kernel reads B rows of Nk mask bytes):
+    # the general path decides.
     nk = k.shape[2]
     if nk != v.shape[2] or nk == 0 or (key_padding_mask is not None and (
             key_padding_mask.shape[1] != nk or not key_padding_mask.is_contiguous())):
-        return None  # what a plan for any length cannot replay: the general path decides
+        return None
     entry = _PLANS.get(key)
     if entry is None:
         entry = _fast_plan(q, k, v, key_padding_mask, window, causal, scale, softcap, backend,

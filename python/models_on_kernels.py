@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import hybrid_kernels as hk  # noqa: E402
+from hybrid_kernels.integrations.hf_compat import cache_kwargs, output_cache  # noqa: E402
 from hybrid_kernels.bench.env import device_name  # noqa: E402
 
 
@@ -156,7 +157,6 @@ ENCODERS = ("modernbert", "bert", "t5_encoder")
 def _decode_steps(model, cache, token, steps: int, start: int):
     """Runs ``steps`` one-token forwards on ``cache`` (written in place) at positions ``start``,
     ``start + 1``, ...; the first step's output."""
-    from hybrid_kernels.integrations.hf_compat import cache_kwargs
     first = None
     with torch.inference_mode():
         for s in range(steps):
@@ -169,7 +169,6 @@ def _decode_steps(model, cache, token, steps: int, start: int):
 def _prompt_cache(model, ids, kind: str, room: int):
     """The KV cache after prefilling ``ids``: transformers' default (dynamic: every step
     concatenates a new K/V tensor) or a static one with ``room`` free slots (written in place)."""
-    from hybrid_kernels.integrations.hf_compat import cache_kwargs, output_cache
     with torch.inference_mode():
         if kind == "dynamic":
             return output_cache(model(input_ids=ids, use_cache=True))

@@ -74,42 +74,20 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("attention_forward", &hk::cpu::attention_forward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());
   // The per-call fast path of hybrid_kernels.api: a params object prefilled once per plan, with
-  // only the data pointers given per call (one crossing instead of one per field). lse == 0: the
-  // caller does not want the lse; it goes to a per-thread scratch row instead. key_padding: the
-  // call's (B, Nk) mask as bytes (a contiguous bool tensor), 0: the plan's (or none).
-  auto forward_ptrs = [](hk::AttnParams p, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
-                         std::uintptr_t o, std::uintptr_t lse, std::uintptr_t key_padding) {
-    p.q = reinterpret_cast<const void*>(q);
-    p.k = reinterpret_cast<const void*>(k);
-    p.v = reinterpret_cast<const void*>(v);
-    p.o = reinterpret_cast<void*>(o);
-    if (key_padding) p.key_padding = reinterpret_cast<const uint8_t*>(key_padding);
-    if (lse) {
-      p.lse = reinterpret_cast<float*>(lse);
-    } else {
-      static thread_local std::vector<float> scratch;
-      const size_t n = size_t(p.B * p.Hq * p.Nq);
-      if (scratch.size() < n) scratch.resize(n);
-      p.lse = scratch.data();
-    }
-    hk::cpu::attention_forward(p);
-  };
-  m.def(
-      "attention_forward_ptrs",
-      [forward_ptrs](const hk::AttnParams& params, std::uintptr_t q, std::uintptr_t k,
-                     std::uintptr_t v, std::uintptr_t o, std::uintptr_t lse,
-                     std::uintptr_t key_padding) { forward_ptrs(params, q, k, v, o, lse, key_padding); },
-      py::arg("params"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
-      py::arg("key_padding") = 0, py::call_guard<py::gil_scoped_release>());
-  // The same for plans whose key leaves the key length open (decode steps against a growing KV
-  // cache): the call's Nk and K / V strides (elements, dims 0-2) replace the plan's.
+  // only the data pointers, K/V's length and their strides (elements, dims 0-2) given per call
+  // (one crossing instead of one per field; a plan serves a KV cache growing between calls).
+  // lse == 0: the caller does not want the lse; it goes to a per-thread scratch row instead.
+  // key_padding: the call's (B, Nk) mask as bytes (a contiguous bool tensor), 0: none.
   m.def(
       "attention_forward_ptrs_kv",
-      [forward_ptrs](const hk::AttnParams& params, std::uintptr_t q, std::uintptr_t k,
-                     std::uintptr_t v, std::uintptr_t o, std::uintptr_t lse,
-                     std::uintptr_t key_padding, int64_t nk, int64_t ks0, int64_t ks1, int64_t ks2,
-                     int64_t vs0, int64_t vs1, int64_t vs2) {
+      [](const hk::AttnParams& params, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+         std::uintptr_t o, std::uintptr_t lse, std::uintptr_t key_padding, int64_t nk, int64_t ks0,
+         int64_t ks1, int64_t ks2, int64_t vs0, int64_t vs1, int64_t vs2) {
         hk::AttnParams p = params;
+        p.q = reinterpret_cast<const void*>(q);
+        p.k = reinterpret_cast<const void*>(k);
+        p.v = reinterpret_cast<const void*>(v);
+        p.o = reinterpret_cast<void*>(o);
         p.Nk = nk;
         p.k_stride[0] = ks0;
         p.k_stride[1] = ks1;
@@ -117,11 +95,20 @@ PYBIND11_MODULE(_C_cpu, m) {
         p.v_stride[0] = vs0;
         p.v_stride[1] = vs1;
         p.v_stride[2] = vs2;
-        forward_ptrs(p, q, k, v, o, lse, key_padding);
+        if (key_padding) p.key_padding = reinterpret_cast<const uint8_t*>(key_padding);
+        if (lse) {
+          p.lse = reinterpret_cast<float*>(lse);
+        } else {
+          static thread_local std::vector<float> scratch;
+          const size_t n = size_t(p.B * p.Hq * p.Nq);
+          if (scratch.size() < n) scratch.resize(n);
+          p.lse = scratch.data();
+        }
+        hk::cpu::attention_forward(p);
       },
       py::arg("params"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
-      py::arg("key_padding"), py::arg("nk"), py::arg("ks0"), py::arg("ks1"), py::arg("ks2"), py::arg("vs0"), py::arg("vs1"),
-      py::arg("vs2"), py::call_guard<py::gil_scoped_release>());
+      py::arg("key_padding"), py::arg("nk"), py::arg("ks0"), py::arg("ks1"), py::arg("ks2"),
+      py::arg("vs0"), py::arg("vs1"), py::arg("vs2"), py::call_guard<py::gil_scoped_release>());
   m.def("attention_backward", &hk::cpu::attention_backward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_forward_int8", &hk::cpu::attention_forward_int8, py::arg("params"),
