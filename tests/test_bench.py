@@ -247,3 +247,35 @@ def test_cpu_report_ratios_prefer_the_round_robin():
     med = paired_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                          rounds=3)
     assert calls == ["a", "a", "b", "b"] * 3 and set(med) == {"a", "b"}
+
+
+def _load_bench_script(name):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", name)
+    spec = importlib.util.spec_from_file_location(name[:-3], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decode_report_takes_layers_in_turn(capsys):
+    """--layers L: every function gets L inputs and each call takes the next one; the table
+    has one row per case with positive times."""
+    report = _load_bench_script("decode_report.py")
+    calls = []
+    fn = report.in_turn(lambda x: calls.append(x), [(0,), (1,), (2,)])
+    for _ in range(7):
+        fn()
+    assert calls == [0, 1, 2, 0, 1, 2, 0]
+
+    assert report.main(["--nk", "16", "--rounds", "1", "--layers", "2", "--no-int8"]) == 0
+    out = capsys.readouterr().out
+    assert "layers: 2" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("fp32", "bf16"))]
+    assert [r[:2] for r in rows] == [["fp32", "MHA"], ["fp32", "GQA"], ["bf16", "MHA"],
+                                     ["bf16", "GQA"]]
+    for r in rows:
+        assert r[-7] == "16"
+        sdpa_us, hk_us = float(r[-6]), float(r[-5])
+        assert sdpa_us > 0 and hk_us > 0
+    with pytest.raises(SystemExit):
+        report.main(["--layers", "0"])
