@@ -124,31 +124,41 @@ def _forward(model, ids, am):
         return model(input_ids=ids, attention_mask=am).last_hidden_state
 
 
-def measure(name: str, model, seq_len: int, repeats: int) -> dict:
-    """Median prefill seconds of the model's default attention (what transformers picks: SDPA,
-    or eager for models without SDPA support such as Gemma 2 and GPT-OSS) and of hybrid_kernels."""
-    torch.manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (1, seq_len))
-    am = torch.ones_like(ids)
+def compare_attention(name: str, model, seq_len: int, repeats: int, run) -> dict:
+    """The model's default attention (what transformers picks: SDPA, or eager for models without
+    SDPA support such as Gemma 2 and GPT-OSS) against hybrid_kernels, timed alternately.
+    ``run(warmup)`` does one timed unit of work with the attention set now and returns (output,
+    seconds): first once each as the warm-up whose outputs are compared, then ``repeats`` rounds."""
     kernel = hk.integrations.transformers.register()
     default = model.config._attn_implementation
     impls = {"default": default, "hybrid_kernels": kernel}
     outs, times = {}, {k: [] for k in impls}
-    for label, impl in impls.items():  # warm-up, and the outputs to compare
+    for label, impl in impls.items():
         model.set_attn_implementation(impl)
-        outs[label] = _forward(model, ids, am).float()
+        outs[label] = run(True)[0].float()
     for _ in range(repeats):
         for label, impl in impls.items():
             model.set_attn_implementation(impl)
-            t0 = time.perf_counter()
-            _forward(model, ids, am)
-            times[label].append(time.perf_counter() - t0)
+            times[label].append(run(False)[1])
+    model.set_attn_implementation(default)
     ref, got = outs["default"], outs["hybrid_kernels"]
     t_ref, t_hk = statistics.median(times["default"]), statistics.median(times["hybrid_kernels"])
-    model.set_attn_implementation(default)
-    return {"model": name, "default": default, "seq_len": seq_len, "default_ms": t_ref * 1e3, "hybrid_ms": t_hk * 1e3,
-            "speedup": t_ref / t_hk,
+    return {"model": name, "default": default, "seq_len": seq_len, "default_ms": t_ref * 1e3,
+            "hybrid_ms": t_hk * 1e3, "speedup": t_ref / t_hk,
             "max_rel_diff": ((got - ref).abs().max() / ref.abs().max()).item()}
+
+
+def measure(name: str, model, seq_len: int, repeats: int) -> dict:
+    """Median prefill milliseconds of a ``seq_len``-token input, default attention and hk."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (1, seq_len))
+    am = torch.ones_like(ids)
+
+    def prefill(warmup):
+        t0 = time.perf_counter()
+        out = _forward(model, ids, am)
+        return out, time.perf_counter() - t0
+    return compare_attention(name, model, seq_len, repeats, prefill)
 
 
 ENCODERS = ("modernbert", "bert", "t5_encoder")
@@ -182,35 +192,22 @@ def measure_decode(name: str, model, seq_len: int, repeats: int, steps: int,
                    cache_kind: str = "dynamic") -> dict:
     """Median milliseconds per generated token after a prompt of ``seq_len`` tokens, with the
     model's default attention and with hybrid_kernels (each from its own copy of one prefilled
-    cache, so both decode the same context)."""
+    cache, so both decode the same context; the copy is not timed)."""
     import copy
     torch.manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (1, seq_len))
     token = torch.randint(3, model.config.vocab_size, (1, 1))
-    kernel = hk.integrations.transformers.register()
-    default = model.config._attn_implementation
-    impls = {"default": default, "hybrid_kernels": kernel}
     prompt_cache = _prompt_cache(model, ids, cache_kind, steps + 1)
-    with torch.inference_mode():
-        outs = {}
-        for label, impl in impls.items():  # warm-up, and the first steps to compare
-            model.set_attn_implementation(impl)
-            outs[label] = _decode_steps(model, copy.deepcopy(prompt_cache), token, 1,
-                                        seq_len).float()
-        times = {k: [] for k in impls}
-        for _ in range(repeats):
-            for label, impl in impls.items():
-                model.set_attn_implementation(impl)
-                cache = copy.deepcopy(prompt_cache)
-                t0 = time.perf_counter()
-                _decode_steps(model, cache, token, steps, seq_len)
-                times[label].append((time.perf_counter() - t0) / steps)
-    model.set_attn_implementation(default)
-    ref, got = outs["default"], outs["hybrid_kernels"]
-    t_ref, t_hk = statistics.median(times["default"]), statistics.median(times["hybrid_kernels"])
-    return {"model": name, "default": default, "seq_len": seq_len, "cache": cache_kind,
-            "default_ms": t_ref * 1e3, "hybrid_ms": t_hk * 1e3, "speedup": t_ref / t_hk,
-            "max_rel_diff": ((got - ref).abs().max() / ref.abs().max()).item()}
+
+    def generate(warmup):
+        n = 1 if warmup else steps  # the warm-up's first step is the output compared
+        cache = copy.deepcopy(prompt_cache)
+        t0 = time.perf_counter()
+        out = _decode_steps(model, cache, token, n, seq_len)
+        return out, (time.perf_counter() - t0) / n
+    row = compare_attention(name, model, seq_len, repeats, generate)
+    row["cache"] = cache_kind
+    return row
 
 
 def main(argv=None) -> list:
