@@ -69,13 +69,14 @@ def _plain_int(x) -> bool:
     return type(x) is int
 
 
-def keyable_scalars(window, causal, scale, return_lse) -> bool:
+def keyable_scalars(window, causal, scale, softcap, return_lse) -> bool:
     """True when the pattern's scalar arguments are plain values of exact types (so True never
     stands for 1) that a plan key can hold; otherwise the general path decides."""
     return ((window is None or type(window) is int
              or (type(window) is tuple and len(window) == 2 and type(window[0]) is int
                  and type(window[1]) is int))
             and (scale is None or type(scale) is float or type(scale) is int)
+            and (softcap is None or type(softcap) is float or type(softcap) is int)
             and type(causal) is bool and type(return_lse) is bool)
 
 
@@ -85,9 +86,7 @@ def _plan_key(q, k, v, kpm, window, causal, scale, softcap, backend, return_lse)
         if type(kpm) is not Tensor or kpm.dim() != 2:
             return None
         kpm = (kpm.shape[0], kpm.dtype, kpm.device)
-    if not keyable_scalars(window, causal, scale, return_lse):
-        return None
-    if not (softcap is None or type(softcap) is float or type(softcap) is int):
+    if not keyable_scalars(window, causal, scale, softcap, return_lse):
         return None
     if type(backend) is not str:
         return None
@@ -99,7 +98,7 @@ def _plan_key(q, k, v, kpm, window, causal, scale, softcap, backend, return_lse)
     kshape, vshape = k.shape, v.shape
     if len(kshape) != 4 or len(vshape) != 4:
         return None
-    return (q.shape, q.stride(), (kshape[0], kshape[1], kshape[3], ks[3]),
+    return (q.shape, strides[0], (kshape[0], kshape[1], kshape[3], ks[3]),
             (vshape[0], vshape[1], vshape[3], vs[3]), q.dtype, k.dtype, v.dtype, q.device,
             k.device, v.device, kpm, window, causal, scale, softcap, backend, return_lse,
             environment_key())

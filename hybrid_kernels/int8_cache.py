@@ -138,9 +138,8 @@ class Int8KVCache:
         validity (shape, dtype, device) is keyed."""
         from .fast_path import eligible, environment_key, keyable_scalars
 
-        if not (keyable_scalars(window, causal, scale, return_lse)
+        if not (keyable_scalars(window, causal, scale, softcap, return_lse)
                 and (landmarks is None or type(landmarks) is int) and eligible(q, q, q)
-                and (softcap is None or type(softcap) is float or type(softcap) is int)
                 and (sinks is None or (type(sinks) is torch.Tensor and not sinks.requires_grad))):
             return None
         sink_key = None if sinks is None else (sinks.shape, sinks.dtype, sinks.device)
