@@ -83,6 +83,23 @@ def test_decode_matches_oracle(dtype, Nq, Nk, variant):
                    **_pattern_kwargs(kw, B, Nk))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_long_band_in_chunks(dtype):
+    """Rows long enough to be cut into chunks, with a band that starts past key 0: chunks of band
+    keys only (addressed as one run of keys) next to chunks that reach the landmarks (addressed by
+    the key table), padded keys and key strides over a (B, N, H, D) layout."""
+    B, Hq, Hk, Nq, Nk, D = 2, 4, 2, 3, 2049, 64
+    q, k, v = _inputs(B, Hq, Hk, Nq, Nk, D, dtype, seed=11)
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)  # rows Hk * D apart
+    g = torch.Generator().manual_seed(12)
+    mask = torch.rand(B, Nk, generator=g) < 0.9
+    for kw in (dict(window=(700, 0), causal=True, landmarks=97, key_padding_mask=mask),
+               dict(window=(1300, 0), causal=True)):
+        with torch.inference_mode():
+            out, lse = hk.attention(q, k, v, return_lse=True, **kw)
+        _check(f"{dtype} {sorted(kw)}", q, k, v, out, lse, **_pattern_kwargs(kw, B, Nk))
+
+
 @pytest.mark.parametrize("D,Dv", [(32, 32), (96, 96), (128, 128), (64, 32), (64, 96), (59, 59), (48, 64)])
 @pytest.mark.parametrize("Hk", [8, 2])
 def test_decode_head_dims(D, Dv, Hk):

@@ -71,10 +71,40 @@ struct DecodeLoad<VecAvx512> {
 // 48 keys (6 KiB of bf16 rows at D = 64) beat 16 by ~12% at Nk = 32768 and matched 96 (Zen 4).
 constexpr int kDecodePrefetchKeys = 48;
 
+// The n elements from p into L1. An asm statement on x86, not __builtin_prefetch: GCC's vectorizer
+// deletes __builtin_prefetch from the loops it vectorizes (a loop over key rows computing
+// idx[t] * stride is one), which left the K pass without prefetch and 1.8x slower from DRAM.
 template <class T>
 inline void prefetch_row(const T* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(c + b, 0, 3);
+  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) {
+#if defined(__x86_64__) || defined(__i386__)
+    asm volatile("prefetcht0 %0" : : "m"(c[b]));
+#else
+    __builtin_prefetch(c + b, 0, 3);
+#endif
+  }
+}
+
+// The rows of an item's keys t: row idx[t], or row run0 + t when the keys are one run of
+// consecutive positions (kRun: the usual band-only item; addresses without the table lookup).
+template <bool kRun>
+inline int64_t key_row(const int32_t* idx, int64_t run0, int t) {
+  return kRun ? run0 + t : int64_t(idx[t]);
+}
+
+// Prefetch of the rows of keys [t0, t0 + cnt) of an item of n keys (clipped to n), len elements
+// each, stride elements apart: one span of lines when they are consecutive and dense.
+template <bool kRun, class T>
+inline void prefetch_keys(const T* base, const int32_t* idx, int64_t run0, int t0, int cnt, int n,
+                          int64_t stride, int64_t len) {
+  if (t0 >= n) return;
+  cnt = std::min(cnt, n - t0);
+  if (kRun && stride == len) {
+    prefetch_row(base + (run0 + t0) * stride, int64_t(cnt) * len);
+    return;
+  }
+  for (int u = 0; u < cnt; ++u) prefetch_row(base + key_row<kRun>(idx, run0, t0 + u) * stride, len);
 }
 
 // Score modifiers of one query row (AttnParams::softcap / bias), in the log2 units of the scores.
@@ -365,23 +395,32 @@ struct DecodeKernel {
   };
 #endif
 
-  // S[r * SP + t] = c * (q_r . K[idx[t]]) for t < n (D % 32 == 0), with q_r in Dot's layout at
-  // q + r * DP: one accumulator per (row, key) over 32 features at a time, reduced by the
-  // shuffle tree 16 keys at once.
+  // S[r * SP + t] = c * (q_r . K[row t]) for t < n (D % 32 == 0; rows: key_row), with q_r in
+  // Dot's layout at q + r * DP: one accumulator per (row, key) over 32 features at a time, reduced
+  // by the shuffle tree 16 keys at once.
   template <class Dot, int NR>
   static void scores_dot(const float* q, int64_t DP, int64_t D, const typename Dot::TK* k, int64_t ks,
-                         const int32_t* idx, int n, float* S, int64_t SP, float* tmp, float c) {
+                         const int32_t* idx, int64_t run0, int n, float* S, int64_t SP, float* tmp,
+                         float c) {
+    if (run0 >= 0)
+      scores_dot_rows<Dot, NR, true>(q, DP, D, k, ks, idx, run0, n, S, SP, tmp, c);
+    else
+      scores_dot_rows<Dot, NR, false>(q, DP, D, k, ks, idx, run0, n, S, SP, tmp, c);
+  }
+  template <class Dot, int NR, bool kRun>
+  static void scores_dot_rows(const float* q, int64_t DP, int64_t D, const typename Dot::TK* k,
+                              int64_t ks, const int32_t* idx, int64_t run0, int n, float* S, int64_t SP,
+                              float* tmp, float c) {
     using TKd = typename Dot::TK;
     constexpr int U = NR == 1 ? 16 : NR == 2 ? 8 : 4;
     const __m512 cv = _mm512_set1_ps(c);
     for (int t = 0; t < n; t += 16) {
       const int nk = std::min(16, n - t);
       const TKd* kp[16];
+      // K rows by the table even for a run: addressing a run directly was 17% faster with K / V in
+      // cache but 25% slower from DRAM at Nk = 32768 (Zen 4); the run only shortens the prefetch.
       for (int u = 0; u < 16; ++u) kp[u] = k + int64_t(idx[t + std::min(u, nk - 1)]) * ks;
-      for (int u = 0; u < 16; ++u) {
-        const int ta = t + kDecodePrefetchKeys + u;
-        if (ta < n) prefetch_row(k + int64_t(idx[ta]) * ks, D);
-      }
+      prefetch_keys<kRun>(k, idx, run0, t + kDecodePrefetchKeys, 16, n, ks, D);
       for (int u0 = 0; u0 < 16; u0 += U) {
         typename Dot::A acc[NR][U];
         for (int r = 0; r < NR; ++r)
@@ -427,7 +466,15 @@ struct DecodeKernel {
   // interleaved into bf16 pairs (unpacklo / unpackhi per 128-bit lane), reordered on the store.
   template <int NR, int NP>
   static void pv_dot2(const uint32_t* Pp, int64_t PPS, int n, const uint16_t* v, int64_t vs,
-                      const int32_t* idx, float* const* o, int64_t e0) {
+                      const int32_t* idx, int64_t run0, float* const* o, int64_t e0) {
+    if (run0 >= 0)
+      pv_dot2_rows<NR, NP, true>(Pp, PPS, n, v, vs, idx, run0, o, e0);
+    else
+      pv_dot2_rows<NR, NP, false>(Pp, PPS, n, v, vs, idx, run0, o, e0);
+  }
+  template <int NR, int NP, bool kRun>
+  static void pv_dot2_rows(const uint32_t* Pp, int64_t PPS, int n, const uint16_t* v, int64_t vs,
+                           const int32_t* idx, int64_t run0, float* const* o, int64_t e0) {
     // One loop body for pairs and the odd last key (a zero partner), without a lambda: a
     // lambda capturing acc by reference kept it in memory (a store per accumulator per step).
     __m512 acc[NR][2 * NP];
@@ -435,12 +482,9 @@ struct DecodeKernel {
       for (int x = 0; x < 2 * NP; ++x) acc[r][x] = _mm512_setzero_ps();
     for (int t = 0; t < n; t += 2) {
       const bool pair = t + 1 < n;
-      if (t + kDecodePrefetchKeys + 1 < n) {
-        prefetch_row(v + int64_t(idx[t + kDecodePrefetchKeys]) * vs, NP * 32);
-        prefetch_row(v + int64_t(idx[t + kDecodePrefetchKeys + 1]) * vs, NP * 32);
-      }
-      const uint16_t* va = v + int64_t(idx[t]) * vs;
-      const uint16_t* vb = v + int64_t(idx[pair ? t + 1 : t]) * vs;
+      if ((t & 15) == 0) prefetch_keys<kRun>(v, idx, run0, t + kDecodePrefetchKeys, 16, n, vs, NP * 32);
+      const uint16_t* va = v + key_row<kRun>(idx, run0, t) * vs;
+      const uint16_t* vb = v + key_row<kRun>(idx, run0, pair ? t + 1 : t) * vs;
       __m512bh lo[NP], hi[NP];
       for (int x = 0; x < NP; ++x) {
         const __m512i a = _mm512_loadu_si512(va + x * 32);
@@ -638,10 +682,10 @@ struct DecodeKernel {
   }
 
   // Partial softmax of NR rows over keys idx[0, n): part[r] = {m, l, o[Dv]}; mods: per row, or
-  // nullptr without score modifiers.
+  // nullptr without score modifiers. run0 >= 0: the keys are run0, run0 + 1, ... (see key_row).
   template <int NR>
   static void item(const AttnParams& p, const TK* k, const T* v, const uint8_t* pad, const int32_t* idx,
-                   int n, DecodeScratch& s, float* const* part, const DecodeRowMods* mods,
+                   int64_t run0, int n, DecodeScratch& s, float* const* part, const DecodeRowMods* mods,
                    const DecodeK8* k8 = nullptr) {
     float* S = s.S();
     if (n == 0) {
@@ -656,7 +700,7 @@ struct DecodeKernel {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     if constexpr (kK8Dot) {
       if (k8_dot(p))
-        scores_dot<DotInt8, NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp(), 1.f);
+        scores_dot<DotInt8, NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, run0, n, S, s.SP, s.tmp(), 1.f);
       else
         scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
     } else
@@ -664,7 +708,7 @@ struct DecodeKernel {
 #if defined(__AVX512BF16__)
     if constexpr (kDot2 && !K8) {
       if (dot2_qk(p))
-        scores_dot<DotBf16, NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp(),
+        scores_dot<DotBf16, NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, run0, n, S, s.SP, s.tmp(),
                                 p.scale * kLog2e);
       else
         scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
@@ -704,8 +748,8 @@ struct DecodeKernel {
         const int64_t PPS = s.SP / 2;
         pack_p_pairs<NR>(S, s.SP, n, s.pp(), PPS);  // P rounded to bf16 (l above is from fp32 P)
         int64_t e = 0;
-        for (; e + 64 <= p.Dv; e += 64) pv_dot2<NR, 2>(s.pp(), PPS, n, v + e, p.v_stride[2], idx, o, e);
-        for (; e < p.Dv; e += 32) pv_dot2<NR, 1>(s.pp(), PPS, n, v + e, p.v_stride[2], idx, o, e);
+        for (; e + 64 <= p.Dv; e += 64) pv_dot2<NR, 2>(s.pp(), PPS, n, v + e, p.v_stride[2], idx, run0, o, e);
+        for (; e < p.Dv; e += 32) pv_dot2<NR, 1>(s.pp(), PPS, n, v + e, p.v_stride[2], idx, run0, o, e);
         return;
       }
     }
@@ -863,6 +907,7 @@ class DecodeForward {
       const int64_t t0 = std::min(n, ci * len), t1 = std::min(n, t0 + len);
       const int32_t* lm = p.num_landmarks > 0 ? p.landmarks + b * p.landmarks_batch_stride : nullptr;
       fill_keys(rk, lm, t0, t1, s.idx());
+      const int64_t run0 = t1 <= rk.hi - rk.lo ? rk.lo + t0 : -1;  // band keys only: one run
       DecodeRowMods rm[kDecodeGroup];
       DecodeK8 k8info;
       for (int r = 0; r < g.nr; ++r) {
@@ -903,10 +948,10 @@ class DecodeForward {
       float* part[kDecodeGroup];
       for (int r = 0; r < g.nr; ++r) part[r] = parts + (g.rows[r] * C + ci) * PS;
       switch (g.nr) {
-        case 1: K::template item<1>(p, kb, vb, pad, s.idx(), nk, s, part, mods, &k8info); break;
-        case 2: K::template item<2>(p, kb, vb, pad, s.idx(), nk, s, part, mods, &k8info); break;
-        case 3: K::template item<3>(p, kb, vb, pad, s.idx(), nk, s, part, mods, &k8info); break;
-        default: K::template item<4>(p, kb, vb, pad, s.idx(), nk, s, part, mods, &k8info); break;
+        case 1: K::template item<1>(p, kb, vb, pad, s.idx(), run0, nk, s, part, mods, &k8info); break;
+        case 2: K::template item<2>(p, kb, vb, pad, s.idx(), run0, nk, s, part, mods, &k8info); break;
+        case 3: K::template item<3>(p, kb, vb, pad, s.idx(), run0, nk, s, part, mods, &k8info); break;
+        default: K::template item<4>(p, kb, vb, pad, s.idx(), run0, nk, s, part, mods, &k8info); break;
       }
     };
 
