@@ -71,26 +71,21 @@ struct DecodeLoad<VecAvx512> {
 // 48 keys (6 KiB of bf16 rows at D = 64) beat 16 by ~12% at Nk = 32768 and matched 96 (Zen 4).
 constexpr int kDecodePrefetchKeys = 48;
 
-// The n elements from p into L1.
-template <class T>
+// The n elements from p into L1. kAsm: as asm statements on x86, for the vdpbf16ps / VNNI loops
+// (prefetch_keys): GCC's vectorizer deletes __builtin_prefetch from the loops it vectorizes (a
+// loop over key rows computing idx[t] * stride is one), which left the K pass without prefetch,
+// 1.8x slower from DRAM. The widening paths keep the builtin: fp32 from DRAM was ~9% slower with
+// the asm one.
+template <bool kAsm = false, class T>
 inline void prefetch_row(const T* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(c + b, 0, 3);
-}
-
-// The same as asm statements on x86, for the vdpbf16ps / VNNI loops (prefetch_keys): GCC's
-// vectorizer deletes __builtin_prefetch from the loops it vectorizes (a loop over key rows
-// computing idx[t] * stride is one), which left the K pass without prefetch, 1.8x slower from
-// DRAM. The widening paths keep prefetch_row: fp32 from DRAM was ~9% slower with this one.
-template <class T>
-inline void prefetch_row_kept(const T* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) {
 #if defined(__x86_64__) || defined(__i386__)
-    asm volatile("prefetcht0 %0" : : "m"(c[b]));
-#else
-    __builtin_prefetch(c + b, 0, 3);
+    if constexpr (kAsm)
+      asm volatile("prefetcht0 %0" : : "m"(c[b]));
+    else
 #endif
+      __builtin_prefetch(c + b, 0, 3);
   }
 }
 
@@ -109,10 +104,10 @@ inline void prefetch_keys(const T* base, const int32_t* idx, int64_t run0, int t
   if (t0 >= n) return;
   cnt = std::min(cnt, n - t0);
   if (kRun && stride == len) {
-    prefetch_row_kept(base + (run0 + t0) * stride, int64_t(cnt) * len);
+    prefetch_row<true>(base + (run0 + t0) * stride, int64_t(cnt) * len);
     return;
   }
-  for (int u = 0; u < cnt; ++u) prefetch_row_kept(base + key_row<kRun>(idx, run0, t0 + u) * stride, len);
+  for (int u = 0; u < cnt; ++u) prefetch_row<true>(base + key_row<kRun>(idx, run0, t0 + u) * stride, len);
 }
 
 // Score modifiers of one query row (AttnParams::softcap / bias), in the log2 units of the scores.
