@@ -100,7 +100,7 @@ def test_decode_long_band_in_chunks(dtype):
         _check(f"{dtype} {sorted(kw)}", q, k, v, out, lse, **_pattern_kwargs(kw, B, Nk))
 
 
-@pytest.mark.parametrize("D,Dv", [(32, 32), (96, 96), (128, 128), (64, 32), (64, 96), (59, 59), (48, 64)])
+@pytest.mark.parametrize("D,Dv", [(32, 32), (96, 96), (128, 128), (256, 256), (64, 32), (64, 96), (59, 59), (48, 64)])
 @pytest.mark.parametrize("Hk", [8, 2])
 def test_decode_head_dims(D, Dv, Hk):
     """Head dims around the bf16 vdpbf16ps path (D and Dv multiples of 32; P V alone when only Dv

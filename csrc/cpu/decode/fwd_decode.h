@@ -326,20 +326,17 @@ struct DecodeKernel {
     }
     const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    store_halves<NR, NP>(acc, lo_idx, hi_idx, o, e0);
+    for (int r = 0; r < NR; ++r)
+      for (int x = 0; x < NP; ++x) store_block(o[r] + e0 + x * 32, acc[r][2 * x], acc[r][2 * x + 1], lo_idx, hi_idx);
   }
 
-  // o[r][e0 + 32 x + i] for i < 32 from the pair of accumulators (acc[r][2x], acc[r][2x + 1]):
-  // features 0-15 by permutation i0 of the two, 16-31 by i1.
-  template <int NR, int NP>
-  static void store_halves(const __m512 (&acc)[NR][2 * NP], __m512i i0, __m512i i1, float* const* o,
-                           int64_t e0) {
-    for (int r = 0; r < NR; ++r)
-      for (int x = 0; x < NP; ++x) {
-        float* dst = o[r] + e0 + x * 32;
-        _mm512_storeu_ps(dst, _mm512_permutex2var_ps(acc[r][2 * x], i0, acc[r][2 * x + 1]));
-        _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(acc[r][2 * x], i1, acc[r][2 * x + 1]));
-      }
+  // dst[i] for i < 32 from the two accumulators a, b of a 32-feature block: features 0-15 by
+  // permutation i0 of the two, 16-31 by i1. Vectors by value: passing the accumulator array by
+  // reference made GCC keep a copy of it in memory, stored every step of the loop around (GQA
+  // bf16 P V 2.4x slower once the helper was not inlined).
+  static void store_block(float* dst, __m512 a, __m512 b, __m512i i0, __m512i i1) {
+    _mm512_storeu_ps(dst, _mm512_permutex2var_ps(a, i0, b));
+    _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(a, i1, b));
   }
 #endif
 
@@ -405,10 +402,64 @@ struct DecodeKernel {
   static void scores_dot(const float* q, int64_t DP, int64_t D, const typename Dot::TK* k, int64_t ks,
                          const int32_t* idx, int64_t run0, int n, float* S, int64_t SP, float* tmp,
                          float c) {
+    // bf16 K: a run of dense rows (a contiguous (..., Nk, D) cache) takes scores_dot_run.
+    const bool dense = std::is_same<typename Dot::TK, uint16_t>::value && run0 >= 0 && ks == D &&
+                       (D == 64 || D == 128 || D == 256);
+    const int nf = dense ? n / 16 * 16 : 0;
+    if (nf > 0) {
+      const typename Dot::TK* kr = k + run0 * ks;
+      if (D == 64)
+        scores_dot_run<Dot, NR, 64>(q, DP, kr, nf, n, S, SP, tmp, c);
+      else if (D == 128)
+        scores_dot_run<Dot, NR, 128>(q, DP, kr, nf, n, S, SP, tmp, c);
+      else
+        scores_dot_run<Dot, NR, 256>(q, DP, kr, nf, n, S, SP, tmp, c);
+    }
+    if (nf == n) return;
     if (run0 >= 0)
-      scores_dot_rows<Dot, NR, true>(q, DP, D, k, ks, idx, run0, n, S, SP, tmp, c);
+      scores_dot_rows<Dot, NR, true>(q, DP, D, k, ks, idx + nf, run0 + nf, n - nf, S + nf, SP, tmp, c);
     else
       scores_dot_rows<Dot, NR, false>(q, DP, D, k, ks, idx, run0, n, S, SP, tmp, c);
+  }
+  // scores_dot over the first nf keys (nf % 16 == 0) of an item whose keys are one run of rows of
+  // KD = D elements, back to back from k: every K address is k plus a constant, no pointer table
+  // (n: the item's keys, where the prefetch stops). Its shape is what measured best on Zen 4 (bf16,
+  // time against the table path, K/V in cache / from DRAM): four keys per register tile (0.86 /
+  // ~1.0; sixteen, a burst of 32 loads, 0.88 / 1.10); the row stride a constant (a runtime stride:
+  // 0.89 / 0.93 with one query row, but 1.25 / 1.20 with four, GQA). The int8 K cache keeps the
+  // table: this form was 0.80 in cache but 1.04 from DRAM there.
+  template <class Dot, int NR, int KD>
+  static void scores_dot_run(const float* q, int64_t DP, const typename Dot::TK* k, int nf, int n,
+                             float* S, int64_t SP, float* tmp, float c) {
+    using TKd = typename Dot::TK;
+    constexpr int U = 4;
+    const __m512 cv = _mm512_set1_ps(c);
+    for (int t = 0; t < nf; t += 16) {
+      const TKd* kt = k + int64_t(t) * KD;
+      const int ta = t + kDecodePrefetchKeys;
+      if (ta < n) prefetch_row<true>(kt + kDecodePrefetchKeys * KD, int64_t(std::min(16, n - ta)) * KD);
+      for (int u0 = 0; u0 < 16; u0 += U) {
+        typename Dot::A acc[NR][U];
+        for (int r = 0; r < NR; ++r)
+          for (int u = 0; u < U; ++u) acc[r][u] = Dot::zero();
+        for (int d = 0; d < KD; d += 32) {
+          typename Dot::Q qv[NR];
+          for (int r = 0; r < NR; ++r) qv[r] = Dot::load_q(q + r * DP, d);
+          for (int u = 0; u < U; ++u)
+            for (int r = 0; r < NR; ++r) acc[r][u] = Dot::dot(acc[r][u], kt + (u0 + u) * KD + d, qv[r]);
+        }
+        for (int r = 0; r < NR; ++r)
+          _mm512_storeu_ps(tmp + (r * 4 + u0 / 4) * 16,
+                           reduce4(Dot::to_float(acc[r][0]), Dot::to_float(acc[r][1]),
+                                   Dot::to_float(acc[r][2]), Dot::to_float(acc[r][3])));
+      }
+      for (int r = 0; r < NR; ++r) {
+        const float* qd = tmp + r * 4 * 16;
+        const __m512 sv = reduce_lanes(_mm512_loadu_ps(qd), _mm512_loadu_ps(qd + 16),
+                                       _mm512_loadu_ps(qd + 32), _mm512_loadu_ps(qd + 48));
+        _mm512_storeu_ps(S + r * SP + t, _mm512_mul_ps(sv, cv));
+      }
+    }
   }
   template <class Dot, int NR, bool kRun>
   static void scores_dot_rows(const float* q, int64_t DP, int64_t D, const typename Dot::TK* k,
@@ -420,8 +471,6 @@ struct DecodeKernel {
     for (int t = 0; t < n; t += 16) {
       const int nk = std::min(16, n - t);
       const TKd* kp[16];
-      // K rows by the table even for a run: addressing a run directly was 17% faster with K / V in
-      // cache but 25% slower from DRAM at Nk = 32768 (Zen 4); the run only shortens the prefetch.
       for (int u = 0; u < 16; ++u) kp[u] = k + int64_t(idx[t + std::min(u, nk - 1)]) * ks;
       prefetch_keys<kRun>(k, idx, run0, t + kDecodePrefetchKeys, 16, n, ks, D);
       for (int u0 = 0; u0 < 16; u0 += U) {
@@ -475,38 +524,48 @@ struct DecodeKernel {
     else
       pv_dot2_rows<NR, NP, false>(Pp, PPS, n, v, vs, idx, run0, o, e0);
   }
+  // One step of pv_dot2_rows: keys t (row va) and t + 1 (row vb; kPair false: none, a zero
+  // partner). Inlined by force: the accumulators must stay the caller's registers.
+  template <int NR, int NP, bool kPair>
+  __attribute__((always_inline)) static inline void pv_dot2_step(__m512 (&acc)[NR][2 * NP],
+                                                                 const uint32_t* Pp, int64_t PPS, int t,
+                                                                 const uint16_t* va, const uint16_t* vb) {
+    __m512bh lo[NP], hi[NP];
+    for (int x = 0; x < NP; ++x) {
+      const __m512i a = _mm512_loadu_si512(va + x * 32);
+      const __m512i b = kPair ? _mm512_loadu_si512(vb + x * 32) : _mm512_setzero_si512();
+      lo[x] = (__m512bh)_mm512_unpacklo_epi16(a, b);
+      hi[x] = (__m512bh)_mm512_unpackhi_epi16(a, b);
+    }
+    for (int r = 0; r < NR; ++r) {
+      const __m512bh pb = (__m512bh)_mm512_set1_epi32(int(Pp[r * PPS + t / 2]));
+      for (int x = 0; x < NP; ++x) {
+        acc[r][2 * x] = _mm512_dpbf16_ps(acc[r][2 * x], lo[x], pb);
+        acc[r][2 * x + 1] = _mm512_dpbf16_ps(acc[r][2 * x + 1], hi[x], pb);
+      }
+    }
+  }
   template <int NR, int NP, bool kRun>
   static void pv_dot2_rows(const uint32_t* Pp, int64_t PPS, int n, const uint16_t* v, int64_t vs,
                            const int32_t* idx, int64_t run0, float* const* o, int64_t e0) {
-    // One loop body for pairs and the odd last key (a zero partner), without a lambda: a
-    // lambda capturing acc by reference kept it in memory (a store per accumulator per step).
     __m512 acc[NR][2 * NP];
     for (int r = 0; r < NR; ++r)
       for (int x = 0; x < 2 * NP; ++x) acc[r][x] = _mm512_setzero_ps();
-    for (int t = 0; t < n; t += 2) {
-      const bool pair = t + 1 < n;
-      if ((t & 15) == 0) prefetch_keys<kRun>(v, idx, run0, t + kDecodePrefetchKeys, 16, n, vs, NP * 32);
-      const uint16_t* va = v + key_row<kRun>(idx, run0, t) * vs;
-      const uint16_t* vb = v + key_row<kRun>(idx, run0, pair ? t + 1 : t) * vs;
-      __m512bh lo[NP], hi[NP];
-      for (int x = 0; x < NP; ++x) {
-        const __m512i a = _mm512_loadu_si512(va + x * 32);
-        const __m512i b = pair ? _mm512_loadu_si512(vb + x * 32) : _mm512_setzero_si512();
-        lo[x] = (__m512bh)_mm512_unpacklo_epi16(a, b);
-        hi[x] = (__m512bh)_mm512_unpackhi_epi16(a, b);
-      }
-      for (int r = 0; r < NR; ++r) {
-        const __m512bh pb = (__m512bh)_mm512_set1_epi32(int(Pp[r * PPS + t / 2]));
-        for (int x = 0; x < NP; ++x) {
-          acc[r][2 * x] = _mm512_dpbf16_ps(acc[r][2 * x], lo[x], pb);
-          acc[r][2 * x + 1] = _mm512_dpbf16_ps(acc[r][2 * x + 1], hi[x], pb);
-        }
-      }
+    const int n2 = n & ~1;
+    for (int t0 = 0; t0 < n2; t0 += 16) {
+      prefetch_keys<kRun>(v, idx, run0, t0 + kDecodePrefetchKeys, 16, n, vs, NP * 32);
+      const int t1 = std::min(t0 + 16, n2);
+      for (int t = t0; t < t1; t += 2)
+        pv_dot2_step<NR, NP, true>(acc, Pp, PPS, t, v + key_row<kRun>(idx, run0, t) * vs,
+                                   v + key_row<kRun>(idx, run0, t + 1) * vs);
     }
+    if (n2 < n) pv_dot2_step<NR, NP, false>(acc, Pp, PPS, n2, v + key_row<kRun>(idx, run0, n2) * vs, nullptr);
     // 32-bit lane 4L + i of lo holds feature 8L + i, of hi feature 8L + 4 + i (L: 128-bit lane).
     alignas(64) static const int32_t first[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
     alignas(64) static const int32_t second[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
-    store_halves<NR, NP>(acc, _mm512_load_si512(first), _mm512_load_si512(second), o, e0);
+    const __m512i i0 = _mm512_load_si512(first), i1 = _mm512_load_si512(second);
+    for (int r = 0; r < NR; ++r)
+      for (int x = 0; x < NP; ++x) store_block(o[r] + e0 + x * 32, acc[r][2 * x], acc[r][2 * x + 1], i0, i1);
   }
 #endif
 
