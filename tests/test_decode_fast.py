@@ -159,6 +159,35 @@ def test_the_fast_path_is_taken_and_replays():
     assert_matches_oracle("new data", c, o64, ob)
 
 
+@pytest.mark.parametrize("q_layout", ["contiguous", "size-1 dims strided", "(B, N, H, D) view", "Dv != D"])
+def test_replayed_outputs_are_new_contiguous_tensors(q_layout):
+    """A replay makes its output like q when q is contiguous with the output's shape (strides may
+    then differ over dims of size 1 only), else with the output's own shape; either way a new,
+    contiguous tensor, equal to the first call's, written in full (poisoned beforehand)."""
+    g = torch.Generator().manual_seed(5)
+    Nq, Dv = (3, 64) if q_layout == "(B, N, H, D) view" else (1, 32 if q_layout == "Dv != D" else 64)
+    if q_layout == "size-1 dims strided":
+        q = torch.randn(2, 1, 8, 64, generator=g).transpose(1, 2)  # (2, 8, 1, 64), strides (512, 64, 512, 1)
+    elif q_layout == "(B, N, H, D) view":
+        q = torch.randn(2, Nq, 8, 64, generator=g).transpose(1, 2)
+    else:
+        q = torch.randn(2, 8, Nq, 64, generator=g)
+    k = torch.randn(2, 2, 77, 64, generator=g)
+    v = torch.randn(2, 2, 77, Dv, generator=g)
+    fast_path._PLANS.clear()
+    with torch.inference_mode():
+        first = hk.attention(q, k, v)
+        plan, = [p for p in fast_path._PLANS.values() if isinstance(p, fast_path._CpuPlan)]
+        assert plan.out_like_q == (q_layout in ("contiguous", "size-1 dims strided"))
+        plan.poison = True
+        again = hk.attention(q, k, v)
+    assert again.shape == (2, 8, Nq, Dv) and again.is_contiguous()
+    assert again.data_ptr() not in (first.data_ptr(), q.data_ptr())
+    assert torch.equal(first, again)
+    (o64, _), (ob, _) = reference_pair(q, k, v)
+    assert_matches_oracle(q_layout, again, o64, ob)
+
+
 @pytest.mark.parametrize("layout", ["fresh", "static buffer", "v transposed storage"])
 @pytest.mark.parametrize("kw", [{}, {"causal": True, "window": (6, 0)}, {"softcap": 2.0},
                                 {"padded": True}],

@@ -5,6 +5,8 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <stdexcept>
+#include <string>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -28,6 +30,122 @@ struct CachedBuffer {
   ~CachedBuffer() { hk::cpu::scratch_free(p, bytes); }
   CachedBuffer(const CachedBuffer&) = delete;
   CachedBuffer& operator=(const CachedBuffer&) = delete;
+};
+
+// The per-call entries of the plan replays (fast_path.py, Int8KVCache) as METH_FASTCALL functions:
+// pybind11's argument matching took ~1.2 us of a ~9 us one-token call. Positional arguments only.
+
+// args[i] as an integer (a pointer or a stride); false with a Python error set.
+bool int_arg(PyObject* const* args, int i, int64_t* out) {
+  const long long x = PyLong_AsLongLong(args[i]);
+  if (x == -1 && PyErr_Occurred()) return false;
+  *out = x;
+  return true;
+}
+
+// args[0] as the params object of type P (bound by params_bindings.h); nullptr with an error set.
+template <class P>
+const P* params_arg(PyObject* const* args, const char* fn) {
+  try {
+    return py::cast<const P*>(py::handle(args[0]));
+  } catch (const py::cast_error&) {
+    PyErr_Format(PyExc_TypeError, "%s: params must be a %s, got %s", fn, py::type_id<P>().c_str(),
+                 Py_TYPE(args[0])->tp_name);
+    return nullptr;
+  }
+}
+
+// Runs kernel(p) without the GIL; a std::invalid_argument (the kernels' validation) becomes a
+// ValueError, any other exception a RuntimeError, as pybind11 would map them.
+template <class F>
+PyObject* run_released(F&& kernel) {
+  std::string error;
+  bool invalid = false;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    kernel();
+  } catch (const std::invalid_argument& e) {
+    invalid = true;
+    error = e.what();
+  } catch (const std::exception& e) {
+    error = e.what();
+    if (error.empty()) error = "unknown error";
+  }
+  Py_END_ALLOW_THREADS
+  if (invalid || !error.empty()) {
+    PyErr_SetString(invalid ? PyExc_ValueError : PyExc_RuntimeError, error.c_str());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+// attention_forward_ptrs_kv(params, q, k, v, o, lse, key_padding, nk, ks0, ks1, ks2, vs0, vs1,
+// vs2): a params object prefilled once per plan, with only the data pointers, K/V's length and
+// their strides (elements, dims 0-2) given per call (a plan serves a KV cache growing between
+// calls). lse == 0: the caller does not want the lse; it goes to a per-thread scratch row instead.
+// key_padding: the call's (B, Nk) mask as bytes (a contiguous bool tensor), 0: none.
+PyObject* forward_ptrs_kv(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  constexpr const char* kName = "attention_forward_ptrs_kv";
+  if (nargs != 14) {
+    PyErr_Format(PyExc_TypeError, "%s takes 14 positional arguments (params, q, k, v, o, lse, key_padding, "
+                 "nk, ks0, ks1, ks2, vs0, vs1, vs2), got %zd", kName, nargs);
+    return nullptr;
+  }
+  const hk::AttnParams* params = params_arg<hk::AttnParams>(args, kName);
+  if (!params) return nullptr;
+  int64_t a[13];
+  for (int i = 0; i < 13; ++i)
+    if (!int_arg(args, i + 1, &a[i])) return nullptr;
+  hk::AttnParams p = *params;
+  p.q = reinterpret_cast<const void*>(a[0]);
+  p.k = reinterpret_cast<const void*>(a[1]);
+  p.v = reinterpret_cast<const void*>(a[2]);
+  p.o = reinterpret_cast<void*>(a[3]);
+  if (a[5]) p.key_padding = reinterpret_cast<const uint8_t*>(a[5]);
+  p.Nk = a[6];
+  for (int d = 0; d < 3; ++d) {
+    p.k_stride[d] = a[7 + d];
+    p.v_stride[d] = a[10 + d];
+  }
+  const int64_t lse = a[4];
+  return run_released([&] {
+    if (lse) {
+      p.lse = reinterpret_cast<float*>(lse);
+    } else {
+      static thread_local std::vector<float> scratch;
+      const size_t n = size_t(p.B * p.Hq * p.Nq);
+      if (scratch.size() < n) scratch.resize(n);
+      p.lse = scratch.data();
+    }
+    hk::cpu::attention_forward(p);
+  });
+}
+
+// attention_forward_int8_ptrs(params, q, o, lse): Int8KVCache's per-call entry, params prefilled
+// once per plan (the cache's k8, scales, mean and V included); only q, out and lse change.
+PyObject* forward_int8_ptrs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  constexpr const char* kName = "attention_forward_int8_ptrs";
+  if (nargs != 4) {
+    PyErr_Format(PyExc_TypeError, "%s takes 4 positional arguments (params, q, o, lse), got %zd", kName, nargs);
+    return nullptr;
+  }
+  const hk::AttnInt8Params* params = params_arg<hk::AttnInt8Params>(args, kName);
+  if (!params) return nullptr;
+  int64_t a[3];
+  for (int i = 0; i < 3; ++i)
+    if (!int_arg(args, i + 1, &a[i])) return nullptr;
+  hk::AttnInt8Params p = *params;
+  p.fwd.q = reinterpret_cast<const void*>(a[0]);
+  p.fwd.o = reinterpret_cast<void*>(a[1]);
+  p.fwd.lse = reinterpret_cast<float*>(a[2]);
+  return run_released([&] { hk::cpu::attention_forward_int8(p); });
+}
+
+PyMethodDef kFastcallDefs[] = {
+    {"attention_forward_ptrs_kv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(forward_ptrs_kv)),
+     METH_FASTCALL, "One forward call from a prefilled AttnParams (fast_path.py's plan replay)"},
+    {"attention_forward_int8_ptrs", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(forward_int8_ptrs)),
+     METH_FASTCALL, "One int8 forward call from a prefilled AttnInt8Params (Int8KVCache's plan replay)"},
 };
 
 }  // namespace
@@ -73,42 +191,11 @@ PYBIND11_MODULE(_C_cpu, m) {
   // The kernels never touch Python objects: release the GIL while they run.
   m.def("attention_forward", &hk::cpu::attention_forward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());
-  // The per-call fast path of hybrid_kernels.api: a params object prefilled once per plan, with
-  // only the data pointers, K/V's length and their strides (elements, dims 0-2) given per call
-  // (one crossing instead of one per field; a plan serves a KV cache growing between calls).
-  // lse == 0: the caller does not want the lse; it goes to a per-thread scratch row instead.
-  // key_padding: the call's (B, Nk) mask as bytes (a contiguous bool tensor), 0: none.
-  m.def(
-      "attention_forward_ptrs_kv",
-      [](const hk::AttnParams& params, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
-         std::uintptr_t o, std::uintptr_t lse, std::uintptr_t key_padding, int64_t nk, int64_t ks0,
-         int64_t ks1, int64_t ks2, int64_t vs0, int64_t vs1, int64_t vs2) {
-        hk::AttnParams p = params;
-        p.q = reinterpret_cast<const void*>(q);
-        p.k = reinterpret_cast<const void*>(k);
-        p.v = reinterpret_cast<const void*>(v);
-        p.o = reinterpret_cast<void*>(o);
-        p.Nk = nk;
-        p.k_stride[0] = ks0;
-        p.k_stride[1] = ks1;
-        p.k_stride[2] = ks2;
-        p.v_stride[0] = vs0;
-        p.v_stride[1] = vs1;
-        p.v_stride[2] = vs2;
-        if (key_padding) p.key_padding = reinterpret_cast<const uint8_t*>(key_padding);
-        if (lse) {
-          p.lse = reinterpret_cast<float*>(lse);
-        } else {
-          static thread_local std::vector<float> scratch;
-          const size_t n = size_t(p.B * p.Hq * p.Nq);
-          if (scratch.size() < n) scratch.resize(n);
-          p.lse = scratch.data();
-        }
-        hk::cpu::attention_forward(p);
-      },
-      py::arg("params"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
-      py::arg("key_padding"), py::arg("nk"), py::arg("ks0"), py::arg("ks1"), py::arg("ks2"),
-      py::arg("vs0"), py::arg("vs1"), py::arg("vs2"), py::call_guard<py::gil_scoped_release>());
+  for (PyMethodDef& def : kFastcallDefs) {
+    PyObject* fn = PyCFunction_NewEx(&def, nullptr, m.attr("__name__").ptr());
+    if (!fn) throw py::error_already_set();
+    m.add_object(def.ml_name, py::reinterpret_steal<py::object>(fn));
+  }
   m.def("attention_backward", &hk::cpu::attention_backward, py::arg("params"),
         py::call_guard<py::gil_scoped_release>());
   m.def("attention_forward_int8", &hk::cpu::attention_forward_int8, py::arg("params"),
@@ -126,17 +213,4 @@ PYBIND11_MODULE(_C_cpu, m) {
       py::arg("k"), py::arg("dtype"), py::arg("B"), py::arg("H"), py::arg("N"), py::arg("D"),
       py::arg("s0"), py::arg("s1"), py::arg("s2"), py::arg("real"), py::arg("out"),
       py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
-  // Int8KVCache's per-call fast path: params prefilled once per plan (the cache's k8, scales,
-  // mean and V included); only q, out and lse change per call.
-  m.def(
-      "attention_forward_int8_ptrs",
-      [](const hk::AttnInt8Params& params, std::uintptr_t q, std::uintptr_t o, std::uintptr_t lse) {
-        hk::AttnInt8Params p = params;
-        p.fwd.q = reinterpret_cast<const void*>(q);
-        p.fwd.o = reinterpret_cast<void*>(o);
-        p.fwd.lse = reinterpret_cast<float*>(lse);
-        hk::cpu::attention_forward_int8(p);
-      },
-      py::arg("params"), py::arg("q"), py::arg("o"), py::arg("lse"),
-      py::call_guard<py::gil_scoped_release>());
 }
