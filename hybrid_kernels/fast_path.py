@@ -25,7 +25,7 @@ from torch import Tensor
 from . import dispatch as _dispatch
 from .backend_base import Problem
 from .backends.cpu import CpuBackend, load_module, num_threads
-from .backends._alloc import new_output, poison_enabled
+from .backends._alloc import poison_enabled, replay_allocator
 from .backends._params import Keep, fill_params
 from .dispatch import select_backend
 from .validation import BACKENDS, plan
@@ -110,39 +110,20 @@ def _plan_key(q, k, v, kpm, window, causal, scale, softcap, backend, return_lse)
 class _CpuPlan:
     """A call on the native CPU backend with its params prefilled; only pointers, K/V's length
     and their strides change."""
-    __slots__ = ("run", "params", "out_shape", "dtype", "lse_shape", "return_lse", "poison",
-                 "cached_alloc", "out_like_q")
+    __slots__ = ("run", "params", "poison", "new_out", "new_lse")
 
-    def __init__(self, mod, params, out_shape, dtype, return_lse, poison, cached_alloc,
-                 out_like_q):
+    def __init__(self, mod, params, q: Tensor, out_shape, return_lse: bool):
         self.run = mod.attention_forward_ptrs_kv
         self.params = params
-        self.out_shape = out_shape
-        self.dtype = dtype
-        self.lse_shape = out_shape[:3]
-        self.return_lse = return_lse
-        self.poison = poison
-        self.cached_alloc = cached_alloc
-        # q contiguous with the output's shape and dtype: torch.empty_like(q) makes the output
-        # (~1 us less than torch.empty with a shape, of a ~8 us one-token call); its strides can
-        # differ from out_shape's only over dims of size 1, which the kernel never steps along.
-        self.out_like_q = out_like_q
+        self.poison = poison_enabled()  # outputs NaN-filled before the kernel runs
+        self.new_out = replay_allocator(out_shape, q.dtype, q, self.poison)  # q -> out
+        # q -> lse, or None: the call does not return it
+        self.new_lse = (replay_allocator(out_shape[:3], torch.float32, q, self.poison)
+                        if return_lse else None)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, kpm, nk: int, ks, vs):
-        if self.cached_alloc:
-            out = new_output(self.out_shape, self.dtype, q.device)
-        else:
-            if self.out_like_q:
-                out = torch.empty_like(q)
-            else:
-                out = torch.empty(self.out_shape, dtype=self.dtype, device=_CPU)
-            if self.poison:
-                out.fill_(float("nan"))
-        lse = None
-        if self.return_lse:
-            lse = torch.empty(self.lse_shape, dtype=torch.float32, device=_CPU)
-            if self.poison:
-                lse.fill_(float("nan"))
+        out = self.new_out(q)
+        lse = None if self.new_lse is None else self.new_lse(q)
         self.run(self.params, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                  0 if lse is None else lse.data_ptr(), 0 if kpm is None else kpm.data_ptr(),
                  nk, ks[0], ks[1], ks[2], vs[0], vs[1], vs[2])
@@ -177,10 +158,7 @@ def _fast_plan(q, k, v, kpm, window, causal, scale, softcap, backend, return_lse
     params = mod.AttnParams()
     fill_params(mod, params, q, k, v, out, lse, pattern, Keep())
     params.num_threads = num_threads()
-    nbytes = out.numel() * out.element_size()
-    return _CpuPlan(mod, params, out_shape, q.dtype, return_lse, poison_enabled(),
-                    cached_alloc=nbytes >= mod.SCRATCH_MIN_CACHED_BYTES,
-                    out_like_q=tuple(q.shape) == out_shape and q.is_contiguous())
+    return _CpuPlan(mod, params, q, out_shape, return_lse)
 
 
 def _clear_plans() -> None:

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hybrid_kernels as hk
 from hybrid_kernels import fast_path
+from hybrid_kernels.backends._alloc import replay_allocator
 from hybrid_kernels.backends.cpu import CpuBackend
 from hybrid_kernels.reference import dense_reference
 
@@ -162,8 +163,8 @@ def test_the_fast_path_is_taken_and_replays():
 @pytest.mark.parametrize("q_layout", ["contiguous", "size-1 dims strided", "(B, N, H, D) view", "Dv != D"])
 def test_replayed_outputs_are_new_contiguous_tensors(q_layout):
     """A replay makes its output like q when q is contiguous with the output's shape (strides may
-    then differ over dims of size 1 only), else with the output's own shape; either way a new,
-    contiguous tensor, equal to the first call's, written in full (poisoned beforehand)."""
+    then differ over dims of size 1 only), else with the output's own shape: either way a new,
+    contiguous tensor, equal to the first call's and written in full (NaN-filled beforehand)."""
     g = torch.Generator().manual_seed(5)
     Nq, Dv = (3, 64) if q_layout == "(B, N, H, D) view" else (1, 32 if q_layout == "Dv != D" else 64)
     if q_layout == "size-1 dims strided":
@@ -178,8 +179,7 @@ def test_replayed_outputs_are_new_contiguous_tensors(q_layout):
     with torch.inference_mode():
         first = hk.attention(q, k, v)
         plan, = [p for p in fast_path._PLANS.values() if isinstance(p, fast_path._CpuPlan)]
-        assert plan.out_like_q == (q_layout in ("contiguous", "size-1 dims strided"))
-        plan.poison = True
+        plan.new_out = replay_allocator((2, 8, Nq, Dv), q.dtype, q, poison=True)
         again = hk.attention(q, k, v)
     assert again.shape == (2, 8, Nq, Dv) and again.is_contiguous()
     assert again.data_ptr() not in (first.data_ptr(), q.data_ptr())

@@ -44,3 +44,30 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     if poison_enabled():
         out.fill_(float("nan"))
     return out
+
+
+def replay_allocator(shape, dtype, q: torch.Tensor, poison: bool):
+    """new_output for a plan that replays calls shaped like q (same shapes, strides, dtype,
+    device, environment), decided once: a function q -> an uninitialized output of ``shape``
+    and ``dtype``. The scratch cache where it pays; ``torch.empty_like(q)`` when q is
+    contiguous with that shape and dtype (~1 us less than torch.empty with a shape, of a ~7 us
+    one-token call; its strides can differ from the contiguous ones only over dims of size 1,
+    which no kernel steps along); else ``torch.empty``. NaN-filled when ``poison``
+    (poison_enabled() when the plan was made: HYBRID_KERNELS_POISON is part of every plan key)."""
+    shape = tuple(shape)
+    device = q.device
+    probe = _cached_cpu_empty(shape, dtype) if device.type == "cpu" else None
+    if probe is not None:
+        return lambda q: new_output(shape, dtype, device)  # poisons by itself
+    if tuple(q.shape) == shape and q.dtype == dtype and q.is_contiguous():
+        make = torch.empty_like
+    else:
+        def make(q):
+            return torch.empty(shape, dtype=dtype, device=device)
+    if not poison:
+        return make
+
+    def poisoned(q):
+        return make(q).fill_(float("nan"))
+    return poisoned
+

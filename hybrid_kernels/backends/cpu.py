@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..backend_base import Backend
 from ..pattern import Pattern
-from ._alloc import new_output
+from ._alloc import new_output, poison_enabled, replay_allocator
 from ..quant import smoothing_mean
 from ._native_cpu import _module_error, load_module, num_threads  # noqa: F401  (re-exported)
 from ._params import QUANT_BLOCK, Keep, fill_params, last_dim_contiguous, strides3
@@ -122,7 +122,9 @@ class CpuBackend(Backend):
         keep = Keep()
         params, out, lse = _int8_cache_params(mod, q, k8, k_scale, k_mean, v, pattern, block, keep)
         keep.drop(q, out, lse)  # every call passes its own
-        return Int8CachePlan(mod, params, keep, tuple(out.shape), q.dtype, return_lse)
+        poison = poison_enabled()
+        return Int8CachePlan(mod, params, keep, replay_allocator(out.shape, q.dtype, q, poison),
+                             replay_allocator(lse.shape, torch.float32, q, poison), return_lse)
 
     def backward(self, dout, q, k, v, out, lse, pattern: Pattern, bias_grad: bool = False):
         mod = load_module()
@@ -157,17 +159,15 @@ class CpuBackend(Backend):
 class Int8CachePlan:
     """A decode call against one Int8KVCache, its native params prefilled (the cache's tensors
     held by ``keep``): a call allocates out and lse and passes three pointers."""
-    __slots__ = ("run", "params", "keep", "out_shape", "dtype", "lse_shape", "return_lse")
+    __slots__ = ("run", "params", "keep", "new_out", "new_lse", "return_lse")
 
-    def __init__(self, mod, params, keep: Keep, out_shape, dtype, return_lse: bool):
+    def __init__(self, mod, params, keep: Keep, new_out, new_lse, return_lse: bool):
         self.run = mod.attention_forward_int8_ptrs
         self.params, self.keep = params, keep
-        self.out_shape, self.dtype = out_shape, dtype
-        self.lse_shape = out_shape[:3]
+        self.new_out, self.new_lse = new_out, new_lse  # q -> out / lse (replay_allocator)
         self.return_lse = return_lse
 
     def __call__(self, q: Tensor):
-        out = new_output(self.out_shape, self.dtype, q.device)
-        lse = new_output(self.lse_shape, torch.float32, q.device)
+        out, lse = self.new_out(q), self.new_lse(q)
         self.run(self.params, q.data_ptr(), out.data_ptr(), lse.data_ptr())
         return (out, lse) if self.return_lse else out
