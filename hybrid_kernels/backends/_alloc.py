@@ -21,23 +21,35 @@ def poison_enabled() -> bool:
     return os.environ.get("HYBRID_KERNELS_POISON", "0") == "1"
 
 
+_SCRATCH = []  # [the native module or None, its SCRATCH_MIN_CACHED_BYTES], once looked up
+
+
+def _scratch_module():
+    """(the native CPU module, the smallest output it caches), or (None, 0) when not built;
+    looked up once (an import statement per output cost ~1 us)."""
+    if not _SCRATCH:
+        try:
+            from .. import _C_cpu as mod
+            _SCRATCH.extend((mod, mod.SCRATCH_MIN_CACHED_BYTES))
+        except ImportError:
+            _SCRATCH.extend((None, 0))
+    return _SCRATCH[0], _SCRATCH[1]
+
+
 def _cached_cpu_empty(shape, dtype) -> Optional[torch.Tensor]:
     """An uninitialized CPU tensor over scratch-cache memory, or None where that does not pay
     (small or empty, cache disabled, native module not built)."""
     numel = math.prod(shape)
     nbytes = numel * dtype.itemsize
-    try:
-        from .. import _C_cpu as mod
-    except ImportError:
-        return None
-    if nbytes < mod.SCRATCH_MIN_CACHED_BYTES or nbytes > mod.scratch_cache_limit():
+    mod, min_bytes = _scratch_module()
+    if mod is None or nbytes < min_bytes or nbytes > mod.scratch_cache_limit():
         return None
     return torch.frombuffer(mod.CachedBuffer(nbytes), dtype=dtype, count=numel).view(shape)
 
 
 def new_output(shape, dtype, device) -> torch.Tensor:
     out = None
-    if torch.device(device).type == "cpu":
+    if (device.type if isinstance(device, torch.device) else torch.device(device).type) == "cpu":
         out = _cached_cpu_empty(tuple(shape), dtype)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=device)
