@@ -431,70 +431,56 @@ struct DecodeKernel {
   template <class Dot, int NR, int KD>
   static void scores_dot_run(const float* q, int64_t DP, const typename Dot::TK* k, int nf, int n,
                              float* S, int64_t SP, float* tmp, float c) {
-    using TKd = typename Dot::TK;
-    constexpr int U = 4;
     const __m512 cv = _mm512_set1_ps(c);
     for (int t = 0; t < nf; t += 16) {
-      const TKd* kt = k + int64_t(t) * KD;
+      const typename Dot::TK* kt = k + int64_t(t) * KD;
       const int ta = t + kDecodePrefetchKeys;
       if (ta < n) prefetch_row<true>(kt + kDecodePrefetchKeys * KD, int64_t(std::min(16, n - ta)) * KD);
-      for (int u0 = 0; u0 < 16; u0 += U) {
-        typename Dot::A acc[NR][U];
-        for (int r = 0; r < NR; ++r)
-          for (int u = 0; u < U; ++u) acc[r][u] = Dot::zero();
-        for (int d = 0; d < KD; d += 32) {
-          typename Dot::Q qv[NR];
-          for (int r = 0; r < NR; ++r) qv[r] = Dot::load_q(q + r * DP, d);
-          for (int u = 0; u < U; ++u)
-            for (int r = 0; r < NR; ++r) acc[r][u] = Dot::dot(acc[r][u], kt + (u0 + u) * KD + d, qv[r]);
-        }
-        for (int r = 0; r < NR; ++r)
-          _mm512_storeu_ps(tmp + (r * 4 + u0 / 4) * 16,
-                           reduce4(Dot::to_float(acc[r][0]), Dot::to_float(acc[r][1]),
-                                   Dot::to_float(acc[r][2]), Dot::to_float(acc[r][3])));
-      }
-      for (int r = 0; r < NR; ++r) {
-        const float* qd = tmp + r * 4 * 16;
-        const __m512 sv = reduce_lanes(_mm512_loadu_ps(qd), _mm512_loadu_ps(qd + 16),
-                                       _mm512_loadu_ps(qd + 32), _mm512_loadu_ps(qd + 48));
-        _mm512_storeu_ps(S + r * SP + t, _mm512_mul_ps(sv, cv));
-      }
+      scores_block<Dot, NR, 4>(q, DP, KD, [kt](int u) { return kt + u * KD; }, S + t, SP, tmp, cv);
     }
   }
   template <class Dot, int NR, bool kRun>
   static void scores_dot_rows(const float* q, int64_t DP, int64_t D, const typename Dot::TK* k,
                               int64_t ks, const int32_t* idx, int64_t run0, int n, float* S, int64_t SP,
                               float* tmp, float c) {
-    using TKd = typename Dot::TK;
-    constexpr int U = NR == 1 ? 16 : NR == 2 ? 8 : 4;
     const __m512 cv = _mm512_set1_ps(c);
     for (int t = 0; t < n; t += 16) {
       const int nk = std::min(16, n - t);
-      const TKd* kp[16];
+      const typename Dot::TK* kp[16];
       for (int u = 0; u < 16; ++u) kp[u] = k + int64_t(idx[t + std::min(u, nk - 1)]) * ks;
       prefetch_keys<kRun>(k, idx, run0, t + kDecodePrefetchKeys, 16, n, ks, D);
-      for (int u0 = 0; u0 < 16; u0 += U) {
-        typename Dot::A acc[NR][U];
-        for (int r = 0; r < NR; ++r)
-          for (int u = 0; u < U; ++u) acc[r][u] = Dot::zero();
-        for (int64_t d = 0; d < D; d += 32) {
-          typename Dot::Q qv[NR];
-          for (int r = 0; r < NR; ++r) qv[r] = Dot::load_q(q + r * DP, d);
-          for (int u = 0; u < U; ++u)
-            for (int r = 0; r < NR; ++r) acc[r][u] = Dot::dot(acc[r][u], kp[u0 + u] + d, qv[r]);
-        }
-        for (int r = 0; r < NR; ++r)
-          for (int u = 0; u < U; u += 4)
-            _mm512_storeu_ps(tmp + (r * 4 + (u0 + u) / 4) * 16,
-                             reduce4(Dot::to_float(acc[r][u]), Dot::to_float(acc[r][u + 1]),
-                                     Dot::to_float(acc[r][u + 2]), Dot::to_float(acc[r][u + 3])));
+      scores_block<Dot, NR, NR == 1 ? 16 : NR == 2 ? 8 : 4>(q, DP, D, [&kp](int u) { return kp[u]; }, S + t,
+                                                             SP, tmp, cv);
+    }
+  }
+  // S[r * SP + u] = c * (q_r . row(u)) for the 16 keys u of one block of scores_dot (D % 32 == 0),
+  // U keys per register tile. Inlined by force, so that a constant D and the rows' addresses
+  // (scores_dot_run: k plus constants) reach the loops.
+  template <class Dot, int NR, int U, class Row>
+  __attribute__((always_inline)) static inline void scores_block(const float* q, int64_t DP, int64_t D,
+                                                                 Row row, float* S, int64_t SP, float* tmp,
+                                                                 __m512 cv) {
+    for (int u0 = 0; u0 < 16; u0 += U) {
+      typename Dot::A acc[NR][U];
+      for (int r = 0; r < NR; ++r)
+        for (int u = 0; u < U; ++u) acc[r][u] = Dot::zero();
+      for (int64_t d = 0; d < D; d += 32) {
+        typename Dot::Q qv[NR];
+        for (int r = 0; r < NR; ++r) qv[r] = Dot::load_q(q + r * DP, d);
+        for (int u = 0; u < U; ++u)
+          for (int r = 0; r < NR; ++r) acc[r][u] = Dot::dot(acc[r][u], row(u0 + u) + d, qv[r]);
       }
-      for (int r = 0; r < NR; ++r) {
-        const float* qd = tmp + r * 4 * 16;
-        const __m512 sv = reduce_lanes(_mm512_loadu_ps(qd), _mm512_loadu_ps(qd + 16),
-                                       _mm512_loadu_ps(qd + 32), _mm512_loadu_ps(qd + 48));
-        _mm512_storeu_ps(S + r * SP + t, _mm512_mul_ps(sv, cv));
-      }
+      for (int r = 0; r < NR; ++r)
+        for (int u = 0; u < U; u += 4)
+          _mm512_storeu_ps(tmp + (r * 4 + (u0 + u) / 4) * 16,
+                           reduce4(Dot::to_float(acc[r][u]), Dot::to_float(acc[r][u + 1]),
+                                   Dot::to_float(acc[r][u + 2]), Dot::to_float(acc[r][u + 3])));
+    }
+    for (int r = 0; r < NR; ++r) {
+      const float* qd = tmp + r * 4 * 16;
+      const __m512 sv = reduce_lanes(_mm512_loadu_ps(qd), _mm512_loadu_ps(qd + 16),
+                                     _mm512_loadu_ps(qd + 32), _mm512_loadu_ps(qd + 48));
+      _mm512_storeu_ps(S + r * SP, _mm512_mul_ps(sv, cv));
     }
   }
 #endif
