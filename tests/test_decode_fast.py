@@ -160,6 +160,24 @@ def test_the_fast_path_is_taken_and_replays():
     assert_matches_oracle("new data", c, o64, ob)
 
 
+def test_native_replay_entries_reject_bad_calls():
+    """The plan replays' native entries (METH_FASTCALL, positional) name what is wrong: the
+    argument count, the params type, a non-integer pointer, and the kernel's own checks."""
+    from hybrid_kernels import _C_cpu as mod
+    with pytest.raises(TypeError, match="takes 14 positional arguments"):
+        mod.attention_forward_ptrs_kv()
+    with pytest.raises(TypeError, match="params must be a .*AttnParams, got int"):
+        mod.attention_forward_ptrs_kv(*([1] * 14))
+    with pytest.raises(TypeError):
+        mod.attention_forward_ptrs_kv(mod.AttnParams(), *([0] * 6), "x", *([0] * 6))
+    with pytest.raises(ValueError, match="attention_forward: Hq and Hk must be > 0"):
+        mod.attention_forward_ptrs_kv(mod.AttnParams(), *([0] * 13))
+    with pytest.raises(TypeError, match="params must be a .*AttnInt8Params"):
+        mod.attention_forward_int8_ptrs(mod.AttnParams(), 0, 0, 0)
+    with pytest.raises(TypeError, match="takes 4 positional arguments"):
+        mod.attention_forward_int8_ptrs(mod.AttnInt8Params(), 0, 0)
+
+
 @pytest.mark.parametrize("q_layout", ["contiguous", "size-1 dims strided", "(B, N, H, D) view", "Dv != D"])
 def test_replayed_outputs_are_new_contiguous_tensors(q_layout):
     """A replay makes its output like q when q is contiguous with the output's shape (strides may
