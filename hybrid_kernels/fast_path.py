@@ -33,7 +33,6 @@ from .validation import BACKENDS, plan
 __all__ = ["eligible", "environment_key", "keyable_scalars", "run"]
 
 _PLANS: Dict[tuple, object] = {}
-_CPU = torch.device("cpu")
 _MAX_PLANS = 256
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled

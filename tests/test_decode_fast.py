@@ -101,7 +101,8 @@ def test_decode_long_band_in_chunks(dtype):
         _check(f"{dtype} {sorted(kw)}", q, k, v, out, lse, **_pattern_kwargs(kw, B, Nk))
 
 
-@pytest.mark.parametrize("D,Dv", [(32, 32), (96, 96), (128, 128), (256, 256), (64, 32), (64, 96), (59, 59), (48, 64)])
+@pytest.mark.parametrize("D,Dv", [(32, 32), (96, 96), (128, 128), (256, 256), (64, 32), (64, 96),
+                                  (59, 59), (48, 64)])
 @pytest.mark.parametrize("Hk", [8, 2])
 def test_decode_head_dims(D, Dv, Hk):
     """Head dims around the bf16 vdpbf16ps path (D and Dv multiples of 32; P V alone when only Dv
@@ -178,15 +179,18 @@ def test_native_replay_entries_reject_bad_calls():
         mod.attention_forward_int8_ptrs(mod.AttnInt8Params(), 0, 0)
 
 
-@pytest.mark.parametrize("q_layout", ["contiguous", "size-1 dims strided", "(B, N, H, D) view", "Dv != D"])
+@pytest.mark.parametrize("q_layout", ["contiguous", "size-1 dims strided", "(B, N, H, D) view",
+                                      "Dv != D"])
 def test_replayed_outputs_are_new_contiguous_tensors(q_layout):
     """A replay makes its output like q when q is contiguous with the output's shape (strides may
     then differ over dims of size 1 only), else with the output's own shape: either way a new,
     contiguous tensor, equal to the first call's and written in full (NaN-filled beforehand)."""
     g = torch.Generator().manual_seed(5)
-    Nq, Dv = (3, 64) if q_layout == "(B, N, H, D) view" else (1, 32 if q_layout == "Dv != D" else 64)
+    Nq = 3 if q_layout == "(B, N, H, D) view" else 1
+    Dv = 32 if q_layout == "Dv != D" else 64
     if q_layout == "size-1 dims strided":
-        q = torch.randn(2, 1, 8, 64, generator=g).transpose(1, 2)  # (2, 8, 1, 64), strides (512, 64, 512, 1)
+        # (2, 8, 1, 64) with strides (512, 64, 512, 1): contiguous, not the default strides
+        q = torch.randn(2, 1, 8, 64, generator=g).transpose(1, 2)
     elif q_layout == "(B, N, H, D) view":
         q = torch.randn(2, Nq, 8, 64, generator=g).transpose(1, 2)
     else:

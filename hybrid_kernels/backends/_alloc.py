@@ -36,13 +36,21 @@ def _scratch_module():
     return _SCRATCH[0], _SCRATCH[1]
 
 
-def _cached_cpu_empty(shape, dtype) -> Optional[torch.Tensor]:
-    """An uninitialized CPU tensor over scratch-cache memory, or None where that does not pay
-    (small or empty, cache disabled, native module not built)."""
-    numel = math.prod(shape)
-    nbytes = numel * dtype.itemsize
+def _scratch_for(nbytes: int):
+    """The native module when a CPU output of nbytes should come from its scratch cache, else
+    None (small or empty, cache disabled, native module not built)."""
     mod, min_bytes = _scratch_module()
     if mod is None or nbytes < min_bytes or nbytes > mod.scratch_cache_limit():
+        return None
+    return mod
+
+
+def _cached_cpu_empty(shape, dtype) -> Optional[torch.Tensor]:
+    """An uninitialized CPU tensor over scratch-cache memory, or None where that does not pay."""
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
+    mod = _scratch_for(nbytes)
+    if mod is None:
         return None
     return torch.frombuffer(mod.CachedBuffer(nbytes), dtype=dtype, count=numel).view(shape)
 
@@ -68,8 +76,7 @@ def replay_allocator(shape, dtype, q: torch.Tensor, poison: bool):
     (poison_enabled() when the plan was made: HYBRID_KERNELS_POISON is part of every plan key)."""
     shape = tuple(shape)
     device = q.device
-    probe = _cached_cpu_empty(shape, dtype) if device.type == "cpu" else None
-    if probe is not None:
+    if device.type == "cpu" and _scratch_for(math.prod(shape) * dtype.itemsize) is not None:
         return lambda q: new_output(shape, dtype, device)  # poisons by itself
     if tuple(q.shape) == shape and q.dtype == dtype and q.is_contiguous():
         make = torch.empty_like
