@@ -144,8 +144,8 @@ class Int8KVCache:
             return None
         sink_key = None if sinks is None else (sinks.shape, sinks.dtype, sinks.device)
         kpm = self.key_padding_mask
-        cache = tuple(t.data_ptr() for t in (self.k8, self.k_scale, self.k_mean, self.v)) + (
-            None if kpm is None else kpm.data_ptr(), self.block)
+        cache = (self.k8.data_ptr(), self.k_scale.data_ptr(), self.k_mean.data_ptr(),
+                 self.v.data_ptr(), None if kpm is None else kpm.data_ptr(), self.block)
         return (q.shape, q.stride(), q.dtype, q.device, window, landmarks, causal, scale,
                 softcap, sink_key, return_lse, cache, environment_key())
 

@@ -89,6 +89,16 @@ PyObject* run_released(F&& kernel) {
   Py_RETURN_NONE;
 }
 
+// The lse row a call writes: the caller's (lse != 0), else a per-thread scratch row (B, Hq, Nq)
+// for a caller that does not want it.
+float* lse_or_scratch(int64_t lse, const hk::AttnParams& p) {
+  if (lse) return reinterpret_cast<float*>(lse);
+  static thread_local std::vector<float> scratch;
+  const size_t n = size_t(p.B * p.Hq * p.Nq);
+  if (scratch.size() < n) scratch.resize(n);
+  return scratch.data();
+}
+
 // attention_forward_ptrs_kv(params, q, k, v, o, lse, key_padding, nk, ks0, ks1, ks2, vs0, vs1,
 // vs2): a params object prefilled once per plan, with only the data pointers, K/V's length and
 // their strides (elements, dims 0-2) given per call (a plan serves a KV cache growing between
@@ -113,20 +123,14 @@ PyObject* forward_ptrs_kv(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   const int64_t lse = a[4];
   return run_released([&] {
-    if (lse) {
-      p.lse = reinterpret_cast<float*>(lse);
-    } else {
-      static thread_local std::vector<float> scratch;
-      const size_t n = size_t(p.B * p.Hq * p.Nq);
-      if (scratch.size() < n) scratch.resize(n);
-      p.lse = scratch.data();
-    }
+    p.lse = lse_or_scratch(lse, p);
     hk::cpu::attention_forward(p);
   });
 }
 
 // attention_forward_int8_ptrs(params, q, o, lse): Int8KVCache's per-call entry, params prefilled
-// once per plan (the cache's k8, scales, mean and V included); only q, out and lse change.
+// once per plan (the cache's k8, scales, mean and V included); only q, out and lse change
+// (lse == 0: not wanted, as in attention_forward_ptrs_kv).
 PyObject* forward_int8_ptrs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const hk::AttnInt8Params* params;
   int64_t a[3];
@@ -134,8 +138,10 @@ PyObject* forward_int8_ptrs(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
   hk::AttnInt8Params p = *params;
   p.fwd.q = reinterpret_cast<const void*>(a[0]);
   p.fwd.o = reinterpret_cast<void*>(a[1]);
-  p.fwd.lse = reinterpret_cast<float*>(a[2]);
-  return run_released([&] { hk::cpu::attention_forward_int8(p); });
+  return run_released([&] {
+    p.fwd.lse = lse_or_scratch(a[2], p.fwd);
+    hk::cpu::attention_forward_int8(p);
+  });
 }
 
 PyMethodDef kFastcallDefs[] = {

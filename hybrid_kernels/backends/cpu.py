@@ -124,7 +124,8 @@ class CpuBackend(Backend):
         keep.drop(q, out, lse)  # every call passes its own
         poison = poison_enabled()
         return Int8CachePlan(mod, params, keep, replay_allocator(out.shape, q.dtype, q, poison),
-                             replay_allocator(lse.shape, torch.float32, q, poison), return_lse)
+                             replay_allocator(lse.shape, torch.float32, q, poison) if return_lse
+                             else None)
 
     def backward(self, dout, q, k, v, out, lse, pattern: Pattern, bias_grad: bool = False):
         mod = load_module()
@@ -158,16 +159,21 @@ class CpuBackend(Backend):
 
 class Int8CachePlan:
     """A decode call against one Int8KVCache, its native params prefilled (the cache's tensors
-    held by ``keep``): a call allocates out and lse and passes three pointers."""
-    __slots__ = ("run", "params", "keep", "new_out", "new_lse", "return_lse")
+    held by ``keep``): a call allocates out (and lse when it returns it) and passes three
+    pointers."""
+    __slots__ = ("run", "params", "keep", "new_out", "new_lse")
 
-    def __init__(self, mod, params, keep: Keep, new_out, new_lse, return_lse: bool):
+    def __init__(self, mod, params, keep: Keep, new_out, new_lse):
         self.run = mod.attention_forward_int8_ptrs
         self.params, self.keep = params, keep
-        self.new_out, self.new_lse = new_out, new_lse  # q -> out / lse (replay_allocator)
-        self.return_lse = return_lse
+        # q -> out / lse (replay_allocator); new_lse None: the call returns out alone
+        self.new_out, self.new_lse = new_out, new_lse
 
     def __call__(self, q: Tensor):
-        out, lse = self.new_out(q), self.new_lse(q)
+        out = self.new_out(q)
+        if self.new_lse is None:
+            self.run(self.params, q.data_ptr(), out.data_ptr(), 0)
+            return out
+        lse = self.new_lse(q)
         self.run(self.params, q.data_ptr(), out.data_ptr(), lse.data_ptr())
-        return (out, lse) if self.return_lse else out
+        return out, lse
