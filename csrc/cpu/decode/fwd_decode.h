@@ -378,6 +378,21 @@ struct DecodeKernel {
     static __m512 to_float(A a) { return a; }
   };
 #endif
+  // fp32 K and q (q pre-scaled, as the widening path holds it): 32 features per step as two
+  // FMAs into one accumulator, in the order of scores()'s loop (the same bits).
+  struct DotF32 {
+    using TK = float;
+    using A = __m512;
+    struct Q {
+      __m512 lo, hi;
+    };
+    static A zero() { return _mm512_setzero_ps(); }
+    static Q load_q(const float* q, int64_t d) { return {_mm512_loadu_ps(q + d), _mm512_loadu_ps(q + d + 16)}; }
+    static A dot(A acc, const TK* k, Q q) {
+      return _mm512_fmadd_ps(_mm512_loadu_ps(k + 16), q.hi, _mm512_fmadd_ps(_mm512_loadu_ps(k), q.lo, acc));
+    }
+    static __m512 to_float(A a) { return a; }
+  };
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   struct DotInt8 {
     using TK = int8_t;
@@ -402,32 +417,40 @@ struct DecodeKernel {
   static void scores_dot(const float* q, int64_t DP, int64_t D, const typename Dot::TK* k, int64_t ks,
                          const int32_t* idx, int64_t run0, int n, float* S, int64_t SP, float* tmp,
                          float c) {
-    // bf16 K: a run of dense rows (a contiguous (..., Nk, D) cache) takes scores_dot_run.
-    const bool dense = std::is_same<typename Dot::TK, uint16_t>::value && run0 >= 0 && ks == D &&
-                       (D == 64 || D == 128 || D == 256);
-    const int nf = dense ? n / 16 * 16 : 0;
-    if (nf > 0) {
-      const typename Dot::TK* kr = k + run0 * ks;
-      if (D == 64)
-        scores_dot_run<Dot, NR, 64>(q, DP, kr, nf, n, S, SP, tmp, c);
-      else if (D == 128)
-        scores_dot_run<Dot, NR, 128>(q, DP, kr, nf, n, S, SP, tmp, c);
-      else
-        scores_dot_run<Dot, NR, 256>(q, DP, kr, nf, n, S, SP, tmp, c);
-    }
+    int nf = 0;  // the int8 K cache keeps the table (see scores_dot_run)
+    if constexpr (!std::is_same<typename Dot::TK, int8_t>::value)
+      nf = scores_run_prefix<Dot, NR>(q, DP, D, k, ks, run0, n, S, SP, tmp, c);
     if (nf == n) return;
     if (run0 >= 0)
       scores_dot_rows<Dot, NR, true>(q, DP, D, k, ks, idx + nf, run0 + nf, n - nf, S + nf, SP, tmp, c);
     else
       scores_dot_rows<Dot, NR, false>(q, DP, D, k, ks, idx, run0, n, S, SP, tmp, c);
   }
+  // scores_dot_run over the whole 16-key blocks of an item of band keys (run0 >= 0) whose K rows
+  // lie back to back (a contiguous (..., Nk, D) cache, D 64 / 128 / 256); returns how many keys it
+  // scored (0: not such an item), the rest is the caller's.
+  template <class Dot, int NR>
+  static int scores_run_prefix(const float* q, int64_t DP, int64_t D, const typename Dot::TK* k, int64_t ks,
+                               int64_t run0, int n, float* S, int64_t SP, float* tmp, float c) {
+    if (run0 < 0 || ks != D || (D != 64 && D != 128 && D != 256)) return 0;
+    const int nf = n / 16 * 16;
+    if (nf == 0) return 0;
+    const typename Dot::TK* kr = k + run0 * ks;
+    if (D == 64)
+      scores_dot_run<Dot, NR, 64>(q, DP, kr, nf, n, S, SP, tmp, c);
+    else if (D == 128)
+      scores_dot_run<Dot, NR, 128>(q, DP, kr, nf, n, S, SP, tmp, c);
+    else
+      scores_dot_run<Dot, NR, 256>(q, DP, kr, nf, n, S, SP, tmp, c);
+    return nf;
+  }
   // scores_dot over the first nf keys (nf % 16 == 0) of an item whose keys are one run of rows of
   // KD = D elements, back to back from k: every K address is k plus a constant, no pointer table
   // (n: the item's keys, where the prefetch stops). Its shape is what measured best on Zen 4 (bf16,
   // time against the table path, K/V in cache / from DRAM): four keys per register tile (0.86 /
   // ~1.0; sixteen, a burst of 32 loads, 0.88 / 1.10); the row stride a constant (a runtime stride:
-  // 0.89 / 0.93 with one query row, but 1.25 / 1.20 with four, GQA). The int8 K cache keeps the
-  // table: this form was 0.80 in cache but 1.04 from DRAM there.
+  // 0.89 / 0.93 with one query row, but 1.25 / 1.20 with four, GQA). fp32 (DotF32): 0.89 / 0.94-1.0.
+  // The int8 K cache keeps the table: this form was 0.80 in cache but 1.04 from DRAM there.
   template <class Dot, int NR, int KD>
   static void scores_dot_run(const float* q, int64_t DP, const typename Dot::TK* k, int nf, int n,
                              float* S, int64_t SP, float* tmp, float c) {
@@ -760,6 +783,15 @@ struct DecodeKernel {
                                 p.scale * kLog2e);
       else
         scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
+    } else
+#endif
+#if defined(__AVX512F__)
+    if constexpr (DT == DType::F32 && !K8 && std::is_same<V, VecAvx512>::value) {
+      // fp32: a band run of dense rows by scores_dot_run (q holds the scale: c = 1), the rest
+      // (keys past the whole blocks, or every key) by the widening loop.
+      const int nf = scores_run_prefix<DotF32, NR>(s.q(), s.DP, p.D, k, p.k_stride[2], run0, n, S, s.SP,
+                                                   s.tmp(), 1.f);
+      if (nf < n) scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx + nf, n - nf, S + nf, s.SP, s.tmp());
     } else
 #endif
     scores<NR>(s.q(), s.DP, p.D, k, p.k_stride[2], idx, n, S, s.SP, s.tmp());
