@@ -10,6 +10,7 @@ an fp32 forward, 20% of an int8 one). The tensor views a buffer that returns to 
 the tensor dies; it behaves like any CPU tensor except that its storage cannot be resized.
 ``HYBRID_KERNELS_CPU_CACHE_MB=0`` turns this off (plain ``torch.empty``).
 """
+import functools
 import math
 import os
 from typing import Optional
@@ -21,19 +22,15 @@ def poison_enabled() -> bool:
     return os.environ.get("HYBRID_KERNELS_POISON", "0") == "1"
 
 
-_SCRATCH = []  # [the native module or None, its SCRATCH_MIN_CACHED_BYTES], once looked up
-
-
+@functools.cache
 def _scratch_module():
     """(the native CPU module, the smallest output it caches), or (None, 0) when not built;
     looked up once (an import statement per output cost ~1 us)."""
-    if not _SCRATCH:
-        try:
-            from .. import _C_cpu as mod
-            _SCRATCH.extend((mod, mod.SCRATCH_MIN_CACHED_BYTES))
-        except ImportError:
-            _SCRATCH.extend((None, 0))
-    return _SCRATCH[0], _SCRATCH[1]
+    try:
+        from .. import _C_cpu as mod
+    except ImportError:
+        return None, 0
+    return mod, mod.SCRATCH_MIN_CACHED_BYTES
 
 
 def _scratch_for(nbytes: int):

@@ -12,15 +12,17 @@ namespace hk {
 namespace cpu {
 namespace {
 
+[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument("attention_forward: " + msg); }
+
 // The message is a C string, made into a std::string only on failure: built on every check, the
 // strings cost ~0.7 us of a ~7 us one-token call.
 void require(bool ok, const char* msg) {
-  if (!ok) throw std::invalid_argument(std::string("attention_forward: ") + msg);
+  if (!ok) fail(msg);
 }
 
 void check_strides(const int64_t* s, const char* name) {
   for (int i = 0; i < 3; ++i)
-    if (s[i] < 0) throw std::invalid_argument(std::string("attention_forward: ") + name + " must be non-negative");
+    if (s[i] < 0) fail(std::string(name) + " must be non-negative");
 }
 
 void check_landmarks(const AttnParams& p) {
