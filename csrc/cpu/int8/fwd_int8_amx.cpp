@@ -1,6 +1,7 @@
 // quant="int8" on AMX tiles: the forward driver with the AMX int8 core (fwd_core_int8_amx.h) for
-// fused quantization with Nk > 0 and Dv % 16 == 0 and no score modifier (its softmax folds the
-// scale, so the driver cannot modify its scores); every other call on the avx512 set's driver
+// calls with Nk > 0, Dv % 16 == 0 and no score modifier (its softmax folds the scale, so the
+// driver cannot modify its scores), quantizing inside (fused) or taking pre-quantized Q / K (the
+// same core either way, so both give the same bits); every other call on the avx512 set's driver
 // core, which this CPU also runs.
 #include "cpu/forward/fwd_driver.h"
 #include "cpu/int8/fwd_core_int8_amx.h"
@@ -12,8 +13,7 @@ namespace int8 {
 namespace {
 
 void forward_amx(const AttnInt8Params& p, const Kernels& kern) {
-  if (p.q8 != nullptr || p.k8 != nullptr || p.fwd.Nk == 0 || p.fwd.Dv % 16 != 0 || p.fwd.softcap > 0.f ||
-      p.fwd.bias != nullptr) {
+  if (p.fwd.Nk == 0 || p.fwd.Dv % 16 != 0 || p.fwd.softcap > 0.f || p.fwd.bias != nullptr) {
     kernels_avx512()->forward(p, kern);
     return;
   }
