@@ -69,13 +69,18 @@ class PrepAmx {
     const int nt = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
     vt_.reset(BH * p.Dv * NKP_);
     const int64_t nkb = ceil_div(p.Nk, 32);
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t it = 0; it < BH * nkb; ++it) {
-      const int64_t bh = it / nkb, j0 = (it % nkb) * 32, b = bh / p.Hk, h = bh % p.Hk;
-      const int n = int(std::min<int64_t>(32, p.Nk - j0));
-      const uint16_t* rows[32];
-      for (int j = 0; j < n; ++j) rows[j] = v_row(b, h, j0 + j);
-      transpose_keys(rows, n, vt_.get() + bh * p.Dv * NKP_ + j0, NKP_);
+    // Streamed stores: Vt is written once and read much later (no read-for-ownership of its lines).
+#pragma omp parallel num_threads(nt)
+    {
+#pragma omp for schedule(static) nowait
+      for (int64_t it = 0; it < BH * nkb; ++it) {
+        const int64_t bh = it / nkb, j0 = (it % nkb) * 32, b = bh / p.Hk, h = bh % p.Hk;
+        const int n = int(std::min<int64_t>(32, p.Nk - j0));
+        const uint16_t* rows[32];
+        for (int j = 0; j < n; ++j) rows[j] = v_row(b, h, j0 + j);
+        transpose_keys<true>(rows, n, vt_.get() + bh * p.Dv * NKP_ + j0, NKP_);
+      }
+      _mm_sfence();  // before the region's closing barrier: the driver's threads see Vt
     }
     if (G_ > 0) {
       klm_.reset(BH * GP_ * p.D);
@@ -115,8 +120,9 @@ class PrepAmx {
     return static_cast<const uint16_t*>(p_.v) + b * p_.v_stride[0] + h * p_.v_stride[1] + j * p_.v_stride[2];
   }
   // dst[e * ld + j] = rows[j][e] for j < n, 0 for n <= j < 32.
+  template <bool kStream = false>
   void transpose_keys(const uint16_t* const* rows, int n, uint16_t* dst, int64_t ld) const {
-    transpose_key_pairs(p_.Dv, dst, ld, [&](int j, int64_t e0) {
+    transpose_key_pairs<kStream>(p_.Dv, dst, ld, [&](int j, int64_t e0) {
       return j < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + e0)))
                    : _mm512_setzero_si512();
     });
