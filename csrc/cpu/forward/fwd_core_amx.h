@@ -220,7 +220,7 @@ struct CoreAmx {
   }
 
   // 2^x, kCoarse accuracy: P is rounded to bf16 (2^-9) anyway.
-  static R exp2(R x) { return cpu::exp2<Exp2::kCoarse>(x); }
+  static R exp2(R x) { return cpu::exp2_ftz<Exp2::kCoarse>(x); }  // the driver runs with FTZ
 
   // S^T = K . Q^T for the tile's whole 16-key groups (all groups for zero-padded K), the rest
   // with vdpbf16ps.

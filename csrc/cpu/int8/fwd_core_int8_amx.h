@@ -220,7 +220,7 @@ struct CoreInt8Amx {
 
   // 2^x for x <= 0 at kCoarse accuracy (rel. error < 1.4e-4): P is rounded to bf16 for PV anyway,
   // and the same P feeds the softmax sum.
-  static R exp2(R x) { return cpu::exp2<Exp2::kCoarse>(x); }
+  static R exp2(R x) { return cpu::exp2_ftz<Exp2::kCoarse>(x); }  // the driver runs with FTZ
 
   // rows: query records (see PrepInt8Amx), nr <= BQ.
   static void pack_q(Work& w, const AttnParams&, const void* const* rows, int nr) {
