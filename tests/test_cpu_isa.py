@@ -70,6 +70,26 @@ def test_amx_bf16_is_deterministic_and_thread_count_invariant(monkeypatch):
     assert all(torch.equal(runs[0], r) for r in runs[1:]), "AMX results must be bit-identical"
 
 
+@pytest.mark.parametrize("jump", [30.0, 200.0])
+def test_amx_bf16_scores_far_above_the_running_max(monkeypatch, jump):
+    """The AMX softmax tries a tile against the running max without a max pass and redoes it with
+    one when some P would pass 2^64: a key of a later tile scoring about `jump` (natural units)
+    above the rest is taken either way (30: P up to ~2^43 against the old max; 200: redone)."""
+    force(monkeypatch, "amx")
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D = 1, 2, 257, 64
+    u = torch.zeros(D)
+    u[3] = 1.0
+    q = (torch.randn(B, H, N, D, generator=g) * 0.3 + 3.0 * u).bfloat16()
+    k = (torch.randn(B, H, N, D, generator=g) * 0.3).bfloat16()
+    k[:, :, 200] = (jump * D ** 0.5 / 3.0 * u).bfloat16()  # score ~ jump for every query
+    v = torch.randn(B, H, N, D, generator=g).bfloat16()
+    out, lse = hk.attention(q, k, v, return_lse=True, backend="cpu")  # 5 key tiles per block
+    (o64, l64), (o_bf16, l_bf16) = reference_pair(q, k, v)
+    assert_matches_oracle("amx out", out, o64, o_bf16)
+    assert_matches_oracle("amx lse", lse, l64, l_bf16)
+
+
 def test_amx_bf16_nan_stays_in_the_rows_that_see_it(monkeypatch):
     force(monkeypatch, "amx")
     q, k, v = (torch.randn(1, 2, 200, 64).bfloat16() for _ in range(3))

@@ -146,11 +146,23 @@ struct AmxLanes {
   // Rule::exp2(c * S - m_new) written into Pp as bf16 key pairs (zero up to a whole number of
   // 32-key chunks), alpha = Rule::exp2(m - m_new) (1 where the max stays), l = l * alpha + sum
   // of the fp32 P.
+  // Rule::kStaleMax: once every lane of the half has a max, the tile is first tried against it
+  // without a max pass (a sixth of the step's vector work): the max stays and alpha is 1 when
+  // every lane's sum of P is at most 2^64 (so is every P: nothing can overflow later); otherwise
+  // (a much larger score, inf, NaN) the tile is redone with the max pass.
   template <class Rule>
   static void softmax(uint32_t* Pp, float scale, const float* S, int n, R* m, R* l, R* alpha) {
     const R c = _mm512_set1_ps(scale);
-    const int np = (n + 1) / 2, np_pad = int(ceil_div(np, 16) * 16);
     for (int v = 0; v < QV; ++v) {
+      const __mmask16 unseen = _mm512_cmp_ps_mask(m[v], _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
+      if (Rule::kStaleMax && unseen == 0) {
+        const R sum = exp_pairs<Rule>(Pp + v * W, S + v * W, n, c, m[v]);
+        if (_mm512_cmp_ps_mask(sum, _mm512_set1_ps(0x1p64f), _CMP_LE_OQ) == 0xffff) {
+          alpha[v] = _mm512_set1_ps(1.f);
+          l[v] = _mm512_add_ps(l[v], sum);
+          continue;
+        }
+      }
       const R mt = tile_max(S + v * W, n);
       const R m_new = Rule::next_max(m[v], _mm512_mul_ps(mt, c));
       const R m_use = VecAvx512::neg_inf_to_zero(m_new);  // rows that saw nothing yet keep p = 0
@@ -159,20 +171,35 @@ struct AmxLanes {
       const __mmask16 same = _mm512_cmp_ps_mask(m[v], m_new, _CMP_EQ_OQ) |
                              _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
       alpha[v] = _mm512_mask_blend_ps(same, Rule::exp2(_mm512_sub_ps(m[v], m_use)), _mm512_set1_ps(1.f));
-      R sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-      for (int jp = 0; jp < np; ++jp) {  // an odd n pairs its last key with p = 0
-        const R p0 = Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + 2 * jp * BQ + v * W), c, m_use));
-        const R p1 = 2 * jp + 1 < n
-                         ? Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + (2 * jp + 1) * BQ + v * W), c, m_use))
-                         : _mm512_setzero_ps();
-        sum0 = _mm512_add_ps(sum0, p0);
-        sum1 = _mm512_add_ps(sum1, p1);
-        _mm512_storeu_si512(Pp + jp * BQ + v * W, bf16_pairs(p0, p1));
-      }
-      for (int jp = np; jp < np_pad; ++jp) _mm512_storeu_si512(Pp + jp * BQ + v * W, _mm512_setzero_si512());
-      l[v] = _mm512_fmadd_ps(l[v], alpha[v], _mm512_add_ps(sum0, sum1));
+      l[v] = _mm512_fmadd_ps(l[v], alpha[v], exp_pairs<Rule>(Pp + v * W, S + v * W, n, c, m_use));
       m[v] = m_new;
     }
+  }
+
+  // P = Rule::exp2(c * S - m) of one lane half (S, Pp: from the half's first lane) into Pp as bf16
+  // key pairs, zero up to a whole number of 32-key chunks; returns the sum of the fp32 P, or with
+  // Rule::kStaleMax of the bf16 P (the weights P V applies: with a stale max the largest P is not
+  // 1, and a key that dominates a row must still give its V exactly).
+  template <class Rule>
+  static R exp_pairs(uint32_t* Pp, const float* S, int n, R c, R m) {
+    const int np = (n + 1) / 2, np_pad = int(ceil_div(np, 16) * 16);
+    R sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+    for (int jp = 0; jp < np; ++jp) {  // an odd n pairs its last key with p = 0
+      const R p0 = Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + 2 * jp * BQ), c, m));
+      const R p1 = 2 * jp + 1 < n ? Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + (2 * jp + 1) * BQ), c, m))
+                                  : _mm512_setzero_ps();
+      const __m512i pair = bf16_pairs(p0, p1);
+      _mm512_storeu_si512(Pp + jp * BQ, pair);
+      if constexpr (Rule::kStaleMax) {  // the bf16 P that P V uses (even key low, odd key high)
+        sum0 = _mm512_add_ps(sum0, _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)));
+        sum1 = _mm512_add_ps(sum1, _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(int(0xffff0000u)))));
+      } else {
+        sum0 = _mm512_add_ps(sum0, p0);
+        sum1 = _mm512_add_ps(sum1, p1);
+      }
+    }
+    for (int jp = np; jp < np_pad; ++jp) _mm512_storeu_si512(Pp + jp * BQ, _mm512_setzero_si512());
+    return _mm512_add_ps(sum0, sum1);
   }
 
   // max_j S[j * BQ] over 16 lanes (four chains: max is exact, the order does not matter).
@@ -283,6 +310,7 @@ struct CoreAmx {
     AmxLanes::softmax<CoreAmx>(w.Pp.get(), softmax_scale(w), S, n, m, l, alpha);
   }
   static R next_max(R m, R tile_max) { return _mm512_max_ps(m, tile_max); }
+  static constexpr bool kStaleMax = true;
 };
 
 }  // namespace
