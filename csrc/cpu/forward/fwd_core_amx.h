@@ -144,8 +144,8 @@ struct AmxLanes {
 
   // Online softmax step: per lane half, m_new = Rule::next_max(m, c * max_j S), P =
   // Rule::exp2(c * S - m_new) written into Pp as bf16 key pairs (zero up to a whole number of
-  // 32-key chunks), alpha = Rule::exp2(m - m_new) (1 where the max stays), l = l * alpha + sum
-  // of the fp32 P.
+  // 32-key chunks), alpha = Rule::exp2(m - m_new) (1 where the max stays), l = l * alpha + the
+  // sum exp_pairs returns.
   // Rule::kStaleMax: once every lane of the half has a max, the tile is first tried against it
   // without a max pass (a sixth of the step's vector work): the max stays and alpha is 1 when
   // every lane's sum of P is at most 2^64 (so is every P: nothing can overflow later); otherwise
