@@ -154,13 +154,15 @@ struct AmxLanes {
   static void softmax(uint32_t* Pp, float scale, const float* S, int n, R* m, R* l, R* alpha) {
     const R c = _mm512_set1_ps(scale);
     for (int v = 0; v < QV; ++v) {
-      const __mmask16 unseen = _mm512_cmp_ps_mask(m[v], _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
-      if (Rule::kStaleMax && unseen == 0) {
-        const R sum = exp_pairs<Rule>(Pp + v * W, S + v * W, n, c, m[v]);
-        if (_mm512_cmp_ps_mask(sum, _mm512_set1_ps(0x1p64f), _CMP_LE_OQ) == 0xffff) {
-          alpha[v] = _mm512_set1_ps(1.f);
-          l[v] = _mm512_add_ps(l[v], sum);
-          continue;
+      if constexpr (Rule::kStaleMax) {
+        const bool every_lane_has_a_max = _mm512_cmp_ps_mask(m[v], _mm512_set1_ps(kNegInf), _CMP_EQ_OQ) == 0;
+        if (every_lane_has_a_max) {
+          const R sum = exp_pairs<Rule>(Pp + v * W, S + v * W, n, c, m[v]);
+          if (_mm512_cmp_ps_mask(sum, _mm512_set1_ps(0x1p64f), _CMP_LE_OQ) == 0xffff) {
+            alpha[v] = _mm512_set1_ps(1.f);
+            l[v] = _mm512_add_ps(l[v], sum);
+            continue;
+          }
         }
       }
       const R mt = tile_max(S + v * W, n);

@@ -250,8 +250,8 @@ struct CoreInt8Amx {
   static void softmax(Work& w, const float* S, int n, R* m, R* l, R* alpha) {
     AmxLanes::softmax<CoreInt8Amx>(w.Pp.get(), 1.f, S, n, m, l, alpha);
   }
+  static constexpr bool kStaleMax = false;  // every tile takes the max pass: next_max's rule
   // The max stays while the tile's is at most 8 above it, else moves to that max rounded up.
-  static constexpr bool kStaleMax = false;  // the max moves by the rule below
   static R next_max(R m, R tile_max) {
     const R mx = _mm512_max_ps(m, tile_max);
     const __mmask16 keep = _mm512_cmp_ps_mask(mx, _mm512_add_ps(m, _mm512_set1_ps(8.f)), _CMP_LE_OQ);
