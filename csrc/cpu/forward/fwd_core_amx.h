@@ -185,23 +185,31 @@ struct AmxLanes {
   template <class Rule>
   static R exp_pairs(uint32_t* Pp, const float* S, int n, R c, R m) {
     const int np = (n + 1) / 2, np_pad = int(ceil_div(np, 16) * 16);
-    R sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-    for (int jp = 0; jp < np; ++jp) {  // an odd n pairs its last key with p = 0
-      const R p0 = Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + 2 * jp * BQ), c, m));
-      const R p1 = 2 * jp + 1 < n ? Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + (2 * jp + 1) * BQ), c, m))
-                                  : _mm512_setzero_ps();
-      const __m512i pair = bf16_pairs(p0, p1);
-      _mm512_storeu_si512(Pp + jp * BQ, pair);
-      if constexpr (Rule::kStaleMax) {  // the bf16 P that P V uses (even key low, odd key high)
-        sum0 = _mm512_add_ps(sum0, _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)));
-        sum1 = _mm512_add_ps(sum1, _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(int(0xffff0000u)))));
+    R sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    // Key pair jp into Pp, its P added to the sums: with kStaleMax the two bf16 P in one
+    // vdpbf16ps against bf16 1.0 (chain jp % 2: two chains hide the latency), else the fp32 P
+    // (even keys into sum[0], odd keys into sum[1]).
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);
+    auto pair = [&](int jp, int chain, R p0, R p1) {
+      const __m512i pr = bf16_pairs(p0, p1);
+      _mm512_storeu_si512(Pp + jp * BQ, pr);
+      if constexpr (Rule::kStaleMax) {
+        sum[chain] = _mm512_dpbf16_ps(sum[chain], (__m512bh)pr, ones);
       } else {
-        sum0 = _mm512_add_ps(sum0, p0);
-        sum1 = _mm512_add_ps(sum1, p1);
+        sum[0] = _mm512_add_ps(sum[0], p0);
+        sum[1] = _mm512_add_ps(sum[1], p1);
       }
+    };
+    auto p_of = [&](int j) { return Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + j * BQ), c, m)); };
+    int jp = 0;
+    for (; jp + 2 <= n / 2; jp += 2) {  // whole pairs, two at a time (no branch in the body)
+      pair(jp, 0, p_of(2 * jp), p_of(2 * jp + 1));
+      pair(jp + 1, 1, p_of(2 * jp + 2), p_of(2 * jp + 3));
     }
-    for (int jp = np; jp < np_pad; ++jp) _mm512_storeu_si512(Pp + jp * BQ, _mm512_setzero_si512());
-    return _mm512_add_ps(sum0, sum1);
+    for (; jp < n / 2; ++jp) pair(jp, 0, p_of(2 * jp), p_of(2 * jp + 1));
+    if (n & 1) pair(jp++, 0, p_of(n - 1), _mm512_setzero_ps());  // the last key pairs with p = 0
+    for (; jp < np_pad; ++jp) _mm512_storeu_si512(Pp + jp * BQ, _mm512_setzero_si512());
+    return _mm512_add_ps(sum[0], sum[1]);
   }
 
   // max_j S[j * BQ] over 16 lanes (four chains: max is exact, the order does not matter).

@@ -10,7 +10,7 @@
 //
 // All of them: 2^x = 2^n * poly(f), n = round(x), f = x - n in [-0.5, 0.5]; x = -inf gives exactly
 // 0; x < -125 gives 0 (never a denormal: each would cost a microcode assist); NaN stays NaN.
-// exp2_ftz (AVX-512, for threads with flush-to-zero) drops the x < -125 mask: values below 2^-126
+// exp2_ftz (AVX-512, for threads with flush-to-zero) drops the clamp and the x < -125 mask: values below 2^-126
 // are flushed by FTZ instead.
 //
 // Internal linkage on purpose (see simd_common.h): the header is compiled with different ISA flags
@@ -85,12 +85,12 @@ inline __m512 exp2(__m512 x, __mmask16 lanes = 0xffff) {
   return _mm512_maskz_scalef_ps(keep, exp2_poly<L>(f), n);
 }
 
-// 2^x at level L for code that runs with flush-to-zero (the forward driver's threads): no zero
-// mask, x is clamped at -150, where 2^x rounds to 0 (so -inf gives exactly 0); results below
-// 2^-126 are flushed to 0 by FTZ. One vector compare fewer than exp2 (the AMX softmax).
+// 2^x at level L for code that runs with flush-to-zero (the forward driver's threads): no clamp
+// and no zero mask. vreduceps gives f = 0 for x = -inf, so n = -inf and vscalefps gives exactly 0;
+// results below 2^-126 are flushed to 0 by FTZ; NaN stays NaN. Three vector ops fewer than exp2
+// (the AMX softmax).
 template <Exp2 L>
 inline __m512 exp2_ftz(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);  // NaN propagates
   __m512 n;
   const __m512 f = exp2_split(x, &n);
   return _mm512_scalef_ps(exp2_poly<L>(f), n);
