@@ -285,7 +285,7 @@ static Layout make_layout(const AttnParams& f, int64_t Dp, int64_t Dvp) {
   L.floats = (L.ring + 1) * L.tile_floats + heads * L.head_floats + 2 * kRows * kKeys +
              2 * kRows /* masks */ + 2 * kKeys /* brow, dsr */ + round_up(Dvp, a) +
              (bf16 ? 3 * kRows * kKeys / 2 : 0) +
-             (use_amx(f) ? 2 * kRows * kKeys / 2 : 0);
+             (use_amx(f) ? 2 * kRows * kKeys / 2 : 0) + round_up(f.Nk, 64) / 4 /* written */;
   L.bytes = round_up(L.floats * 4, 64);
   return L;
 }
@@ -321,7 +321,7 @@ static Tile carve_tile(Arena& a, int64_t D, int64_t Dv, int64_t Dp, int64_t Dvp,
 
 // ------------------------------------------------------------------------- one work item
 // One unit of work: query blocks [blk0, blk1) of item (b, kv head hk), plus the landmark query
-// rows if `landmark_rows`; dK / dV go to dk / dv ((Nk, D) / (Nk, Dv), zeroed here).
+// rows if `landmark_rows`; dK / dV go to dk / dv ((Nk, D) / (Nk, Dv), every row written here).
 // With score modifiers, dbias ((Hq / Hk) rows of Nq + Nk - 1, zeroed here, or nullptr) gets this
 // unit's share of the dbias of the item's q heads.
 static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0, int64_t blk1,
@@ -375,12 +375,9 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
     sc.dStA = take_u32(a, kRows * kKeys / 2);
   }
   float* orow = a.take(c.Dvp);
+  c.written = reinterpret_cast<uint8_t*>(a.take(round_up(f.Nk, 64) / 4));
+  std::memset(c.written, 0, static_cast<size_t>(f.Nk));
   float* head_mem = a.cur;
-
-  if (f.Nk > 0) {
-    std::memset(dk, 0, sizeof(float) * f.Nk * c.D);
-    std::memset(dv, 0, sizeof(float) * f.Nk * c.Dv);
-  }
 
   // Heads of the group are processed in chunks of up to 64 so `heads` stays a fixed array.
   for (int64_t g0 = 0; g0 < c.group; g0 += 64) {
@@ -497,6 +494,7 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
         store_head_block(cg, h0 + g, rows, RowMode::kLandmark, heads[g]);
     }
   }
+  zero_unwritten(c, f.Nk);
 }
 
 // ------------------------------------------------------------------------- entry

@@ -45,6 +45,7 @@ struct Ctx {
   const uint8_t* pad;       // (Nk) for batch b or nullptr
   float* dk;                // (Nk, D) gradient accumulator of this item (output or a partial)
   float* dv;                // (Nk, Dv)
+  uint8_t* written;         // (Nk) key j's rows of dk / dv hold a flush (else never written)
   bool bf16 = false;        // bf16 inputs on an AVX-512 BF16 build: products on vdpbf16ps
   bool amx = false;         // bf16 on an AMX build, D and Dv multiples of 32: products on tiles
   // Score modifiers (softmax_ds_mods in bwd_kernel_impl.h); mods also when only dbias is asked.
@@ -142,22 +143,36 @@ static void pack_contiguous(const Ctx& c, Tile& t, int64_t tile_index) {
   pack_keys(c, t);
 }
 
-// Adds the tile's accumulated dK / dV into the (fp32, contiguous) outputs.
+// Adds the tile's accumulated dK / dV into the (fp32, contiguous) outputs; a key's first flush
+// stores (dk / dv are not zeroed beforehand: zero_unwritten clears the keys no flush reached).
 static void flush(const Ctx& c, Tile& t) {
   if (t.fresh) {  // no visible pair touched the tile
     t.tile = -1;
     return;
   }
-  float* dk = c.dk;
-  float* dv = c.dv;
   for (int64_t jj = 0; jj < t.nt; ++jj) {
     const int64_t j = t.keys[jj];
     const float* sk = t.dK + jj * c.Dp;
     const float* sv = t.dV + jj * c.Dvp;
-    float* ok = dk + j * c.D;
-    float* ov = dv + j * c.Dv;
-    for (int64_t d = 0; d < c.D; ++d) ok[d] += sk[d];
-    for (int64_t d = 0; d < c.Dv; ++d) ov[d] += sv[d];
+    float* ok = c.dk + j * c.D;
+    float* ov = c.dv + j * c.Dv;
+    if (c.written[j]) {
+      for (int64_t d = 0; d < c.D; ++d) ok[d] += sk[d];
+      for (int64_t d = 0; d < c.Dv; ++d) ov[d] += sv[d];
+    } else {
+      std::memcpy(ok, sk, sizeof(float) * c.D);
+      std::memcpy(ov, sv, sizeof(float) * c.Dv);
+      c.written[j] = 1;
+    }
   }
   t.tile = -1;
+}
+
+// dK / dV rows of the keys no flush reached: zero (no visible query, padding).
+static void zero_unwritten(const Ctx& c, int64_t Nk) {
+  for (int64_t j = 0; j < Nk; ++j) {
+    if (c.written[j]) continue;
+    std::memset(c.dk + j * c.D, 0, sizeof(float) * c.D);
+    std::memset(c.dv + j * c.Dv, 0, sizeof(float) * c.Dv);
+  }
 }
