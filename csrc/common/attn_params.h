@@ -64,8 +64,8 @@ struct AttnBwdParams {
   float* dv = nullptr;         // (B, Hk, Nk, Dv) contiguous fp32, fully written by the kernel
   // Gradients rounded to bf16 / fp16 (grad_dtype; F32: none), same shapes, contiguous: the kernel
   // writes each item's rounded results as soon as they are final, so callers need no separate
-  // conversion pass. With them dq may be null (dQ rows go straight to dq_lp); dk / dv stay
-  // required as the fp32 accumulators.
+  // conversion pass. With them dq may be null (dQ rows go straight to dq_lp), and dk / dv may be
+  // null together (the kernel then accumulates dK / dV in its own scratch).
   DType grad_dtype = DType::F32;
   uint16_t* dq_lp = nullptr;
   uint16_t* dk_lp = nullptr;

@@ -137,17 +137,16 @@ class CpuBackend(Backend):
         fwd.num_threads = num_threads()
         params.fwd = fwd
         params.dout, params.dout_stride = keep(dout), strides3(dout)
-        # dK / dV accumulate in fp32; for bf16 / fp16 inputs the kernel also writes all three
-        # gradients rounded to that dtype (no separate conversion pass, no fp32 dQ).
-        dk, dv = (new_output(t.shape, torch.float32, q.device) for t in (k, v))
-        params.dk, params.dv = keep(dk), keep(dv)
+        # fp32 inputs: fp32 gradients. bf16 / fp16 inputs: the kernel writes the three gradients
+        # rounded to that dtype, accumulating dK / dV in its own fp32 scratch (no fp32 outputs,
+        # no separate conversion pass).
         dbias = None
         if bias_grad and pattern.bias is not None:
             dbias = new_output((q.shape[1], q.shape[2] + k.shape[2] - 1), torch.float32, q.device)
             params.dbias = keep(dbias)
         if q.dtype == torch.float32:
-            dq = new_output(q.shape, torch.float32, q.device)
-            params.dq = keep(dq)
+            dq, dk, dv = (new_output(t.shape, torch.float32, q.device) for t in (q, k, v))
+            params.dq, params.dk, params.dv = keep(dq), keep(dk), keep(dv)
             mod.attention_backward(params)
             return dq, dk, dv, dbias
         grads = [new_output(t.shape, q.dtype, q.device) for t in (q, k, v)]

@@ -54,8 +54,8 @@ void validate(const AttnBwdParams& p) {
   if (has_k) {
     require(f.k != nullptr, "k is null");
     require(f.v != nullptr, "v is null");
-    require(p.dk != nullptr, "dk is null");
-    require(p.dv != nullptr, "dv is null");
+    require(p.dk != nullptr || lp, "dk is null");
+    require((p.dk == nullptr) == (p.dv == nullptr), "dk and dv must be both null or both set");
     require(!lp || (p.dk_lp != nullptr && p.dv_lp != nullptr),
             "dk_lp / dv_lp are null (grad_dtype is not F32)");
   }

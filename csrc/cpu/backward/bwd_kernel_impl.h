@@ -498,14 +498,16 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
 }
 
 // ------------------------------------------------------------------------- entry
-// dK / dV rows [j0, j1) of item `it` (b * Hk + kv head), final in fp32, rounded into dk_lp /
-// dv_lp (when grad_dtype asks for them) while still in cache.
-static void round_kv_grads(const AttnBwdParams& p, int64_t it, int64_t j0, int64_t j1) {
+// dK / dV rows [j0, j1) of item `it` (b * Hk + kv head), final in fp32 in dk / dv (the item's
+// (Nk, D) / (Nk, Dv) accumulators), rounded into dk_lp / dv_lp (when grad_dtype asks for them)
+// while still in cache.
+static void round_kv_grads(const AttnBwdParams& p, int64_t it, int64_t j0, int64_t j1,
+                           const float* dk, const float* dv) {
   if (p.grad_dtype == DType::F32) return;
   const AttnParams& f = p.fwd;
   const int64_t k0 = (it * f.Nk + j0) * f.D, v0 = (it * f.Nk + j0) * f.Dv;
-  store_row_lp(p.dk + k0, p.grad_dtype, (j1 - j0) * f.D, p.dk_lp + k0);
-  store_row_lp(p.dv + v0, p.grad_dtype, (j1 - j0) * f.Dv, p.dv_lp + v0);
+  store_row_lp(dk + j0 * f.D, p.grad_dtype, (j1 - j0) * f.D, p.dk_lp + k0);
+  store_row_lp(dv + j0 * f.Dv, p.grad_dtype, (j1 - j0) * f.Dv, p.dv_lp + v0);
 }
 
 static void run(const AttnBwdParams& p, int num_threads) {
@@ -526,8 +528,12 @@ static void run(const AttnBwdParams& p, int num_threads) {
   const int64_t units = items * parts;
   const int nth = static_cast<int>(imax(1, imin(num_threads, units)));
   const int64_t ring_bytes = round_up(L.ring * int64_t(sizeof(Tile)), 64);
-  const int64_t per_thread = L.bytes + ring_bytes;
   const int64_t kv_floats = f.Nk * (f.D + f.Dv);  // one item's dK and dV
+  // Rounded gradients without fp32 outputs (dk == nullptr): each thread accumulates its items'
+  // dK / dV in its own scratch, which stays in cache between items.
+  const bool own_kv = p.dk == nullptr;
+  const int64_t own_kv_bytes = own_kv && parts == 1 ? round_up(kv_floats * int64_t(sizeof(float)), 64) : 0;
+  const int64_t per_thread = L.bytes + ring_bytes + own_kv_bytes;
   const int64_t partial_bytes = parts > 1 ? units * kv_floats * int64_t(sizeof(float)) : 0;
   // dbias partials: one per work unit (units run in any order on any thread), summed in unit
   // order at the end, so dbias depends only on the shapes and the thread count.
@@ -537,8 +543,9 @@ static void run(const AttnBwdParams& p, int num_threads) {
   const int64_t total = per_thread * nth + round_up(partial_bytes, 64) + round_up(dbias_bytes, 64);
   // cpu/scratch_cache.h (included by the translation unit): reused across calls.
   void* mem = ::hk::cpu::scratch_alloc(static_cast<size_t>(total));
-  std::memset(mem, 0, static_cast<size_t>(per_thread * nth));
   char* base = static_cast<char*>(mem);
+  for (int t = 0; t < nth; ++t)  // the workspaces and rings (not the dK / dV accumulators)
+    std::memset(base + t * per_thread, 0, static_cast<size_t>(L.bytes + ring_bytes));
   float* partial = reinterpret_cast<float*>(base + per_thread * nth);
   float* dbias_parts = want_dbias
       ? reinterpret_cast<float*>(base + per_thread * nth + round_up(partial_bytes, 64)) : nullptr;
@@ -555,16 +562,17 @@ static void run(const AttnBwdParams& p, int num_threads) {
 #endif
     float* ws = reinterpret_cast<float*>(base + tid * per_thread);
     Tile* ring = reinterpret_cast<Tile*>(base + tid * per_thread + L.bytes);
+    float* kv_acc = reinterpret_cast<float*>(base + tid * per_thread + L.bytes + ring_bytes);
 #if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t u = 0; u < units; ++u) {
       const int64_t it = u / parts, part = u % parts;
-      float* dk = parts > 1 ? partial + u * kv_floats : p.dk + it * f.Nk * f.D;
-      float* dv = parts > 1 ? dk + f.Nk * f.D : p.dv + it * f.Nk * f.Dv;
+      float* dk = parts > 1 ? partial + u * kv_floats : own_kv ? kv_acc : p.dk + it * f.Nk * f.D;
+      float* dv = parts > 1 || own_kv ? dk + f.Nk * f.D : p.dv + it * f.Nk * f.Dv;
       run_item(p, it / f.Hk, it % f.Hk, part * blocks / parts, (part + 1) * blocks / parts,
                part == 0, dk, dv, want_dbias ? dbias_parts + u * dbias_unit : nullptr, L, ws, ring);
-      if (parts == 1) round_kv_grads(p, it, 0, f.Nk);
+      if (parts == 1) round_kv_grads(p, it, 0, f.Nk, dk, dv);
     }
     if (parts > 1) {
       // dk[it] = sum over parts in part order (deterministic), split over rows of keys.
@@ -576,15 +584,16 @@ static void run(const AttnBwdParams& p, int num_threads) {
       for (int64_t w = 0; w < items * row_chunks; ++w) {
         const int64_t it = w / row_chunks, j0 = (w % row_chunks) * chunk;
         const int64_t j1 = imin(j0 + chunk, f.Nk);
-        float* dk = p.dk + it * f.Nk * f.D;
-        float* dv = p.dv + it * f.Nk * f.Dv;
-        for (int64_t part = 0; part < parts; ++part) {
+        // Into the fp32 outputs, or without them into part 0's partial (read only here).
+        float* dk = own_kv ? partial + it * parts * kv_floats : p.dk + it * f.Nk * f.D;
+        float* dv = own_kv ? dk + f.Nk * f.D : p.dv + it * f.Nk * f.Dv;
+        for (int64_t part = own_kv ? 1 : 0; part < parts; ++part) {
           const float* sk = partial + (it * parts + part) * kv_floats;
           const float* sv = sk + f.Nk * f.D;
           for (int64_t e = j0 * f.D; e < j1 * f.D; ++e) dk[e] = part == 0 ? sk[e] : dk[e] + sk[e];
           for (int64_t e = j0 * f.Dv; e < j1 * f.Dv; ++e) dv[e] = part == 0 ? sv[e] : dv[e] + sv[e];
         }
-        round_kv_grads(p, it, j0, j1);
+        round_kv_grads(p, it, j0, j1, dk, dv);
       }
     }
     if (want_dbias) {
