@@ -102,3 +102,28 @@ def test_amx_bf16_nan_stays_in_the_rows_that_see_it(monkeypatch):
     expected[0, 0, 10] = True
     expected[0, 1, 146:155] = True  # exactly the rows whose window holds key 150
     assert torch.equal(bad, expected)
+
+
+@pytest.mark.parametrize("quant", [None, "int8"], ids=["exact", "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
+def test_large_outputs_equal_the_same_heads_one_call_each(monkeypatch, isa, dtype, quant):
+    """Outputs of 8 MiB and more leave the forward with non-temporal stores: every element is
+    written (the suite poisons outputs) and the window rows equal, bit for bit, the same head
+    computed alone (an output small enough for ordinary stores). Landmark rows are left out of
+    the comparison: how their keys are split for the merge depends on the number of heads."""
+    force(monkeypatch, isa)
+    g = torch.Generator().manual_seed(1)
+    H, N, D = (8, 8192, 64) if dtype == torch.bfloat16 else (4, 8192, 64)
+    q, k, v = (torch.randn(1, H, N, D, generator=g).to(dtype) for _ in range(3))
+    landmarks = torch.tensor([0, 4000, 8191])
+    kw = dict(window=(8, 8), landmarks=landmarks, quant=quant, backend="cpu")
+    whole = hk.attention(q, k, v, **kw)
+    assert whole.numel() * whole.element_size() >= 8 << 20
+    assert torch.isfinite(whole).all()
+    window_rows = torch.ones(N, dtype=torch.bool)
+    window_rows[landmarks] = False
+    for h in range(H):
+        alone = hk.attention(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], **kw)
+        assert torch.isfinite(alone).all()
+        assert torch.equal(whole[:, h, window_rows], alone[:, 0, window_rows]), f"head {h}"

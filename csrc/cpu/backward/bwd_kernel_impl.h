@@ -53,6 +53,20 @@ struct Rows {
   int64_t r[kRows];  // aligned positions i + Nk - Nq
 };
 
+// sum_d a[d] * b[d] in Vec::W lanes, then the lanes added pairwise (a fixed order; one fp32 chain
+// would serialize on the add latency).
+static inline float dot_f32(const float* a, const float* b, int64_t n) {
+  typename Vec::R acc = Vec::zero();
+  int64_t d = 0;
+  for (; d + Vec::W <= n; d += Vec::W) acc = Vec::fma(Vec::load(a + d), Vec::load(b + d), acc);
+  float lanes[Vec::W];
+  Vec::store(lanes, acc);
+  for (; d < n; ++d) lanes[0] += a[d] * b[d];
+  for (int w = Vec::W / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+  return lanes[0];
+}
+
 static void load_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode mode,
                             HeadBlock& hb, float* scratch /* Dvp floats */) {
   const AttnBwdParams& p = *c.p;
@@ -68,9 +82,7 @@ static void load_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode m
     load_row(f.q, f.dtype, qb + i * f.q_stride[2], c.D, hb.Q + x * c.Dp);
     load_row(p.dout, f.dtype, gb + i * p.dout_stride[2], c.Dv, dO);
     load_row(f.o, f.dtype, ob + i * f.o_stride[2], c.Dv, scratch);
-    float delta = 0.f;
-    for (int64_t d = 0; d < c.Dv; ++d) delta += dO[d] * scratch[d];
-    hb.delta[x] = delta;
+    hb.delta[x] = dot_f32(dO, scratch, c.Dv);
     hb.lse[x] = lse[i];
     bool ok = lse[i] > -INFINITY && lse[i] < INFINITY;  // false for -inf (row saw nothing), NaN
     if (mode == RowMode::kRegular && row_is_landmark(c, rows.r[x])) ok = false;

@@ -279,6 +279,16 @@ struct CoreAmx {
     for (; j < n; ++j) Base::template qk_block<1>(Qp, kp + j * kv.ks, kv.ks, D / 2, cs, S + j * BQ);
   }
 
+  // K rows and Vt columns of keys [j0, j0 + n) into L2 (see HasPrefetchKeys).
+  static void prefetch_keys(const KV& kv, int64_t j0, int n) {
+    const int64_t D = DC ? DC : 0, Dv = DVC ? DVC : 0;
+    if (D == 0 || Dv == 0) return;  // runtime sizes: left to the hardware prefetchers
+    for (int j = 0; j < n; ++j)
+      for (int64_t o = 0; o < D * 2; o += 64) _mm_prefetch(reinterpret_cast<const char*>(kv.k + (j0 + j) * kv.ks) + o, _MM_HINT_T1);
+    for (int64_t e = 0; e < Dv; ++e)
+      for (int j = 0; j < n; j += 32) _mm_prefetch(reinterpret_cast<const char*>(kv.vt + e * kv.vts + j0 + j), _MM_HINT_T1);
+  }
+
   // Ot = Ot * alpha + Vt . P (P from softmax(), already bf16 pairs in w.Pp).
   static void pv(Work& w, const KV& kv, int64_t j0, int n, const float* P, const R* alpha, float* Ot) {
     const int64_t Dv = DVC ? DVC : w.Dv;

@@ -54,6 +54,13 @@ struct HasLseShift : std::false_type {};
 template <class Core>
 struct HasLseShift<Core, std::void_t<decltype(&Core::lse_shift)>> : std::true_type {};
 
+// Core::prefetch_keys(kv, j0, n): the core asks for keys [j0, j0 + n) of kv to be brought into
+// cache ahead of their tile (window_block calls it for the keys the next block adds to the band).
+template <class Core, class = void>
+struct HasPrefetchKeys : std::false_type {};
+template <class Core>
+struct HasPrefetchKeys<Core, std::void_t<decltype(&Core::prefetch_keys)>> : std::true_type {};
+
 // The score modifiers of one call, in the driver's log2 units. The bias table of each head is
 // stored reversed and scaled by log2(e): the bias of aligned row r and key j is
 // rev[kPad + Nq - 1 + r - j], so consecutive rows (lanes) read consecutive floats. kPad zeros on
@@ -102,7 +109,8 @@ class ForwardDriver {
   struct ThreadState {
     explicit ThreadState(const AttnParams& p, const FwdMods* m = nullptr)
         : core(p), S(int64_t(JT) * BQ), Ot(p.Dv * BQ), DvP(ceil_div(p.Dv, W) * W), T(W * DvP),
-          lo(JT), hi(JT), mods(m && m->on() ? m : nullptr) {}
+          lo(JT), hi(JT), mods(m && m->on() ? m : nullptr),
+          stream_out(p.B * p.Hq * p.Nq * p.Dv * (p.dtype == DType::F32 ? 4 : 2) >= kStreamOutBytes) {}
     typename Core::Work core;
     AlignedBuf<float> S, Ot;
     int64_t DvP;       // Dv rounded up to W
@@ -111,6 +119,7 @@ class ForwardDriver {
     AlignedBuf<int> lo, hi;  // per-key visible lane range [lo, hi] of a masked tile
     R m[QV], l[QV], alpha[QV];
     const FwdMods* mods;     // score modifiers of the call, nullptr: none
+    bool stream_out;         // the output is large enough for non-temporal stores (store_out_row)
   };
 
  public:
@@ -339,6 +348,7 @@ class ForwardDriver {
       Core::thread_enter();
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < n; ++it) fn(ts, it);
+      _mm_sfence();  // streamed output stores are visible after the region
       Core::thread_exit();
     }
   }
@@ -352,6 +362,12 @@ class ForwardDriver {
   static const int32_t* landmarks_of(const AttnParams& p, int64_t b) {
     return p.landmarks + b * p.landmarks_batch_stride;
   }
+  // Asks for the cache lines of `bytes` bytes from `row` into L2.
+  static void prefetch_row(const void* row, int64_t bytes) {
+    const char* c = static_cast<const char*>(row);
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+  }
+
   static const char* q_row(const AttnParams& p, int64_t b, int64_t h, int64_t i) {
     const int64_t es = p.dtype == DType::F32 ? 4 : 2;
     return static_cast<const char*>(p.q) + es * (b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2]);
@@ -456,14 +472,42 @@ class ForwardDriver {
         p.lse[(b * p.Hq + h) * p.Nq + row] = lse;
         float* t = T + i * DvP;
         for (int64_t e = 0; e < Dv; ++e) t[e] *= inv;
-        if (p.dtype == DType::F32) {
-          std::memcpy(static_cast<float*>(p.o) + o_off, t, sizeof(float) * Dv);
-        } else if (p.dtype == DType::BF16) {
-          V::f32_to_bf16_row(static_cast<uint16_t*>(p.o) + o_off, t, Dv);
-        } else {
-          V::f32_to_f16_row(static_cast<uint16_t*>(p.o) + o_off, t, Dv);
-        }
+        store_out_row(p, ts.stream_out, o_off, t);
       }
+    }
+  }
+
+  // Output rows of at least this many bytes in all go out with non-temporal stores.
+  static constexpr int64_t kStreamOutBytes = int64_t(8) << 20;
+
+  // Row t (Dv floats, normalized) into the output at element offset o_off, in p.dtype. With
+  // `stream` (a large output: written once, not read again by the call, and past the caches
+  // anyway) 64-byte aligned rows go out with non-temporal stores: no read-for-ownership of their
+  // lines (for_each_item fences before its threads finish).
+  static void store_out_row(const AttnParams& p, bool stream, int64_t o_off, const float* t) {
+    const int64_t Dv = p.Dv;
+    if (p.dtype == DType::F32) {
+      float* o = static_cast<float*>(p.o) + o_off;
+#if defined(__AVX512F__)
+      if (stream && (reinterpret_cast<uintptr_t>(o) & 63) == 0 && Dv % 16 == 0) {
+        for (int64_t e = 0; e < Dv; e += 16) _mm512_stream_ps(o + e, _mm512_loadu_ps(t + e));
+        return;
+      }
+#endif
+      std::memcpy(o, t, sizeof(float) * Dv);
+    } else if (p.dtype == DType::BF16) {
+      uint16_t* o = static_cast<uint16_t*>(p.o) + o_off;
+#if defined(__AVX512BF16__)
+      if (stream && (reinterpret_cast<uintptr_t>(o) & 63) == 0 && Dv % 32 == 0) {
+        for (int64_t e = 0; e < Dv; e += 32)  // vcvtne2ps2bf16: f32_to_bf16's bits (FTZ: no denormals)
+          _mm512_stream_si512(reinterpret_cast<__m512i*>(o + e),
+                              (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(t + e + 16), _mm512_loadu_ps(t + e)));
+        return;
+      }
+#endif
+      V::f32_to_bf16_row(o, t, Dv);
+    } else {
+      V::f32_to_f16_row(static_cast<uint16_t*>(p.o) + o_off, t, Dv);
     }
   }
 
@@ -506,6 +550,14 @@ class ForwardDriver {
     if (Core::kPairKeys) band.lo &= ~int64_t(1);
     if (band.lo < band.hi) {
       const typename Core::KV kv = prep.band(b, kvh);
+      if constexpr (HasPrefetchKeys<Core>::value) {
+        // The next block's Q rows and the keys it adds to the band: read from memory while this
+        // block computes (the block order of a thread is that of for_each_item: consecutive).
+        const int64_t next = i0 + BQ, next_nr = std::min<int64_t>(BQ, p.Nq - next);
+        for (int64_t i = 0; i < next_nr; ++i) prefetch_row(q_row(p, b, h, next + i), p.D * (p.dtype == DType::F32 ? 4 : 2));
+        const int64_t add = std::min<int64_t>(p.Nk, band.hi + BQ) - band.hi;
+        if (next_nr > 0 && add > 0 && p.window_right >= 0) Core::prefetch_keys(kv, band.hi, int(add));
+      }
       for (int64_t j0 = band.lo; j0 < band.hi; j0 += JT) {
         const int n = int(std::min<int64_t>(JT, band.hi - j0));
         const int64_t j_last = j0 + n - 1;
