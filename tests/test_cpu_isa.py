@@ -127,3 +127,27 @@ def test_large_outputs_equal_the_same_heads_one_call_each(monkeypatch, isa, dtyp
         alone = hk.attention(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], **kw)
         assert torch.isfinite(alone).all()
         assert torch.equal(whole[:, h, window_rows], alone[:, 0, window_rows]), f"head {h}"
+
+
+@pytest.mark.parametrize("isa", ["amx", "avx512"])
+def test_large_bf16_gradients_equal_the_same_heads_one_call_each(monkeypatch, isa):
+    """bf16 gradients of 8 MiB and more leave the backward with non-temporal stores: each head's
+    dq, dk and dv equal, bit for bit, that head's gradients from a call of its own (small
+    gradients, ordinary stores; one thread, so its dK / dV are summed as in the large call)."""
+    force(monkeypatch, isa)
+    g = torch.Generator().manual_seed(2)
+    H, N, D = 8, 8192, 64
+    q, k, v, dout = (torch.randn(1, H, N, D, generator=g).bfloat16() for _ in range(4))
+    kw = dict(window=(8, 8), backend="cpu")
+
+    def grads(q, k, v, dout):
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        return torch.autograd.grad(hk.attention(q, k, v, **kw), (q, k, v), dout)
+
+    whole = grads(q, k, v, dout)
+    assert whole[0].numel() * 2 >= 8 << 20
+    monkeypatch.setenv("HYBRID_KERNELS_NUM_THREADS", "1")
+    for h in range(H):
+        alone = grads(*(t[:, h:h + 1] for t in (q, k, v, dout)))
+        for name, a, b in zip("qkv", whole, alone):
+            assert torch.isfinite(b).all() and torch.equal(a[:, h:h + 1], b), f"d{name} of head {h}"

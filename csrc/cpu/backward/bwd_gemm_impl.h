@@ -40,9 +40,16 @@ static inline void load_row(const void* base, DType dtype, int64_t off, int64_t 
 
 // dst[d] = src[d] rounded to bf16 / fp16 (`dtype`; nearest even, NaN stays NaN), d < n. The
 // scalar conversions are cpu/simd_common.h's (included by every backward translation unit).
-static inline void store_row_lp(const float* src, DType dtype, int64_t n, uint16_t* dst) {
+// `stream`: bf16 from a 64-byte aligned dst goes out with non-temporal stores (a large output,
+// written once; run() fences before its threads finish).
+static inline void store_row_lp(const float* src, DType dtype, int64_t n, uint16_t* dst,
+                                bool stream = false) {
   int64_t d = 0;
 #if defined(__AVX512BF16__)
+  if (dtype == DType::BF16 && stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
+    for (; d + 32 <= n; d += 32)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + d),
+                          (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + d + 16), _mm512_loadu_ps(src + d)));
   if (dtype == DType::BF16)
     for (; d + 16 <= n; d += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d),

@@ -92,6 +92,11 @@ static void load_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode m
   zero_f32(hb.dQ, kRows * c.Dp);
 }
 
+// Rounded gradients of at least 8 MiB (dQ's) leave with non-temporal stores (store_row_lp).
+static inline bool stream_grads(const AttnBwdParams& p) {
+  return p.grad_dtype != DType::F32 && p.fwd.B * p.fwd.Hq * p.fwd.Nq * p.fwd.D * 2 >= (int64_t(8) << 20);
+}
+
 // Landmark query rows are written by the landmark pass only (it may run on another thread).
 static void store_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode mode,
                              const HeadBlock& hb) {
@@ -100,7 +105,8 @@ static void store_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode 
   for (int64_t x = 0; x < rows.n; ++x) {
     if (mode != RowMode::kLandmark && row_is_landmark(c, rows.r[x])) continue;
     if (p.grad_dtype != DType::F32)
-      store_row_lp(hb.dQ + x * c.Dp, p.grad_dtype, c.D, p.dq_lp + head + rows.i[x] * c.D);
+      store_row_lp(hb.dQ + x * c.Dp, p.grad_dtype, c.D, p.dq_lp + head + rows.i[x] * c.D,
+                   stream_grads(p));
     else
       copy_f32(p.dq + head + rows.i[x] * c.D, hb.dQ + x * c.Dp, c.D);
   }
@@ -518,8 +524,8 @@ static void round_kv_grads(const AttnBwdParams& p, int64_t it, int64_t j0, int64
   if (p.grad_dtype == DType::F32) return;
   const AttnParams& f = p.fwd;
   const int64_t k0 = (it * f.Nk + j0) * f.D, v0 = (it * f.Nk + j0) * f.Dv;
-  store_row_lp(dk + j0 * f.D, p.grad_dtype, (j1 - j0) * f.D, p.dk_lp + k0);
-  store_row_lp(dv + j0 * f.Dv, p.grad_dtype, (j1 - j0) * f.Dv, p.dv_lp + v0);
+  store_row_lp(dk + j0 * f.D, p.grad_dtype, (j1 - j0) * f.D, p.dk_lp + k0, stream_grads(p));
+  store_row_lp(dv + j0 * f.Dv, p.grad_dtype, (j1 - j0) * f.Dv, p.dv_lp + v0, stream_grads(p));
 }
 
 static void run(const AttnBwdParams& p, int num_threads) {
@@ -627,6 +633,7 @@ static void run(const AttnBwdParams& p, int num_threads) {
           }
       }
     }
+    _mm_sfence();  // the streamed gradient stores (store_row_lp) are visible after the region
   }
   ::hk::cpu::scratch_free(mem, static_cast<size_t>(total));
 }
