@@ -10,12 +10,14 @@
 //
 // All of them: 2^x = 2^n * poly(f), n = round(x), f = x - n in [-0.5, 0.5]; x = -inf gives exactly
 // 0; x < -125 gives 0 (never a denormal: each would cost a microcode assist); NaN stays NaN.
-// exp2_ftz (AVX-512, for threads with flush-to-zero) drops the clamp and the x < -125 mask: values below 2^-126
-// are flushed by FTZ instead.
+// exp2_ftz (AVX-512, for threads with flush-to-zero) splits x at floor(x) (the same polynomials,
+// shifted to [0, 1) at compile time) and drops the clamp and the x < -125 mask: values below
+// 2^-126 are flushed by FTZ instead.
 //
 // Internal linkage on purpose (see simd_common.h): the header is compiled with different ISA flags
 // in different translation units.
 #pragma once
+#include <array>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -49,6 +51,32 @@ struct Exp2Poly<Exp2::kCoarse> {
                                  9.999397993087769e-1f};
 };
 
+// The same approximations of 2^f for f in [0, 1) (exp2_ftz's split): poly01(f) = sqrt(2) *
+// poly(f - 1/2), expanded at compile time (in double, rounded to float), highest degree first.
+template <Exp2 L>
+constexpr std::array<float, Exp2Poly<L>::N> exp2_poly01_coefficients() {
+  constexpr int N = Exp2Poly<L>::N, deg = N - 1;
+  double b[N] = {};  // b[k]: the coefficient of f^k of poly(f - 1/2)
+  for (int i = 0; i <= deg; ++i) {
+    const double a = Exp2Poly<L>::c[deg - i];  // of y^i
+    double binom = 1.0;                        // C(i, k)
+    for (int k = 0; k <= i; ++k) {
+      double shift = 1.0;  // (-1/2)^(i - k)
+      for (int e = 0; e < i - k; ++e) shift *= -0.5;
+      b[k] += a * binom * shift;
+      binom = binom * (i - k) / (k + 1);
+    }
+  }
+  std::array<float, N> c{};
+  for (int k = 0; k <= deg; ++k) c[deg - k] = float(1.4142135623730950488 * b[k]);
+  return c;
+}
+template <Exp2 L>
+struct Exp2Poly01 {
+  static constexpr int N = Exp2Poly<L>::N;
+  static constexpr std::array<float, N> c = exp2_poly01_coefficients<L>();
+};
+
 // Below this, 2^x is 0.
 constexpr float kExp2Lowest = -125.f;
 
@@ -58,9 +86,8 @@ constexpr float kExpPoly[6] = {1.9875691500E-4f, 1.3981999507E-3f, 8.3334519073E
                                4.1665795894E-2f, 1.6666665459E-1f, 5.0000001201E-1f};
 
 #if defined(__AVX512F__)
-template <Exp2 L>
+template <Exp2 L, class P = Exp2Poly<L>>
 inline __m512 exp2_poly(__m512 f) {
-  using P = Exp2Poly<L>;
   __m512 y = _mm512_set1_ps(P::c[0]);
   for (int i = 1; i < P::N; ++i) y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(P::c[i]));
   return y;
@@ -85,15 +112,15 @@ inline __m512 exp2(__m512 x, __mmask16 lanes = 0xffff) {
   return _mm512_maskz_scalef_ps(keep, exp2_poly<L>(f), n);
 }
 
-// 2^x at level L for code that runs with flush-to-zero (the forward driver's threads): no clamp
-// and no zero mask. vreduceps gives f = 0 for x = -inf, so n = -inf and vscalefps gives exactly 0;
-// results below 2^-126 are flushed to 0 by FTZ; NaN stays NaN. Three vector ops fewer than exp2
-// (the AMX softmax).
+// 2^x at level L for code that runs with flush-to-zero (the forward driver's and the backward's
+// threads): 2^floor(x) * poly01(x - floor(x)), where vscalefps floors x itself, so the split is
+// one vreduceps (rounding down); no clamp and no zero mask. x = -inf gives f = 0 and exactly 0;
+// results below 2^-126 are flushed to 0 by FTZ; NaN stays NaN. Four vector ops fewer than exp2
+// (the AMX softmax, the bf16 backward).
 template <Exp2 L>
 inline __m512 exp2_ftz(__m512 x) {
-  __m512 n;
-  const __m512 f = exp2_split(x, &n);
-  return _mm512_scalef_ps(exp2_poly<L>(f), n);
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  return _mm512_scalef_ps(exp2_poly<L, Exp2Poly01<L>>(f), x);
 }
 
 // e^x for the fp32 backward; 0 below about -87.
