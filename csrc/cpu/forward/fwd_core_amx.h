@@ -17,6 +17,7 @@
 #include <omp.h>
 
 #include <cstring>
+#include <vector>
 
 #include "cpu/simd/amx_tiles.h"
 #include "cpu/forward/fwd_common.h"
@@ -49,39 +50,90 @@ inline void transpose_key_pairs(int64_t Dv, uint16_t* dst, int64_t ld, KeyBf16&&
   }
 }
 
+class VtRings;
+
 struct KVAmx {
   const uint16_t* k;  // key row j at k + j * ks (bf16)
   int64_t ks;
-  const uint16_t* vt;  // feature e of key j at vt[e * vts + j] (bf16)
+  const uint16_t* vt;  // feature e of key j at vt[e * vts + j] (bf16); nullptr: from `rings`
   int64_t vts;
   const uint16_t* v;  // key row j at v + j * vs (bf16): the fp32 tail of pv
   int64_t vs;
   int64_t keys;  // keys the tiles may read from j = 0 (zero padded past the real ones)
+  const VtRings* rings = nullptr;  // transposes V as the tiles reach it (vt == nullptr)
+};
+
+// V^T of the band keys, transposed when a tile first reads them into a ring per thread, instead
+// of a transposed copy of all of V written out and read back through memory: a thread's window
+// blocks walk a head's keys in order, so the ring holds the band and the keys stay in cache
+// between their transpose and their tiles.
+// A thread's ring: Dv rows of R + 64 key columns (R a multiple of 32); 32-key chunk c lives at
+// column 32 * (c % (R / 32)), and chunks at columns 0 and 32 are also written at R and R + 32,
+// so a tile's (at most two) chunks read contiguously across the wrap. Which chunk each slot
+// holds is tagged, with the (b, kv head) it came from (V's first row): any range of keys can be
+// asked for, in any order; only the refills cost.
+class VtRings {
+ public:
+  VtRings(const AttnParams& p, int nthreads)
+      : Dv_(p.Dv), Nk_(p.Nk), slots_(ring_keys(p) / 32), ld_(ring_keys(p) + 96), threads_(std::max(1, nthreads)),
+        cols_(int64_t(threads_) * p.Dv * ld_), tags_(size_t(threads_)) {
+    for (Tag& tag : tags_) tag.chunk.reset(slots_);
+  }
+
+  int64_t ld() const { return ld_; }
+
+  // Column of key j0 in the calling thread's ring, keys [j0, j0 + n) present there (n <= 64, a
+  // run of whole 32-key chunks from j0 read by pv; keys past Nk read as zero). v: key row j at
+  // v + j * vs (bf16).
+  const uint16_t* columns(const uint16_t* v, int64_t vs, int64_t j0, int n) const {
+    const int t = omp_get_thread_num();
+    Tag& tag = tags_[t];
+    uint16_t* ring = cols_.get() + int64_t(t) * Dv_ * ld_;
+    if (tag.v != v) {
+      tag.v = v;
+      for (int64_t s = 0; s < slots_; ++s) tag.chunk[s] = -1;
+    }
+    for (int64_t c = j0 / 32; c * 32 < j0 + n; ++c) {
+      const int64_t s = c % slots_;
+      if (tag.chunk[s] == c) continue;
+      const int m = int(std::max<int64_t>(0, std::min<int64_t>(32, Nk_ - c * 32)));
+      auto key = [&](int j, int64_t e0) {
+        return j < m ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + (c * 32 + j) * vs + e0)))
+                     : _mm512_setzero_si512();
+      };
+      transpose_key_pairs(Dv_, ring + s * 32, ld_, key);
+      if (s < 2) transpose_key_pairs(Dv_, ring + slots_ * 32 + s * 32, ld_, key);
+      tag.chunk[s] = c;
+    }
+    return ring + (j0 % (slots_ * 32));
+  }
+
+ private:
+  // The ring's keys: the band of a window block, one landmark-row tile of its diagonal and a tile
+  // each side, in whole chunks (all keys when the window is unbounded); at least 4 chunks.
+  static int64_t ring_keys(const AttnParams& p) {
+    const int64_t all = ceil_div(p.Nk, 32) * 32;
+    if (p.window_left < 0 || p.window_right < 0) return std::max<int64_t>(all, 128);
+    const int64_t band = p.window_left + p.window_right + 32 + 3 * 64;
+    return std::max<int64_t>(128, std::min(all, ceil_div(band, 32) * 32));
+  }
+
+  struct Tag {
+    const uint16_t* v = nullptr;  // the (b, kv head) the ring holds keys of
+    AlignedBuf<int64_t> chunk;    // per slot: the chunk it holds, -1: none
+  };
+  int64_t Dv_, Nk_, slots_, ld_;
+  int threads_;
+  AlignedBuf<uint16_t> cols_;
+  mutable std::vector<Tag> tags_;  // per thread, written only by that thread
 };
 
 class PrepAmx {
  public:
   explicit PrepAmx(const AttnParams& p)
-      : p_(p), G_(p.num_landmarks), NKP_(ceil_div(p.Nk, 32) * 32 + 32), GP_(ceil_div(G_, 32) * 32) {
-    // NKP_ is padded by one cache line past a multiple of 32 keys: rows 2^k bytes apart would
-    // share L1 sets when a tile loads 16 of them.
+      : p_(p), G_(p.num_landmarks), GP_(ceil_div(G_, 32) * 32),
+        rings_(p, p.num_threads > 0 ? p.num_threads : omp_get_max_threads()) {
     const int64_t BH = p.B * p.Hk;
-    const int nt = p.num_threads > 0 ? p.num_threads : omp_get_max_threads();
-    vt_.reset(BH * p.Dv * NKP_);
-    const int64_t nkb = ceil_div(p.Nk, 32);
-    // Streamed stores: Vt is written once and read much later (no read-for-ownership of its lines).
-#pragma omp parallel num_threads(nt)
-    {
-#pragma omp for schedule(static) nowait
-      for (int64_t it = 0; it < BH * nkb; ++it) {
-        const int64_t bh = it / nkb, j0 = (it % nkb) * 32, b = bh / p.Hk, h = bh % p.Hk;
-        const int n = int(std::min<int64_t>(32, p.Nk - j0));
-        const uint16_t* rows[32];
-        for (int j = 0; j < n; ++j) rows[j] = v_row(b, h, j0 + j);
-        transpose_keys<true>(rows, n, vt_.get() + bh * p.Dv * NKP_ + j0, NKP_);
-      }
-      _mm_sfence();  // before the region's closing barrier: the driver's threads see Vt
-    }
     if (G_ > 0) {
       klm_.reset(BH * GP_ * p.D);
       vtlm_.reset(BH * p.Dv * GP_);
@@ -102,10 +154,9 @@ class PrepAmx {
   }
 
   KVAmx band(int64_t b, int64_t h) const {
-    const int64_t bh = b * p_.Hk + h;
-    return {k_row(b, h, 0), p_.k_stride[2], vt_.get() + bh * p_.Dv * NKP_, NKP_, v_row(b, h, 0),
-            p_.v_stride[2], 0};
+    return {k_row(b, h, 0), p_.k_stride[2], nullptr, rings_.ld(), v_row(b, h, 0), p_.v_stride[2], 0, &rings_};
   }
+
 
   KVAmx landmarks(int64_t b, int64_t h) const {
     const int64_t bh = b * p_.Hk + h;
@@ -120,17 +171,17 @@ class PrepAmx {
     return static_cast<const uint16_t*>(p_.v) + b * p_.v_stride[0] + h * p_.v_stride[1] + j * p_.v_stride[2];
   }
   // dst[e * ld + j] = rows[j][e] for j < n, 0 for n <= j < 32.
-  template <bool kStream = false>
   void transpose_keys(const uint16_t* const* rows, int n, uint16_t* dst, int64_t ld) const {
-    transpose_key_pairs<kStream>(p_.Dv, dst, ld, [&](int j, int64_t e0) {
+    transpose_key_pairs(p_.Dv, dst, ld, [&](int j, int64_t e0) {
       return j < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[j] + e0)))
                    : _mm512_setzero_si512();
     });
   }
 
   const AttnParams& p_;
-  int64_t G_, NKP_, GP_;
-  AlignedBuf<uint16_t> vt_, klm_, vtlm_;
+  int64_t G_, GP_;
+  VtRings rings_;
+  AlignedBuf<uint16_t> klm_, vtlm_;
 };
 
 // The softmax and PV steps shared by the amx cores (CoreAmx, CoreInt8Amx): S^T tiles of n keys x
@@ -285,8 +336,8 @@ struct CoreAmx {
     if (D == 0 || Dv == 0) return;  // runtime sizes: left to the hardware prefetchers
     for (int j = 0; j < n; ++j)
       for (int64_t o = 0; o < D * 2; o += 64) _mm_prefetch(reinterpret_cast<const char*>(kv.k + (j0 + j) * kv.ks) + o, _MM_HINT_T1);
-    for (int64_t e = 0; e < Dv; ++e)
-      for (int j = 0; j < n; j += 32) _mm_prefetch(reinterpret_cast<const char*>(kv.vt + e * kv.vts + j0 + j), _MM_HINT_T1);
+    for (int j = 0; j < n; ++j)  // the V rows the ring transposes next
+      for (int64_t o = 0; o < Dv * 2; o += 64) _mm_prefetch(reinterpret_cast<const char*>(kv.v + (j0 + j) * kv.vs) + o, _MM_HINT_T1);
   }
 
   // Ot = Ot * alpha + Vt . P (P from softmax(), already bf16 pairs in w.Pp).
@@ -297,7 +348,8 @@ struct CoreAmx {
     const int tiled = std::min(n, 32 * chunks);
     (void)P;  // softmax() left P as bf16 pairs in w.Pp
     const uint32_t* Pp = w.Pp.get();
-    AmxLanes::pv_chunks(Pp, kv.vt + j0, kv.vts, Dv, chunks, alpha, Ot);
+    const uint16_t* vt = kv.vt ? kv.vt + j0 : chunks > 0 ? kv.rings->columns(kv.v, kv.vs, j0, 32 * chunks) : nullptr;
+    AmxLanes::pv_chunks(Pp, vt, kv.vts, Dv, chunks, alpha, Ot);
     // Keys of a partial chunk at the end of the band: fp32 FMAs (P widened back from bf16).
     for (int j = tiled; j < n; ++j) {
       const uint16_t* vrow = kv.v + (j0 + j) * kv.vs;
