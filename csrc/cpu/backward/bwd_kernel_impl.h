@@ -300,10 +300,13 @@ static Layout make_layout(const AttnParams& f, int64_t Dp, int64_t Dvp) {
   L.head_floats = round_up(kRows * Dp, a) * 2 + round_up(kRows * Dvp, a) + 3 * kRows;
   if (bf16) L.head_floats += 2 * (kRows / 2 * Dp + kRows / 2 * Dvp);
   const int64_t heads = imin(f.Hq / f.Hk, 64);  // run_item handles the group 64 heads at a time
-  L.floats = (L.ring + 1) * L.tile_floats + heads * L.head_floats + 2 * kRows * kKeys +
+  // With landmarks, a second set of head blocks holds the landmark query rows.
+  const int64_t head_sets = f.num_landmarks > 0 ? 2 : 1;
+  L.floats = (L.ring + 1) * L.tile_floats + head_sets * heads * L.head_floats + 2 * kRows * kKeys +
              2 * kRows /* masks */ + 2 * kKeys /* brow, dsr */ + round_up(Dvp, a) +
              (bf16 ? 3 * kRows * kKeys / 2 : 0) +
-             (use_amx(f) ? 2 * kRows * kKeys / 2 : 0) + round_up(f.Nk, 64) / 4 /* written */;
+             (use_amx(f) ? 2 * kRows * kKeys / 2 : 0) + round_up(f.Nk, 64) / 4 /* written */ +
+             round_up((f.Nk + kKeys - 1) / kKeys, 64) / 4 /* tile_done */;
   L.bytes = round_up(L.floats * 4, 64);
   return L;
 }
@@ -335,6 +338,48 @@ static Tile carve_tile(Arena& a, int64_t D, int64_t Dv, int64_t Dp, int64_t Dvp,
     t.Vt = a.take(Dv * kKeys);
   }
   return t;
+}
+
+// A head block's arrays from the arena (see make_layout's head_floats).
+static void carve_head(Arena& a, const Ctx& c, HeadBlock& hb) {
+  hb.Q = a.take(kRows * c.Dp);
+  hb.dQ = a.take(kRows * c.Dp);
+  hb.dO = a.take(kRows * c.Dvp);
+  hb.lse = a.take(kRows);
+  hb.delta = a.take(kRows);
+  hb.valid = reinterpret_cast<uint8_t*>(a.take(kRows));
+  if (c.bf16) {
+    hb.Qb = take_u32(a, kRows / 2 * c.Dp);
+    hb.dOb = take_u32(a, kRows / 2 * c.Dvp);
+    hb.Qp = take_u32(a, kRows / 2 * c.Dp);
+    hb.dOp = take_u32(a, kRows / 2 * c.Dvp);
+  }
+}
+
+static bool any_head(const HeadBlock* heads, int64_t ng) {
+  for (int64_t g = 0; g < ng; ++g)
+    if (heads[g].any) return true;
+  return false;
+}
+
+// The landmark query rows of landmarks [x, ...) that lie in [0, Nq), up to kRows of them, into
+// rows and (for heads h0 .. h0 + ng) hbs; returns the index of the first landmark not taken.
+static int64_t load_landmark_rows(const Ctx& c, int64_t h0, int64_t ng, int64_t x, Rows& rows,
+                                  HeadBlock* hbs, float* orow) {
+  const AttnParams& f = c.p->fwd;
+  rows.n = 0;
+  for (; x < c.G && rows.n < kRows; ++x) {
+    const int64_t i = c.lm[x] - c.off;
+    if (i < 0 || i >= f.Nq) continue;
+    rows.i[rows.n] = i;
+    rows.r[rows.n] = c.lm[x];
+    ++rows.n;
+  }
+  for (int64_t g = 0; g < ng; ++g) {
+    load_head_block(c, h0 + g, rows, RowMode::kLandmark, hbs[g], orow);
+    if (c.bf16) pack_head_bf16(c, rows, hbs[g]);
+  }
+  return x;
 }
 
 // ------------------------------------------------------------------------- one work item
@@ -376,7 +421,8 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
     new (&ring[s]) Tile(carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp, c.bf16));
   }
   Tile gather = carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp, c.bf16);
-  HeadBlock heads[64];  // the group is processed 64 heads at a time
+  HeadBlock heads[64];     // the group is processed 64 heads at a time
+  HeadBlock lm_heads[64];  // their landmark query rows (run_item's inline landmark pass)
   Scratch sc;
   sc.S = a.take(kRows * kKeys);
   sc.dP = a.take(kRows * kKeys);
@@ -395,6 +441,8 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
   float* orow = a.take(c.Dvp);
   c.written = reinterpret_cast<uint8_t*>(a.take(round_up(f.Nk, 64) / 4));
   std::memset(c.written, 0, static_cast<size_t>(f.Nk));
+  const int64_t ntiles = (f.Nk + kKeys - 1) / kKeys;
+  uint8_t* tile_done = reinterpret_cast<uint8_t*>(a.take(round_up(ntiles, 64) / 4));
   float* head_mem = a.cur;
 
   // Heads of the group are processed in chunks of up to 64 so `heads` stays a fixed array.
@@ -405,22 +453,20 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
     if (cg.bias != nullptr) cg.bias += g0 * c.L;
     if (cg.dbias != nullptr) cg.dbias += g0 * c.L;
     Arena ha{head_mem};
-    for (int64_t g = 0; g < ng; ++g) {
-      HeadBlock& hb = heads[g];
-      hb.Q = ha.take(kRows * c.Dp);
-      hb.dQ = ha.take(kRows * c.Dp);
-      hb.dO = ha.take(kRows * c.Dvp);
-      hb.lse = ha.take(kRows);
-      hb.delta = ha.take(kRows);
-      hb.valid = reinterpret_cast<uint8_t*>(ha.take(kRows));
-      if (c.bf16) {
-        hb.Qb = take_u32(ha, kRows / 2 * c.Dp);
-        hb.dOb = take_u32(ha, kRows / 2 * c.Dvp);
-        hb.Qp = take_u32(ha, kRows / 2 * c.Dp);
-        hb.dOp = take_u32(ha, kRows / 2 * c.Dvp);
-      }
-    }
+    for (int64_t g = 0; g < ng; ++g) carve_head(ha, c, heads[g]);
+    if (c.G > 0)
+      for (int64_t g = 0; g < ng; ++g) carve_head(ha, c, lm_heads[g]);
     const int64_t h0 = hk * c.group + g0;
+
+    // Landmark query rows see every key. When they fit one block they are loaded here and run
+    // over each contiguous tile right after the band pass packs it (the tile is in cache, and its
+    // dK / dV take both contributions before one flush); the tiles no band reached follow it.
+    // More rows take a pass of their own, 64 rows at a time over all tiles.
+    Rows lm_rows;
+    const bool lm_inline = landmark_rows && c.G > 0 &&
+                           load_landmark_rows(cg, h0, ng, 0, lm_rows, lm_heads, orow) == c.G;
+    const bool lm_any = lm_inline && any_head(lm_heads, ng);
+    if (lm_inline) std::memset(tile_done, 0, static_cast<size_t>(ntiles));
 
     // Regular rows, block by block; the window band slides through the ring.
     Rows rows;
@@ -449,6 +495,10 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
             if (slot.tile != t) {
               if (slot.tile >= 0) flush(cg, slot);
               pack_contiguous(cg, slot, t);
+              if (lm_any && !tile_done[t]) {
+                process_tile(cg, slot, lm_rows, RowMode::kLandmark, lm_heads, sc);
+                tile_done[t] = 1;
+              }
             }
             process_tile(cg, slot, rows, RowMode::kRegular, heads, sc);
           }
@@ -481,8 +531,20 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
     for (int64_t s = 0; s < L.ring; ++s)
       if (ring[s].tile >= 0) flush(cg, ring[s]);
 
+    if (lm_inline) {
+      if (lm_any)
+        for (int64_t t = 0; t < ntiles; ++t) {
+          if (tile_done[t]) continue;
+          pack_contiguous(cg, gather, t);
+          process_tile(cg, gather, lm_rows, RowMode::kLandmark, lm_heads, sc);
+          flush(cg, gather);
+        }
+      for (int64_t g = 0; g < ng; ++g)
+        store_head_block(cg, h0 + g, lm_rows, RowMode::kLandmark, lm_heads[g]);
+    }
+
     // Landmark query rows see every key (up to r if causal): batches of 64 rows, all tiles.
-    int64_t x = landmark_rows ? 0 : c.G;
+    int64_t x = landmark_rows && !lm_inline ? 0 : c.G;
     while (x < c.G) {
       rows.n = 0;
       int64_t hi = 0;
