@@ -3,12 +3,13 @@
 //   qk: S^T tile [16 keys][16 lanes] = K[16 keys][32 dims] . Qpair[16 dim pairs][16 lanes]
 //       (K read in place, Q packed as bf16 pairs exactly as in CoreBF16)
 //   pv: Ot tile [16 features][16 lanes] += Vt[16 features][32 keys] . Ppair[16 key pairs][16 lanes]
-//       (V transposed once per call into Vt, P rounded to bf16 pairs)
+//       (Vt: V transposed per thread into a ring as the tiles reach it (VtRings), P rounded to
+//       bf16 pairs)
 // Key groups / chunks that run past the tile (band edges) are finished with vdpbf16ps (qk) and
 // fp32 FMAs (pv), so keys outside the tile are never touched: a NaN/inf there cannot leak in.
 // Landmark K/V are gathered into zero-padded buffers, which the tiles may read whole.
 // Needs D % 32 == 0 and Dv % 16 == 0 (see attention_forward_amx). The softmax and PV steps
-// (AmxLanes) and the V transpose are shared with the int8 core (fwd_core_int8_amx.h).
+// (AmxLanes) and the key-pair transpose are shared with the int8 core (fwd_core_int8_amx.h).
 #pragma once
 #if !defined(__AMX_BF16__) || !defined(__AMX_TILE__)
 #error "fwd_core_amx.h needs -mamx-tile -mamx-bf16 (include it from *_amx.cpp only)"
@@ -330,7 +331,7 @@ struct CoreAmx {
     for (; j < n; ++j) Base::template qk_block<1>(Qp, kp + j * kv.ks, kv.ks, D / 2, cs, S + j * BQ);
   }
 
-  // K rows and Vt columns of keys [j0, j0 + n) into L2 (see HasPrefetchKeys).
+  // K and V rows of keys [j0, j0 + n) into L2 (see HasPrefetchKeys).
   static void prefetch_keys(const KV& kv, int64_t j0, int n) {
     const int64_t D = DC ? DC : 0, Dv = DVC ? DVC : 0;
     if (D == 0 || Dv == 0) return;  // runtime sizes: left to the hardware prefetchers
