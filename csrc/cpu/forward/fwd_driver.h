@@ -550,15 +550,21 @@ class ForwardDriver {
     if (Core::kPairKeys) band.lo &= ~int64_t(1);
     if (band.lo < band.hi) {
       const typename Core::KV kv = prep.band(b, kvh);
-      if constexpr (HasPrefetchKeys<Core>::value) {
-        // The next block's Q rows and the keys it adds to the band: read from memory while this
-        // block computes (the block order of a thread is that of for_each_item: consecutive).
-        const int64_t next = i0 + BQ, next_nr = std::min<int64_t>(BQ, p.Nq - next);
-        for (int64_t i = 0; i < next_nr; ++i) prefetch_row(q_row(p, b, h, next + i), p.D * (p.dtype == DType::F32 ? 4 : 2));
-        const int64_t add = std::min<int64_t>(p.Nk, band.hi + BQ) - band.hi;
-        if (next_nr > 0 && add > 0 && p.window_right >= 0) Core::prefetch_keys(kv, band.hi, int(add));
-      }
-      for (int64_t j0 = band.lo; j0 < band.hi; j0 += JT) {
+      // The next block's Q rows and the keys it adds to the band are read from memory while this
+      // block computes, a share after each tile (a burst would stall on the line fill buffers);
+      // a thread's blocks follow for_each_item's order, so its next block is usually this one's.
+      const int64_t next = i0 + BQ, next_nr = std::max<int64_t>(0, std::min<int64_t>(BQ, p.Nq - next));
+      const int64_t add = next_nr > 0 && p.window_right >= 0 ? std::min<int64_t>(p.Nk, band.hi + BQ) - band.hi : 0;
+      const int64_t tiles = ceil_div(band.hi - band.lo, JT);
+      const int64_t q_share = ceil_div(next_nr, tiles), k_share = ceil_div(std::max<int64_t>(add, 0), tiles);
+      int64_t tile_index = 0;
+      for (int64_t j0 = band.lo; j0 < band.hi; j0 += JT, ++tile_index) {
+        if constexpr (HasPrefetchKeys<Core>::value) {
+          const int64_t q0 = tile_index * q_share, k0 = tile_index * k_share;
+          for (int64_t i = q0; i < std::min(next_nr, q0 + q_share); ++i)
+            prefetch_row(q_row(p, b, h, next + i), p.D * (p.dtype == DType::F32 ? 4 : 2));
+          if (k0 < add) Core::prefetch_keys(kv, band.hi + k0, int(std::min(add - k0, k_share)));
+        }
         const int n = int(std::min<int64_t>(JT, band.hi - j0));
         const int64_t j_last = j0 + n - 1;
         const bool inside = (p.window_left < 0 || j0 >= r_last - p.window_left) &&
