@@ -94,30 +94,11 @@ static void gemm_bf16(int64_t M, int64_t N, int64_t T2, const uint32_t* A, int64
 }
 
 // ------------------------------------------------------------------------- 16 x 16 transposes
-// dst[e * ld + a] = r[a][e] for 16 vectors of 16 32-bit words.
+// dst[e * ld + a] = r[a][e] for 16 vectors of 16 32-bit words (pure shuffles: bit-exact).
 static inline void transpose_16x16_store(__m512i r[16], uint32_t* dst, int64_t ld) {
-  __m512i t[16];
-  for (int a = 0; a < 16; a += 2) {
-    t[a] = _mm512_unpacklo_epi32(r[a], r[a + 1]);
-    t[a + 1] = _mm512_unpackhi_epi32(r[a], r[a + 1]);
-  }
-  // r[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i+3
-  for (int a = 0; a < 16; a += 4) {
-    r[a] = _mm512_unpacklo_epi64(t[a], t[a + 2]);
-    r[a + 1] = _mm512_unpackhi_epi64(t[a], t[a + 2]);
-    r[a + 2] = _mm512_unpacklo_epi64(t[a + 1], t[a + 3]);
-    r[a + 3] = _mm512_unpackhi_epi64(t[a + 1], t[a + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {  // 4 x 4 transpose of 128-bit lanes
-    const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
-    const __m512i v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
-    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512i v3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
-    _mm512_storeu_si512(dst + (c + 0) * ld, _mm512_shuffle_i32x4(v0, v2, 0x88));
-    _mm512_storeu_si512(dst + (c + 4) * ld, _mm512_shuffle_i32x4(v1, v3, 0x88));
-    _mm512_storeu_si512(dst + (c + 8) * ld, _mm512_shuffle_i32x4(v0, v2, 0xDD));
-    _mm512_storeu_si512(dst + (c + 12) * ld, _mm512_shuffle_i32x4(v1, v3, 0xDD));
-  }
+  __m512 f[16];
+  for (int a = 0; a < 16; ++a) f[a] = _mm512_castsi512_ps(r[a]);
+  VecAvx512::transpose_regs(f, reinterpret_cast<float*>(dst), ld);
 }
 
 // dst[e * ld + a] = src[a * ls + e] for a 16 x 16 block of 32-bit words.

@@ -98,18 +98,42 @@ class VtRings {
       const int64_t s = c % slots_;
       if (tag.chunk[s] == c) continue;
       const int m = int(std::max<int64_t>(0, std::min<int64_t>(32, Nk_ - c * 32)));
-      auto key = [&](int j, int64_t e0) {
-        return j < m ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + (c * 32 + j) * vs + e0)))
-                     : _mm512_setzero_si512();
-      };
-      transpose_key_pairs(Dv_, ring + s * 32, ld_, key);
-      if (s < 2) transpose_key_pairs(Dv_, ring + slots_ * 32 + s * 32, ld_, key);
+      transpose_chunk(v + c * 32 * vs, vs, m, ring + s * 32);
+      if (s < 2) transpose_chunk(v + c * 32 * vs, vs, m, ring + slots_ * 32 + s * 32);
       tag.chunk[s] = c;
     }
     return ring + (j0 % (slots_ * 32));
   }
 
  private:
+  // Keys j < m (m <= 32) of bf16 rows v (stride vs) -> dst[e * ld + j] for j < 32 (0 from m on).
+  void transpose_chunk(const uint16_t* v, int64_t vs, int m, uint16_t* dst) const {
+    if (Dv_ % 32 != 0) {
+      transpose_key_pairs(Dv_, dst, ld_, [&](int j, int64_t e0) {
+        return j < m ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * vs + e0)))
+                     : _mm512_setzero_si512();
+      });
+      return;
+    }
+    // Two keys' rows interleave into pair words by vpunpck{l,h}wd (features 8L .. 8L + 3 and
+    // 8L + 4 .. 8L + 7 of 128-bit lane L); one vpermt2q each puts 16 features in order; then
+    // 16 pairs x 16 features are transposed in registers.
+    const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+    const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    for (int64_t e0 = 0; e0 < Dv_; e0 += 32) {
+      __m512 lo[16], hi[16];  // pair jp: features e0 .. e0 + 15, e0 + 16 .. e0 + 31
+      for (int jp = 0; jp < 16; ++jp) {
+        const __m512i a = 2 * jp < m ? _mm512_loadu_si512(v + 2 * jp * vs + e0) : _mm512_setzero_si512();
+        const __m512i b = 2 * jp + 1 < m ? _mm512_loadu_si512(v + (2 * jp + 1) * vs + e0) : _mm512_setzero_si512();
+        const __m512i u = _mm512_unpacklo_epi16(a, b), h = _mm512_unpackhi_epi16(a, b);
+        lo[jp] = _mm512_castsi512_ps(_mm512_permutex2var_epi64(u, first, h));
+        hi[jp] = _mm512_castsi512_ps(_mm512_permutex2var_epi64(u, second, h));
+      }
+      VecAvx512::transpose_regs(lo, reinterpret_cast<float*>(dst + e0 * ld_), ld_ / 2);
+      VecAvx512::transpose_regs(hi, reinterpret_cast<float*>(dst + (e0 + 16) * ld_), ld_ / 2);
+    }
+  }
+
   // The ring's keys: the band of a window block, one landmark-row tile of its diagonal and a tile
   // each side, in whole chunks (all keys when the window is unbounded); at least 4 chunks.
   static int64_t ring_keys(const AttnParams& p) {

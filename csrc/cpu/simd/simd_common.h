@@ -254,8 +254,13 @@ struct VecAvx512 {
     for (int64_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
   }
   static void transpose(const float* src, int64_t ss, float* dst, int64_t ds) {
-    __m512 r[16], t[16];
+    __m512 r[16];
     for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(src + k * ss);
+    transpose_regs(r, dst, ds);
+  }
+  // dst[i * ds + k] = r[k][i] (16 vectors of 16 32-bit values; r is clobbered).
+  static void transpose_regs(__m512* r, float* dst, int64_t ds) {
+    __m512 t[16];
     for (int k = 0; k < 8; ++k) {
       t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
       t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
