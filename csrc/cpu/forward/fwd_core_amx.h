@@ -53,6 +53,30 @@ inline void transpose_key_pairs(int64_t Dv, uint16_t* dst, int64_t ld, KeyBf16&&
 
 class VtRings;
 
+// Keys j < m (m <= 32) of bf16 rows v (row stride vs) -> dst[e * ld + j] for j < 32, e < Dv (0
+// from key m on), Dv % 32 == 0 (transpose_key_pairs' result, faster): two keys' rows interleave
+// into pair words by vpunpck{l,h}wd (features 8L .. 8L + 3 and 8L + 4 .. 8L + 7 of 128-bit lane
+// L), one vpermt2q each puts 16 features in order, then 16 pairs x 16 features are transposed in
+// registers. kStream: non-temporal stores (dst and ld * 2 bytes 64-byte aligned; the caller
+// fences).
+template <bool kStream = false>
+inline void transpose_bf16_keys32(const uint16_t* v, int64_t vs, int m, int64_t Dv, uint16_t* dst, int64_t ld) {
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  for (int64_t e0 = 0; e0 < Dv; e0 += 32) {
+    __m512 lo[16], hi[16];  // pair jp: features e0 .. e0 + 15, e0 + 16 .. e0 + 31
+    for (int jp = 0; jp < 16; ++jp) {
+      const __m512i a = 2 * jp < m ? _mm512_loadu_si512(v + 2 * jp * vs + e0) : _mm512_setzero_si512();
+      const __m512i b = 2 * jp + 1 < m ? _mm512_loadu_si512(v + (2 * jp + 1) * vs + e0) : _mm512_setzero_si512();
+      const __m512i u = _mm512_unpacklo_epi16(a, b), h = _mm512_unpackhi_epi16(a, b);
+      lo[jp] = _mm512_castsi512_ps(_mm512_permutex2var_epi64(u, first, h));
+      hi[jp] = _mm512_castsi512_ps(_mm512_permutex2var_epi64(u, second, h));
+    }
+    VecAvx512::transpose_regs<kStream>(lo, reinterpret_cast<float*>(dst + e0 * ld), ld / 2);
+    VecAvx512::transpose_regs<kStream>(hi, reinterpret_cast<float*>(dst + (e0 + 16) * ld), ld / 2);
+  }
+}
+
 struct KVAmx {
   const uint16_t* k;  // key row j at k + j * ks (bf16)
   int64_t ks;
@@ -108,30 +132,14 @@ class VtRings {
  private:
   // Keys j < m (m <= 32) of bf16 rows v (stride vs) -> dst[e * ld + j] for j < 32 (0 from m on).
   void transpose_chunk(const uint16_t* v, int64_t vs, int m, uint16_t* dst) const {
-    if (Dv_ % 32 != 0) {
-      transpose_key_pairs(Dv_, dst, ld_, [&](int j, int64_t e0) {
-        return j < m ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * vs + e0)))
-                     : _mm512_setzero_si512();
-      });
+    if (Dv_ % 32 == 0) {
+      transpose_bf16_keys32(v, vs, m, Dv_, dst, ld_);
       return;
     }
-    // Two keys' rows interleave into pair words by vpunpck{l,h}wd (features 8L .. 8L + 3 and
-    // 8L + 4 .. 8L + 7 of 128-bit lane L); one vpermt2q each puts 16 features in order; then
-    // 16 pairs x 16 features are transposed in registers.
-    const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-    const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
-    for (int64_t e0 = 0; e0 < Dv_; e0 += 32) {
-      __m512 lo[16], hi[16];  // pair jp: features e0 .. e0 + 15, e0 + 16 .. e0 + 31
-      for (int jp = 0; jp < 16; ++jp) {
-        const __m512i a = 2 * jp < m ? _mm512_loadu_si512(v + 2 * jp * vs + e0) : _mm512_setzero_si512();
-        const __m512i b = 2 * jp + 1 < m ? _mm512_loadu_si512(v + (2 * jp + 1) * vs + e0) : _mm512_setzero_si512();
-        const __m512i u = _mm512_unpacklo_epi16(a, b), h = _mm512_unpackhi_epi16(a, b);
-        lo[jp] = _mm512_castsi512_ps(_mm512_permutex2var_epi64(u, first, h));
-        hi[jp] = _mm512_castsi512_ps(_mm512_permutex2var_epi64(u, second, h));
-      }
-      VecAvx512::transpose_regs(lo, reinterpret_cast<float*>(dst + e0 * ld_), ld_ / 2);
-      VecAvx512::transpose_regs(hi, reinterpret_cast<float*>(dst + (e0 + 16) * ld_), ld_ / 2);
-    }
+    transpose_key_pairs(Dv_, dst, ld_, [&](int j, int64_t e0) {
+      return j < m ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * vs + e0)))
+                   : _mm512_setzero_si512();
+    });
   }
 
   // The ring's keys: the band of a window block, one landmark-row tile of its diagonal and a tile

@@ -157,8 +157,15 @@ class PrepInt8Amx {
 
   // Keys [j0, j0 + 32) of head bh, streamed: no read-for-ownership of the Vt lines.
   void transpose_v(int64_t bh, int64_t j0) {
-    transpose_v_keys<true>(bh, int(std::min<int64_t>(32, f_.Nk - j0)), vt_.get() + bh * f_.Dv * NKP_ + j0, NKP_,
-                           [&](int j) { return j0 + j; });
+    const int n = int(std::min<int64_t>(32, f_.Nk - j0));
+    uint16_t* dst = vt_.get() + bh * f_.Dv * NKP_ + j0;
+    if (f_.dtype == DType::BF16 && f_.Dv % 32 == 0) {
+      const int64_t b = bh / f_.Hk, h = bh % f_.Hk;
+      const uint16_t* v = static_cast<const uint16_t*>(f_.v) + b * f_.v_stride[0] + h * f_.v_stride[1] + j0 * f_.v_stride[2];
+      transpose_bf16_keys32<true>(v, f_.v_stride[2], n, f_.Dv, dst, NKP_);
+      return;
+    }
+    transpose_v_keys<true>(bh, n, dst, NKP_, [&](int j) { return j0 + j; });
   }
 
   void gather_landmarks(int64_t bh) {

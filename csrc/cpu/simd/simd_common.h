@@ -258,7 +258,9 @@ struct VecAvx512 {
     for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(src + k * ss);
     transpose_regs(r, dst, ds);
   }
-  // dst[i * ds + k] = r[k][i] (16 vectors of 16 32-bit values; r is clobbered).
+  // dst[i * ds + k] = r[k][i] (16 vectors of 16 32-bit values; r is clobbered). kStream:
+  // non-temporal stores (dst rows 64-byte aligned; the caller fences).
+  template <bool kStream = false>
   static void transpose_regs(__m512* r, float* dst, int64_t ds) {
     __m512 t[16];
     for (int k = 0; k < 8; ++k) {
@@ -279,8 +281,14 @@ struct VecAvx512 {
       t[12 + m] = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xdd);
     }
     for (int m = 0; m < 8; ++m) {
-      _mm512_storeu_ps(dst + m * ds, _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88));
-      _mm512_storeu_ps(dst + (m + 8) * ds, _mm512_shuffle_f32x4(t[m], t[8 + m], 0xdd));
+      const __m512 a = _mm512_shuffle_f32x4(t[m], t[8 + m], 0x88), b = _mm512_shuffle_f32x4(t[m], t[8 + m], 0xdd);
+      if constexpr (kStream) {
+        _mm512_stream_ps(dst + m * ds, a);
+        _mm512_stream_ps(dst + (m + 8) * ds, b);
+      } else {
+        _mm512_storeu_ps(dst + m * ds, a);
+        _mm512_storeu_ps(dst + (m + 8) * ds, b);
+      }
     }
   }
 };
