@@ -69,6 +69,11 @@ static inline void store_row_lp(const float* src, DType dtype, int64_t n, uint16
   for (; d < n; ++d) dst[d] = dtype == DType::BF16 ? f32_to_bf16(src[d]) : f32_to_f16(src[d]);
 }
 
+// Rounded gradients of at least 8 MiB (dQ's) leave with non-temporal stores (store_row_lp).
+static inline bool stream_grads(const AttnBwdParams& p) {
+  return p.grad_dtype != DType::F32 && p.fwd.B * p.fwd.Hq * p.fwd.Nq * p.fwd.D * 2 >= (int64_t(8) << 20);
+}
+
 // ------------------------------------------------------------------------- GEMM micro-kernels
 // C (M x N, row-major, ldc) (+)= A (M x T, element (r, t) at A[r*ars + t*ats]) * B (T x N, ldb).
 // N is a multiple of Vec::W. The strided A lets one kernel serve Q K^T, P^T dO, dS^T Q and dS K.

@@ -92,11 +92,6 @@ static void load_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode m
   zero_f32(hb.dQ, kRows * c.Dp);
 }
 
-// Rounded gradients of at least 8 MiB (dQ's) leave with non-temporal stores (store_row_lp).
-static inline bool stream_grads(const AttnBwdParams& p) {
-  return p.grad_dtype != DType::F32 && p.fwd.B * p.fwd.Hq * p.fwd.Nq * p.fwd.D * 2 >= (int64_t(8) << 20);
-}
-
 // Landmark query rows are written by the landmark pass only (it may run on another thread).
 static void store_head_block(const Ctx& c, int64_t h, const Rows& rows, RowMode mode,
                              const HeadBlock& hb) {
@@ -340,6 +335,17 @@ static Tile carve_tile(Arena& a, int64_t D, int64_t Dv, int64_t Dp, int64_t Dvp,
   return t;
 }
 
+// Whether batch c.b's landmark query rows (the landmarks in [0, Nq) as rows) fit one block of
+// kRows (then run_item runs them along the band pass); true without landmarks.
+static bool landmark_rows_in_one_block(const Ctx& c) {
+  int64_t n = 0;
+  for (int64_t x = 0; x < c.G; ++x) {
+    const int64_t i = c.lm[x] - c.off;
+    n += i >= 0 && i < c.p->fwd.Nq;
+  }
+  return n <= kRows;
+}
+
 // A head block's arrays from the arena (see make_layout's head_floats).
 static void carve_head(Arena& a, const Ctx& c, HeadBlock& hb) {
   hb.Q = a.take(kRows * c.Dp);
@@ -387,9 +393,14 @@ static int64_t load_landmark_rows(const Ctx& c, int64_t h0, int64_t ng, int64_t 
 // rows if `landmark_rows`; dK / dV go to dk / dv ((Nk, D) / (Nk, Dv), every row written here).
 // With score modifiers, dbias ((Hq / Hk) rows of Nq + Nk - 1, zeroed here, or nullptr) gets this
 // unit's share of the dbias of the item's q heads.
-static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0, int64_t blk1,
+// With `final_lp` (bf16 / fp16 gradients, one unit per item, the whole group at once and a ring
+// that holds every block's band) a contiguous tile's flush is the last word on its keys that are
+// not landmarks, once the landmark rows ride along the band pass: those keys are rounded into
+// dk_lp / dv_lp right there, and only the rest go through the fp32 accumulators. Returns whether
+// the item's rounded dK / dV are written.
+static bool run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0, int64_t blk1,
                      bool landmark_rows, float* dk, float* dv, float* dbias, const Layout& L,
-                     float* mem, Tile* ring) {
+                     float* mem, Tile* ring, bool final_lp) {
   const AttnParams& f = p.fwd;
   Ctx c;
   c.p = &p;
@@ -444,6 +455,11 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
   const int64_t ntiles = (f.Nk + kKeys - 1) / kKeys;
   uint8_t* tile_done = reinterpret_cast<uint8_t*>(a.take(round_up(ntiles, 64) / 4));
   float* head_mem = a.cur;
+  if (final_lp && c.group <= 64 && landmark_rows_in_one_block(c)) {
+    const int64_t item = (b * f.Hk + hk) * f.Nk;
+    c.dk_lp = p.dk_lp + item * f.D;
+    c.dv_lp = p.dv_lp + item * f.Dv;
+  }
 
   // Heads of the group are processed in chunks of up to 64 so `heads` stays a fixed array.
   for (int64_t g0 = 0; g0 < c.group; g0 += 64) {
@@ -574,7 +590,8 @@ static void run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
         store_head_block(cg, h0 + g, rows, RowMode::kLandmark, heads[g]);
     }
   }
-  zero_unwritten(c, f.Nk);
+  finish_keys(c, f.Nk);
+  return c.dk_lp != nullptr;
 }
 
 // ------------------------------------------------------------------------- entry
@@ -614,6 +631,9 @@ static void run(const AttnBwdParams& p, int num_threads) {
   const bool own_kv = p.dk == nullptr;
   const int64_t own_kv_bytes = own_kv && parts == 1 ? round_up(kv_floats * int64_t(sizeof(float)), 64) : 0;
   const int64_t per_thread = L.bytes + ring_bytes + own_kv_bytes;
+  // Keys rounded at their tile's flush (run_item): one unit per item and a ring that never
+  // evicts a tile its block still needs (each contiguous tile is flushed once).
+  const bool final_lp = own_kv && parts == 1 && L.ring >= ring_slots(f);
   const int64_t partial_bytes = parts > 1 ? units * kv_floats * int64_t(sizeof(float)) : 0;
   // dbias partials: one per work unit (units run in any order on any thread), summed in unit
   // order at the end, so dbias depends only on the shapes and the thread count.
@@ -650,9 +670,10 @@ static void run(const AttnBwdParams& p, int num_threads) {
       const int64_t it = u / parts, part = u % parts;
       float* dk = parts > 1 ? partial + u * kv_floats : own_kv ? kv_acc : p.dk + it * f.Nk * f.D;
       float* dv = parts > 1 || own_kv ? dk + f.Nk * f.D : p.dv + it * f.Nk * f.Dv;
-      run_item(p, it / f.Hk, it % f.Hk, part * blocks / parts, (part + 1) * blocks / parts,
-               part == 0, dk, dv, want_dbias ? dbias_parts + u * dbias_unit : nullptr, L, ws, ring);
-      if (parts == 1) round_kv_grads(p, it, 0, f.Nk, dk, dv);
+      const bool rounded = run_item(p, it / f.Hk, it % f.Hk, part * blocks / parts, (part + 1) * blocks / parts,
+                                    part == 0, dk, dv, want_dbias ? dbias_parts + u * dbias_unit : nullptr, L,
+                                    ws, ring, final_lp);
+      if (parts == 1 && !rounded) round_kv_grads(p, it, 0, f.Nk, dk, dv);
     }
     if (parts > 1) {
       // dk[it] = sum over parts in part order (deterministic), split over rows of keys.

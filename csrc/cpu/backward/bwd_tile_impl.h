@@ -45,7 +45,10 @@ struct Ctx {
   const uint8_t* pad;       // (Nk) for batch b or nullptr
   float* dk;                // (Nk, D) gradient accumulator of this item (output or a partial)
   float* dv;                // (Nk, Dv)
-  uint8_t* written;         // (Nk) key j's rows of dk / dv hold a flush (else never written)
+  uint8_t* written;         // (Nk) key j: 0 never flushed, 1 in dk / dv (fp32), 2 final in dk_lp / dv_lp
+  // Rounded gradients written at flush (see run_item): the item's dk_lp / dv_lp rows, nullptr: no.
+  uint16_t* dk_lp = nullptr;
+  uint16_t* dv_lp = nullptr;
   bool bf16 = false;        // bf16 inputs on an AVX-512 BF16 build: products on vdpbf16ps
   bool amx = false;         // bf16 on an AMX build, D and Dv multiples of 32: products on tiles
   // Score modifiers (softmax_ds_mods in bwd_kernel_impl.h); mods also when only dbias is asked.
@@ -154,6 +157,14 @@ static void flush(const Ctx& c, Tile& t) {
     const int64_t j = t.keys[jj];
     const float* sk = t.dK + jj * c.Dp;
     const float* sv = t.dV + jj * c.Dvp;
+    if (c.dk_lp != nullptr && !t.gathered && !row_is_landmark(c, j)) {
+      // A contiguous tile's keys that are not landmarks are final at its one flush.
+      const AttnBwdParams& p = *c.p;
+      store_row_lp(sk, p.grad_dtype, c.D, c.dk_lp + j * c.D, stream_grads(p));
+      store_row_lp(sv, p.grad_dtype, c.Dv, c.dv_lp + j * c.Dv, stream_grads(p));
+      c.written[j] = 2;
+      continue;
+    }
     float* ok = c.dk + j * c.D;
     float* ov = c.dv + j * c.Dv;
     if (c.written[j]) {
@@ -168,11 +179,19 @@ static void flush(const Ctx& c, Tile& t) {
   t.tile = -1;
 }
 
-// dK / dV rows of the keys no flush reached: zero (no visible query, padding).
-static void zero_unwritten(const Ctx& c, int64_t Nk) {
+// dK / dV rows of the keys no flush reached: zero (no visible query, padding). With dk_lp (the
+// flushes wrote final keys rounded), also the rounded rows of the keys still in fp32 and zeros.
+static void finish_keys(const Ctx& c, int64_t Nk) {
+  const AttnBwdParams& p = *c.p;
   for (int64_t j = 0; j < Nk; ++j) {
-    if (c.written[j]) continue;
-    std::memset(c.dk + j * c.D, 0, sizeof(float) * c.D);
-    std::memset(c.dv + j * c.Dv, 0, sizeof(float) * c.Dv);
+    if (c.written[j] == 2) continue;
+    if (c.written[j] == 0) {
+      std::memset(c.dk + j * c.D, 0, sizeof(float) * c.D);
+      std::memset(c.dv + j * c.Dv, 0, sizeof(float) * c.Dv);
+    }
+    if (c.dk_lp != nullptr) {
+      store_row_lp(c.dk + j * c.D, p.grad_dtype, c.D, c.dk_lp + j * c.D);
+      store_row_lp(c.dv + j * c.Dv, p.grad_dtype, c.Dv, c.dv_lp + j * c.Dv);
+    }
   }
 }
