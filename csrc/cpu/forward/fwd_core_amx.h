@@ -51,8 +51,6 @@ inline void transpose_key_pairs(int64_t Dv, uint16_t* dst, int64_t ld, KeyBf16&&
   }
 }
 
-class VtRings;
-
 // Keys j < m (m <= 32) of bf16 rows v (row stride vs) -> dst[e * ld + j] for j < 32, e < Dv (0
 // from key m on), Dv % 32 == 0 (transpose_key_pairs' result, faster): two keys' rows interleave
 // into pair words by vpunpck{l,h}wd (features 8L .. 8L + 3 and 8L + 4 .. 8L + 7 of 128-bit lane
@@ -77,6 +75,8 @@ inline void transpose_bf16_keys32(const uint16_t* v, int64_t vs, int m, int64_t 
   }
 }
 
+class VtRings;
+
 struct KVAmx {
   const uint16_t* k;  // key row j at k + j * ks (bf16)
   int64_t ks;
@@ -92,8 +92,9 @@ struct KVAmx {
 // of a transposed copy of all of V written out and read back through memory: a thread's window
 // blocks walk a head's keys in order, so the ring holds the band and the keys stay in cache
 // between their transpose and their tiles.
-// A thread's ring: Dv rows of R + 64 key columns (R a multiple of 32); 32-key chunk c lives at
-// column 32 * (c % (R / 32)), and chunks at columns 0 and 32 are also written at R and R + 32,
+// A thread's ring: Dv rows of R + 96 key columns (R a multiple of 32; the last 32 only keep rows
+// from lying 2^k bytes apart); 32-key chunk c lives at column 32 * (c % (R / 32)), and chunks at
+// columns 0 and 32 are also written at R and R + 32,
 // so a tile's (at most two) chunks read contiguously across the wrap. Which chunk each slot
 // holds is tagged, with the (b, kv head) it came from (V's first row): any range of keys can be
 // asked for, in any order; only the refills cost.
