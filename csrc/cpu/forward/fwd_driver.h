@@ -37,6 +37,7 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <utility>
 
 #include "common/pattern.h"
 #include "cpu/simd/fp_env.h"
@@ -53,6 +54,12 @@ template <class Core, class = void>
 struct HasLseShift : std::false_type {};
 template <class Core>
 struct HasLseShift<Core, std::void_t<decltype(&Core::lse_shift)>> : std::true_type {};
+
+// V::log2(R): the vector trait has a vectorized log2 (finish_block's lse).
+template <class V, class = void>
+struct HasLog2 : std::false_type {};
+template <class V>
+struct HasLog2<V, std::void_t<decltype(sizeof(V::log2(std::declval<typename V::R>())))>> : std::true_type {};
 
 // Core::prefetch_keys(kv, j0, n): the core asks for keys [j0, j0 + n) of kv to be brought into
 // cache ahead of their tile (window_block calls it for the keys the next block adds to the band).
@@ -447,11 +454,14 @@ class ForwardDriver {
   // transposed back to rows W x W at a time.
   static void finish_block(const AttnParams& p, ThreadState& ts, int64_t b, int64_t h,
                            const int64_t* rows, int nr) {
-    alignas(64) float m[BQ], l[BQ];
+    alignas(64) float m[BQ], l[BQ], lse2[BQ];  // lse2: m + log2(l), in log2 units
     for (int v = 0; v < QV; ++v) {
       V::store(m + v * W, ts.m[v]);
       V::store(l + v * W, ts.l[v]);
+      if constexpr (HasLog2<V>::value) V::store(lse2 + v * W, V::add(ts.m[v], V::log2(ts.l[v])));
     }
+    if constexpr (!HasLog2<V>::value)
+      for (int i = 0; i < BQ; ++i) lse2[i] = m[i] + std::log2(l[i]);
     const int64_t Dv = p.Dv, DvP = ts.DvP;
     const float* Ot = ts.Ot.get();
     float* T = ts.T.get();
@@ -466,7 +476,7 @@ class ForwardDriver {
         const int64_t o_off = b * p.o_stride[0] + h * p.o_stride[1] + row * p.o_stride[2];
         const bool empty = l[lane] == 0.f;  // NaN (from NaN/inf inputs) propagates, as in SDPA
         const float inv = empty ? 0.f : 1.f / l[lane];
-        float lse = empty ? kNegInf : (m[lane] + std::log2(l[lane])) * kLn2;
+        float lse = empty ? kNegInf : lse2[lane] * kLn2;
         if constexpr (HasLseShift<Core>::value)
           if (!empty) lse += Core::lse_shift(ts.core, lane);
         p.lse[(b * p.Hq + h) * p.Nq + row] = lse;

@@ -229,6 +229,24 @@ struct VecAvx512 {
     const R small = _mm512_fmadd_ps(_mm512_mul_ps(y, z), x, x);
     return _mm512_mask_mov_ps(small, _mm512_cmp_ps_mask(ax, _mm512_set1_ps(kTanhSmall), _CMP_GT_OQ), big);
   }
+  // log2(x) within 4 ulp: x = 2^k m with m in [0.75, 1.5) (vgetmantps; k from vgetexpps of x and
+  // of m), log2(m) = 2 / ln 2 * atanh(t), t = (m - 1) / (m + 1) in [-1/7, 1/5], by its odd series
+  // to t^9. 0 gives -inf, inf gives inf, NaN and negative x NaN, as std::log2.
+  static R log2(R x) {
+    const R m = _mm512_getmant_ps(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_nan);
+    const R k = _mm512_sub_ps(_mm512_getexp_ps(x), _mm512_getexp_ps(m));
+    const R t = _mm512_div_ps(_mm512_sub_ps(m, _mm512_set1_ps(1.f)), _mm512_add_ps(m, _mm512_set1_ps(1.f)));
+    const R t2 = _mm512_mul_ps(t, t);
+    R y = _mm512_set1_ps(1.f / 9.f);
+    y = _mm512_fmadd_ps(y, t2, _mm512_set1_ps(1.f / 7.f));
+    y = _mm512_fmadd_ps(y, t2, _mm512_set1_ps(1.f / 5.f));
+    y = _mm512_fmadd_ps(y, t2, _mm512_set1_ps(1.f / 3.f));
+    y = _mm512_fmadd_ps(y, t2, _mm512_set1_ps(1.f));
+    const R r = _mm512_fmadd_ps(_mm512_mul_ps(y, t), _mm512_set1_ps(2.8853900817779268f), k);  // 2 / ln 2
+    const __mmask16 zero = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_EQ_OQ);
+    const __mmask16 inf = _mm512_cmp_ps_mask(x, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
+    return _mm512_mask_mov_ps(_mm512_mask_mov_ps(r, zero, _mm512_set1_ps(-INFINITY)), inf, _mm512_set1_ps(INFINITY));
+  }
   static R neg_inf_to_zero(R m) {
     __mmask16 k = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
     return _mm512_mask_mov_ps(m, k, _mm512_setzero_ps());
