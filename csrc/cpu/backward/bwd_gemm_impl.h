@@ -47,9 +47,7 @@ static inline void store_row_lp(const float* src, DType dtype, int64_t n, uint16
   int64_t d = 0;
 #if defined(__AVX512BF16__)
   if (dtype == DType::BF16 && stream && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
-    for (; d + 32 <= n; d += 32)
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + d),
-                          (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + d + 16), _mm512_loadu_ps(src + d)));
+    d = stream_bf16_row(dst, src, n);
   if (dtype == DType::BF16)
     for (; d + 16 <= n; d += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d),

@@ -479,8 +479,8 @@ static bool run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
     // dK / dV take both contributions before one flush); the tiles no band reached follow it.
     // More rows take a pass of their own, 64 rows at a time over all tiles.
     Rows lm_rows;
-    const bool lm_inline = landmark_rows && c.G > 0 &&
-                           load_landmark_rows(cg, h0, ng, 0, lm_rows, lm_heads, orow) == c.G;
+    const bool lm_inline = landmark_rows && c.G > 0 && landmark_rows_in_one_block(c);
+    if (lm_inline) load_landmark_rows(cg, h0, ng, 0, lm_rows, lm_heads, orow);
     const bool lm_any = lm_inline && any_head(lm_heads, ng);
     if (lm_inline) std::memset(tile_done, 0, static_cast<size_t>(ntiles));
 
@@ -562,24 +562,11 @@ static bool run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
     // Landmark query rows see every key (up to r if causal): batches of 64 rows, all tiles.
     int64_t x = landmark_rows && !lm_inline ? 0 : c.G;
     while (x < c.G) {
-      rows.n = 0;
-      int64_t hi = 0;
-      for (; x < c.G && rows.n < kRows; ++x) {
-        const int64_t i = c.lm[x] - c.off;
-        if (i < 0 || i >= f.Nq) continue;
-        rows.i[rows.n] = i;
-        rows.r[rows.n] = c.lm[x];
-        hi = imax(hi, landmark_row_range(c.lm[x], f.Nk, f.causal).hi);
-        ++rows.n;
-      }
+      x = load_landmark_rows(cg, h0, ng, x, rows, heads, orow);
       if (rows.n == 0) continue;
-      bool any = false;
-      for (int64_t g = 0; g < ng; ++g) {
-        load_head_block(cg, h0 + g, rows, RowMode::kLandmark, heads[g], orow);
-        if (cg.bf16) pack_head_bf16(cg, rows, heads[g]);
-        any |= heads[g].any;
-      }
-      if (any) {
+      int64_t hi = 0;  // the keys the rows see end here
+      for (int64_t k = 0; k < rows.n; ++k) hi = imax(hi, landmark_row_range(rows.r[k], f.Nk, f.causal).hi);
+      if (any_head(heads, ng)) {
         for (int64_t t = 0; t * kKeys < hi; ++t) {
           pack_contiguous(cg, gather, t);
           process_tile(cg, gather, rows, RowMode::kLandmark, heads, sc);

@@ -147,7 +147,7 @@ static void pack_contiguous(const Ctx& c, Tile& t, int64_t tile_index) {
 }
 
 // Adds the tile's accumulated dK / dV into the (fp32, contiguous) outputs; a key's first flush
-// stores (dk / dv are not zeroed beforehand: zero_unwritten clears the keys no flush reached).
+// stores (dk / dv are not zeroed beforehand: finish_keys clears the keys no flush reached).
 static void flush(const Ctx& c, Tile& t) {
   if (t.fresh) {  // no visible pair touched the tile
     t.tile = -1;
@@ -185,11 +185,15 @@ static void finish_keys(const Ctx& c, int64_t Nk) {
   const AttnBwdParams& p = *c.p;
   for (int64_t j = 0; j < Nk; ++j) {
     if (c.written[j] == 2) continue;
-    if (c.written[j] == 0) {
-      std::memset(c.dk + j * c.D, 0, sizeof(float) * c.D);
-      std::memset(c.dv + j * c.Dv, 0, sizeof(float) * c.Dv);
-    }
-    if (c.dk_lp != nullptr) {
+    if (c.dk_lp == nullptr) {
+      if (c.written[j] == 0) {
+        std::memset(c.dk + j * c.D, 0, sizeof(float) * c.D);
+        std::memset(c.dv + j * c.Dv, 0, sizeof(float) * c.Dv);
+      }
+    } else if (c.written[j] == 0) {  // +0 in bf16 and fp16 alike
+      std::memset(c.dk_lp + j * c.D, 0, sizeof(uint16_t) * c.D);
+      std::memset(c.dv_lp + j * c.Dv, 0, sizeof(uint16_t) * c.Dv);
+    } else {
       store_row_lp(c.dk + j * c.D, p.grad_dtype, c.D, c.dk_lp + j * c.D);
       store_row_lp(c.dv + j * c.Dv, p.grad_dtype, c.Dv, c.dv_lp + j * c.Dv);
     }

@@ -1,6 +1,8 @@
 // Internal interface of the CPU forward kernel: one entry point per instruction set (each in its
 // own translation unit, compiled with that ISA's flags) and a few ISA-free helpers.
 #pragma once
+#include <xmmintrin.h>
+
 #include <cstdint>
 
 #include "common/attn_params.h"
@@ -44,6 +46,12 @@ class AlignedBuf {
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Asks for the cache lines of the `bytes` bytes from `p` into L2.
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
+}
 
 }  // namespace
 }  // namespace cpu

@@ -124,7 +124,9 @@ class VtRings {
       if (tag.chunk[s] == c) continue;
       const int m = int(std::max<int64_t>(0, std::min<int64_t>(32, Nk_ - c * 32)));
       transpose_chunk(v + c * 32 * vs, vs, m, ring + s * 32);
-      if (s < 2) transpose_chunk(v + c * 32 * vs, vs, m, ring + slots_ * 32 + s * 32);
+      if (s < 2)  // its mirror past the wrap
+        for (int64_t e = 0; e < Dv_; ++e)
+          std::memcpy(ring + e * ld_ + slots_ * 32 + s * 32, ring + e * ld_ + s * 32, 32 * sizeof(uint16_t));
       tag.chunk[s] = c;
     }
     return ring + (j0 % (slots_ * 32));
@@ -190,7 +192,6 @@ class PrepAmx {
   KVAmx band(int64_t b, int64_t h) const {
     return {k_row(b, h, 0), p_.k_stride[2], nullptr, rings_.ld(), v_row(b, h, 0), p_.v_stride[2], 0, &rings_};
   }
-
 
   KVAmx landmarks(int64_t b, int64_t h) const {
     const int64_t bh = b * p_.Hk + h;
@@ -368,10 +369,10 @@ struct CoreAmx {
   static void prefetch_keys(const KV& kv, int64_t j0, int n) {
     const int64_t D = DC ? DC : 0, Dv = DVC ? DVC : 0;
     if (D == 0 || Dv == 0) return;  // runtime sizes: left to the hardware prefetchers
-    for (int j = 0; j < n; ++j)
-      for (int64_t o = 0; o < D * 2; o += 64) _mm_prefetch(reinterpret_cast<const char*>(kv.k + (j0 + j) * kv.ks) + o, _MM_HINT_T1);
-    for (int j = 0; j < n; ++j)  // the V rows the ring transposes next
-      for (int64_t o = 0; o < Dv * 2; o += 64) _mm_prefetch(reinterpret_cast<const char*>(kv.v + (j0 + j) * kv.vs) + o, _MM_HINT_T1);
+    for (int j = 0; j < n; ++j) {
+      prefetch_l2(kv.k + (j0 + j) * kv.ks, D * 2);
+      prefetch_l2(kv.v + (j0 + j) * kv.vs, Dv * 2);  // the V rows the ring transposes next
+    }
   }
 
   // Ot = Ot * alpha + Vt . P (P from softmax(), already bf16 pairs in w.Pp).

@@ -369,12 +369,6 @@ class ForwardDriver {
   static const int32_t* landmarks_of(const AttnParams& p, int64_t b) {
     return p.landmarks + b * p.landmarks_batch_stride;
   }
-  // Asks for the cache lines of `bytes` bytes from `row` into L2.
-  static void prefetch_row(const void* row, int64_t bytes) {
-    const char* c = static_cast<const char*>(row);
-    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(c + o, _MM_HINT_T1);
-  }
-
   static const char* q_row(const AttnParams& p, int64_t b, int64_t h, int64_t i) {
     const int64_t es = p.dtype == DType::F32 ? 4 : 2;
     return static_cast<const char*>(p.q) + es * (b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2]);
@@ -509,9 +503,7 @@ class ForwardDriver {
       uint16_t* o = static_cast<uint16_t*>(p.o) + o_off;
 #if defined(__AVX512BF16__)
       if (stream && (reinterpret_cast<uintptr_t>(o) & 63) == 0 && Dv % 32 == 0) {
-        for (int64_t e = 0; e < Dv; e += 32)  // vcvtne2ps2bf16: f32_to_bf16's bits (FTZ: no denormals)
-          _mm512_stream_si512(reinterpret_cast<__m512i*>(o + e),
-                              (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(t + e + 16), _mm512_loadu_ps(t + e)));
+        stream_bf16_row(o, t, Dv);
         return;
       }
 #endif
@@ -572,7 +564,7 @@ class ForwardDriver {
         if constexpr (HasPrefetchKeys<Core>::value) {
           const int64_t q0 = tile_index * q_share, k0 = tile_index * k_share;
           for (int64_t i = q0; i < std::min(next_nr, q0 + q_share); ++i)
-            prefetch_row(q_row(p, b, h, next + i), p.D * (p.dtype == DType::F32 ? 4 : 2));
+            prefetch_l2(q_row(p, b, h, next + i), p.D * (p.dtype == DType::F32 ? 4 : 2));
           if (k0 < add) Core::prefetch_keys(kv, band.hi + k0, int(std::min(add - k0, k_share)));
         }
         const int n = int(std::min<int64_t>(JT, band.hi - j0));

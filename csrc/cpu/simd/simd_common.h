@@ -313,6 +313,17 @@ struct VecAvx512 {
 #endif
 
 #if defined(__AVX512BF16__)
+// dst[i] = bf16(src[i]) for i below n rounded down to 32, with non-temporal stores (dst 64-byte
+// aligned; the caller fences); returns how many were written. vcvtne2ps2bf16 gives
+// f32_to_bf16's bits except that denormal inputs become 0 (callers run with flush-to-zero).
+inline int64_t stream_bf16_row(uint16_t* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i),
+                        (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i)));
+  return i;
+}
+
 // 16 words (bf16(lo[i]), bf16(hi[i])), round to nearest even: a row of key pairs, the operand
 // layout of vdpbf16ps and of AMX B tiles.
 inline __m512i bf16_pairs(__m512 lo, __m512 hi) {
