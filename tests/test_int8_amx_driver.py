@@ -68,6 +68,30 @@ def test_driver_matches_emulation_and_avx512_core(monkeypatch, case, dtype):
         assert torch.all(out[-1] == 0), "rows that see no key output zeros"
 
 
+@pytest.mark.parametrize("jump", [4.0, 12.0, 200.0])
+def test_driver_scores_rising_above_the_running_max(monkeypatch, jump):
+    """The AMX int8 softmax tries each tile against the running max, taking the tile's max in the
+    same pass, and keeps the result only where its max rule keeps the max (a rise of at most 8
+    in log2 units); otherwise the tile is redone. A key of a later tile scoring about `jump`
+    (natural units) above the rest rises 5.8 (kept), 17 or 289 (redone) log2 units above it."""
+    _force_amx(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D = 1, 2, 257, 64
+    u = torch.zeros(D)
+    u[3] = 1.0
+    q = (torch.randn(B, H, N, D, generator=g) * 0.3 + 3.0 * u).bfloat16()
+    k = (torch.randn(B, H, N, D, generator=g) * 0.3).bfloat16()
+    k[:, :, 200] = (jump * D ** 0.5 / 3.0 * u).bfloat16()  # score ~ jump for every query
+    v = torch.randn(B, H, N, D, generator=g).bfloat16()
+    pattern = {}
+    out, lse = _int8(q, k, v, pattern)  # 5 key tiles per block
+    assert_int8_matches_emulation(f"int8 amx jump {jump}", out, q, k, v, pattern)
+    _force_avx512(monkeypatch)
+    _, lse_avx512 = _int8(q, k, v, pattern)
+    diff = (lse - lse_avx512).abs()
+    assert torch.all(diff <= _lse_tolerance(lse_avx512)), float(diff.max())
+
+
 def test_driver_is_the_amx_int8_path(monkeypatch):
     """The benchmark's shape class (fp32, D = 64, window + landmarks) runs on the AMX core (results
     differ from the avx512 core's in the last bits); Dv % 16 != 0 runs the avx512 core."""

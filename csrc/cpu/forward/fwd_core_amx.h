@@ -233,60 +233,87 @@ struct AmxLanes {
   // 32-key chunks), alpha = Rule::exp2(m - m_new) (1 where the max stays), l = l * alpha + the
   // sum exp_pairs returns.
   // Rule::kStaleMax: once every lane of the half has a max, the tile is first tried against it
-  // without a max pass (a sixth of the step's vector work): the max stays and alpha is 1 when
-  // every lane's sum of P is at most 2^64 (so is every P: nothing can overflow later); otherwise
-  // (a much larger score, inf, NaN) the tile is redone with the max pass.
+  // without a max pass (a sixth of the step's vector work), and kept (alpha 1) when
+  // Rule::stale_max_holds(m, c * tile max, sum of P) says so; otherwise (a much larger score, inf,
+  // NaN) the tile is redone with the max pass. The tile max comes from the same pass when
+  // Rule::kStaleNeedsTileMax.
   template <class Rule>
   static void softmax(uint32_t* Pp, float scale, const float* S, int n, R* m, R* l, R* alpha) {
-    const R c = _mm512_set1_ps(scale);
     for (int v = 0; v < QV; ++v) {
-      if constexpr (Rule::kStaleMax) {
-        const bool every_lane_has_a_max = _mm512_cmp_ps_mask(m[v], _mm512_set1_ps(kNegInf), _CMP_EQ_OQ) == 0;
-        if (every_lane_has_a_max) {
-          const R sum = exp_pairs<Rule>(Pp + v * W, S + v * W, n, c, m[v]);
-          if (_mm512_cmp_ps_mask(sum, _mm512_set1_ps(0x1p64f), _CMP_LE_OQ) == 0xffff) {
-            alpha[v] = _mm512_set1_ps(1.f);
-            l[v] = _mm512_add_ps(l[v], sum);
-            continue;
-          }
-        }
-      }
-      const R mt = tile_max(S + v * W, n);
-      const R m_new = Rule::next_max(m[v], _mm512_mul_ps(mt, c));
-      const R m_use = VecAvx512::neg_inf_to_zero(m_new);  // rows that saw nothing yet keep p = 0
-      // Exactly 1 where the max did not move (Rule::exp2(0) need not be 1): earlier tiles keep
-      // their weight, and pv_chunks skips rescaling O.
-      const __mmask16 same = _mm512_cmp_ps_mask(m[v], m_new, _CMP_EQ_OQ) |
-                             _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
-      alpha[v] = _mm512_mask_blend_ps(same, Rule::exp2(_mm512_sub_ps(m[v], m_use)), _mm512_set1_ps(1.f));
-      l[v] = _mm512_fmadd_ps(l[v], alpha[v], exp_pairs<Rule>(Pp + v * W, S + v * W, n, c, m_use));
-      m[v] = m_new;
+      const float* Sv = S + v * W;
+      if (stale_step<Rule>(Pp, scale, n, v, m, l, alpha, [&](int j) { return _mm512_loadu_ps(Sv + j * BQ); }))
+        continue;
+      max_step<Rule>(Pp, scale, S, n, v, m, l, alpha);
     }
   }
 
-  // P = Rule::exp2(c * S - m) of one lane half (S, Pp: from the half's first lane) into Pp as bf16
-  // key pairs, zero up to a whole number of 32-key chunks; returns the sum of the fp32 P, or with
-  // Rule::kStaleMax of the bf16 P (the weights P V applies: with a stale max the largest P is not
-  // 1, and a key that dominates a row must still give its V exactly).
+  // Rule::kStaleMax's try of lane half v against its running max; true when it kept it.
+  // score(j): S of key j in the half's lanes.
+  template <class Rule, class Score>
+  static bool stale_step(uint32_t* Pp, float scale, int n, int v, R* m, R* l, R* alpha, Score&& score) {
+    if constexpr (!Rule::kStaleMax) {
+      return false;
+    } else {
+      const bool every_lane_has_a_max = _mm512_cmp_ps_mask(m[v], _mm512_set1_ps(kNegInf), _CMP_EQ_OQ) == 0;
+      if (!every_lane_has_a_max) return false;
+      const R c = _mm512_set1_ps(scale);
+      R mt;
+      const R sum = exp_pairs<Rule>(Pp + v * W, n, score, c, m[v], &mt);
+      if (!Rule::stale_max_holds(m[v], _mm512_mul_ps(mt, c), sum)) return false;
+      alpha[v] = _mm512_set1_ps(1.f);
+      l[v] = _mm512_add_ps(l[v], sum);
+      return true;
+    }
+  }
+
+  // The step of lane half v with a max pass first.
   template <class Rule>
-  static R exp_pairs(uint32_t* Pp, const float* S, int n, R c, R m) {
+  static void max_step(uint32_t* Pp, float scale, const float* S, int n, int v, R* m, R* l, R* alpha) {
+    const R c = _mm512_set1_ps(scale);
+    const float* Sv = S + v * W;
+    const R mt = tile_max(Sv, n);
+    const R m_new = Rule::next_max(m[v], _mm512_mul_ps(mt, c));
+    const R m_use = VecAvx512::neg_inf_to_zero(m_new);  // rows that saw nothing yet keep p = 0
+    // Exactly 1 where the max did not move (Rule::exp2(0) need not be 1): earlier tiles keep
+    // their weight, and pv_chunks skips rescaling O.
+    const __mmask16 same = _mm512_cmp_ps_mask(m[v], m_new, _CMP_EQ_OQ) |
+                           _mm512_cmp_ps_mask(m_new, _mm512_set1_ps(kNegInf), _CMP_EQ_OQ);
+    alpha[v] = _mm512_mask_blend_ps(same, Rule::exp2(_mm512_sub_ps(m[v], m_use)), _mm512_set1_ps(1.f));
+    const R sum = exp_pairs<Rule>(Pp + v * W, n, [&](int j) { return _mm512_loadu_ps(Sv + j * BQ); }, c, m_use);
+    l[v] = _mm512_fmadd_ps(l[v], alpha[v], sum);
+    m[v] = m_new;
+  }
+
+  // P = Rule::exp2(c * S - m) of one lane half (S of key j: score(j); Pp from the half's first
+  // lane) into Pp as bf16 key pairs, zero up to a whole number of 32-key chunks; returns the sum
+  // of the fp32 P, or with Rule::kBf16Sum of the bf16 P (the weights P V applies: with a stale max
+  // the largest P is not 1, and a key that dominates a row must still give its V exactly). With
+  // Rule::kStaleNeedsTileMax and tile_max, *tile_max = max_j S.
+  template <class Rule, class Score>
+  static R exp_pairs(uint32_t* Pp, int n, Score&& score, R c, R m, R* tile_max = nullptr) {
+    constexpr bool kMax = Rule::kStaleNeedsTileMax;
     const int np = (n + 1) / 2, np_pad = int(ceil_div(np, 16) * 16);
     R sum[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    // Key pair jp into Pp, its P added to the sums: with kStaleMax the two bf16 P in one
+    R mx[2] = {_mm512_set1_ps(kNegInf), _mm512_set1_ps(kNegInf)};
+    // Key pair jp into Pp, its P added to the sums: with kBf16Sum the two bf16 P in one
     // vdpbf16ps against bf16 1.0 (chain jp % 2: two chains hide the latency), else the fp32 P
     // (even keys into sum[0], odd keys into sum[1]).
     const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);
     auto pair = [&](int jp, int chain, R p0, R p1) {
       const __m512i pr = bf16_pairs(p0, p1);
       _mm512_storeu_si512(Pp + jp * BQ, pr);
-      if constexpr (Rule::kStaleMax) {
+      if constexpr (Rule::kBf16Sum) {
         sum[chain] = _mm512_dpbf16_ps(sum[chain], (__m512bh)pr, ones);
       } else {
         sum[0] = _mm512_add_ps(sum[0], p0);
         sum[1] = _mm512_add_ps(sum[1], p1);
       }
     };
-    auto p_of = [&](int j) { return Rule::exp2(_mm512_fmsub_ps(_mm512_loadu_ps(S + j * BQ), c, m)); };
+    auto p_of = [&](int j) {
+      const R x = score(j);
+      if constexpr (kMax) mx[j & 1] = _mm512_max_ps(mx[j & 1], x);
+      return Rule::exp2(_mm512_fmsub_ps(x, c, m));
+    };
     int jp = 0;
     for (; jp + 2 <= n / 2; jp += 2) {  // whole pairs, two at a time (no branch in the body)
       pair(jp, 0, p_of(2 * jp), p_of(2 * jp + 1));
@@ -295,6 +322,7 @@ struct AmxLanes {
     for (; jp < n / 2; ++jp) pair(jp, 0, p_of(2 * jp), p_of(2 * jp + 1));
     if (n & 1) pair(jp++, 0, p_of(n - 1), _mm512_setzero_ps());  // the last key pairs with p = 0
     for (; jp < np_pad; ++jp) _mm512_storeu_si512(Pp + jp * BQ, _mm512_setzero_si512());
+    if (kMax && tile_max) *tile_max = _mm512_max_ps(mx[0], mx[1]);
     return _mm512_add_ps(sum[0], sum[1]);
   }
 
@@ -418,6 +446,12 @@ struct CoreAmx {
   }
   static R next_max(R m, R tile_max) { return _mm512_max_ps(m, tile_max); }
   static constexpr bool kStaleMax = true;
+  static constexpr bool kBf16Sum = true;
+  static constexpr bool kStaleNeedsTileMax = false;
+  // Every lane's sum of P at most 2^64 (so is every P: nothing can overflow later).
+  static bool stale_max_holds(R, R, R sum) {
+    return _mm512_cmp_ps_mask(sum, _mm512_set1_ps(0x1p64f), _CMP_LE_OQ) == 0xffff;
+  }
 };
 
 }  // namespace

@@ -24,11 +24,13 @@
 //   static void thread_enter(); static void thread_exit();  (per-thread setup, e.g. AMX tile config)
 //   using LandmarkCore: the core for the landmark-row pass (same Prep), e.g. narrower blocks
 //   kOwnSoftmax: the core replaces the driver's online-softmax step with
-//     static void softmax(Work&, const float* S, int n, R* m, R* l, R* alpha);
+//     static void softmax(Work&, float* S, int n, R* m, R* l, R* alpha);
 //   static void pack_q(Work&, const AttnParams&, const void* const* rows, int nr);
 //   static void qk(Work&, const KV&, int64_t j0, int n, float* S);
 //   static void pv(Work&, const KV&, int64_t j0, int n, const float* P, const R* alpha, float* Ot);
 //   optional: static float lse_shift(const Work&, int lane);  (added to the lse of that lane)
+//   optional: static void scale_scores(Work&, float* S, int n);  (see HasScaleScores)
+//   optional: static void prefetch_keys(const KV&, int64_t j0, int n);  (see HasPrefetchKeys)
 #pragma once
 #include <omp.h>
 
@@ -60,6 +62,13 @@ template <class V, class = void>
 struct HasLog2 : std::false_type {};
 template <class V>
 struct HasLog2<V, std::void_t<decltype(sizeof(V::log2(std::declval<typename V::R>())))>> : std::true_type {};
+
+// Core::scale_scores(Work&, float* S, int n): the core's qk may leave S unscaled for its own
+// softmax to scale as it reads it; a tile the driver modifies or masks is scaled first.
+template <class Core, class = void>
+struct HasScaleScores : std::false_type {};
+template <class Core>
+struct HasScaleScores<Core, std::void_t<decltype(&Core::scale_scores)>> : std::true_type {};
 
 // Core::prefetch_keys(kv, j0, n): the core asks for keys [j0, j0 + n) of kv to be brought into
 // cache ahead of their tile (window_block calls it for the keys the next block adds to the band).
@@ -406,6 +415,8 @@ class ForwardDriver {
                    const ModTile& mt) {
     float* S = ts.S.get();
     Core::qk(ts.core, kv, j0, n, S);
+    if constexpr (HasScaleScores<Core>::value)
+      if (ts.mods || masked) Core::scale_scores(ts.core, S, n);
     if (ts.mods) apply_mods(*ts.mods, mt, S, n);
     if (masked) {
       R lanes[QV];

@@ -223,6 +223,8 @@ struct CoreInt8Amx {
     AlignedBuf<uint16_t> Vc;  // Vt of a partial 32-key chunk, keys past the tile zeroed
     alignas(64) float qs[BQ];     // per lane q_scale * scale * log2 e (0 for unused lanes)
     alignas(64) float shift[BQ];  // per lane lse shift
+    const float* ks = nullptr;    // k_scale of the tile's keys (qk)
+    bool raw = false;             // S holds qk's int32 dot products, not yet scaled
   };
 
   // 2^x for x <= 0 at kCoarse accuracy (rel. error < 1.4e-4): P is rounded to bf16 for PV anyway,
@@ -241,23 +243,49 @@ struct CoreInt8Amx {
   }
 
   // S^T for the tile's whole 16-key groups (K8 is zero padded: rows past n are computed, never
-  // read), scaled as the int8 contract says.
+  // read) as raw int32 dot products; scaled as the int8 contract says by scale_scores, or inside
+  // the softmax's stale-max pass.
   static void qk(Work& w, const KV& kv, int64_t j0, int n, float* S) {
     const int64_t Dp = w.Dp;
     amx_gemm<AmxDot::kS8, false>(16 * ceil_div(n, 16), BQ, Dp / 4, kv.k + j0 * Dp, Dp, w.Qp.get(), BQ, S, BQ);
-    const R qs0 = _mm512_load_ps(w.qs), qs1 = _mm512_load_ps(w.qs + W);
-    for (int j = 0; j < n; ++j) {
-      const R ks = _mm512_set1_ps(kv.ks[j0 + j]);
-      float* s = S + j * BQ;
-      _mm512_storeu_ps(s, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(s)), _mm512_mul_ps(ks, qs0)));
-      _mm512_storeu_ps(s + W, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(s + W)), _mm512_mul_ps(ks, qs1)));
-    }
+    w.ks = kv.ks + j0;
+    w.raw = true;
   }
 
-  static void softmax(Work& w, const float* S, int n, R* m, R* l, R* alpha) {
-    AmxLanes::softmax<CoreInt8Amx>(w.Pp.get(), 1.f, S, n, m, l, alpha);
+  // S = float(S) * (k_scale[key] * q_scale[lane] * scale * log2 e), in place, once.
+  static void scale_scores(Work& w, float* S, int n) {
+    if (!w.raw) return;
+    for (int v = 0; v < QV; ++v)
+      for (int j = 0; j < n; ++j) _mm512_storeu_ps(S + j * BQ + v * W, scaled(w, S, j, v));
+    w.raw = false;
   }
-  static constexpr bool kStaleMax = false;  // every tile takes the max pass: next_max's rule
+
+  // Raw S (after qk) is scaled as it is read by the stale-max try; a tile the driver masks, or
+  // whose try fails, is scaled in place first. The same products either way, so the same bits.
+  static void softmax(Work& w, float* S, int n, R* m, R* l, R* alpha) {
+    uint32_t* Pp = w.Pp.get();
+    for (int v = 0; v < QV; ++v) {
+      if (w.raw) {
+        if (AmxLanes::stale_step<CoreInt8Amx>(Pp, 1.f, n, v, m, l, alpha, [&](int j) { return scaled(w, S, j, v); }))
+          continue;
+        scale_scores(w, S, n);
+      } else {
+        const float* Sv = S + v * W;
+        if (AmxLanes::stale_step<CoreInt8Amx>(Pp, 1.f, n, v, m, l, alpha,
+                                              [&](int j) { return _mm512_loadu_ps(Sv + j * BQ); }))
+          continue;
+      }
+      AmxLanes::max_step<CoreInt8Amx>(Pp, 1.f, S, n, v, m, l, alpha);
+    }
+  }
+  // A tile is first tried against the running max, with the tile max taken in the same pass, and
+  // kept where next_max keeps the max anyway: the same bits as a max pass first.
+  static constexpr bool kStaleMax = true;
+  static constexpr bool kBf16Sum = false;  // the contract's sum: the fp32 P
+  static constexpr bool kStaleNeedsTileMax = true;
+  static bool stale_max_holds(R m, R tile_max, R) {
+    return _mm512_cmp_ps_mask(next_max(m, tile_max), m, _CMP_EQ_OQ) == 0xffff;
+  }
   // The max stays while the tile's is at most 8 above it, else moves to that max rounded up.
   static R next_max(R m, R tile_max) {
     const R mx = _mm512_max_ps(m, tile_max);
@@ -279,6 +307,13 @@ struct CoreInt8Amx {
   }
 
   static float lse_shift(const Work& w, int lane) { return w.shift[lane]; }
+
+ private:
+  // The contract's S of key j in lane half v, from raw S.
+  static R scaled(const Work& w, const float* S, int j, int v) {
+    const R kq = _mm512_mul_ps(_mm512_set1_ps(w.ks[j]), _mm512_load_ps(w.qs + v * W));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(S + j * BQ + v * W)), kq);
+  }
 };
 
 }  // namespace
