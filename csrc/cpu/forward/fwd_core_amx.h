@@ -237,9 +237,12 @@ struct AmxLanes {
   // Rule::stale_max_holds(m, c * tile max, sum of P) says so; otherwise (a much larger score, inf,
   // NaN) the tile is redone with the max pass. The tile max comes from the same pass when
   // Rule::kStaleNeedsTileMax.
+  // Only the first `halves` lane halves hold rows (a block of at most 16 rows: 1); the others keep
+  // alpha = 1 and are not touched.
   template <class Rule>
-  static void softmax(uint32_t* Pp, float scale, const float* S, int n, R* m, R* l, R* alpha) {
-    for (int v = 0; v < QV; ++v) {
+  static void softmax(uint32_t* Pp, float scale, const float* S, int n, R* m, R* l, R* alpha, int halves = QV) {
+    for (int v = halves; v < QV; ++v) alpha[v] = _mm512_set1_ps(1.f);
+    for (int v = 0; v < halves; ++v) {
       const float* Sv = S + v * W;
       if (stale_step<Rule>(Pp, scale, n, v, m, l, alpha, [&](int j) { return _mm512_loadu_ps(Sv + j * BQ); }))
         continue;
@@ -337,15 +340,19 @@ struct AmxLanes {
   }
 
   // Ot = Ot * alpha + Vt . P over `chunks` whole 32-key chunks (vt: feature e of key j at
-  // vt[e * vts + j], from the tile's first key; Dv % 16 == 0).
+  // vt[e * vts + j], from the tile's first key; Dv % 16 == 0), in the first `halves` lane halves.
   static void pv_chunks(const uint32_t* Pp, const uint16_t* vt, int64_t vts, int64_t Dv, int chunks,
-                        const R* alpha, float* Ot) {
+                        const R* alpha, float* Ot, int halves = QV) {
     const R one = _mm512_set1_ps(1.f);
     if (_mm512_cmp_ps_mask(alpha[0], one, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(alpha[1], one, _CMP_NEQ_UQ))
-      for (int64_t i = 0; i < Dv * QV; ++i)
-        _mm512_storeu_ps(Ot + i * W, _mm512_mul_ps(_mm512_loadu_ps(Ot + i * W), alpha[i % QV]));
-    if (chunks > 0) amx_gemm_bf16<true>(Dv, BQ, 16 * chunks, vt, vts * 2, Pp, BQ, Ot, BQ);
+      for (int64_t e = 0; e < Dv; ++e)
+        for (int v = 0; v < halves; ++v)
+          _mm512_storeu_ps(Ot + e * BQ + v * W, _mm512_mul_ps(_mm512_loadu_ps(Ot + e * BQ + v * W), alpha[v]));
+    if (chunks > 0) amx_gemm_bf16<true>(Dv, W * halves, 16 * chunks, vt, vts * 2, Pp, BQ, Ot, BQ);
   }
+
+  // Lane halves that hold rows of a block of nr rows.
+  static int halves_of(int nr) { return nr > W ? 2 : 1; }
 };
 
 template <int DC, int DVC>
@@ -355,7 +362,10 @@ struct CoreAmx {
   using R = __m512;
   using KV = KVAmx;
   using Prep = PrepAmx;
-  using Work = typename Base::Work;
+  struct Work : Base::Work {
+    using Base::Work::Work;
+    int halves = AmxLanes::QV;  // lane halves holding rows of the packed block
+  };
   static constexpr int W = AmxLanes::W;
   static constexpr int QV = AmxLanes::QV;
   static constexpr int BQ = AmxLanes::BQ;
@@ -368,6 +378,7 @@ struct CoreAmx {
   static void thread_exit() { _tile_release(); }
   static void pack_q(Work& w, const AttnParams& p, const void* const* rows, int nr) {
     Base::pack_q(w, p, rows, nr);
+    w.halves = AmxLanes::halves_of(nr);
   }
 
   // 2^x, kCoarse accuracy: P is rounded to bf16 (2^-9) anyway.
@@ -380,7 +391,7 @@ struct CoreAmx {
     const uint32_t* Qp = w.Qp.get();
     const uint16_t* kp = kv.k + j0 * kv.ks;
     const int groups = kv.keys ? int(ceil_div(n, 16)) : n / 16;
-    if (groups > 0) amx_gemm_bf16<false>(16 * groups, BQ, D / 2, kp, kv.ks * 2, Qp, BQ, S, BQ);
+    if (groups > 0) amx_gemm_bf16<false>(16 * groups, W * w.halves, D / 2, kp, kv.ks * 2, Qp, BQ, S, BQ);
     // S stays unscaled when softmax() can fold a positive scale into its exponent.
     const float cs = softmax_scale(w) == 1.f ? w.c : 1.f;
     const int done = std::min(n, 16 * groups);
@@ -412,16 +423,16 @@ struct CoreAmx {
     (void)P;  // softmax() left P as bf16 pairs in w.Pp
     const uint32_t* Pp = w.Pp.get();
     const uint16_t* vt = kv.vt ? kv.vt + j0 : chunks > 0 ? kv.rings->columns(kv.v, kv.vs, j0, 32 * chunks) : nullptr;
-    AmxLanes::pv_chunks(Pp, vt, kv.vts, Dv, chunks, alpha, Ot);
+    AmxLanes::pv_chunks(Pp, vt, kv.vts, Dv, chunks, alpha, Ot, w.halves);
     // Keys of a partial chunk at the end of the band: fp32 FMAs (P widened back from bf16).
     for (int j = tiled; j < n; ++j) {
       const uint16_t* vrow = kv.v + (j0 + j) * kv.vs;
-      const R p0 = unpair(Pp + (j / 2) * BQ, j & 1), p1 = unpair(Pp + (j / 2) * BQ + W, j & 1);
-      for (int64_t e = 0; e < Dv; ++e) {
-        const R ve = _mm512_set1_ps(bf16_to_f32(vrow[e]));
-        float* o = Ot + e * BQ;
-        _mm512_storeu_ps(o, _mm512_fmadd_ps(p0, ve, _mm512_loadu_ps(o)));
-        _mm512_storeu_ps(o + W, _mm512_fmadd_ps(p1, ve, _mm512_loadu_ps(o + W)));
+      for (int v = 0; v < w.halves; ++v) {
+        const R pj = unpair(Pp + (j / 2) * BQ + v * W, j & 1);
+        for (int64_t e = 0; e < Dv; ++e) {
+          float* o = Ot + e * BQ + v * W;
+          _mm512_storeu_ps(o, _mm512_fmadd_ps(pj, _mm512_set1_ps(bf16_to_f32(vrow[e])), _mm512_loadu_ps(o)));
+        }
       }
     }
   }
@@ -442,7 +453,7 @@ struct CoreAmx {
   // The driver's online-softmax step (AmxLanes::softmax with the running max, P into w.Pp).
   static constexpr bool kOwnSoftmax = true;
   static void softmax(Work& w, const float* S, int n, R* m, R* l, R* alpha) {
-    AmxLanes::softmax<CoreAmx>(w.Pp.get(), softmax_scale(w), S, n, m, l, alpha);
+    AmxLanes::softmax<CoreAmx>(w.Pp.get(), softmax_scale(w), S, n, m, l, alpha, w.halves);
   }
   static R next_max(R m, R tile_max) { return _mm512_max_ps(m, tile_max); }
   static constexpr bool kStaleMax = true;

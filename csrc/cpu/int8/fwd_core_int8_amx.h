@@ -223,6 +223,7 @@ struct CoreInt8Amx {
     AlignedBuf<uint16_t> Vc;  // Vt of a partial 32-key chunk, keys past the tile zeroed
     alignas(64) float qs[BQ];     // per lane q_scale * scale * log2 e (0 for unused lanes)
     alignas(64) float shift[BQ];  // per lane lse shift
+    int halves = QV;              // lane halves holding rows of the packed block
     const float* ks = nullptr;    // k_scale of the tile's keys (qk)
     bool raw = false;             // S holds qk's int32 dot products, not yet scaled
   };
@@ -235,6 +236,7 @@ struct CoreInt8Amx {
   static void pack_q(Work& w, const AttnParams&, const void* const* rows, int nr) {
     const int64_t D4 = w.Dp / 4;
     read_query_records(rows, nr, BQ, w.Dp, w.X.get(), w.qs, w.shift);
+    w.halves = AmxLanes::halves_of(nr);
     // Transposing 32-bit quads as floats is bit-exact (pure shuffles).
     const float* Xf = reinterpret_cast<const float*>(w.X.get());
     float* Qf = reinterpret_cast<float*>(w.Qp.get());
@@ -247,7 +249,7 @@ struct CoreInt8Amx {
   // the softmax's stale-max pass.
   static void qk(Work& w, const KV& kv, int64_t j0, int n, float* S) {
     const int64_t Dp = w.Dp;
-    amx_gemm<AmxDot::kS8, false>(16 * ceil_div(n, 16), BQ, Dp / 4, kv.k + j0 * Dp, Dp, w.Qp.get(), BQ, S, BQ);
+    amx_gemm<AmxDot::kS8, false>(16 * ceil_div(n, 16), W * w.halves, Dp / 4, kv.k + j0 * Dp, Dp, w.Qp.get(), BQ, S, BQ);
     w.ks = kv.ks + j0;
     w.raw = true;
   }
@@ -255,7 +257,7 @@ struct CoreInt8Amx {
   // S = float(S) * (k_scale[key] * q_scale[lane] * scale * log2 e), in place, once.
   static void scale_scores(Work& w, float* S, int n) {
     if (!w.raw) return;
-    for (int v = 0; v < QV; ++v)
+    for (int v = 0; v < w.halves; ++v)
       for (int j = 0; j < n; ++j) _mm512_storeu_ps(S + j * BQ + v * W, scaled(w, S, j, v));
     w.raw = false;
   }
@@ -264,7 +266,8 @@ struct CoreInt8Amx {
   // whose try fails, is scaled in place first. The same products either way, so the same bits.
   static void softmax(Work& w, float* S, int n, R* m, R* l, R* alpha) {
     uint32_t* Pp = w.Pp.get();
-    for (int v = 0; v < QV; ++v) {
+    for (int v = w.halves; v < QV; ++v) alpha[v] = _mm512_set1_ps(1.f);
+    for (int v = 0; v < w.halves; ++v) {
       if (w.raw) {
         if (AmxLanes::stale_step<CoreInt8Amx>(Pp, 1.f, n, v, m, l, alpha, [&](int j) { return scaled(w, S, j, v); }))
           continue;
@@ -296,14 +299,14 @@ struct CoreInt8Amx {
   static void pv(Work& w, const KV& kv, int64_t j0, int n, const float*, const R* alpha, float* Ot) {
     const int64_t Dv = w.Dv;
     const int full = n / 32, rest = n % 32;
-    AmxLanes::pv_chunks(w.Pp.get(), kv.vt + j0, kv.vts, Dv, full, alpha, Ot);
+    AmxLanes::pv_chunks(w.Pp.get(), kv.vt + j0, kv.vts, Dv, full, alpha, Ot, w.halves);
     if (rest == 0) return;
     const __mmask32 keys = (__mmask32(1) << rest) - 1;
     const uint16_t* src = kv.vt + j0 + 32 * full;
     uint16_t* vc = w.Vc.get();
     for (int64_t e = 0; e < Dv; ++e)
       _mm512_store_si512(vc + e * 32, _mm512_maskz_loadu_epi16(keys, src + e * kv.vts));
-    amx_gemm_bf16<true>(Dv, BQ, 16, vc, 64, w.Pp.get() + 16 * full * BQ, BQ, Ot, BQ);
+    amx_gemm_bf16<true>(Dv, W * w.halves, 16, vc, 64, w.Pp.get() + 16 * full * BQ, BQ, Ot, BQ);
   }
 
   static float lse_shift(const Work& w, int lane) { return w.shift[lane]; }

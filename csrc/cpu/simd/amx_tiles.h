@@ -60,54 +60,54 @@ enum class AmxDot { kBf16, kS8 };
       _tile_dpbssd(C, A, B);      \
   } while (0)
 
-// C rows [0, 16 G) x columns [0, 32) (+)= A B over K4 32-bit words (G = 1 or 2, see amx_gemm).
-// Tiles 0-3: C (16-row group x 16-column half; four independent dot chains hide the latency),
-// 4-5: A, 6-7: B.
-template <AmxDot OP, bool ACC, int G>
+// C rows [0, 16 G) x columns [0, 16 H) (+)= A B over K4 32-bit words (G, H = 1 or 2, see
+// amx_gemm). Tiles 0-3: C (16-row group x 16-column half; up to four independent dot chains hide
+// the latency), 4-5: A, 6-7: B.
+template <AmxDot OP, bool ACC, int G, int H = 2>
 inline void amx_block(int64_t K4, const char* a, int64_t sa, const uint32_t* b, int64_t ldb,
                       uint32_t* c, int64_t ldc) {
   const int64_t sb = ldb * 4, sc = ldc * 4;
   if (ACC) {
     _tile_loadd(0, c, sc);
-    _tile_loadd(1, c + 16, sc);
+    if constexpr (H == 2) _tile_loadd(1, c + 16, sc);
     if constexpr (G == 2) {
       _tile_loadd(2, c + 16 * ldc, sc);
-      _tile_loadd(3, c + 16 * ldc + 16, sc);
+      if constexpr (H == 2) _tile_loadd(3, c + 16 * ldc + 16, sc);
     }
   } else {
     _tile_zero(0);
-    _tile_zero(1);
+    if constexpr (H == 2) _tile_zero(1);
     if constexpr (G == 2) {
       _tile_zero(2);
-      _tile_zero(3);
+      if constexpr (H == 2) _tile_zero(3);
     }
   }
   for (int64_t t = 0; t < K4; t += 16) {
     _tile_loadd(4, a + t * 4, sa);
     _tile_loadd(6, b + t * ldb, sb);
-    _tile_loadd(7, b + t * ldb + 16, sb);
+    if constexpr (H == 2) _tile_loadd(7, b + t * ldb + 16, sb);
     HK_AMX_DOT(OP, 0, 4, 6);
-    HK_AMX_DOT(OP, 1, 4, 7);
+    if constexpr (H == 2) HK_AMX_DOT(OP, 1, 4, 7);
     if constexpr (G == 2) {
       _tile_loadd(5, a + 16 * sa + t * 4, sa);
       HK_AMX_DOT(OP, 2, 5, 6);
-      HK_AMX_DOT(OP, 3, 5, 7);
+      if constexpr (H == 2) HK_AMX_DOT(OP, 3, 5, 7);
     }
   }
   _tile_stored(0, c, sc);
-  _tile_stored(1, c + 16, sc);
+  if constexpr (H == 2) _tile_stored(1, c + 16, sc);
   if constexpr (G == 2) {
     _tile_stored(2, c + 16 * ldc, sc);
-    _tile_stored(3, c + 16 * ldc + 16, sc);
+    if constexpr (H == 2) _tile_stored(3, c + 16 * ldc + 16, sc);
   }
 }
 
 // C (M x N 32-bit accumulators, row stride ldc) (+)= A B over K4 32-bit words (ACC: add to C,
 // else overwrite it): bf16 pairs (the even element in the low half) with fp32 C, or 4 signed
 // int8 (the lowest-index one in the low byte) with int32 C. A: M rows of K4 words, row r at
-// A + r * a_row_bytes; B: K4 word rows (VNNI layout) of N words, row t at B + t * ldb. M a
-// multiple of 16, N of 32, K4 of 16. Each C tile accumulates over t in order, so results do not
-// depend on M or N.
+// A + r * a_row_bytes; B: K4 word rows (VNNI layout) of N words, row t at B + t * ldb. M and N
+// multiples of 16, K4 of 16. Each C tile accumulates over t in order, so results do not depend
+// on M or N.
 template <AmxDot OP, bool ACC>
 inline void amx_gemm(int64_t M, int64_t N, int64_t K4, const void* A, int64_t a_row_bytes,
                      const uint32_t* B, int64_t ldb, void* C, int64_t ldc) {
@@ -117,10 +117,15 @@ inline void amx_gemm(int64_t M, int64_t N, int64_t K4, const void* A, int64_t a_
     const char* ar = a + r0 * a_row_bytes;
     for (int64_t c0 = 0; c0 < N; c0 += 32) {
       uint32_t* c = cw + r0 * ldc + c0;
-      if (M - r0 >= 32)
-        amx_block<OP, ACC, 2>(K4, ar, a_row_bytes, B + c0, ldb, c, ldc);
+      const bool rows2 = M - r0 >= 32, cols2 = N - c0 >= 32;
+      if (rows2 && cols2)
+        amx_block<OP, ACC, 2, 2>(K4, ar, a_row_bytes, B + c0, ldb, c, ldc);
+      else if (cols2)
+        amx_block<OP, ACC, 1, 2>(K4, ar, a_row_bytes, B + c0, ldb, c, ldc);
+      else if (rows2)
+        amx_block<OP, ACC, 2, 1>(K4, ar, a_row_bytes, B + c0, ldb, c, ldc);
       else
-        amx_block<OP, ACC, 1>(K4, ar, a_row_bytes, B + c0, ldb, c, ldc);
+        amx_block<OP, ACC, 1, 1>(K4, ar, a_row_bytes, B + c0, ldb, c, ldc);
     }
   }
 }
