@@ -39,6 +39,7 @@ struct KVInt8Amx {
   const float* ks;     // k_scale of key j
   const uint16_t* vt;  // feature e of key j at vt[e * vts + j] (bf16)
   int64_t vts;
+  int64_t dp, dv;
 };
 
 class PrepInt8Amx {
@@ -85,12 +86,12 @@ class PrepInt8Amx {
 
   KVInt8Amx band(int64_t b, int64_t h) const {
     const int64_t bh = b * f_.Hk + h;
-    return {k8_.get() + bh * NKP_ * Dp_, ks_.get() + bh * NKP_, vt_.get() + bh * f_.Dv * NKP_, NKP_};
+    return {k8_.get() + bh * NKP_ * Dp_, ks_.get() + bh * NKP_, vt_.get() + bh * f_.Dv * NKP_, NKP_, Dp_, f_.Dv};
   }
 
   KVInt8Amx landmarks(int64_t b, int64_t h) const {
     const int64_t bh = b * f_.Hk + h;
-    return {k8lm_.get() + bh * GP_ * Dp_, kslm_.get() + bh * GP_, vtlm_.get() + bh * f_.Dv * GP_, GP_};
+    return {k8lm_.get() + bh * GP_ * Dp_, kslm_.get() + bh * GP_, vtlm_.get() + bh * f_.Dv * GP_, GP_, Dp_, f_.Dv};
   }
 
   AttnParams driver_params() const { return cpu::driver_params(f_, q_.get(), Dp_); }
@@ -310,6 +311,13 @@ struct CoreInt8Amx {
   }
 
   static float lse_shift(const Work& w, int lane) { return w.shift[lane]; }
+
+  // K8 rows and V^T columns of keys [j0, j0 + n) into L2 (see HasPrefetchKeys).
+  static void prefetch_keys(const KV& kv, int64_t j0, int n) {
+    const int64_t Dp = kv.dp, Dv = kv.dv;
+    prefetch_l2(kv.k + j0 * Dp, n * Dp);
+    for (int64_t e = 0; e < Dv; ++e) prefetch_l2(kv.vt + e * kv.vts + j0, n * 2);
+  }
 
  private:
   // The contract's S of key j in lane half v, from raw S.
