@@ -20,9 +20,14 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
+from . import api
 from .backends._params import QUANT_BLOCK
+from .dispatch import Problem, get_backend, select_backend
+from .fast_path import eligible, environment_key, keyable_scalars
+from .ops import apply_sinks
 from .quant import _quantize_blocks, dequantize, quantize_qk
 from .quant import smoothing_lse_offset
+from .score_mods import normalize_sinks
 
 __all__ = ["Int8KVCache"]
 
@@ -71,13 +76,8 @@ class Int8KVCache:
             if plan is not None:
                 if sinks is None:
                     return plan(q)
-                from .ops import apply_sinks
                 out, lse = apply_sinks(*plan(q), sinks)
                 return (out, lse) if return_lse else out
-        from . import api
-        from .dispatch import Problem, get_backend, select_backend
-        from .ops import apply_sinks
-        from .score_mods import normalize_sinks
 
         fake_k = q.new_empty((1,)).expand(*self.k8.shape)  # shapes only, for validation
         v = self.v if self.v.dtype == q.dtype else self.v.to(q.dtype)
@@ -108,8 +108,6 @@ class Int8KVCache:
         """(out, exact-score lse) with q quantized here (quantize_qk's bits): the backend's kernel
         on pre-quantized Q/K, or the torch emulation (under a softcap, which is not shift-invariant,
         with the smoothing shift in the scores)."""
-        from .dispatch import get_backend
-
         q8, q_scale = _quantize_blocks(q, self.block)
         if hasattr(backend, "forward_int8_quantized") and not pattern.softcap > 0:
             out, lse = backend.forward_int8_quantized(q8, q_scale, self.k8, self.k_scale, v, q,
@@ -136,8 +134,6 @@ class Int8KVCache:
         tensors, autograd, tracing, modes, arguments of types the key does not cover). A softcap
         is part of the plan; sinks are applied to its (out, lse), so only what decides their
         validity (shape, dtype, device) is keyed."""
-        from .fast_path import eligible, environment_key, keyable_scalars
-
         if not (keyable_scalars(window, causal, scale, softcap, return_lse)
                 and (landmarks is None or type(landmarks) is int) and eligible(q, q, q)
                 and (sinks is None or (type(sinks) is torch.Tensor and not sinks.requires_grad))):
