@@ -230,9 +230,9 @@ static void softmax_pack_bf16(int64_t mq, int64_t ncols, float scale, const Head
     for (int64_t j = 0; j < ncols; j += 16) {
       const __mmask16 b0 = static_cast<__mmask16>(m0 >> j), b1 = static_cast<__mmask16>(m1 >> j);
       const __m512 p0 = _mm512_maskz_mov_ps(
-          b0, cpu::exp2_ftz<Exp2::kBf16>(_mm512_fmadd_ps(_mm512_loadu_ps(S0 + j), vscale2, nl0)));
+          b0, cpu::exp2_ftz<Exp2::kCoarse>(_mm512_fmadd_ps(_mm512_loadu_ps(S0 + j), vscale2, nl0)));
       const __m512 p1 = _mm512_maskz_mov_ps(
-          b1, cpu::exp2_ftz<Exp2::kBf16>(_mm512_fmadd_ps(_mm512_loadu_ps(S1 + j), vscale2, nl1)));
+          b1, cpu::exp2_ftz<Exp2::kCoarse>(_mm512_fmadd_ps(_mm512_loadu_ps(S1 + j), vscale2, nl1)));
       const __m512 ds0 = _mm512_maskz_mul_ps(
           b0, _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dP0 + j), de0)), vscale);
       const __m512 ds1 = _mm512_maskz_mul_ps(

@@ -3,10 +3,11 @@
 // std::exp2 / std::exp.
 //
 //   Exp2::kFull    degree 6 (Cephes exp2f), ~1 ulp:      fp32 softmax, tanh
-//   Exp2::kBf16    degree 4, rel. error ~4e-6:           bf16 forward and backward, int8 driver
+//   Exp2::kBf16    degree 4, rel. error ~4e-6:           avx512 bf16 forward, avx512 / avx2 int8
 //                                                        cores (P is rounded to bf16, 2^-9, right
 //                                                        after)
-//   Exp2::kCoarse  degree 3, rel. error < 1.4e-4:        AMX int8 and AMX bf16 softmax (likewise)
+//   Exp2::kCoarse  degree 3, rel. error < 1.4e-4:        AMX int8 and AMX bf16 softmax, the bf16
+//                                                        backward's P (likewise)
 //
 // All of them: 2^x = 2^n * poly(f), n = round(x), f = x - n in [-0.5, 0.5]; x = -inf gives exactly
 // 0; x < -125 gives 0 (never a denormal: each would cost a microcode assist); NaN stays NaN.
