@@ -13,7 +13,8 @@
 //   dV += P^T dO   A = PtA  [j][x2]   B = dOp  [x2][e]   C = dV  [j][e]
 //   dK += dS^T Q   A = dStA [j][x2]   B = Qp   [x2][d]   C = dK  [j][d]
 //   dQ += dS K     A = dSb  [x][j2]   B = Kpk  [j2][d]   C = dQ  [x][d]
-// PtA / dStA are the only operands not produced by the bf16 path: transposes of Pt / dSt.
+// PtA / dStA are the only operands not produced by the bf16 path: the softmax step writes them
+// (transposes of its Pt / dSt words) instead of Pt / dSt.
 // Rounding up is safe because every padded operand is zero on both sides of its reduction
 // (pack_keys_bf16 / pack_head_bf16 zero them, masked P and dS are exact zeros); the padded rows
 // and columns of S, dP, dQ, dK and dV are never read back.
@@ -23,13 +24,27 @@ constexpr bool kAmx = true;
 using ::hk::cpu::AmxThreadScope;  // cpu/amx_tiles.h, included by bwd_amx.cpp
 using ::hk::cpu::amx_gemm_bf16;   // A row strides in bytes: 4 per pair word
 
-// ------------------------------------------------------------------------- transposes
-// Pair rows of a tile product (B layout, [x2][j], kKeys words a row) -> A layout ([j][x2],
-// kRows / 2 words a row), for x2 < m2 and j < n (both multiples of 16).
-static void pairs_to_a_layout(const uint32_t* src, int64_t m2, int64_t n, uint32_t* dst) {
-  for (int64_t x2 = 0; x2 < m2; x2 += 16)
-    for (int64_t j = 0; j < n; j += 16)
-      transpose_16x16_u32(src + x2 * kKeys + j, kKeys, dst + j * (kRows / 2) + x2, kRows / 2);
+// ------------------------------------------------------------------------- the softmax step
+// softmax_pack_bf16 for the tile products: P^T and dS^T straight into their A layouts PtA / dStA
+// ([j][x2], kRows / 2 pair words a row; 16 row pairs x 16 keys of SoftmaxPair's words transposed
+// in registers), dS into dSb. m, n: multiples of 32 (rows from mq on are masked to zero).
+static void softmax_pack_amx(int64_t m, int64_t n, float scale, const HeadBlock& hb, Scratch& s) {
+  const SoftmaxPair pair(scale);
+  for (int64_t x2 = 0; x2 < m / 2; x2 += 16)
+    for (int64_t j = 0; j < n; j += 16) {
+      __m512i pr[16], dr[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t x0 = 2 * (x2 + i);
+        __m512i pp, dd;
+        pair(hb, s, x0, x0 + 1, j, &pp, &dd);
+        pr[i] = interleave_halves(pp);
+        dr[i] = interleave_halves(dd);
+        store_ds_row(s, x0, j, dd, 0);
+        store_ds_row(s, x0 + 1, j, dd, 1);
+      }
+      transpose_16x16_store(pr, s.PtA + j * (kRows / 2) + x2, kRows / 2);
+      transpose_16x16_store(dr, s.dStA + j * (kRows / 2) + x2, kRows / 2);
+    }
 }
 
 // ------------------------------------------------------------------------- the tile step
@@ -39,9 +54,7 @@ static void tile_step_amx(const Ctx& c, Tile& t, int64_t mq, HeadBlock& hb, Scra
   for (int64_t x = mq; x < m; ++x) s.mask[x] = 0;  // padded rows: P = dS = 0
   amx_gemm_bf16<false>(m, n, c.D / 2, hb.Qb, c.Dp * 2, t.Ktp, kKeys, s.S, kKeys);
   amx_gemm_bf16<false>(m, n, c.Dv / 2, hb.dOb, c.Dvp * 2, t.Vtp, kKeys, s.dP, kKeys);
-  softmax_pack_bf16(m, n, c.p->fwd.scale, hb, s);
-  pairs_to_a_layout(s.Pt, m / 2, n, s.PtA);
-  pairs_to_a_layout(s.dSt, m / 2, n, s.dStA);
+  softmax_pack_amx(m, n, c.p->fwd.scale, hb, s);
   if (t.fresh) {  // first product into this tile: store instead of zero-fill + add
     amx_gemm_bf16<false>(n, c.Dvp, m / 2, s.PtA, kRows * 2, hb.dOp, c.Dvp, t.dV, c.Dvp);  // P^T dO
     amx_gemm_bf16<false>(n, c.Dp, m / 2, s.dStA, kRows * 2, hb.Qp, c.Dp, t.dK, c.Dp);     // dS^T Q

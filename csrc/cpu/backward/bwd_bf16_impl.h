@@ -101,14 +101,6 @@ static inline void transpose_16x16_store(__m512i r[16], uint32_t* dst, int64_t l
   VecAvx512::transpose_regs(f, reinterpret_cast<float*>(dst), ld);
 }
 
-// dst[e * ld + a] = src[a * ls + e] for a 16 x 16 block of 32-bit words.
-static inline void transpose_16x16_u32(const uint32_t* src, int64_t ls, uint32_t* dst,
-                                       int64_t ld) {
-  __m512i r[16];
-  for (int a = 0; a < 16; ++a) r[a] = _mm512_loadu_si512(src + a * ls);
-  transpose_16x16_store(r, dst, ld);
-}
-
 // ------------------------------------------------------------------------- operand packing
 // n (a multiple of 16) zero words.
 static inline void zero_u32(uint32_t* dst, int64_t n) {
@@ -209,41 +201,55 @@ static void pack_head_bf16(const Ctx& c, const Rows& rows, HeadBlock& hb) {
 // ------------------------------------------------------------------------- the tile step
 
 
-// P = exp(scale*S - lse) and dS = scale*P*(dP - Delta) on the visible pairs (fp32, zero elsewhere),
-// written straight into the bf16 operands: Pt / dSt (pairs of rows) and dSb (rows of dS).
+// P = exp(scale*S - lse) and dS = scale*P*(dP - Delta) of query rows x0, x1 (x1 == x0: a lone
+// last row, its partner zero) over keys [j, j + 16), on the visible pairs (zero elsewhere), as
+// bf16: words 0-15 row x0, 16-31 row x1 (pp: P, dd: dS).
+struct SoftmaxPair {
+  explicit SoftmaxPair(float scale) : vscale(_mm512_set1_ps(scale)), vscale2(_mm512_set1_ps(scale * kLog2eF)) {}
+  void operator()(const HeadBlock& hb, const Scratch& s, int64_t x0, int64_t x1, int64_t j, __m512i* pp,
+                  __m512i* dd) const {
+    const __mmask16 b0 = static_cast<__mmask16>(s.mask[x0] >> j);
+    const __mmask16 b1 = x1 != x0 ? static_cast<__mmask16>(s.mask[x1] >> j) : __mmask16(0);
+    const __m512 p0 = _mm512_maskz_mov_ps(
+        b0, cpu::exp2_ftz<Exp2::kCoarse>(_mm512_fmadd_ps(_mm512_loadu_ps(s.S + x0 * kKeys + j), vscale2,
+                                                         _mm512_set1_ps(-hb.lse[x0] * kLog2eF))));
+    const __m512 p1 = _mm512_maskz_mov_ps(
+        b1, cpu::exp2_ftz<Exp2::kCoarse>(_mm512_fmadd_ps(_mm512_loadu_ps(s.S + x1 * kKeys + j), vscale2,
+                                                         _mm512_set1_ps(-hb.lse[x1] * kLog2eF))));
+    const __m512 ds0 = _mm512_maskz_mul_ps(
+        b0, _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(s.dP + x0 * kKeys + j), _mm512_set1_ps(hb.delta[x0]))),
+        vscale);
+    const __m512 ds1 = _mm512_maskz_mul_ps(
+        b1, _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(s.dP + x1 * kKeys + j), _mm512_set1_ps(hb.delta[x1]))),
+        vscale);
+    *pp = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);
+    *dd = (__m512i)_mm512_cvtne2ps_pbh(ds1, ds0);
+  }
+  static constexpr float kLog2eF = 1.44269504088896341f;
+  __m512 vscale, vscale2;
+};
+
+// Row x's 16 dS values of dd (SoftmaxPair's, half `hi`) into dSb (rows of dS) at key j.
+static inline void store_ds_row(Scratch& s, int64_t x, int64_t j, __m512i dd, int hi) {
+  uint16_t* row = reinterpret_cast<uint16_t*>(s.dSb + x * (kKeys / 2));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + j),
+                      hi ? _mm512_extracti64x4_epi64(dd, 1) : _mm512_castsi512_si256(dd));
+}
+
+// SoftmaxPair over rows [0, mq) and keys [0, ncols), written straight into the bf16 operands:
+// Pt / dSt (pairs of rows) and dSb (rows of dS).
 static void softmax_pack_bf16(int64_t mq, int64_t ncols, float scale, const HeadBlock& hb,
                               Scratch& s) {
-  const float log2e = 1.44269504088896341f;
-  const __m512 vscale = _mm512_set1_ps(scale), vscale2 = _mm512_set1_ps(scale * log2e);
+  const SoftmaxPair pair(scale);
   for (int64_t x0 = 0; x0 < mq; x0 += 2) {
     const int64_t x1 = x0 + 1 < mq ? x0 + 1 : x0;  // odd tail: row x0 again, masked to zero
-    const uint64_t m0 = s.mask[x0], m1 = x0 + 1 < mq ? s.mask[x1] : 0;
-    const __m512 nl0 = _mm512_set1_ps(-hb.lse[x0] * log2e);
-    const __m512 nl1 = _mm512_set1_ps(-hb.lse[x1] * log2e);
-    const __m512 de0 = _mm512_set1_ps(hb.delta[x0]), de1 = _mm512_set1_ps(hb.delta[x1]);
-    const float *S0 = s.S + x0 * kKeys, *S1 = s.S + x1 * kKeys;
-    const float *dP0 = s.dP + x0 * kKeys, *dP1 = s.dP + x1 * kKeys;
-    uint32_t* pt = s.Pt + x0 / 2 * kKeys;
-    uint32_t* dst = s.dSt + x0 / 2 * kKeys;
-    uint16_t* dsb0 = reinterpret_cast<uint16_t*>(s.dSb + x0 * (kKeys / 2));
-    uint16_t* dsb1 = reinterpret_cast<uint16_t*>(s.dSb + x1 * (kKeys / 2));
     for (int64_t j = 0; j < ncols; j += 16) {
-      const __mmask16 b0 = static_cast<__mmask16>(m0 >> j), b1 = static_cast<__mmask16>(m1 >> j);
-      const __m512 p0 = _mm512_maskz_mov_ps(
-          b0, cpu::exp2_ftz<Exp2::kCoarse>(_mm512_fmadd_ps(_mm512_loadu_ps(S0 + j), vscale2, nl0)));
-      const __m512 p1 = _mm512_maskz_mov_ps(
-          b1, cpu::exp2_ftz<Exp2::kCoarse>(_mm512_fmadd_ps(_mm512_loadu_ps(S1 + j), vscale2, nl1)));
-      const __m512 ds0 = _mm512_maskz_mul_ps(
-          b0, _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dP0 + j), de0)), vscale);
-      const __m512 ds1 = _mm512_maskz_mul_ps(
-          b1, _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(dP1 + j), de1)), vscale);
-      const __m512i pp = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  // words 0-15: row x0, 16-31: x1
-      const __m512i dd = (__m512i)_mm512_cvtne2ps_pbh(ds1, ds0);
-      _mm512_storeu_si512(pt + j, interleave_halves(pp));
-      _mm512_storeu_si512(dst + j, interleave_halves(dd));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsb0 + j), _mm512_castsi512_si256(dd));
-      if (x0 + 1 < mq)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsb1 + j), _mm512_extracti64x4_epi64(dd, 1));
+      __m512i pp, dd;
+      pair(hb, s, x0, x1, j, &pp, &dd);
+      _mm512_storeu_si512(s.Pt + x0 / 2 * kKeys + j, interleave_halves(pp));
+      _mm512_storeu_si512(s.dSt + x0 / 2 * kKeys + j, interleave_halves(dd));
+      store_ds_row(s, x0, j, dd, 0);
+      if (x1 != x0) store_ds_row(s, x1, j, dd, 1);
     }
   }
 }
