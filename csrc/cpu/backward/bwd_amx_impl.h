@@ -29,21 +29,23 @@ using ::hk::cpu::amx_gemm_bf16;   // A row strides in bytes: 4 per pair word
 // ([j][x2], kRows / 2 pair words a row; 16 row pairs x 16 keys of SoftmaxPair's words transposed
 // in registers), dS into dSb. m, n: multiples of 32 (rows from mq on are masked to zero).
 static void softmax_pack_amx(int64_t m, int64_t n, float scale, const HeadBlock& hb, Scratch& s) {
-  const SoftmaxPair pair(scale);
+  const SoftmaxPair pair(scale, hb, s);
+  uint32_t* const pta = s.PtA;
+  uint32_t* const dsta = s.dStA;
   for (int64_t x2 = 0; x2 < m / 2; x2 += 16)
     for (int64_t j = 0; j < n; j += 16) {
       __m512i pr[16], dr[16];
       for (int64_t i = 0; i < 16; ++i) {
         const int64_t x0 = 2 * (x2 + i);
         __m512i pp, dd;
-        pair(hb, s, x0, x0 + 1, j, &pp, &dd);
+        pair(x0, x0 + 1, j, &pp, &dd);
         pr[i] = interleave_halves(pp);
         dr[i] = interleave_halves(dd);
-        store_ds_row(s, x0, j, dd, 0);
-        store_ds_row(s, x0 + 1, j, dd, 1);
+        pair.store_ds_row(x0, j, dd, 0);
+        pair.store_ds_row(x0 + 1, j, dd, 1);
       }
-      transpose_16x16_store(pr, s.PtA + j * (kRows / 2) + x2, kRows / 2);
-      transpose_16x16_store(dr, s.dStA + j * (kRows / 2) + x2, kRows / 2);
+      transpose_16x16_store(pr, pta + j * (kRows / 2) + x2, kRows / 2);
+      transpose_16x16_store(dr, dsta + j * (kRows / 2) + x2, kRows / 2);
     }
 }
 

@@ -203,53 +203,59 @@ static void pack_head_bf16(const Ctx& c, const Rows& rows, HeadBlock& hb) {
 
 // P = exp(scale*S - lse) and dS = scale*P*(dP - Delta) of query rows x0, x1 (x1 == x0: a lone
 // last row, its partner zero) over keys [j, j + 16), on the visible pairs (zero elsewhere), as
-// bf16: words 0-15 row x0, 16-31 row x1 (pp: P, dd: dS).
+// bf16: words 0-15 row x0, 16-31 row x1 (pp: P, dd: dS). It copies the pointers it reads, so the
+// operand stores in between do not make the compiler reload them.
 struct SoftmaxPair {
-  explicit SoftmaxPair(float scale) : vscale(_mm512_set1_ps(scale)), vscale2(_mm512_set1_ps(scale * kLog2eF)) {}
-  void operator()(const HeadBlock& hb, const Scratch& s, int64_t x0, int64_t x1, int64_t j, __m512i* pp,
-                  __m512i* dd) const {
-    const __mmask16 b0 = static_cast<__mmask16>(s.mask[x0] >> j);
-    const __mmask16 b1 = x1 != x0 ? static_cast<__mmask16>(s.mask[x1] >> j) : __mmask16(0);
+  SoftmaxPair(float scale, const HeadBlock& hb, const Scratch& s)
+      : vscale(_mm512_set1_ps(scale)), vscale2(_mm512_set1_ps(scale * kLog2eF)), S(s.S), dP(s.dP), mask(s.mask),
+        lse(hb.lse), delta(hb.delta), dSb(reinterpret_cast<uint16_t*>(s.dSb)) {}
+  void operator()(int64_t x0, int64_t x1, int64_t j, __m512i* pp, __m512i* dd) const {
+    const __mmask16 b0 = static_cast<__mmask16>(mask[x0] >> j);
+    const __mmask16 b1 = x1 != x0 ? static_cast<__mmask16>(mask[x1] >> j) : __mmask16(0);
     const __m512 p0 = _mm512_maskz_mov_ps(
-        b0, cpu::exp2_ftz<Exp2::kCoarse>(_mm512_fmadd_ps(_mm512_loadu_ps(s.S + x0 * kKeys + j), vscale2,
-                                                         _mm512_set1_ps(-hb.lse[x0] * kLog2eF))));
+        b0, cpu::exp2_ftz<Exp2::kCoarse>(
+                _mm512_fmadd_ps(_mm512_loadu_ps(S + x0 * kKeys + j), vscale2, _mm512_set1_ps(-lse[x0] * kLog2eF))));
     const __m512 p1 = _mm512_maskz_mov_ps(
-        b1, cpu::exp2_ftz<Exp2::kCoarse>(_mm512_fmadd_ps(_mm512_loadu_ps(s.S + x1 * kKeys + j), vscale2,
-                                                         _mm512_set1_ps(-hb.lse[x1] * kLog2eF))));
+        b1, cpu::exp2_ftz<Exp2::kCoarse>(
+                _mm512_fmadd_ps(_mm512_loadu_ps(S + x1 * kKeys + j), vscale2, _mm512_set1_ps(-lse[x1] * kLog2eF))));
     const __m512 ds0 = _mm512_maskz_mul_ps(
-        b0, _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(s.dP + x0 * kKeys + j), _mm512_set1_ps(hb.delta[x0]))),
+        b0, _mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dP + x0 * kKeys + j), _mm512_set1_ps(delta[x0]))),
         vscale);
     const __m512 ds1 = _mm512_maskz_mul_ps(
-        b1, _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(s.dP + x1 * kKeys + j), _mm512_set1_ps(hb.delta[x1]))),
+        b1, _mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(dP + x1 * kKeys + j), _mm512_set1_ps(delta[x1]))),
         vscale);
     *pp = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);
     *dd = (__m512i)_mm512_cvtne2ps_pbh(ds1, ds0);
   }
+  // Row x's 16 dS values of dd (half `hi`) into dSb (rows of dS) at key j.
+  void store_ds_row(int64_t x, int64_t j, __m512i dd, int hi) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dSb + x * kKeys + j),
+                        hi ? _mm512_extracti64x4_epi64(dd, 1) : _mm512_castsi512_si256(dd));
+  }
   static constexpr float kLog2eF = 1.44269504088896341f;
   __m512 vscale, vscale2;
+  const float *S, *dP;
+  const uint64_t* mask;
+  const float *lse, *delta;
+  uint16_t* dSb;  // kKeys bf16 per row
 };
-
-// Row x's 16 dS values of dd (SoftmaxPair's, half `hi`) into dSb (rows of dS) at key j.
-static inline void store_ds_row(Scratch& s, int64_t x, int64_t j, __m512i dd, int hi) {
-  uint16_t* row = reinterpret_cast<uint16_t*>(s.dSb + x * (kKeys / 2));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + j),
-                      hi ? _mm512_extracti64x4_epi64(dd, 1) : _mm512_castsi512_si256(dd));
-}
 
 // SoftmaxPair over rows [0, mq) and keys [0, ncols), written straight into the bf16 operands:
 // Pt / dSt (pairs of rows) and dSb (rows of dS).
 static void softmax_pack_bf16(int64_t mq, int64_t ncols, float scale, const HeadBlock& hb,
                               Scratch& s) {
-  const SoftmaxPair pair(scale);
+  const SoftmaxPair pair(scale, hb, s);
+  uint32_t* const pt = s.Pt;
+  uint32_t* const dst = s.dSt;
   for (int64_t x0 = 0; x0 < mq; x0 += 2) {
     const int64_t x1 = x0 + 1 < mq ? x0 + 1 : x0;  // odd tail: row x0 again, masked to zero
     for (int64_t j = 0; j < ncols; j += 16) {
       __m512i pp, dd;
-      pair(hb, s, x0, x1, j, &pp, &dd);
-      _mm512_storeu_si512(s.Pt + x0 / 2 * kKeys + j, interleave_halves(pp));
-      _mm512_storeu_si512(s.dSt + x0 / 2 * kKeys + j, interleave_halves(dd));
-      store_ds_row(s, x0, j, dd, 0);
-      if (x1 != x0) store_ds_row(s, x1, j, dd, 1);
+      pair(x0, x1, j, &pp, &dd);
+      _mm512_storeu_si512(pt + x0 / 2 * kKeys + j, interleave_halves(pp));
+      _mm512_storeu_si512(dst + x0 / 2 * kKeys + j, interleave_halves(dd));
+      pair.store_ds_row(x0, j, dd, 0);
+      if (x1 != x0) pair.store_ds_row(x1, j, dd, 1);
     }
   }
 }
