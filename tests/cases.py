@@ -79,3 +79,17 @@ def ref_kwargs(pattern: dict, q: torch.Tensor, k: torch.Tensor) -> dict:
                for name, x in pattern.items()}
     p, _ = plan(q, k, k, **pattern)
     return p.reference_kwargs()
+
+
+def one_key_far_above(jump: float, dtype=torch.bfloat16, B: int = 1, H: int = 2, N: int = 257, D: int = 64):
+    """q, k, v (B, H, N, D) where key 200 scores about `jump` (natural units) above the rest for
+    every query, the others near 0: with 64-key tiles it lies in a later tile than a row's first,
+    so the running max has to rise to it."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.zeros(D)
+    u[3] = 1.0
+    q = (torch.randn(B, H, N, D, generator=g) * 0.3 + 3.0 * u).to(dtype)
+    k = (torch.randn(B, H, N, D, generator=g) * 0.3).to(dtype)
+    k[:, :, 200] = (jump * D ** 0.5 / 3.0 * u).to(dtype)
+    v = torch.randn(B, H, N, D, generator=g).to(dtype)
+    return q, k, v

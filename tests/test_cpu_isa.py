@@ -8,7 +8,7 @@ import torch
 import hybrid_kernels as hk
 from hybrid_kernels.backends.cpu import load_module
 
-from cases import CASES, Case, ref_kwargs
+from cases import CASES, Case, one_key_far_above, ref_kwargs
 from isa import force, supported
 from oracle import assert_matches_oracle, reference_pair
 
@@ -78,14 +78,7 @@ def test_amx_bf16_scores_far_above_the_running_max(monkeypatch, jump):
     one when some P would pass 2^64: a key of a later tile scoring about `jump` (natural units)
     above the rest is taken either way (30: P up to ~2^43 against the old max; 200: redone)."""
     force(monkeypatch, "amx")
-    g = torch.Generator().manual_seed(0)
-    B, H, N, D = 1, 2, 257, 64
-    u = torch.zeros(D)
-    u[3] = 1.0
-    q = (torch.randn(B, H, N, D, generator=g) * 0.3 + 3.0 * u).bfloat16()
-    k = (torch.randn(B, H, N, D, generator=g) * 0.3).bfloat16()
-    k[:, :, 200] = (jump * D ** 0.5 / 3.0 * u).bfloat16()  # score ~ jump for every query
-    v = torch.randn(B, H, N, D, generator=g).bfloat16()
+    q, k, v = one_key_far_above(jump)
     out, lse = hk.attention(q, k, v, return_lse=True, backend="cpu")  # 5 key tiles per block
     (o64, l64), (o_bf16, l_bf16) = reference_pair(q, k, v)
     assert_matches_oracle("amx out", out, o64, o_bf16)

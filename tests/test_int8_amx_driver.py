@@ -11,7 +11,7 @@ import torch
 import hybrid_kernels as hk
 from hybrid_kernels.backends.cpu import load_module
 
-from cases import CASES, Case
+from cases import CASES, Case, one_key_far_above
 from test_attention_backends import assert_int8_matches_emulation
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -75,14 +75,7 @@ def test_driver_scores_rising_above_the_running_max(monkeypatch, jump):
     in log2 units); otherwise the tile is redone. A key of a later tile scoring about `jump`
     (natural units) above the rest rises 5.8 (kept), 17 or 289 (redone) log2 units above it."""
     _force_amx(monkeypatch)
-    g = torch.Generator().manual_seed(0)
-    B, H, N, D = 1, 2, 257, 64
-    u = torch.zeros(D)
-    u[3] = 1.0
-    q = (torch.randn(B, H, N, D, generator=g) * 0.3 + 3.0 * u).bfloat16()
-    k = (torch.randn(B, H, N, D, generator=g) * 0.3).bfloat16()
-    k[:, :, 200] = (jump * D ** 0.5 / 3.0 * u).bfloat16()  # score ~ jump for every query
-    v = torch.randn(B, H, N, D, generator=g).bfloat16()
+    q, k, v = one_key_far_above(jump)
     pattern = {}
     out, lse = _int8(q, k, v, pattern)  # 5 key tiles per block
     assert_int8_matches_emulation(f"int8 amx jump {jump}", out, q, k, v, pattern)
