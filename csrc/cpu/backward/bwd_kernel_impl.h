@@ -297,7 +297,9 @@ static Layout make_layout(const AttnParams& f, int64_t Dp, int64_t Dvp) {
   const int64_t heads = imin(f.Hq / f.Hk, 64);  // run_item handles the group 64 heads at a time
   // With landmarks, a second set of head blocks holds the landmark query rows.
   const int64_t head_sets = f.num_landmarks > 0 ? 2 : 1;
-  L.floats = (L.ring + 1) * L.tile_floats + head_sets * heads * L.head_floats + 2 * kRows * kKeys +
+  // The ring, a tile for gathered or one-off keys, and with landmarks the item's landmark keys.
+  const int64_t tiles = L.ring + (f.num_landmarks > 0 ? 2 : 1);
+  L.floats = tiles * L.tile_floats + head_sets * heads * L.head_floats + 2 * kRows * kKeys +
              2 * kRows /* masks */ + 2 * kKeys /* brow, dsr */ + round_up(Dvp, a) +
              (bf16 ? 3 * kRows * kKeys / 2 : 0) +
              (use_amx(f) ? 2 * kRows * kKeys / 2 : 0) + round_up(f.Nk, 64) / 4 /* written */ +
@@ -432,6 +434,25 @@ static bool run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
     new (&ring[s]) Tile(carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp, c.bf16));
   }
   Tile gather = carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp, c.bf16);
+  // The item's landmark keys (at most kKeys of them, not padding), packed once: every block takes
+  // those its band does not reach from this one tile (Tile::hidden leaves out the others), and
+  // their dK / dV gather here over the whole item, flushed once at its end. More landmarks are
+  // gathered per block, kKeys at a time.
+  Tile lm_keys;
+  bool lm_keys_packed = false;
+  if (c.G > 0) {
+    lm_keys = carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp, c.bf16);
+    lm_keys.gathered = true;
+    lm_keys.nt = 0;
+    for (int64_t x = 0; x < c.G && lm_keys.nt <= kKeys; ++x) {
+      const int64_t j = c.lm[x];
+      if (c.pad != nullptr && !c.pad[j]) continue;
+      if (lm_keys.nt < kKeys) lm_keys.keys[lm_keys.nt] = j;
+      ++lm_keys.nt;
+    }
+    lm_keys_packed = lm_keys.nt > 0 && lm_keys.nt <= kKeys;
+    if (lm_keys_packed) pack_keys(c, lm_keys);
+  }
   HeadBlock heads[64];     // the group is processed 64 heads at a time
   HeadBlock lm_heads[64];  // their landmark query rows (run_item's inline landmark pass)
   Scratch sc;
@@ -519,10 +540,16 @@ static bool run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
             process_tile(cg, slot, rows, RowMode::kRegular, heads, sc);
           }
         }
+        if (lm_keys_packed) {
+          lm_keys.hidden = 0;
+          for (int64_t jj = 0; jj < lm_keys.nt; ++jj)
+            if (lm_keys.keys[jj] >= a_lo && lm_keys.keys[jj] < a_hi) lm_keys.hidden |= uint64_t(1) << jj;
+          process_tile(cg, lm_keys, rows, RowMode::kRegular, heads, sc);
+        }
         // Landmark keys outside the widened band, gathered 64 at a time.
         gather.gathered = true;
         gather.nt = 0;
-        for (int64_t x = 0; x < c.G; ++x) {
+        for (int64_t x = 0; x < (lm_keys_packed ? 0 : c.G); ++x) {
           const int64_t j = c.lm[x];
           if (f.causal && j >= r1) break;  // sorted: the rest are in every row's future
           if (j >= a_lo && j < a_hi) continue;
@@ -577,6 +604,7 @@ static bool run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
         store_head_block(cg, h0 + g, rows, RowMode::kLandmark, heads[g]);
     }
   }
+  if (lm_keys_packed) flush(c, lm_keys);
   finish_keys(c, f.Nk);
   return c.dk_lp != nullptr;
 }

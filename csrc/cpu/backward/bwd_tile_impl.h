@@ -31,6 +31,7 @@ struct Tile {
   bool fresh = true;       // dK / dV not written yet
   uint64_t lm_bits = 0;    // keys that are landmarks
   uint64_t real_bits = 0;  // keys that exist and are not padding
+  uint64_t hidden = 0;     // gathered keys the current block reaches through its band instead
 };
 
 enum class RowMode { kRegular, kLandmark };
@@ -70,7 +71,7 @@ static inline uint64_t row_mask(const Ctx& c, const Tile& t, int64_t r, RowMode 
   if (mode == RowMode::kLandmark) {
     vis = ~uint64_t(0);
   } else if (t.gathered) {
-    vis = t.lm_bits;  // gathered keys are landmarks outside the band: never in the window
+    vis = t.lm_bits & ~t.hidden;  // gathered keys are landmarks outside the band: never in the window
   } else {
     const int64_t j0 = t.keys[0];
     const int64_t lo = f.window_left < 0 ? 0 : r - f.window_left - j0;
@@ -135,6 +136,7 @@ static void pack_keys(const Ctx& c, Tile& t) {
     if (c.pad == nullptr || c.pad[j]) t.real_bits |= uint64_t(1) << jj;
   }
   t.fresh = true;  // dK / dV hold garbage until the first product is stored (not added)
+  t.hidden = 0;
 }
 
 static void pack_contiguous(const Ctx& c, Tile& t, int64_t tile_index) {
