@@ -51,19 +51,24 @@ static void softmax_pack_amx(int64_t m, int64_t n, float scale, const HeadBlock&
 
 // ------------------------------------------------------------------------- the tile step
 // One q head's products for one tile on AMX (process_tile computed the masks of rows < mq).
+// The reductions run over whole 32-row / 32-key chunks (m, n); the outputs only over the 16-row
+// / 16-key groups that hold rows and keys (m16, n16): a block of 16 landmark rows, or a tile of
+// 16 landmark keys, computes half of S, dP, dQ (rows) or of S, dP, dV, dK (keys). The softmax
+// reads the rest of S and dP uncomputed, under masks that are zero there.
 static void tile_step_amx(const Ctx& c, Tile& t, int64_t mq, HeadBlock& hb, Scratch& s) {
   const int64_t m = round_up(mq, 32), n = round_up(t.nt, 32);
+  const int64_t m16 = round_up(mq, 16), n16 = round_up(t.nt, 16);
   for (int64_t x = mq; x < m; ++x) s.mask[x] = 0;  // padded rows: P = dS = 0
-  amx_gemm_bf16<false>(m, n, c.D / 2, hb.Qb, c.Dp * 2, t.Ktp, kKeys, s.S, kKeys);
-  amx_gemm_bf16<false>(m, n, c.Dv / 2, hb.dOb, c.Dvp * 2, t.Vtp, kKeys, s.dP, kKeys);
+  amx_gemm_bf16<false>(m16, n16, c.D / 2, hb.Qb, c.Dp * 2, t.Ktp, kKeys, s.S, kKeys);
+  amx_gemm_bf16<false>(m16, n16, c.Dv / 2, hb.dOb, c.Dvp * 2, t.Vtp, kKeys, s.dP, kKeys);
   softmax_pack_amx(m, n, c.p->fwd.scale, hb, s);
   if (t.fresh) {  // first product into this tile: store instead of zero-fill + add
-    amx_gemm_bf16<false>(n, c.Dvp, m / 2, s.PtA, kRows * 2, hb.dOp, c.Dvp, t.dV, c.Dvp);  // P^T dO
-    amx_gemm_bf16<false>(n, c.Dp, m / 2, s.dStA, kRows * 2, hb.Qp, c.Dp, t.dK, c.Dp);     // dS^T Q
+    amx_gemm_bf16<false>(n16, c.Dvp, m / 2, s.PtA, kRows * 2, hb.dOp, c.Dvp, t.dV, c.Dvp);  // P^T dO
+    amx_gemm_bf16<false>(n16, c.Dp, m / 2, s.dStA, kRows * 2, hb.Qp, c.Dp, t.dK, c.Dp);     // dS^T Q
     t.fresh = false;
   } else {
-    amx_gemm_bf16<true>(n, c.Dvp, m / 2, s.PtA, kRows * 2, hb.dOp, c.Dvp, t.dV, c.Dvp);
-    amx_gemm_bf16<true>(n, c.Dp, m / 2, s.dStA, kRows * 2, hb.Qp, c.Dp, t.dK, c.Dp);
+    amx_gemm_bf16<true>(n16, c.Dvp, m / 2, s.PtA, kRows * 2, hb.dOp, c.Dvp, t.dV, c.Dvp);
+    amx_gemm_bf16<true>(n16, c.Dp, m / 2, s.dStA, kRows * 2, hb.Qp, c.Dp, t.dK, c.Dp);
   }
-  amx_gemm_bf16<true>(m, c.Dp, n / 2, s.dSb, kKeys * 2, t.Kpk, c.Dp, hb.dQ, c.Dp);  // dQ += dS K
+  amx_gemm_bf16<true>(m16, c.Dp, n / 2, s.dSb, kKeys * 2, t.Kpk, c.Dp, hb.dQ, c.Dp);  // dQ += dS K
 }
