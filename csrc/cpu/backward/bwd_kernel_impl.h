@@ -443,15 +443,17 @@ static bool run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
   if (c.G > 0) {
     lm_keys = carve_tile(a, c.D, c.Dv, c.Dp, c.Dvp, c.bf16);
     lm_keys.gathered = true;
-    lm_keys.nt = 0;
-    for (int64_t x = 0; x < c.G && lm_keys.nt <= kKeys; ++x) {
-      const int64_t j = c.lm[x];
-      if (c.pad != nullptr && !c.pad[j]) continue;
-      if (lm_keys.nt < kKeys) lm_keys.keys[lm_keys.nt] = j;
-      ++lm_keys.nt;
+    int64_t real = 0;  // landmark keys that are not padding
+    for (int64_t x = 0; x < c.G; ++x)
+      if (c.pad == nullptr || c.pad[c.lm[x]]) {
+        if (real < kKeys) lm_keys.keys[real] = c.lm[x];
+        ++real;
+      }
+    lm_keys_packed = real > 0 && real <= kKeys;
+    if (lm_keys_packed) {
+      lm_keys.nt = real;
+      pack_keys(c, lm_keys);
     }
-    lm_keys_packed = lm_keys.nt > 0 && lm_keys.nt <= kKeys;
-    if (lm_keys_packed) pack_keys(c, lm_keys);
   }
   HeadBlock heads[64];     // the group is processed 64 heads at a time
   HeadBlock lm_heads[64];  // their landmark query rows (run_item's inline landmark pass)
@@ -545,27 +547,28 @@ static bool run_item(const AttnBwdParams& p, int64_t b, int64_t hk, int64_t blk0
           for (int64_t jj = 0; jj < lm_keys.nt; ++jj)
             if (lm_keys.keys[jj] >= a_lo && lm_keys.keys[jj] < a_hi) lm_keys.hidden |= uint64_t(1) << jj;
           process_tile(cg, lm_keys, rows, RowMode::kRegular, heads, sc);
-        }
-        // Landmark keys outside the widened band, gathered 64 at a time.
-        gather.gathered = true;
-        gather.nt = 0;
-        for (int64_t x = 0; x < (lm_keys_packed ? 0 : c.G); ++x) {
-          const int64_t j = c.lm[x];
-          if (f.causal && j >= r1) break;  // sorted: the rest are in every row's future
-          if (j >= a_lo && j < a_hi) continue;
-          if (c.pad != nullptr && !c.pad[j]) continue;
-          gather.keys[gather.nt++] = j;
-          if (gather.nt == kKeys) {
+        } else {
+          // Landmark keys outside the widened band, gathered 64 at a time.
+          gather.gathered = true;
+          gather.nt = 0;
+          for (int64_t x = 0; x < c.G; ++x) {
+            const int64_t j = c.lm[x];
+            if (f.causal && j >= r1) break;  // sorted: the rest are in every row's future
+            if (j >= a_lo && j < a_hi) continue;
+            if (c.pad != nullptr && !c.pad[j]) continue;
+            gather.keys[gather.nt++] = j;
+            if (gather.nt == kKeys) {
+              pack_keys(cg, gather);
+              process_tile(cg, gather, rows, RowMode::kRegular, heads, sc);
+              flush(cg, gather);
+              gather.nt = 0;
+            }
+          }
+          if (gather.nt > 0) {
             pack_keys(cg, gather);
             process_tile(cg, gather, rows, RowMode::kRegular, heads, sc);
             flush(cg, gather);
-            gather.nt = 0;
           }
-        }
-        if (gather.nt > 0) {
-          pack_keys(cg, gather);
-          process_tile(cg, gather, rows, RowMode::kRegular, heads, sc);
-          flush(cg, gather);
         }
       }
       for (int64_t g = 0; g < ng; ++g)

@@ -246,12 +246,15 @@ struct AmxLanes {
   template <class Rule>
   static void softmax(uint32_t* Pp, float scale, const float* S, int n, R* m, R* l, R* alpha, int halves = QV) {
     for (int v = halves; v < QV; ++v) alpha[v] = _mm512_set1_ps(1.f);
-    for (int v = 0; v < halves; ++v) {
-      const float* Sv = S + v * W;
-      if (stale_step<Rule>(Pp, scale, n, v, m, l, alpha, [&](int j) { return _mm512_loadu_ps(Sv + j * BQ); }))
-        continue;
+    for (int v = 0; v < halves; ++v) step<Rule>(Pp, scale, S, n, v, m, l, alpha);
+  }
+
+  // The step of lane half v on fp32 scores S: the stale-max try, else the max pass.
+  template <class Rule>
+  static void step(uint32_t* Pp, float scale, const float* S, int n, int v, R* m, R* l, R* alpha) {
+    const float* Sv = S + v * W;
+    if (!stale_step<Rule>(Pp, scale, n, v, m, l, alpha, [&](int j) { return _mm512_loadu_ps(Sv + j * BQ); }))
       max_step<Rule>(Pp, scale, S, n, v, m, l, alpha);
-    }
   }
 
   // Rule::kStaleMax's try of lane half v against its running max; true when it kept it.
@@ -428,11 +431,13 @@ struct CoreAmx {
     // Keys of a partial chunk at the end of the band: fp32 FMAs (P widened back from bf16).
     for (int j = tiled; j < n; ++j) {
       const uint16_t* vrow = kv.v + (j0 + j) * kv.vs;
-      for (int v = 0; v < w.halves; ++v) {
-        const R pj = unpair(Pp + (j / 2) * BQ + v * W, j & 1);
-        for (int64_t e = 0; e < Dv; ++e) {
+      R pj[QV];
+      for (int v = 0; v < w.halves; ++v) pj[v] = unpair(Pp + (j / 2) * BQ + v * W, j & 1);
+      for (int64_t e = 0; e < Dv; ++e) {
+        const R ve = _mm512_set1_ps(bf16_to_f32(vrow[e]));
+        for (int v = 0; v < w.halves; ++v) {
           float* o = Ot + e * BQ + v * W;
-          _mm512_storeu_ps(o, _mm512_fmadd_ps(pj, _mm512_set1_ps(bf16_to_f32(vrow[e])), _mm512_loadu_ps(o)));
+          _mm512_storeu_ps(o, _mm512_fmadd_ps(pj[v], ve, _mm512_loadu_ps(o)));
         }
       }
     }

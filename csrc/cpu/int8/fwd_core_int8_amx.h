@@ -269,16 +269,13 @@ struct CoreInt8Amx {
     uint32_t* Pp = w.Pp.get();
     for (int v = w.halves; v < QV; ++v) alpha[v] = _mm512_set1_ps(1.f);
     for (int v = 0; v < w.halves; ++v) {
-      if (w.raw) {
-        if (AmxLanes::stale_step<CoreInt8Amx>(Pp, 1.f, n, v, m, l, alpha, [&](int j) { return scaled(w, S, j, v); }))
-          continue;
-        scale_scores(w, S, n);
-      } else {
-        const float* Sv = S + v * W;
-        if (AmxLanes::stale_step<CoreInt8Amx>(Pp, 1.f, n, v, m, l, alpha,
-                                              [&](int j) { return _mm512_loadu_ps(Sv + j * BQ); }))
-          continue;
+      if (!w.raw) {
+        AmxLanes::step<CoreInt8Amx>(Pp, 1.f, S, n, v, m, l, alpha);
+        continue;
       }
+      if (AmxLanes::stale_step<CoreInt8Amx>(Pp, 1.f, n, v, m, l, alpha, [&](int j) { return scaled(w, S, j, v); }))
+        continue;
+      scale_scores(w, S, n);
       AmxLanes::max_step<CoreInt8Amx>(Pp, 1.f, S, n, v, m, l, alpha);
     }
   }
